@@ -1,0 +1,39 @@
+# medfed: the two commands (`make demo`, `make test`) and their helpers.
+# Each target creates or refreshes the virtual environment .venv first.
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.medfed-installed
+
+# Flower 1.41 must never install dependencies or phone home at run time.
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_UPDATE_CHECK := 1
+
+.PHONY: venv demo test test-fast benchmark clean
+
+venv: $(STAMP)
+
+# Re-install whenever the project's dependency list changes.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+demo: venv
+	$(BIN)/medfed simulate --sites 3 --rounds 3
+
+test: venv
+	$(BIN)/python -m pytest
+
+# Unit tests only (no Flower processes, no real data): seconds.
+test-fast: venv
+	$(BIN)/python -m pytest -m "not integration and not realdata"
+
+benchmark: venv
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf results .pytest_cache

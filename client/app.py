@@ -1,0 +1,41 @@
+"""Flower ClientApp: unpack the message, call shared code, pack the reply."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site import evaluate_site, privacy_safe_errors, site_runtime, train_site
+from shared.logs import use_flower_handlers
+
+app = ClientApp()
+
+
+def _reply(msg: Message, site_id: str, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site_id})})
+    if arrays is not None:
+        content["arrays"] = arrays
+    return Message(content=content, reply_to=msg)
+
+
+@app.train()
+@privacy_safe_errors
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this site's data."""
+    use_flower_handlers()
+    rt = site_runtime(context.run_config, context.node_config, context.node_id)
+    config = msg.content.config_records.get("config", ConfigRecord())
+    mu = config.get("proximal-mu")
+    state, metrics = train_site(rt, msg.content["arrays"].to_torch_state_dict(), int(config.get("server-round", 0)),
+                                float(mu) if mu is not None else None)
+    return _reply(msg, rt.site.site_id, metrics, ArrayRecord(state))
+
+
+@app.evaluate()
+@privacy_safe_errors
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on this site's validation split."""
+    use_flower_handlers()
+    rt = site_runtime(context.run_config, context.node_config, context.node_id)
+    metrics = evaluate_site(rt, msg.content["arrays"].to_torch_state_dict())
+    return _reply(msg, rt.site.site_id, metrics)

@@ -1,0 +1,89 @@
+"""The server side of one federated run (called by the ServerApp)."""
+
+from __future__ import annotations
+
+import logging
+import platform
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from server.recorder import METRICS_RECORD, RecordingGrid, RoundRecorder
+from server.strategies import build_strategy
+from shared.config import RunConfig
+from shared.metrics.federated import SiteEvaluation, pool_evaluations, pool_training
+from shared.models import build_model
+from shared.results import ResultsWriter, new_run_dir
+from shared.tasks import get_task
+
+logger = logging.getLogger(__name__)
+
+
+def _metric_dicts(records: list[RecordDict]) -> list[dict]:
+    return [dict(r.metric_records[METRICS_RECORD]) for r in records]
+
+
+def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Example-weighted training loss and totals (Flower ``train_metrics_aggr_fn``)."""
+    sites = {str(i): m for i, m in enumerate(_metric_dicts(records))}
+    return MetricRecord(pool_training(sites))
+
+
+def make_evaluate_aggregator(positive_class: int):  # noqa: ANN201
+    """An ``evaluate_metrics_aggr_fn`` that sums the sites' counts (never averages ratios)."""
+
+    def aggregate(records: list[RecordDict], weight_key: str) -> MetricRecord:
+        reports = [SiteEvaluation.from_flat(str(i), m) for i, m in enumerate(_metric_dicts(records))]
+        return MetricRecord(pool_evaluations(reports, positive_class).pooled)
+
+    return aggregate
+
+
+def run_federation(grid: Grid, cfg: RunConfig) -> ResultsWriter:
+    """Run ``cfg.num_server_rounds`` rounds and write the results folder."""
+    import flwr
+
+    task = get_task(cfg.task)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, task.in_channels, task.num_classes, cfg.init_weights or None)
+    run_dir = new_run_dir(cfg.results_dir, cfg.run_name, tag=f"{cfg.task}-{cfg.model}-{cfg.strategy.name}")
+    writer = ResultsWriter(run_dir)
+    writer.write_config(
+        cfg.to_flat(),
+        {"versions": {"torch": torch.__version__, "flwr": flwr.__version__, "python": platform.python_version()},
+         "class-names": list(task.class_names), "positive-class": task.positive_class},
+    )
+    logger.info("medfed: %s with %s, %s, %d rounds; results -> %s",
+                cfg.task, cfg.model, cfg.strategy.name, cfg.num_server_rounds, run_dir)
+
+    recorder = RoundRecorder(writer, cfg.num_server_rounds, task.positive_class)
+    strategy = build_strategy(
+        cfg.strategy, cfg.train,
+        train_metrics_aggr_fn=aggregate_train_metrics,
+        evaluate_metrics_aggr_fn=make_evaluate_aggregator(task.positive_class),
+    )
+    result = strategy.start(
+        grid=RecordingGrid(grid, recorder),  # type: ignore[arg-type]
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=cfg.num_server_rounds,
+        timeout=cfg.round_timeout,
+        train_config=ConfigRecord(),
+        evaluate_config=ConfigRecord(),
+    )
+    final = result.arrays if len(result.arrays) else ArrayRecord(model.state_dict())
+    writer.write_model(
+        final.to_torch_state_dict(),
+        {"task": cfg.task, "model": cfg.model, "image-size": cfg.data.image_size,
+         "in-channels": task.in_channels, "num-classes": task.num_classes,
+         "class-names": list(task.class_names), "run-config": cfg.to_flat()},
+    )
+    summary = writer.write_summary({"results-dir": str(run_dir)})
+    fin = summary.get("final", {})
+    logger.info("medfed: finished %d rounds in %.1f s; final pooled validation AUROC %s, accuracy %s; results in %s",
+                summary["rounds"], summary["wall-seconds"], _fmt(fin.get("auroc")), _fmt(fin.get("accuracy")), run_dir)
+    return writer
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.3f}" if isinstance(v, float) and v == v else "n/a"

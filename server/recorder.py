@@ -1,0 +1,118 @@
+"""Watch each round's replies: per-site metrics, timing, progress lines, results.
+
+:class:`RecordingGrid` wraps Flower's ``Grid`` and hands every batch of
+replies to a :class:`RoundRecorder`, so the strategy itself stays a stock
+Flower strategy. Replies carry counts and site ids only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import Message, MessageType
+from flwr.serverapp import Grid
+
+from shared.metrics.federated import SiteEvaluation, pool_evaluations, pool_training
+from shared.results import ResultsWriter
+
+logger = logging.getLogger(__name__)
+
+SITE_RECORD = "site"
+METRICS_RECORD = "metrics"
+
+
+def site_id_of(msg: Message) -> str:
+    """The site id a reply carries (falls back to the Flower node id)."""
+    rec = msg.content.config_records.get(SITE_RECORD)
+    if rec is not None and "site-id" in rec:
+        return str(rec["site-id"])
+    return f"node-{msg.metadata.src_node_id}"
+
+
+class RoundRecorder:
+    """Collects what each round's replies say and keeps the results folder current."""
+
+    def __init__(self, writer: ResultsWriter, num_rounds: int, positive_class: int) -> None:
+        self.writer = writer
+        self.num_rounds = num_rounds
+        self.positive_class = positive_class
+        self.t0 = time.time()
+        self._round: dict[str, Any] = {}
+
+    def on_replies(self, kind: str, server_round: int, replies: list[Message], seconds: float) -> None:
+        """Record one ``send_and_receive`` (train or evaluate phase of a round)."""
+        ok = [m for m in replies if not m.has_error()]
+        failed = [m for m in replies if m.has_error()]
+        for m in failed:
+            logger.warning("round %d %s: node %d failed: %s", server_round, kind, m.metadata.src_node_id, m.error.reason)
+        if self._round.get("round") != server_round:
+            self._round = {"round": server_round}
+        r = self._round
+        if kind.split(".")[0] == MessageType.TRAIN:
+            r["train-phase-s"] = seconds
+            r["train-failures"] = len(failed)
+            sites = {site_id_of(m): dict(m.content[METRICS_RECORD]) for m in ok}
+            r["train-sites"] = sites
+            r["train"] = pool_training(sites) if sites else {}
+        elif kind.split(".")[0] == MessageType.EVALUATE:
+            r["evaluate-phase-s"] = seconds
+            r["evaluate-failures"] = len(failed)
+            reports = [SiteEvaluation.from_flat(site_id_of(m), m.content[METRICS_RECORD]) for m in ok]
+            if reports:
+                ev = pool_evaluations(reports, self.positive_class)
+                r["evaluate"], r["evaluate-sites"] = ev.pooled, ev.per_site
+            self._finish_round()
+
+    def _finish_round(self) -> None:
+        r = self._round
+        r["round-s"] = r.get("train-phase-s", 0.0) + r.get("evaluate-phase-s", 0.0)
+        r["elapsed-s"] = time.time() - self.t0
+        tr = r.get("train", {})
+        if "max-train-seconds" in tr:
+            r["overhead-s"] = r.get("train-phase-s", 0.0) - tr["max-train-seconds"]
+        self.writer.add_round(r)
+        logger.info(progress_line(r, self.num_rounds))
+
+
+def progress_line(r: dict[str, Any], num_rounds: int) -> str:
+    """One human line per round: key metrics and times."""
+    ev, tr = r.get("evaluate", {}), r.get("train", {})
+
+    def f(d: dict[str, Any], k: str) -> str:
+        v = d.get(k)
+        return "n/a" if v is None or v != v else f"{v:.3f}"
+
+    fails = r.get("train-failures", 0) + r.get("evaluate-failures", 0)
+    return (
+        f"[round {r['round']}/{num_rounds}] train loss {f(tr, 'train-loss')} | "
+        f"val AUROC {f(ev, 'auroc')} acc {f(ev, 'accuracy')} sens {f(ev, 'sensitivity')} "
+        f"spec {f(ev, 'specificity')} F1 {f(ev, 'f1')} | {int(ev.get('num-sites', 0))} sites, "
+        f"{int(ev.get('num-examples', 0))} val images"
+        + (f", {fails} failed replies" if fails else "")
+        + f" | round {r['round-s']:.1f} s, elapsed {r['elapsed-s']:.1f} s"
+    )
+
+
+class RecordingGrid:
+    """A ``Grid`` that reports every batch of replies to a :class:`RoundRecorder`."""
+
+    def __init__(self, grid: Grid, recorder: RoundRecorder) -> None:
+        self._grid = grid
+        self._recorder = recorder
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Delegate to the wrapped grid, timing the call and recording the replies."""
+        messages = list(messages)
+        t0 = time.perf_counter()
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        if messages:
+            kind = messages[0].metadata.message_type
+            server_round = int(messages[0].content.config_records["config"]["server-round"])
+            self._recorder.on_replies(kind, server_round, replies, time.perf_counter() - t0)
+        return replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)

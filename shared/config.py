@@ -1,0 +1,432 @@
+"""Typed run configuration, parsed once from Flower's flat run config.
+
+Flower hands the ServerApp and every ClientApp a flat ``dict`` of kebab-case
+keys (``num-server-rounds``, ``fedopt.eta``, ...), filled from
+``[tool.flwr.app.config]`` in ``pyproject.toml`` and ``--run-config``
+overrides. :func:`parse_run_config` turns it into frozen dataclasses and
+rejects unknown keys, wrong types and out-of-range values with a message that
+names the key, the value given, what is allowed, and a did-you-mean.
+
+Per-site settings (``data-path``, ``site-id``) come only through Flower's
+``--node-config`` and are parsed by :func:`parse_node_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from shared.registry import did_you_mean
+
+ConfigValue = bool | int | float | str
+
+
+class ConfigError(ValueError):
+    """A run or node configuration value is missing, unknown or invalid."""
+
+
+# ---------------------------------------------------------------------------
+# Dataclasses
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training at each site."""
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    proximal_mu: float = 0.0
+    class_weighting: bool = True
+    precision: str = "auto"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What each site reads and how images are prepared."""
+
+    image_size: int = 64
+    data_path: str = ""
+    phantom_count: int = 600
+    val_fraction: float = 0.2
+    augment: bool = True
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How a simulation splits one dataset across simulated sites."""
+
+    kind: str = "iid"
+    dirichlet_alpha: float = 0.5
+    min_partition_size: int = 10
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    """Server-side aggregation strategy and its options."""
+
+    name: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_sites: int = 2
+    eta: float = 1e-2
+    eta_l: float = 1e-2
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    trim_beta: float = 0.2
+    num_malicious: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole run: one object parsed once, shared by server and clients."""
+
+    task: str = "pneumonia-cxr"
+    model: str = "small-cnn"
+    init_weights: str = ""
+    num_server_rounds: int = 3
+    round_timeout: float = 600.0
+    results_dir: str = "results"
+    run_name: str = ""
+    seed: int = 0
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    partition: PartitionConfig = dataclasses.field(default_factory=PartitionConfig)
+    strategy: StrategyConfig = dataclasses.field(default_factory=StrategyConfig)
+
+    def to_flat(self) -> dict[str, ConfigValue]:
+        """Return the flat kebab-case form (inverse of :func:`parse_run_config`)."""
+        out: dict[str, ConfigValue] = {}
+        for spec in RUN_KEYS.values():
+            out[spec.key] = getattr(_section(self, spec.section), spec.attr)
+        return out
+
+
+def _section(cfg: RunConfig, section: str) -> Any:
+    return cfg if section == "" else getattr(cfg, section)
+
+
+# ---------------------------------------------------------------------------
+# Key specifications
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One run-config key: where it goes, its type and what values it allows."""
+
+    key: str
+    section: str  # "" for RunConfig itself, else the attribute holding the sub-config
+    attr: str
+    kind: type
+    help: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: value must be > low (not >=)
+    choices: tuple[str, ...] | None = None
+    choices_fn: Callable[[], Sequence[str]] | None = None
+
+    def allowed(self) -> str:
+        """Human description of the allowed values."""
+        names = self.valid_choices()
+        if names is not None:
+            return "one of " + ", ".join(repr(c) for c in names)
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[self.kind]
+        if self.low is not None and self.high is not None:
+            lo = "(" if self.low_open else "["
+            return f"{kind} in {lo}{self.low:g}, {self.high:g}]"
+        if self.low is not None:
+            return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+        return kind
+
+    def valid_choices(self) -> list[str] | None:
+        """The allowed names, or None when any value of the type is allowed."""
+        if self.choices is not None:
+            return list(self.choices)
+        if self.choices_fn is not None:
+            return list(self.choices_fn())
+        return None
+
+
+def _model_names() -> list[str]:
+    from shared.models import model_names  # imported lazily: torch is heavy
+
+    return model_names()
+
+
+def _task_names() -> list[str]:
+    from shared.tasks import TASKS
+
+    return TASKS.names()
+
+
+def _strategy_names() -> list[str]:
+    return list(STRATEGY_NAMES)
+
+
+STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+INF = math.inf
+
+_SPECS: tuple[KeySpec, ...] = (
+    KeySpec("task", "", "task", str, "clinical task", choices_fn=_task_names),
+    KeySpec("model", "", "model", str, "network architecture", choices_fn=_model_names),
+    KeySpec("init-weights", "", "init_weights", str, "local file with initial weights ('' = random init)"),
+    KeySpec("num-server-rounds", "", "num_server_rounds", int, "federated rounds", 1, 10_000),
+    KeySpec("round-timeout", "", "round_timeout", float, "seconds to wait for site replies per round", 0, INF, low_open=True),
+    KeySpec("results-dir", "", "results_dir", str, "folder receiving one sub-folder per run"),
+    KeySpec("run-name", "", "run_name", str, "name of this run's results folder ('' = timestamp)"),
+    KeySpec("seed", "", "seed", int, "random seed (data, partition, init, training)", 0, 2**31 - 1),
+    KeySpec("local-epochs", "train", "local_epochs", int, "local epochs per round", 1, 1000),
+    KeySpec("batch-size", "train", "batch_size", int, "local batch size", 1, 4096),
+    KeySpec("lr", "train", "lr", float, "local learning rate", 0, 10, low_open=True),
+    KeySpec("optimizer", "train", "optimizer", str, "local optimizer", choices=("adam", "sgd")),
+    KeySpec("momentum", "train", "momentum", float, "SGD momentum", 0, 1),
+    KeySpec("weight-decay", "train", "weight_decay", float, "L2 weight decay", 0, 1),
+    KeySpec("proximal-mu", "train", "proximal_mu", float, "FedProx proximal term weight (0 = off)", 0, 1e6),
+    KeySpec("class-weighting", "train", "class_weighting", bool, "inverse-frequency class weights in the loss"),
+    KeySpec("precision", "train", "precision", str, "numeric precision of training", choices=("auto", "fp32", "bf16")),
+    KeySpec("image-size", "data", "image_size", int, "square input size in pixels", 28, 1024),
+    KeySpec("data-path", "data", "data_path", str, "dataset to partition in simulation ('' = synthetic phantoms)"),
+    KeySpec("phantom-count", "data", "phantom_count", int, "number of synthetic phantoms in a simulation", 20, 1_000_000),
+    KeySpec("val-fraction", "data", "val_fraction", float, "fraction of each site's patients held out for validation", 0, 0.9, low_open=True),
+    KeySpec("augment", "data", "augment", bool, "light training augmentation"),
+    KeySpec("partition", "partition", "kind", str, "how simulated sites split the data", choices=("iid", "dirichlet")),
+    KeySpec("dirichlet-alpha", "partition", "dirichlet_alpha", float, "label-skew concentration (small = skewed)", 0, 1e6, low_open=True),
+    KeySpec("min-partition-size", "partition", "min_partition_size", int, "minimum samples per simulated site", 1, 1_000_000),
+    KeySpec("strategy", "strategy", "name", str, "aggregation strategy", choices_fn=_strategy_names),
+    KeySpec("fraction-train", "strategy", "fraction_train", float, "fraction of sites sampled for training", 0, 1, low_open=True),
+    KeySpec("fraction-evaluate", "strategy", "fraction_evaluate", float, "fraction of sites sampled for evaluation", 0, 1, low_open=True),
+    KeySpec("min-sites", "strategy", "min_sites", int, "sites that must be connected (and sampled) each round", 1, 100_000),
+    KeySpec("fedopt.eta", "strategy", "eta", float, "server learning rate (fedadam, fedyogi)", 0, 100, low_open=True),
+    KeySpec("fedopt.eta-l", "strategy", "eta_l", float, "client learning rate assumed by FedOpt", 0, 100, low_open=True),
+    KeySpec("fedopt.beta-1", "strategy", "beta_1", float, "FedOpt first-moment decay", 0, 1),
+    KeySpec("fedopt.beta-2", "strategy", "beta_2", float, "FedOpt second-moment decay", 0, 1),
+    KeySpec("fedopt.tau", "strategy", "tau", float, "FedOpt adaptivity (epsilon)", 0, 1, low_open=True),
+    KeySpec("trimmed-avg.beta", "strategy", "trim_beta", float, "fraction trimmed at each end (fedtrimmedavg)", 0, 0.5),
+    KeySpec("krum.num-malicious", "strategy", "num_malicious", int, "assumed malicious sites (krum)", 0, 100_000),
+)
+
+RUN_KEYS: dict[str, KeySpec] = {s.key: s for s in _SPECS}
+
+
+def describe_keys() -> list[tuple[str, str, str, str]]:
+    """Rows ``(key, default, allowed, help)`` for documentation and ``--help``."""
+    defaults = RunConfig().to_flat()
+    return [(s.key, repr(defaults[s.key]), s.allowed(), s.help) for s in _SPECS]
+
+
+# ---------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------
+
+
+def _coerce(spec: KeySpec, value: Any) -> ConfigValue:
+    """Check the type of one value, allowing int where a float is expected."""
+    given = f"{value!r} ({type(value).__name__})"
+    if spec.kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"run config '{spec.key}': expected true or false, got {given}.")
+    if isinstance(value, bool):  # bool is an int subclass: never accept it as a number
+        raise ConfigError(f"run config '{spec.key}': expected {spec.allowed()}, got {given}.")
+    if spec.kind is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"run config '{spec.key}': expected {spec.allowed()}, got {given}.")
+    if spec.kind is float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        raise ConfigError(f"run config '{spec.key}': expected {spec.allowed()}, got {given}.")
+    if not isinstance(value, str):
+        hint = " Quote strings in --run-config, e.g. key='value'." if spec.kind is str else ""
+        raise ConfigError(f"run config '{spec.key}': expected a string, got {given}.{hint}")
+    return value
+
+
+def _check_range(spec: KeySpec, value: ConfigValue) -> None:
+    if spec.kind not in (int, float):
+        return
+    v = float(value)  # type: ignore[arg-type]
+    too_low = spec.low is not None and (v <= spec.low if spec.low_open else v < spec.low)
+    too_high = spec.high is not None and v > spec.high
+    if too_low or too_high or math.isnan(v):
+        raise ConfigError(f"run config '{spec.key}': expected {spec.allowed()}, got {value!r}.")
+
+
+def _check_choice(spec: KeySpec, value: ConfigValue) -> None:
+    names = spec.valid_choices()
+    if names is None or value in names:
+        return
+    raise ConfigError(
+        f"run config '{spec.key}': unknown value {value!r}; expected one of "
+        f"{', '.join(repr(n) for n in names)}.{did_you_mean(str(value), names)}"
+    )
+
+
+def parse_run_config(flat: Mapping[str, Any], *, fill_defaults: bool = True) -> RunConfig:
+    """Parse Flower's flat run config into a :class:`RunConfig`.
+
+    Parameters
+    ----------
+    flat:
+        ``context.run_config`` (or any mapping of kebab-case keys to values).
+    fill_defaults:
+        Missing keys take the :class:`RunConfig` defaults (True) or are an
+        error (False).
+
+    Raises
+    ------
+    ConfigError
+        For an unknown key (with a did-you-mean), a value of the wrong type, a
+        value out of range or not among the valid names, or a combination of
+        values that cannot work.
+    """
+    unknown = [k for k in flat if k not in RUN_KEYS]
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(
+            f"unknown run config key '{key}' (value {flat[key]!r}).{did_you_mean(key, list(RUN_KEYS))} "
+            f"Valid keys: {', '.join(RUN_KEYS)}."
+        )
+    if not fill_defaults:
+        missing = [k for k in RUN_KEYS if k not in flat]
+        if missing:
+            raise ConfigError(f"run config is missing keys: {', '.join(missing)}.")
+
+    values: dict[str, dict[str, ConfigValue]] = {"": {}, "train": {}, "data": {}, "partition": {}, "strategy": {}}
+    for key, raw in flat.items():
+        spec = RUN_KEYS[key]
+        value = _coerce(spec, raw)
+        _check_range(spec, value)
+        _check_choice(spec, value)
+        values[spec.section][spec.attr] = value
+
+    cfg = RunConfig(
+        **values[""],  # type: ignore[arg-type]
+        train=TrainConfig(**values["train"]),  # type: ignore[arg-type]
+        data=DataConfig(**values["data"]),  # type: ignore[arg-type]
+        partition=PartitionConfig(**values["partition"]),  # type: ignore[arg-type]
+        strategy=StrategyConfig(**values["strategy"]),  # type: ignore[arg-type]
+    )
+    _check_combinations(cfg)
+    return cfg
+
+
+def _check_combinations(cfg: RunConfig) -> None:
+    """Reject combinations of individually valid values that cannot work."""
+    s = cfg.strategy
+    if s.name == "fedprox" and cfg.train.proximal_mu == 0.0:
+        raise ConfigError(
+            "run config: strategy 'fedprox' needs 'proximal-mu' > 0 (got 0.0); "
+            "set e.g. proximal-mu=0.1, or use strategy 'fedavg'."
+        )
+    if s.name == "krum" and s.min_sites < 2 * s.num_malicious + 3:
+        raise ConfigError(
+            f"run config: krum with 'krum.num-malicious'={s.num_malicious} needs at least "
+            f"{2 * s.num_malicious + 3} sites per round (2f+3); 'min-sites' is {s.min_sites}. "
+            "Raise min-sites or lower krum.num-malicious."
+        )
+
+
+def parse_overrides(text: str) -> dict[str, ConfigValue]:
+    """Parse ``"key=value key2='text'"`` (Flower's ``--run-config`` syntax).
+
+    Values are TOML literals: numbers, ``true``/``false``, quoted strings.
+    An unquoted word that is not a TOML literal is taken as a string, so
+    ``model=resnet18`` works as well as ``model='resnet18'``.
+    """
+    import re
+    import tomllib
+
+    out: dict[str, ConfigValue] = {}
+    # key=value tokens; a quoted value may contain spaces and keeps its quotes
+    for item in re.findall(r"""(?:[^\s"'=]+=(?:"[^"]*"|'[^']*'|\S*))|\S+""", text):
+        if "=" not in item:
+            raise ConfigError(f"run config override {item!r}: expected key=value.")
+        key, raw = item.split("=", 1)
+        key = key.strip().strip("\"'")
+        raw = raw.strip()
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip("\"'")
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"run config override {item!r}: tables and lists are not run-config values.")
+        out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Node (site) configuration
+# ---------------------------------------------------------------------------
+
+NODE_KEYS = ("partition-id", "num-partitions", "data-path", "site-id")
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """What a SuperNode tells its ClientApp about itself (``--node-config``).
+
+    A real hospital site sets ``data-path`` (and ideally ``site-id``); a
+    simulated site gets ``partition-id``/``num-partitions`` from Flower.
+    """
+
+    site_id: str
+    data_path: str = ""
+    partition_id: int | None = None
+    num_partitions: int | None = None
+
+    @property
+    def simulated(self) -> bool:
+        """True when this site takes a partition of the run's dataset."""
+        return not self.data_path
+
+
+def parse_node_config(node_config: Mapping[str, Any], node_id: int | None = None) -> SiteConfig:
+    """Parse a SuperNode's node config into a :class:`SiteConfig`.
+
+    Raises
+    ------
+    ConfigError
+        For unknown keys (with a did-you-mean), wrong types, or a node that
+        has neither ``data-path`` nor ``partition-id``/``num-partitions``.
+    """
+    for key in node_config:
+        if key not in NODE_KEYS:
+            raise ConfigError(
+                f"unknown node config key '{key}'.{did_you_mean(key, list(NODE_KEYS))} "
+                f"Valid keys: {', '.join(NODE_KEYS)}."
+            )
+    data_path = node_config.get("data-path", "")
+    site_id = node_config.get("site-id", "")
+    for key, val in (("data-path", data_path), ("site-id", site_id)):
+        if not isinstance(val, str):
+            raise ConfigError(f"node config '{key}': expected a quoted string, got {val!r}.")
+    pid = node_config.get("partition-id")
+    nparts = node_config.get("num-partitions")
+    if data_path:
+        if not site_id:
+            site_id = f"node-{node_id}" if node_id is not None else "site"
+        return SiteConfig(site_id=site_id, data_path=data_path)
+    if pid is None or nparts is None:
+        raise ConfigError(
+            "node config: a site needs either data-path (a real site: "
+            "--node-config \"data-path='/data/cxr' site-id='hospital-a'\") or "
+            "partition-id and num-partitions (set by Flower in simulation); got "
+            f"keys {sorted(node_config) or 'none'}."
+        )
+    if isinstance(pid, bool) or isinstance(nparts, bool) or not isinstance(pid, int) or not isinstance(nparts, int):
+        raise ConfigError(f"node config: partition-id and num-partitions must be integers, got {pid!r}, {nparts!r}.")
+    if nparts < 1 or not 0 <= pid < nparts:
+        raise ConfigError(f"node config: expected 0 <= partition-id < num-partitions, got {pid} and {nparts}.")
+    return SiteConfig(site_id=site_id or f"site-{pid}", partition_id=pid, num_partitions=nparts)

@@ -1,0 +1,29 @@
+"""Test fixtures shared across files: real-data location, Flower environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# Flower must never install packages, phone home or check for updates in tests.
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` beside the checkout; skips (with the reason) when absent.
+
+    In CI the folder is present, so these tests run there.
+    """
+    if not SHARED_DATA.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"CI=true but the real-data folder {SHARED_DATA} is missing")
+        pytest.skip(f"real-data folder {SHARED_DATA} not found (it sits beside the checkout in CI)")
+    return SHARED_DATA

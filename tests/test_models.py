@@ -1,0 +1,213 @@
+"""Contract tests for the model registry.
+
+Every registered model is tested automatically (parametrised over
+``MODELS.names()``): shapes, finite outputs, one SGD step. Weight loading is
+tested on ``small-cnn`` (fast).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from shared.models import (
+    MODELS,
+    ModelWeightsError,
+    build_model,
+    count_parameters,
+    model_names,
+)
+from shared.registry import UnknownNameError
+
+torch.set_num_threads(2)
+
+REQUIRED = {"small-cnn", "resnet18", "resnet50", "densenet121", "efficientnet-b0", "vgg16"}
+
+
+def _seeded(name: str, in_channels: int, num_classes: int, seed: int, **kw: object) -> nn.Module:
+    torch.manual_seed(seed)
+    return build_model(name, in_channels, num_classes, **kw)  # type: ignore[arg-type]
+
+
+def _outputs(model: nn.Module, in_channels: int = 1, size: int = 64) -> torch.Tensor:
+    torch.manual_seed(123)
+    x = torch.randn(2, in_channels, size, size)
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+def test_required_models_registered() -> None:
+    assert REQUIRED <= set(model_names())
+    assert model_names() == MODELS.names()
+
+
+@pytest.mark.parametrize(("in_channels", "num_classes"), [(1, 2), (3, 3)])
+@pytest.mark.parametrize("name", MODELS.names())
+def test_forward_and_one_train_step(name: str, in_channels: int, num_classes: int) -> None:
+    model = _seeded(name, in_channels, num_classes, seed=0)
+    assert count_parameters(model) > 0
+    x = torch.randn(2, in_channels, 64, 64)
+    y = torch.tensor([0, num_classes - 1])
+
+    out = _outputs(model, in_channels)
+    assert out.shape == (2, num_classes)
+    assert torch.isfinite(out).all()
+
+    model.train()
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = nn.functional.cross_entropy(model(x), y)
+    assert torch.isfinite(loss)
+    loss.backward()
+    no_grad = [k for k, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, f"parameters outside the graph: {no_grad[:5]}"
+    opt.step()
+    changed = {k for k, p in model.named_parameters() if not torch.equal(before[k], p)}
+    # Every top-level block learns something (not all tensors: timm ResNets zero-init
+    # the last BN of each residual branch, so its convs only move from step 2 on).
+    for child, module in model.named_children():
+        names = {f"{child}.{k}" for k, _ in module.named_parameters()}
+        assert not names or names & changed, f"no parameter of '{child}' changed"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_small_cnn_small_and_large_inputs() -> None:
+    model = _seeded("small-cnn", 1, 2, seed=0)
+    for size in (28, 97, 256):
+        out = _outputs(model, 1, size)
+        assert out.shape == (2, 2) and torch.isfinite(out).all()
+
+
+def test_small_cnn_is_opacus_friendly() -> None:
+    model = build_model("small-cnn", 1, 2)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert not any(getattr(m, "inplace", False) for m in model.modules())
+
+
+def test_unknown_name_lists_valid_names_and_suggests() -> None:
+    with pytest.raises(UnknownNameError) as err:
+        build_model("resnet-18", 1, 2)
+    msg = str(err.value)
+    assert "Did you mean 'resnet18'?" in msg
+    for name in MODELS.names():
+        assert name in msg
+
+
+@pytest.mark.parametrize(("in_channels", "num_classes"), [(0, 2), (1, 1), (1, 2.0)])
+def test_bad_shapes_raise_value_error(in_channels: int, num_classes: int) -> None:
+    with pytest.raises(ValueError, match="must be an integer"):
+        build_model("small-cnn", in_channels, num_classes)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------
+# init_weights
+# ---------------------------------------------------------------------------
+
+
+def test_init_weights_round_trip(tmp_path: Path) -> None:
+    src = _seeded("small-cnn", 1, 2, seed=1)
+    path = tmp_path / "w.pt"
+    torch.save(src.state_dict(), path)
+    fresh = _seeded("small-cnn", 1, 2, seed=2)
+    assert not torch.equal(_outputs(src), _outputs(fresh))
+    loaded = _seeded("small-cnn", 1, 2, seed=2, init_weights=path)
+    assert torch.equal(_outputs(src), _outputs(loaded))
+    assert torch.equal(_outputs(src), _outputs(_seeded("small-cnn", 1, 2, 3, init_weights=str(path))))
+
+
+@pytest.mark.parametrize("wrap", ["module", "_module", "checkpoint", "safetensors"])
+def test_init_weights_wrapped_formats(tmp_path: Path, wrap: str) -> None:
+    src = _seeded("small-cnn", 1, 2, seed=1)
+    sd = src.state_dict()
+    path = tmp_path / "w.pth"
+    if wrap in ("module", "_module"):
+        torch.save({f"{wrap}.{k}": v for k, v in sd.items()}, path)
+    elif wrap == "checkpoint":
+        torch.save({"epoch": 3, "model": sd, "optimizer": {"lr": 0.1}}, path)
+    else:
+        from safetensors.torch import save_file
+
+        path = tmp_path / "w.safetensors"
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    loaded = _seeded("small-cnn", 1, 2, seed=2, init_weights=path)
+    assert torch.equal(_outputs(src), _outputs(loaded))
+
+
+def test_init_weights_head_mismatch_loads_all_but_head(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = _seeded("small-cnn", 1, 3, seed=1)
+    path = tmp_path / "w.pt"
+    torch.save(src.state_dict(), path)
+    with caplog.at_level(logging.WARNING, logger="shared.models"):
+        model = _seeded("small-cnn", 1, 2, seed=2, init_weights=path)
+    assert "head.weight" in caplog.text and "head.bias" in caplog.text
+    random_head = _seeded("small-cnn", 1, 2, seed=2).state_dict()
+    for key, value in model.state_dict().items():
+        expected = random_head[key] if key.startswith("head.") else src.state_dict()[key]
+        assert torch.equal(value, expected), key
+
+
+def test_init_weights_rgb_stem_into_grayscale_model(tmp_path: Path) -> None:
+    src = _seeded("small-cnn", 3, 2, seed=1)
+    path = tmp_path / "w.pt"
+    torch.save(src.state_dict(), path)
+    model = _seeded("small-cnn", 1, 2, seed=2, init_weights=path)
+    stem = "features.0.0.weight"
+    assert torch.allclose(model.state_dict()[stem], src.state_dict()[stem].sum(1, keepdim=True))
+    # A grayscale image repeated to RGB gives the same logits in both models.
+    x = torch.randn(2, 1, 64, 64)
+    model.eval()
+    src.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), src(x.repeat(1, 3, 1, 1)), atol=1e-5)
+
+
+def test_missing_file_raises_helpful_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelWeightsError, match="not found") as err:
+        build_model("small-cnn", 1, 2, init_weights=tmp_path / "nope.pt")
+    assert "small-cnn" in str(err.value) and "init-weights=''" in str(err.value)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_garbage_file_raises_helpful_error(tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"garbage{suffix}"
+    path.write_bytes(b"this is not a checkpoint\x00\x01" * 10)
+    with pytest.raises(ModelWeightsError, match="cannot read init weights") as err:
+        build_model("resnet18", 1, 2, init_weights=path)
+    assert "state dict for 'resnet18'" in str(err.value)
+
+
+def test_file_without_matching_tensors_raises(tmp_path: Path) -> None:
+    path = tmp_path / "other.pt"
+    torch.save({"encoder.conv.weight": torch.zeros(3, 3), "decoder.bias": torch.zeros(2)}, path)
+    with pytest.raises(ModelWeightsError, match="no tensor of model 'small-cnn'") as err:
+        build_model("small-cnn", 1, 2, init_weights=path)
+    msg = str(err.value)
+    assert "features.0.0.weight" in msg and "encoder.conv.weight" in msg  # expected vs found
+
+
+def test_file_without_tensors_raises(tmp_path: Path) -> None:
+    path = tmp_path / "meta.pt"
+    torch.save({"epoch": 3, "lr": 0.1}, path)
+    with pytest.raises(ModelWeightsError, match="no tensors"):
+        build_model("small-cnn", 1, 2, init_weights=path)
+
+
+def test_other_architecture_raises(tmp_path: Path) -> None:
+    path = tmp_path / "wide.pt"
+    from shared.models import SmallCNN
+
+    torch.save(SmallCNN(1, 2, widths=(32, 64, 128, 256)).state_dict(), path)
+    with pytest.raises(ModelWeightsError, match="another architecture"):
+        build_model("small-cnn", 1, 2, init_weights=path)
+
+
+def test_empty_init_weights_means_random_init() -> None:
+    model = build_model("small-cnn", 1, 2, init_weights="")
+    assert count_parameters(model) == count_parameters(model, trainable_only=True) > 0
