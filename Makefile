@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: venv
-	$(BIN)/medfed simulate --sites 3 --rounds 3
+	$(BIN)/medfed simulate --sites 3 --rounds 3 --run-config "local-epochs=5"
 
 test: venv
 	$(BIN)/python -m pytest

@@ -114,6 +114,7 @@ def train_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], server_r
         "train-seconds": res.seconds,
         "train-images-per-s": res.images_per_second,
         "load-seconds": rt.data.load_seconds,
+        "torch-threads": torch.get_num_threads(),
     }
     return {k: v.contiguous() for k, v in model.state_dict().items()}, metrics
 

@@ -54,7 +54,7 @@ class DataConfig:
 
     image_size: int = 64
     data_path: str = ""
-    phantom_count: int = 600
+    phantom_count: int = 1200
     val_fraction: float = 0.2
     augment: bool = True
 

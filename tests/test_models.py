@@ -84,9 +84,21 @@ def test_small_cnn_small_and_large_inputs() -> None:
 
 
 def test_small_cnn_is_opacus_friendly() -> None:
+    from opacus.validators import ModuleValidator
+
+    from shared.models.small_cnn import SmallCNN
+
     model = build_model("small-cnn", 1, 2)
-    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert not any(getattr(m, "inplace", False) for m in model.modules())
+    # BatchNorm by default (learns faster); Opacus' fix() makes it DP-valid ...
+    assert ModuleValidator.validate(model, strict=False)
+    assert ModuleValidator.validate(ModuleValidator.fix(model), strict=False) == []
+    # ... and the GroupNorm build is valid as it stands
+    gn = SmallCNN(1, 2, norm="group")
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in gn.modules())
+    assert ModuleValidator.validate(gn, strict=False) == []
+    with pytest.raises(ValueError, match="'batch' or 'group'"):
+        SmallCNN(1, 2, norm="layer")
 
 
 def test_unknown_name_lists_valid_names_and_suggests() -> None:

@@ -453,7 +453,7 @@ def _distractors(g: _Grid, a: _Anatomy, lungs: np.ndarray, body: np.ndarray,
 def _lesions(g: _Grid, a: _Anatomy, lungs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Opacities inside the lung fields: (added intensity, boolean region)."""
     hard = rng.random() < _P_HARD
-    count = int(rng.choice([1, 2, 3], p=[0.6, 0.3, 0.1]))
+    count = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
     layer = np.zeros((g.r, g.r), np.float32)
     region = np.zeros((g.r, g.r), bool)
     for _ in range(count):
@@ -470,8 +470,8 @@ def _lesions(g: _Grid, a: _Anatomy, lungs: np.ndarray, rng: np.random.Generator)
         if hard:
             radius, amp = rng.uniform(0.05, 0.10), rng.uniform(0.04, 0.07)
         else:
-            radius = float(np.exp(rng.uniform(np.log(0.10), np.log(0.40))))
-            amp = rng.uniform(0.16, 0.36)
+            radius = float(np.exp(rng.uniform(np.log(0.18), np.log(0.5))))
+            amp = rng.uniform(0.22, 0.42)
         shape = _blob_shape(g, rng, centre, radius)
         layer += amp * shape * lungs
         region |= (shape > 0.5) & (lungs > 0.5)
@@ -541,7 +541,7 @@ def _compose(r: int, index: int, label: int, seed: int) -> tuple[np.ndarray, np.
     mask = np.zeros((r, r), np.float32)
     if label == 1:
         lesion, region = _lesions(g, a, lungs, _stream(seed, index, _STREAM_LESION))
-        img += lesion
+        img += np.minimum(lesion, 0.9 * lung_depth)  # consolidation is at most about water-dense
         mask = region.astype(np.float32)
 
     img, mask = _warp(img.astype(np.float32), mask, a, g)
