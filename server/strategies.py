@@ -37,14 +37,18 @@ def _fedprox(s: StrategyConfig, t: TrainConfig, aggr: dict) -> Strategy:
     return FedProx(**_common(s, aggr), proximal_mu=t.proximal_mu)
 
 
+def _fedopt(s: StrategyConfig) -> dict:
+    return {"eta": s.eta, "eta_l": s.eta_l, "beta_1": s.beta_1, "beta_2": s.beta_2, "tau": s.tau}
+
+
 @STRATEGIES.register("fedadam")
 def _fedadam(s: StrategyConfig, t: TrainConfig, aggr: dict) -> Strategy:
-    return FedAdam(**_common(s, aggr), eta=s.eta, eta_l=s.eta_l, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau)
+    return FedAdam(**_common(s, aggr), **_fedopt(s))
 
 
 @STRATEGIES.register("fedyogi")
 def _fedyogi(s: StrategyConfig, t: TrainConfig, aggr: dict) -> Strategy:
-    return FedYogi(**_common(s, aggr), eta=s.eta, eta_l=s.eta_l, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau)
+    return FedYogi(**_common(s, aggr), **_fedopt(s))
 
 
 @STRATEGIES.register("fedmedian")

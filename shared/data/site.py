@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.config import RunConfig, SiteConfig
+from shared.config import ConfigError, RunConfig, SiteConfig
 from shared.data.partition import partition_indices
 from shared.data.sources import DataSourceError, ImageListing, ImageReadError, discover, read_image
 from shared.data.splits import train_val_split
@@ -120,10 +120,10 @@ def _load_real_site(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> SiteDat
     return SiteData(*parts, class_names=task.class_names, skipped=dict(skipped))
 
 
-def _load_partition_of_dataset(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> SiteData:
-    assert site.partition_id is not None and site.num_partitions is not None
-    listing, labels = _load_listing(cfg.data.data_path, task)
-    groups = listing.groups()
+def _my_partition(cfg: RunConfig, site: SiteConfig, labels: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """Indices of this simulated site's share of the run's dataset."""
+    if site.partition_id is None or site.num_partitions is None:
+        raise ConfigError("a simulated site needs partition-id and num-partitions in its node config")
     parts = partition_indices(
         labels,
         site.num_partitions,
@@ -133,29 +133,25 @@ def _load_partition_of_dataset(cfg: RunConfig, site: SiteConfig, task: TaskSpec)
         min_partition_size=cfg.partition.min_partition_size,
         groups=groups,
     )
-    mine = parts[site.partition_id]
+    return parts[site.partition_id]
+
+
+def _load_partition_of_dataset(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> SiteData:
+    listing, labels = _load_listing(cfg.data.data_path, task)
+    groups = listing.groups()
+    mine = _my_partition(cfg, site, labels, groups)
     skipped: Counter[str] = Counter(listing.skipped)
     images, _, keep = _read_records(listing, mine, cfg.data.image_size, skipped)
     site_groups = groups[keep] if groups is not None else None
-    split = _split(images, labels[keep], site_groups, cfg, salt=1 + site.partition_id)
+    split = _split(images, labels[keep], site_groups, cfg, salt=1 + int(site.partition_id or 0))
     return SiteData(*split, class_names=task.class_names, skipped=dict(skipped))
 
 
 def _load_partition_of_phantoms(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> SiteData:
-    assert site.partition_id is not None and site.num_partitions is not None
     n = cfg.data.phantom_count
-    labels = task.phantom_labels(n, cfg.seed)
-    parts = partition_indices(
-        labels,
-        site.num_partitions,
-        cfg.partition.kind,
-        alpha=cfg.partition.dirichlet_alpha,
-        seed=cfg.seed,
-        min_partition_size=cfg.partition.min_partition_size,
-    )
-    mine = parts[site.partition_id]
+    mine = _my_partition(cfg, site, task.phantom_labels(n, cfg.seed), None)
     images, site_labels = task.render_phantoms(n, cfg.data.image_size, cfg.seed, mine)
-    split = _split(images, site_labels, None, cfg, salt=1 + site.partition_id)
+    split = _split(images, site_labels, None, cfg, salt=1 + int(site.partition_id or 0))
     return SiteData(*split, class_names=task.class_names)
 
 
