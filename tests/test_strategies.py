@@ -74,3 +74,28 @@ def test_evaluate_aggregation_sums_counts_not_ratios() -> None:
     assert pooled["accuracy"] == pytest.approx(180 / 182)
     assert pooled["sensitivity"] == pytest.approx(90 / 91)
     assert pooled["eval-loss"] == pytest.approx((180 * 0.1 + 2 * 2.0) / 182)
+
+
+@pytest.mark.parametrize("name", STRATEGY_NAMES)
+def test_every_strategy_aggregates_a_batchnorm_state_dict(name: str) -> None:
+    """Float weights and BatchNorm's int64 counter survive every strategy's aggregation."""
+    extra = {"proximal-mu": 0.1} if name == "fedprox" else {}
+    cfg = parse_run_config({"strategy": name, "min-sites": 3, **extra})
+    strategy = build_strategy(cfg.strategy, cfg.train, train_metrics_aggr_fn=aggregate_train_metrics)
+    if hasattr(strategy, "current_arrays"):  # FedOpt family keeps the previous global model
+        strategy.current_arrays = {"w": np.zeros((2, 2), dtype=np.float32), "n": np.array(0, dtype=np.int64)}
+    m = {"train-seconds": 1.0, "train-images-per-s": 10.0, "load-seconds": 0.0}
+    replies = [
+        reply({"w": np.full((2, 2), float(k), dtype=np.float32), "n": np.array(5 + k, dtype=np.int64)},
+              {"num-examples": 10 * (k + 1), "train-loss": 1.0, **m}, f"S{k}", node_id=k + 1)
+        for k in range(3)
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert arrays is not None, name
+    state = arrays.to_torch_state_dict()
+    assert torch.isfinite(state["w"].float()).all()
+    assert state["w"].shape == (2, 2)
+    assert metrics is not None
+    # Krum keeps the one selected update and that site's metrics; the others pool all three
+    expected = {10.0, 20.0, 30.0} if name == "krum" else {60.0}
+    assert metrics["num-examples"] in expected
