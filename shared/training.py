@@ -271,8 +271,9 @@ def train_local(
     model.train()
 
     t0 = time.perf_counter()
-    total_loss, seen, steps = 0.0, 0, 0
-    for _ in range(cfg.local_epochs):
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    seen, steps = 0, 0
+    for epoch in range(cfg.local_epochs):
         for idx in batch_indices(len(images), cfg.batch_size, gen):
             x = to_model_input(images[idx], in_ch, device, channels_last)
             y = labels[idx].to(device)
@@ -286,18 +287,18 @@ def train_local(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"training loss became {float(loss)} at step {steps}: lower 'lr' "
-                    f"(now {cfg.lr}) or use precision='fp32'"
-                )
-            total_loss += float(loss.detach()) * len(idx)
+            total_loss += loss.detach() * len(idx)  # no host sync per step
             seen += len(idx)
             steps += 1
+        if not torch.isfinite(total_loss):  # checked once per epoch
+            raise FloatingPointError(
+                f"training loss became {float(total_loss)} in epoch {epoch + 1}: lower 'lr' "
+                f"(now {cfg.lr}) or use precision='fp32'"
+            )
     seconds = time.perf_counter() - t0
     return TrainResult(
         num_examples=len(images),
-        loss=total_loss / max(seen, 1),
+        loss=float(total_loss) / max(seen, 1),
         seconds=seconds,
         images_per_second=seen / seconds if seconds > 0 else float("nan"),
         steps=steps,

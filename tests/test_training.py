@@ -102,3 +102,12 @@ def test_empty_site_data_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="no training images"):
         train_local(fresh_model(), torch.zeros((0, 1, 32, 32), dtype=torch.uint8), torch.zeros(0, dtype=torch.long),
                     TrainConfig(), num_classes=2, seed=0)
+
+
+def test_non_finite_loss_stops_training_with_advice(data) -> None:
+    x, y = data
+    model = fresh_model()
+    with torch.no_grad():
+        model.head.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="lower 'lr'"):
+        train_local(model, x, y, TrainConfig(precision="fp32"), num_classes=2, seed=0, device=torch.device("cpu"))
