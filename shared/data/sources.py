@@ -277,6 +277,30 @@ def _resize(gray: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(gray, (size, size), interpolation=interp)
 
 
+def read_raw(path: Path) -> np.ndarray:
+    """Decode one image with the reader registered for its suffix, unresized.
+
+    Returns whatever the reader gives (any dtype, ``(H, W)`` or ``(H, W, C)``).
+
+    Raises
+    ------
+    ImageReadError
+        No reader for the suffix, or the file does not decode to a non-empty image.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in _READERS:
+        hint = " (DICOM support is not installed yet)" if suffix in _PENDING_SUFFIXES else ""
+        raise ImageReadError(
+            f"'{path.name}': no reader for suffix '{suffix}'{hint}; "
+            f"readable suffixes: {', '.join(registered_suffixes())}"
+        )
+    img = _READERS.get(suffix)(path)
+    if img is None or img.size == 0:
+        raise ImageReadError(f"'{path.name}' decoded to an empty image")
+    return img
+
+
 def read_image(path: Path, size: int) -> np.ndarray:
     """Read one image as an 8-bit grayscale square.
 
@@ -309,16 +333,7 @@ def read_image(path: Path, size: int) -> np.ndarray:
         raise ValueError(f"size must be a positive integer number of pixels, got {size!r}")
     size = int(size)
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in _READERS:
-        hint = " (DICOM support is not installed yet)" if suffix in _PENDING_SUFFIXES else ""
-        raise ImageReadError(
-            f"'{path.name}': no reader for suffix '{suffix}'{hint}; "
-            f"readable suffixes: {', '.join(registered_suffixes())}"
-        )
-    img = _READERS.get(suffix)(path)
-    if img is None or img.size == 0:
-        raise ImageReadError(f"'{path.name}' decoded to an empty image")
+    img = read_raw(path)
     gray = _to_uint8(_to_gray(img, path.name), path.name)
     return np.ascontiguousarray(_resize(gray, size))
 
