@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from shared.config import ConfigError, describe_keys, parse_overrides
+from simulation.data_cli import add_data_parser
 
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     _add_simulate(sub)
+    add_data_parser(sub)
     return parser
 
 

@@ -44,7 +44,7 @@ def class_tree(tmp_path: Path) -> Path:
     _write(root / "a_neg" / "y.jpeg", _gray(3))
     _write(root / "a_neg" / "z.png", _gray(4))
     (root / "a_neg" / "notes.txt").write_text("not an image")
-    (root / "a_neg" / "scan.dcm").write_bytes(b"DICM")
+    (root / "a_neg" / "scan.nii").write_bytes(b"NII")
     return root
 
 
@@ -78,7 +78,7 @@ def test_class_folders(class_tree: Path) -> None:
     assert listing.labels().tolist() == [0, 0, 1, 1]
     assert listing.labels().dtype == np.int64
     assert listing.groups() is None
-    assert dict(listing.skipped) == {"unknown-suffix": 1, "unsupported-suffix:.dcm": 1}
+    assert dict(listing.skipped) == {"unknown-suffix": 1, "unsupported-suffix:.nii": 1}
     assert all(r.path.is_absolute() for r in listing.records)
 
 
@@ -112,14 +112,14 @@ def test_manifest_csv_direct_and_class_names(manifest_site: Path) -> None:
         discover(manifest_site / "manifest.csv", class_names=("healthy", "sicky"))
 
 
-def test_manifest_skips_duplicates_and_dicom(tmp_path: Path) -> None:
+def test_manifest_skips_duplicates_and_volumes(tmp_path: Path) -> None:
     _write(tmp_path / "a.png", _gray(1))
     _write(tmp_path / "b.png", _gray(2))
-    (tmp_path / "c.dcm").write_bytes(b"x")
-    (tmp_path / "list.csv").write_text("path,label\na.png,0\na.png,0\nb.png,1\nc.dcm,1\n")
+    (tmp_path / "c.nii").write_bytes(b"x")
+    (tmp_path / "list.csv").write_text("path,label\na.png,0\na.png,0\nb.png,1\nc.nii,1\n")
     listing = discover(tmp_path / "list.csv")
     assert len(listing) == 2
-    assert dict(listing.skipped) == {"duplicate-path": 1, "unsupported-suffix:.dcm": 1}
+    assert dict(listing.skipped) == {"duplicate-path": 1, "unsupported-suffix:.nii": 1}
 
 
 def test_bad_manifest_header_names_columns(tmp_path: Path) -> None:
@@ -225,15 +225,16 @@ def test_unreadable_files_raise(tmp_path: Path, content: bytes) -> None:
 def test_missing_file_and_unsupported_suffix(tmp_path: Path) -> None:
     with pytest.raises(ImageReadError):
         read_image(tmp_path / "nope.png", 8)
-    (tmp_path / "a.dcm").write_bytes(b"x")
-    with pytest.raises(ImageReadError, match=r"\.dcm"):
-        read_image(tmp_path / "a.dcm", 8)
+    (tmp_path / "a.nii").write_bytes(b"x")
+    with pytest.raises(ImageReadError, match=r"\.nii"):
+        read_image(tmp_path / "a.nii", 8)
     with pytest.raises(ValueError, match="size"):
         read_image(tmp_path / "nope.png", 0)
 
 
 def test_reader_registry_seam(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert ".dcm" not in registered_suffixes()
+    assert ".dcm" in registered_suffixes()  # shared.data registers the DICOM reader
+    assert ".nii" not in registered_suffixes()
     assert set(sources.IMAGE_SUFFIXES) <= set(registered_suffixes())
     monkeypatch.setattr(sources, "_READERS", sources.Registry("image reader"))
 

@@ -57,7 +57,8 @@ MANIFEST_NAME = "manifest.csv"
 
 # Formats we know are images but cannot read yet: counted under their own
 # reason so that an operator sees "unsupported-suffix:.dcm: 120", not noise.
-_PENDING_SUFFIXES = frozenset({".dcm", ".dicom"})
+# Known medical formats without a 2-D reader: counted under their own skip reason.
+_PENDING_SUFFIXES = frozenset({".nii", ".mha", ".nrrd"})
 
 _REQUIRED_COLUMNS = ("path", "label")
 _PATIENT_COLUMN = "patient_id"
@@ -290,7 +291,7 @@ def read_raw(path: Path) -> np.ndarray:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in _READERS:
-        hint = " (DICOM support is not installed yet)" if suffix in _PENDING_SUFFIXES else ""
+        hint = " (3-D volumes are not supported: export 2-D images)" if suffix in _PENDING_SUFFIXES else ""
         raise ImageReadError(
             f"'{path.name}': no reader for suffix '{suffix}'{hint}; "
             f"readable suffixes: {', '.join(registered_suffixes())}"

@@ -1,0 +1,78 @@
+"""``medfed data check``: the pre-flight check a hospital runs on its data.
+
+Only parses arguments and delegates to :func:`shared.data.check.check_dataset`.
+The report goes to stdout (text, or JSON with ``--json``), progress to stderr;
+the exit code is the report's (0 ready, 1 ready with warnings, 2 not ready).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from shared.data.check import check_dataset, format_report
+from shared.registry import UnknownNameError
+from shared.tasks import TASKS
+
+__all__ = ["add_data_parser"]
+
+
+def add_data_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``data`` command (sub-command ``check``) to a CLI's subparsers.
+
+    Parameters
+    ----------
+    subparsers : argparse._SubParsersAction
+        What ``parser.add_subparsers()`` returned; ``args.func(args)`` then
+        runs the chosen sub-command and returns its exit code.
+    """
+    data = subparsers.add_parser(
+        "data",
+        help="inspect a site's data",
+        description="Inspect a hospital site's data before it joins a federation.",
+    )
+    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    data_sub.required = True
+    check = data_sub.add_parser(
+        "check",
+        help="pre-flight check of a site's images (counts only, no paths or ids)",
+        description=(
+            "Decode every image once and report counts per class, patients, sizes, bit depths, "
+            "duplicates and quarantined files, with a verdict. The report holds no file paths, file "
+            "names or patient ids, so it can be shared with the federation's coordinator. Exit code: "
+            "0 ready, 1 ready with warnings, 2 not ready."
+        ),
+    )
+    check.add_argument("path", help="class-folder tree, folder with manifest.csv, or a manifest .csv")
+    check.add_argument("--task", default="pneumonia-cxr",
+                       help=f"task to check against (default pneumonia-cxr; one of {', '.join(TASKS.names())})")
+    check.add_argument("--val-fraction", type=float, default=0.2,
+                       help="validation share of the site's own split (default 0.2)")
+    check.add_argument("--seed", type=int, default=0, help="seed of the site's split (default 0)")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.set_defaults(func=_cmd_check)
+
+
+def _progress(done: int, total: int) -> None:
+    pct = 100 * done // total if total else 100
+    end = "\n" if done >= total else ""
+    prefix = "\r" if sys.stderr.isatty() else ""
+    if not prefix:
+        end = "\n"
+    print(f"{prefix}checking images: {done}/{total} ({pct}%)", end=end, file=sys.stderr, flush=True)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    try:
+        report = check_dataset(
+            args.path, args.task, val_fraction=args.val_fraction, seed=args.seed, progress=_progress
+        )
+    except (UnknownNameError, ValueError) as exc:
+        print(f"medfed data check: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_report(report), end="")
+    return report.exit_code()
