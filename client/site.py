@@ -13,7 +13,8 @@ from typing import Any, TypeVar
 import torch
 
 from shared.config import ConfigError, RunConfig, SiteConfig, parse_node_config, parse_run_config
-from shared.data.site import SiteData, load_site_data
+from shared.data.preprocess import AugmentConfig
+from shared.data.site import SiteData, load_site_data, resolve_augment
 from shared.models import build_model
 from shared.tasks import TaskSpec, get_task
 from shared.training import EvalResult, TrainResult, evaluate_model, images_to_tensor, train_local
@@ -61,6 +62,7 @@ class SiteRuntime:
     train_y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
+    augment: AugmentConfig | None
 
     def new_model(self, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
         """Build the run's model and load the global weights into it."""
@@ -92,6 +94,7 @@ def site_runtime(run_config: Mapping[str, Any], node_config: Mapping[str, Any], 
             cfg, site, task, data,
             images_to_tensor(data.train_images), torch.from_numpy(data.train_labels).long(),
             images_to_tensor(data.val_images), torch.from_numpy(data.val_labels).long(),
+            resolve_augment(cfg, task),
         )
         while len(_RUNTIMES) > _RUNTIMES_MAX:
             _RUNTIMES.popitem(last=False)
@@ -105,7 +108,7 @@ def train_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], server_r
     res: TrainResult = train_local(
         model, rt.train_x, rt.train_y, rt.cfg.train,
         num_classes=rt.task.num_classes, seed=rt.round_seed(server_round),
-        augment=rt.cfg.data.augment, proximal_mu=proximal_mu,
+        augment=rt.augment, normalize=rt.cfg.data.normalize, proximal_mu=proximal_mu,
     )
     model = model.to("cpu").to(memory_format=torch.contiguous_format)
     metrics: dict[str, float | int] = {
@@ -125,5 +128,6 @@ def evaluate_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor]) -> di
     res: EvalResult = evaluate_model(
         model, rt.val_x, rt.val_y, num_classes=rt.task.num_classes,
         batch_size=max(rt.cfg.train.batch_size, 64), precision=rt.cfg.train.precision,
+        normalize=rt.cfg.data.normalize,
     )
     return {"num-examples": res.num_examples, "eval-loss": res.loss, **res.counts.to_flat()}

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid
 from server.recorder import METRICS_RECORD, RecordingGrid, RoundRecorder
 from server.strategies import build_strategy
 from shared.config import RunConfig
+from shared.data.site import resolve_augment, resolve_preprocess
 from shared.metrics.federated import SiteEvaluation, pool_evaluations, pool_training
 from shared.models import build_model
 from shared.results import ResultsWriter, new_run_dir
@@ -49,10 +50,15 @@ def run_federation(grid: Grid, cfg: RunConfig) -> ResultsWriter:
     model = build_model(cfg.model, task.in_channels, task.num_classes, cfg.init_weights or None)
     run_dir = new_run_dir(cfg.results_dir, cfg.run_name, tag=f"{cfg.task}-{cfg.model}-{cfg.strategy.name}")
     writer = ResultsWriter(run_dir)
+    pipeline = {
+        "preprocess": resolve_preprocess(cfg, task).to_dict(),
+        "augment": (aug.to_dict() if (aug := resolve_augment(cfg, task)) is not None else None),
+        "normalize": cfg.data.normalize,
+    }
     writer.write_config(
         cfg.to_flat(),
         {"versions": {"torch": torch.__version__, "flwr": flwr.__version__, "python": platform.python_version()},
-         "class-names": list(task.class_names), "positive-class": task.positive_class},
+         "class-names": list(task.class_names), "positive-class": task.positive_class, **pipeline},
     )
     logger.info("medfed: %s with %s, %s, %d rounds; results -> %s",
                 cfg.task, cfg.model, cfg.strategy.name, cfg.num_server_rounds, run_dir)
@@ -76,7 +82,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> ResultsWriter:
         final.to_torch_state_dict(),
         {"task": cfg.task, "model": cfg.model, "image-size": cfg.data.image_size,
          "in-channels": task.in_channels, "num-classes": task.num_classes,
-         "class-names": list(task.class_names), "run-config": cfg.to_flat()},
+         "class-names": list(task.class_names), "run-config": cfg.to_flat(), **pipeline},
     )
     summary = writer.write_summary({"results-dir": str(run_dir)})
     fin = summary.get("final", {})

@@ -57,6 +57,15 @@ class DataConfig:
     phantom_count: int = 1200
     val_fraction: float = 0.2
     augment: bool = True
+    hflip: bool = False
+    resize: str = "auto"
+    equalize: str = "auto"
+    clahe_clip: float = 2.0
+    clahe_tiles: int = 8
+    denoise: str = "auto"
+    normalize: str = "fixed"
+    dicom_window_fallback: str = "percentile"
+    cache: bool = True
 
 
 @dataclass(frozen=True)
@@ -197,7 +206,16 @@ _SPECS: tuple[KeySpec, ...] = (
     KeySpec("data-path", "data", "data_path", str, "dataset to partition in simulation ('' = synthetic phantoms)"),
     KeySpec("phantom-count", "data", "phantom_count", int, "number of synthetic phantoms in a simulation", 20, 1_000_000),
     KeySpec("val-fraction", "data", "val_fraction", float, "fraction of each site's patients held out for validation", 0, 0.9, low_open=True),
-    KeySpec("augment", "data", "augment", bool, "light training augmentation"),
+    KeySpec("augment", "data", "augment", bool, "training augmentation (the task's default recipe)"),
+    KeySpec("hflip", "data", "hflip", bool, "random horizontal flips in augmentation (off for radiographs: laterality matters)"),
+    KeySpec("resize", "data", "resize", str, "keep aspect and pad, or stretch ('auto' = task default)", choices=("auto", "letterbox", "squash")),
+    KeySpec("equalize", "data", "equalize", str, "contrast equalisation ('auto' = task default)", choices=("auto", "none", "hist", "clahe")),
+    KeySpec("clahe-clip", "data", "clahe_clip", float, "CLAHE clip limit", 0, 40, low_open=True),
+    KeySpec("clahe-tiles", "data", "clahe_tiles", int, "CLAHE tile grid (tiles x tiles)", 1, 64),
+    KeySpec("denoise", "data", "denoise", str, "denoising before resizing ('auto' = task default)", choices=("auto", "none", "gaussian", "bilateral")),
+    KeySpec("normalize", "data", "normalize", str, "intensity normalisation per batch", choices=("fixed", "minmax", "zscore")),
+    KeySpec("dicom-window-fallback", "data", "dicom_window_fallback", str, "DICOM window when the file has none", choices=("percentile", "minmax")),
+    KeySpec("cache", "data", "cache", bool, "cache decoded, preprocessed images on the site's disk"),
     KeySpec("partition", "partition", "kind", str, "how simulated sites split the data", choices=("iid", "dirichlet")),
     KeySpec("dirichlet-alpha", "partition", "dirichlet_alpha", float, "label-skew concentration (small = skewed)", 0, 1e6, low_open=True),
     KeySpec("min-partition-size", "partition", "min_partition_size", int, "minimum samples per simulated site", 1, 1_000_000),
@@ -370,7 +388,7 @@ def parse_overrides(text: str) -> dict[str, ConfigValue]:
 # Node (site) configuration
 # ---------------------------------------------------------------------------
 
-NODE_KEYS = ("partition-id", "num-partitions", "data-path", "site-id")
+NODE_KEYS = ("partition-id", "num-partitions", "data-path", "site-id", "cache-dir")
 
 
 @dataclass(frozen=True)
@@ -385,6 +403,7 @@ class SiteConfig:
     data_path: str = ""
     partition_id: int | None = None
     num_partitions: int | None = None
+    cache_dir: str = ""
 
     @property
     def simulated(self) -> bool:
@@ -409,7 +428,8 @@ def parse_node_config(node_config: Mapping[str, Any], node_id: int | None = None
             )
     data_path = node_config.get("data-path", "")
     site_id = node_config.get("site-id", "")
-    for key, val in (("data-path", data_path), ("site-id", site_id)):
+    cache_dir = node_config.get("cache-dir", "")
+    for key, val in (("data-path", data_path), ("site-id", site_id), ("cache-dir", cache_dir)):
         if not isinstance(val, str):
             raise ConfigError(f"node config '{key}': expected a quoted string, got {val!r}.")
     pid = node_config.get("partition-id")
@@ -417,7 +437,7 @@ def parse_node_config(node_config: Mapping[str, Any], node_id: int | None = None
     if data_path:
         if not site_id:
             site_id = f"node-{node_id}" if node_id is not None else "site"
-        return SiteConfig(site_id=site_id, data_path=data_path)
+        return SiteConfig(site_id=site_id, data_path=data_path, cache_dir=cache_dir)
     if pid is None or nparts is None:
         raise ConfigError(
             "node config: a site needs either data-path (a real site: "
@@ -429,4 +449,4 @@ def parse_node_config(node_config: Mapping[str, Any], node_id: int | None = None
         raise ConfigError(f"node config: partition-id and num-partitions must be integers, got {pid!r}, {nparts!r}.")
     if nparts < 1 or not 0 <= pid < nparts:
         raise ConfigError(f"node config: expected 0 <= partition-id < num-partitions, got {pid} and {nparts}.")
-    return SiteConfig(site_id=site_id or f"site-{pid}", partition_id=pid, num_partitions=nparts)
+    return SiteConfig(site_id=site_id or f"site-{pid}", partition_id=pid, num_partitions=nparts, cache_dir=cache_dir)

@@ -25,12 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.config import TrainConfig
+from shared.data.preprocess import AugmentConfig, augment_batch, normalize_batch
 from shared.metrics.classification import ClassificationCounts
 
 logger = logging.getLogger(__name__)
-
-PIXEL_MEAN = 0.5
-PIXEL_STD = 0.25
 
 
 @dataclass(frozen=True)
@@ -113,11 +111,9 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     raise ValueError(f"expected images of shape (N,H,W) or (N,H,W,C), got {tuple(images.shape)}")
 
 
-def to_model_input(
-    batch: torch.Tensor, in_channels: int, device: torch.device, channels_last: bool
-) -> torch.Tensor:
-    """uint8 ``(B,C,H,W)`` -> normalised float on ``device`` with ``in_channels``."""
-    x = batch.to(device, non_blocking=True).float().div_(255.0).sub_(PIXEL_MEAN).div_(PIXEL_STD)
+def to_float01(batch: torch.Tensor, in_channels: int, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """uint8 ``(B,C,H,W)`` -> float in ``[0, 1]`` on ``device`` with ``in_channels`` channels."""
+    x = batch.to(device, non_blocking=True).float().div_(255.0)
     if x.shape[1] != in_channels:
         if x.shape[1] == 1:
             x = x.expand(-1, in_channels, -1, -1)
@@ -128,30 +124,6 @@ def to_model_input(
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
-
-
-def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Light augmentation for radiographs: small rotation/scale/shift, brightness/contrast.
-
-    No flips: laterality matters on chest X-rays (heart on the left).
-    """
-    b = x.shape[0]
-    dev = x.device
-
-    def u(lo: float, hi: float) -> torch.Tensor:
-        return (torch.rand(b, generator=generator) * (hi - lo) + lo).to(dev)
-
-    angle = u(-7.0, 7.0) * (math.pi / 180.0)
-    scale = u(0.92, 1.08)
-    tx, ty = u(-0.05, 0.05), u(-0.05, 0.05)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    fill = x.amin(dim=(1, 2, 3), keepdim=True)
-    x = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
-    contrast = u(0.85, 1.15).view(b, 1, 1, 1)
-    brightness = u(-0.3, 0.3).view(b, 1, 1, 1)
-    return x * contrast + brightness
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
@@ -230,7 +202,8 @@ def train_local(
     *,
     num_classes: int,
     seed: int,
-    augment: bool = True,
+    augment: AugmentConfig | None = None,
+    normalize: str = "fixed",
     proximal_mu: float | None = None,
     device: torch.device | None = None,
 ) -> TrainResult:
@@ -248,6 +221,10 @@ def train_local(
         Output classes (for class weights).
     seed:
         Seeds shuffling, augmentation and dropout: same seed, same result.
+    augment:
+        Training augmentation (``None`` = none), applied on ``[0, 1]`` images.
+    normalize:
+        Batch intensity normalisation (see :func:`shared.data.preprocess.normalize_batch`).
     proximal_mu:
         FedProx weight; defaults to ``cfg.proximal_mu``. With mu > 0 the loss
         gains ``mu/2 * ||w - w_global||^2`` where ``w_global`` are the weights
@@ -275,10 +252,11 @@ def train_local(
     seen, steps = 0, 0
     for epoch in range(cfg.local_epochs):
         for idx in batch_indices(len(images), cfg.batch_size, gen):
-            x = to_model_input(images[idx], in_ch, device, channels_last)
+            x = to_float01(images[idx], in_ch, device, channels_last)
             y = labels[idx].to(device)
-            if augment:
-                x = augment_batch(x, gen)
+            if augment is not None:
+                x = augment_batch(x, augment, gen)
+            x = normalize_batch(x, normalize)
             with autocast(device, amp):
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y, weight=weight)
@@ -312,6 +290,7 @@ def predict_proba(
     *,
     batch_size: int = 128,
     precision: str = "auto",
+    normalize: str = "fixed",
     device: torch.device | None = None,
 ) -> torch.Tensor:
     """Softmax probabilities ``(N, num_classes)`` as float32 on CPU."""
@@ -322,7 +301,7 @@ def predict_proba(
     model.eval()
     out = []
     for idx in batch_indices(len(images), batch_size, None):
-        x = to_model_input(images[idx], in_ch, device, precision != "fp32")
+        x = normalize_batch(to_float01(images[idx], in_ch, device, precision != "fp32"), normalize)
         with autocast(device, amp):
             logits = model(x)
         out.append(torch.softmax(logits.float(), dim=1).cpu())
@@ -337,6 +316,7 @@ def evaluate_model(
     num_classes: int,
     batch_size: int = 128,
     precision: str = "auto",
+    normalize: str = "fixed",
     device: torch.device | None = None,
 ) -> EvalResult:
     """Evaluate ``model``: confusion counts, score histograms and mean loss.
@@ -345,7 +325,7 @@ def evaluate_model(
     """
     if len(images) == 0:
         raise ValueError("no validation images at this site")
-    probs = predict_proba(model, images, batch_size=batch_size, precision=precision, device=device)
+    probs = predict_proba(model, images, batch_size=batch_size, precision=precision, normalize=normalize, device=device)
     lab = labels.cpu()
     loss = float(F.nll_loss(torch.log(probs.clamp_min(1e-12)), lab))
     counts = ClassificationCounts.from_predictions(probs.numpy().astype(np.float64), lab.numpy())

@@ -75,9 +75,9 @@ def test_training_reduces_loss_and_reports_throughput(data) -> None:
     x, y = data
     model = fresh_model()
     cfg = TrainConfig(local_epochs=1, batch_size=16, lr=1e-3, precision="auto")
-    first = train_local(model, x, y, cfg, num_classes=2, seed=0, augment=False)
+    first = train_local(model, x, y, cfg, num_classes=2, seed=0, augment=None)
     for s in range(1, 6):
-        last = train_local(model, x, y, cfg, num_classes=2, seed=s, augment=False)
+        last = train_local(model, x, y, cfg, num_classes=2, seed=s, augment=None)
     assert last.loss < first.loss
     assert last.num_examples == len(x) and last.steps == 6 and last.images_per_second > 0
 

@@ -17,20 +17,35 @@ Only counts are logged here: never a file path or a patient id.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from shared.config import ConfigError, RunConfig, SiteConfig
+from shared.data.cache import SiteCache, build_or_load
+from shared.data.dicom import DicomOptions, read_dicom
 from shared.data.partition import partition_indices
-from shared.data.sources import DataSourceError, ImageListing, ImageReadError, discover, read_image
+from shared.data.preprocess import (
+    AUGMENT_DEFAULTS,
+    TASK_DEFAULTS,
+    AugmentConfig,
+    PreprocessConfig,
+    preprocess,
+)
+from shared.data.sources import DataSourceError, ImageListing, discover, read_raw
 from shared.data.splits import train_val_split
 from shared.tasks import TaskSpec
+
+READER_VERSION = "medfed-reader-1"  # bump when decoding changes: invalidates every site cache
+DICOM_SUFFIXES = (".dcm", ".dicom")
 
 logger = logging.getLogger(__name__)
 
@@ -83,19 +98,77 @@ def resolve_path(path: str) -> Path:
     return p
 
 
-def _read_records(listing: ImageListing, indices: np.ndarray, size: int, skipped: Counter[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Read the listed images at ``indices``; unreadable ones are counted and dropped."""
-    images, keep = [], []
-    for i in indices:
-        try:
-            images.append(read_image(listing.records[int(i)].path, size))
-            keep.append(int(i))
-        except ImageReadError:
-            skipped["unreadable-image"] += 1
-    if not images:
-        raise DataSourceError(f"none of the {len(indices)} images of this site could be read")
-    keep_arr = np.asarray(keep, dtype=np.int64)
-    return np.stack(images), listing.labels()[keep_arr], keep_arr
+def resolve_preprocess(cfg: RunConfig, task: TaskSpec) -> PreprocessConfig:
+    """The task's default preprocessing with the run config's overrides applied."""
+    base = TASK_DEFAULTS.get(task.name, PreprocessConfig())
+    d = cfg.data
+    return dataclasses.replace(
+        base,
+        size=d.image_size,
+        resize=base.resize if d.resize == "auto" else d.resize,
+        equalize=base.equalize if d.equalize == "auto" else d.equalize,
+        denoise=base.denoise if d.denoise == "auto" else d.denoise,
+        clahe_clip=d.clahe_clip,
+        clahe_tiles=d.clahe_tiles,
+        channels=task.in_channels,
+    )
+
+
+def resolve_augment(cfg: RunConfig, task: TaskSpec) -> AugmentConfig | None:
+    """The task's training augmentation (None when ``augment`` is off); ``hflip=true`` forces flips on."""
+    if not cfg.data.augment:
+        return None
+    base = AUGMENT_DEFAULTS.get(task.name, AugmentConfig())
+    return dataclasses.replace(base, hflip=base.hflip or cfg.data.hflip)
+
+
+def make_reader(cfg: RunConfig) -> Callable[[Path], np.ndarray]:
+    """Decode one file for the pipeline: DICOM via :func:`read_dicom`, others via the registry (RGB order)."""
+    options = DicomOptions(window_fallback=cfg.data.dicom_window_fallback)
+
+    def read(path: Path) -> np.ndarray:
+        if path.suffix.lower() in DICOM_SUFFIXES:
+            return read_dicom(path, options)
+        img = read_raw(path)
+        if img.ndim == 3 and img.shape[2] == 4:
+            return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+        if img.ndim == 3 and img.shape[2] == 3:
+            return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        return img
+
+    return read
+
+
+def cache_root(site: SiteConfig) -> Path:
+    """Where this site caches preprocessed images: node config ``cache-dir``, ``$MEDFED_CACHE_DIR`` or ``~/.cache/medfed``."""
+    root = site.cache_dir or os.environ.get("MEDFED_CACHE_DIR") or "~/.cache/medfed"
+    return Path(root).expanduser()
+
+
+def _read_records(
+    listing: ImageListing, indices: np.ndarray, labels: np.ndarray, cfg: RunConfig, task: TaskSpec,
+    site: SiteConfig, skipped: Counter[str],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode + preprocess the listed images at ``indices`` (or load them from the site cache).
+
+    Unreadable files are quarantined: counted by reason in ``skipped``, never trained on.
+    Returns ``(images, labels, kept)`` with ``kept`` indexing into ``listing.records``.
+    """
+    pcfg = resolve_preprocess(cfg, task)
+    cache = SiteCache(cache_root(site)) if cfg.data.cache else None
+    files = [listing.records[int(i)].path for i in indices]
+    arrays = build_or_load(
+        cache, files, labels[indices], pcfg, make_reader(cfg),
+        extra={"reader": READER_VERSION, "dicom-window-fallback": cfg.data.dicom_window_fallback},
+    )
+    skipped.update(arrays.skipped)
+    if len(arrays.kept) == 0:
+        raise DataSourceError(
+            f"none of the {len(indices)} images of this site could be read "
+            f"(quarantined: {dict(arrays.skipped)}); run 'medfed data check' on the data folder"
+        )
+    kept = np.asarray(indices)[np.asarray(arrays.kept, dtype=np.int64)]
+    return np.array(arrays.images), np.asarray(arrays.labels, dtype=np.int64), kept
 
 
 def _split(images: np.ndarray, labels: np.ndarray, groups: np.ndarray | None, cfg: RunConfig, salt: int) -> tuple[np.ndarray, ...]:
@@ -112,8 +185,7 @@ def _load_listing(path: str, task: TaskSpec) -> tuple[ImageListing, np.ndarray]:
 def _load_real_site(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> SiteData:
     listing, labels = _load_listing(site.data_path, task)
     skipped: Counter[str] = Counter(listing.skipped)
-    images, _, keep = _read_records(listing, np.arange(len(listing.records)), cfg.data.image_size, skipped)
-    labels = labels[keep]
+    images, labels, keep = _read_records(listing, np.arange(len(listing.records)), labels, cfg, task, site, skipped)
     groups = listing.groups()
     groups = groups[keep] if groups is not None else None
     parts = _split(images, labels, groups, cfg, salt=0)
@@ -141,9 +213,9 @@ def _load_partition_of_dataset(cfg: RunConfig, site: SiteConfig, task: TaskSpec)
     groups = listing.groups()
     mine = _my_partition(cfg, site, labels, groups)
     skipped: Counter[str] = Counter(listing.skipped)
-    images, _, keep = _read_records(listing, mine, cfg.data.image_size, skipped)
+    images, site_labels, keep = _read_records(listing, mine, labels, cfg, task, site, skipped)
     site_groups = groups[keep] if groups is not None else None
-    split = _split(images, labels[keep], site_groups, cfg, salt=1 + int(site.partition_id or 0))
+    split = _split(images, site_labels, site_groups, cfg, salt=1 + int(site.partition_id or 0))
     return SiteData(*split, class_names=task.class_names, skipped=dict(skipped))
 
 
@@ -151,6 +223,8 @@ def _load_partition_of_phantoms(cfg: RunConfig, site: SiteConfig, task: TaskSpec
     n = cfg.data.phantom_count
     mine = _my_partition(cfg, site, task.phantom_labels(n, cfg.seed), None)
     images, site_labels = task.render_phantoms(n, cfg.data.image_size, cfg.seed, mine)
+    pcfg = resolve_preprocess(cfg, task)
+    images = np.stack([preprocess(img, pcfg) for img in images])  # the same pipeline as real images
     split = _split(images, site_labels, None, cfg, salt=1 + int(site.partition_id or 0))
     return SiteData(*split, class_names=task.class_names)
 
@@ -165,8 +239,7 @@ def load_site_data(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> SiteData
     Flower's simulation reuses worker processes across rounds, so a site's
     images are decoded once per process, not once per round.
     """
-    key = (task.name, cfg.data.image_size, cfg.data.data_path, cfg.data.phantom_count,
-           cfg.data.val_fraction, cfg.partition, cfg.seed, site)
+    key = (task.name, cfg.data, cfg.partition, cfg.seed, site)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]
