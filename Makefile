@@ -34,6 +34,7 @@ test-fast: venv
 
 benchmark: venv
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/ingest.py
 
 clean:
 	rm -rf results .pytest_cache

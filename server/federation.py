@@ -11,7 +11,7 @@ from flwr.serverapp import Grid
 
 from server.recorder import METRICS_RECORD, RecordingGrid, RoundRecorder
 from server.strategies import build_strategy
-from shared.config import RunConfig
+from shared.config import PATH_KEYS, RunConfig
 from shared.data.site import resolve_augment, resolve_preprocess
 from shared.metrics.federated import SiteEvaluation, pool_evaluations, pool_training
 from shared.models import build_model
@@ -82,13 +82,18 @@ def run_federation(grid: Grid, cfg: RunConfig) -> ResultsWriter:
         final.to_torch_state_dict(),
         {"task": cfg.task, "model": cfg.model, "image-size": cfg.data.image_size,
          "in-channels": task.in_channels, "num-classes": task.num_classes,
-         "class-names": list(task.class_names), "run-config": cfg.to_flat(), **pipeline},
+         "class-names": list(task.class_names), "run-config": _without_paths(cfg.to_flat()), **pipeline},
     )
     summary = writer.write_summary({"results-dir": str(run_dir)})
     fin = summary.get("final", {})
     logger.info("medfed: finished %d rounds in %.1f s; final pooled validation AUROC %s, accuracy %s; results in %s",
                 summary["rounds"], summary["wall-seconds"], _fmt(fin.get("auroc")), _fmt(fin.get("accuracy")), run_dir)
     return writer
+
+
+def _without_paths(flat: dict) -> dict:
+    """The run config minus local paths: a model file is shared beyond this server."""
+    return {k: v for k, v in flat.items() if k not in PATH_KEYS}
 
 
 def _fmt(v: object) -> str:

@@ -181,6 +181,8 @@ def _strategy_names() -> list[str]:
     return list(STRATEGY_NAMES)
 
 
+# Run-config keys holding local file paths (resolved by the CLI; kept out of shared artifacts).
+PATH_KEYS = ("data-path", "results-dir", "init-weights")
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 INF = math.inf
 

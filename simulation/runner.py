@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config import ConfigValue, parse_run_config
+from shared.config import PATH_KEYS, ConfigValue, parse_run_config
 from shared.results import resolve_results_dir
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,6 @@ FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
 }
-PATH_KEYS = ("data-path", "results-dir", "init-weights")
 
 
 class SimulationError(RuntimeError):
