@@ -269,3 +269,18 @@ def test_real_cxr_pneumonia() -> None:
     for rec in listing.records[:: len(listing) // 5][:5]:
         img = read_image(rec.path, 64)
         assert img.shape == (64, 64) and img.dtype == np.uint8 and img.std() > 0
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    """A JPEG stored sideways with EXIF orientation 6 (rotate 90 degrees clockwise) reads upright."""
+    from PIL import Image
+
+    arr = np.zeros((40, 80), dtype=np.uint8)
+    arr[:10, :10] = 255  # bright marker in the stored image's top-left corner
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(arr).save(tmp_path / "sideways.jpg", exif=exif, quality=95)
+    img = sources.read_raw(tmp_path / "sideways.jpg")
+    assert img.shape[:2] == (80, 40)  # rotated: portrait now
+    gray = img if img.ndim == 2 else img.mean(axis=2)
+    assert gray[:10, -10:].mean() > 200 and gray[:10, :10].mean() < 50  # marker moved to the top-right

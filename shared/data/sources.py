@@ -218,7 +218,12 @@ def registered_suffixes() -> tuple[str, ...]:
 
 @register_reader(IMAGE_SUFFIXES)
 def _read_with_opencv(path: Path) -> np.ndarray:
-    """Decode a PNG/JPEG/BMP/TIFF file with OpenCV, keeping depth and channels."""
+    """Decode a PNG/JPEG/BMP/TIFF file with OpenCV, keeping bit depth and colour.
+
+    ``IMREAD_ANYDEPTH | IMREAD_ANYCOLOR`` (not ``IMREAD_UNCHANGED``) so that a
+    JPEG's EXIF orientation is applied: phone photos are often stored sideways.
+    An alpha channel is dropped.
+    """
     try:
         buf = np.fromfile(path, dtype=np.uint8)
     except OSError as exc:
@@ -226,7 +231,7 @@ def _read_with_opencv(path: Path) -> np.ndarray:
     if buf.size == 0:
         raise ImageReadError(f"'{path.name}' is an empty file (0 bytes)")
     try:
-        img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+        img = cv2.imdecode(buf, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
     except cv2.error:
         img = None
     if img is None:
