@@ -52,7 +52,7 @@ class TrainConfig:
 class DataConfig:
     """What each site reads and how images are prepared."""
 
-    image_size: int = 64
+    image_size: int = 0
     data_path: str = ""
     phantom_count: int = 1200
     val_fraction: float = 0.2
@@ -99,7 +99,7 @@ class RunConfig:
     """The whole run: one object parsed once, shared by server and clients."""
 
     task: str = "pneumonia-cxr"
-    model: str = "small-cnn"
+    model: str = "auto"
     init_weights: str = ""
     num_server_rounds: int = 3
     round_timeout: float = 600.0
@@ -168,7 +168,7 @@ class KeySpec:
 def _model_names() -> list[str]:
     from shared.models import model_names  # imported lazily: torch is heavy
 
-    return model_names()
+    return ["auto", *model_names()]
 
 
 def _task_names() -> list[str]:
@@ -188,7 +188,7 @@ INF = math.inf
 
 _SPECS: tuple[KeySpec, ...] = (
     KeySpec("task", "", "task", str, "clinical task", choices_fn=_task_names),
-    KeySpec("model", "", "model", str, "network architecture", choices_fn=_model_names),
+    KeySpec("model", "", "model", str, "network architecture ('auto' = the task's default)", choices_fn=_model_names),
     KeySpec("init-weights", "", "init_weights", str, "local file with initial weights ('' = random init)"),
     KeySpec("num-server-rounds", "", "num_server_rounds", int, "federated rounds", 1, 10_000),
     KeySpec("round-timeout", "", "round_timeout", float, "seconds to wait for site replies per round", 0, INF, low_open=True),
@@ -204,7 +204,7 @@ _SPECS: tuple[KeySpec, ...] = (
     KeySpec("proximal-mu", "train", "proximal_mu", float, "FedProx proximal term weight (0 = off)", 0, 1e6),
     KeySpec("class-weighting", "train", "class_weighting", bool, "inverse-frequency class weights in the loss"),
     KeySpec("precision", "train", "precision", str, "numeric precision of training", choices=("auto", "fp32", "bf16")),
-    KeySpec("image-size", "data", "image_size", int, "square input size in pixels", 28, 1024),
+    KeySpec("image-size", "data", "image_size", int, "square input size in pixels (0 = the task's default)", 0, 1024),
     KeySpec("data-path", "data", "data_path", str, "dataset to partition in simulation ('' = synthetic phantoms)"),
     KeySpec("phantom-count", "data", "phantom_count", int, "number of synthetic phantoms in a simulation", 20, 1_000_000),
     KeySpec("val-fraction", "data", "val_fraction", float, "fraction of each site's patients held out for validation", 0, 0.9, low_open=True),
@@ -338,12 +338,28 @@ def parse_run_config(flat: Mapping[str, Any], *, fill_defaults: bool = True) -> 
         partition=PartitionConfig(**values["partition"]),  # type: ignore[arg-type]
         strategy=StrategyConfig(**values["strategy"]),  # type: ignore[arg-type]
     )
+    cfg = _apply_task_defaults(cfg)
     _check_combinations(cfg)
     return cfg
 
 
+def _apply_task_defaults(cfg: RunConfig) -> RunConfig:
+    """Resolve ``model='auto'`` and ``image-size=0`` to the task's defaults."""
+    if cfg.model != "auto" and cfg.data.image_size != 0:
+        return cfg
+    from shared.tasks import get_task  # lazy: tasks import the phantom generators
+
+    task = get_task(cfg.task)
+    data = cfg.data if cfg.data.image_size else dataclasses.replace(cfg.data, image_size=task.default_image_size)
+    return dataclasses.replace(cfg, model=task.default_model if cfg.model == "auto" else cfg.model, data=data)
+
+
 def _check_combinations(cfg: RunConfig) -> None:
     """Reject combinations of individually valid values that cannot work."""
+    if 0 < cfg.data.image_size < 28:
+        raise ConfigError(
+            f"run config 'image-size': expected 0 (the task's default) or 28..1024 pixels, got {cfg.data.image_size}."
+        )
     s = cfg.strategy
     if s.name == "fedprox" and cfg.train.proximal_mu == 0.0:
         raise ConfigError(

@@ -48,6 +48,8 @@ class TaskSpec:
     positive_class: int
     phantom_labels: PhantomLabeler
     render_phantoms: PhantomRenderer
+    default_model: str = "small-cnn"
+    default_image_size: int = 64
 
     @property
     def num_classes(self) -> int:

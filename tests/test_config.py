@@ -29,8 +29,11 @@ def pyproject_defaults() -> dict:
 def test_pyproject_declares_every_key_with_the_dataclass_default() -> None:
     flat = pyproject_defaults()
     assert set(flat) == set(RUN_KEYS)
-    assert parse_run_config(flat) == RunConfig()
-    assert RunConfig().to_flat() == parse_run_config(flat).to_flat()
+    # model='auto' and image-size=0 resolve to the task's defaults
+    parsed = parse_run_config(flat)
+    assert parsed.model == "small-cnn" and parsed.data.image_size == 64
+    assert RunConfig().model == "auto" and RunConfig().data.image_size == 0
+    assert parse_run_config(parsed.to_flat()) == parsed
 
 
 def test_round_trip_and_coercion() -> None:
@@ -57,7 +60,8 @@ def test_round_trip_and_coercion() -> None:
         ({"num-server-rounds": 2.5}, ["'num-server-rounds'", "an integer", "2.5"]),
         ({"batch-size": True}, ["'batch-size'", "True"]),
         ({"augment": 1}, ["'augment'", "true or false", "1"]),
-        ({"image-size": 16}, ["'image-size'", "[28, 1024]", "16"]),
+        ({"image-size": 16}, ["'image-size'", "28..1024", "16"]),
+        ({"image-size": -1}, ["'image-size'", "-1"]),
         ({"val-fraction": 1.0}, ["'val-fraction'", "1.0"]),
         ({"fraction-train": 0.0}, ["'fraction-train'", "(0, 1]"]),
         ({"dirichlet-alpha": 0}, ["'dirichlet-alpha'"]),
