@@ -17,6 +17,7 @@ from shared.data.preprocess import AugmentConfig
 from shared.data.site import SiteData, load_site_data, resolve_augment
 from shared.models import build_model
 from shared.tasks import TaskSpec, get_task
+from shared.seg_training import evaluate_seg, train_local_seg
 from shared.training import EvalResult, TrainResult, evaluate_model, images_to_tensor, train_local
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class SiteRuntime:
     val_x: torch.Tensor
     val_y: torch.Tensor
     augment: AugmentConfig | None
+    train_m: torch.Tensor | None = None  # segmentation masks
+    val_m: torch.Tensor | None = None
 
     def new_model(self, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
         """Build the run's model and load the global weights into it."""
@@ -80,6 +83,10 @@ _RUNTIMES: OrderedDict[tuple[Any, ...], SiteRuntime] = OrderedDict()
 _RUNTIMES_MAX = 8
 
 
+def _masks(m: Any) -> torch.Tensor | None:
+    return None if m is None else torch.from_numpy(m)
+
+
 def site_runtime(run_config: Mapping[str, Any], node_config: Mapping[str, Any], node_id: int | None = None) -> SiteRuntime:
     """Parse configs and load this site's data, once per process and run config."""
     key = (tuple(sorted(run_config.items())), tuple(sorted(node_config.items())))
@@ -95,6 +102,7 @@ def site_runtime(run_config: Mapping[str, Any], node_config: Mapping[str, Any], 
             images_to_tensor(data.train_images), torch.from_numpy(data.train_labels).long(),
             images_to_tensor(data.val_images), torch.from_numpy(data.val_labels).long(),
             resolve_augment(cfg, task),
+            _masks(data.train_masks), _masks(data.val_masks),
         )
         while len(_RUNTIMES) > _RUNTIMES_MAX:
             _RUNTIMES.popitem(last=False)
@@ -105,11 +113,13 @@ def train_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], server_r
                proximal_mu: float | None) -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
     """One round of local training; returns new weights and the metrics to send."""
     model = rt.new_model(state_dict)
-    res: TrainResult = train_local(
-        model, rt.train_x, rt.train_y, rt.cfg.train,
-        num_classes=rt.task.num_classes, seed=rt.round_seed(server_round),
-        augment=rt.augment, normalize=rt.cfg.data.normalize, proximal_mu=proximal_mu,
-    )
+    common = {"seed": rt.round_seed(server_round), "augment": rt.augment, "normalize": rt.cfg.data.normalize,
+              "proximal_mu": proximal_mu}
+    res: TrainResult
+    if rt.train_m is not None:
+        res = train_local_seg(model, rt.train_x, rt.train_m, rt.cfg.train, **common)
+    else:
+        res = train_local(model, rt.train_x, rt.train_y, rt.cfg.train, num_classes=rt.task.num_classes, **common)
     model = model.to("cpu").to(memory_format=torch.contiguous_format)
     metrics: dict[str, float | int] = {
         "num-examples": res.num_examples,
@@ -125,6 +135,10 @@ def train_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], server_r
 def evaluate_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor]) -> dict[str, int | float | list[int]]:
     """Evaluate the global model on this site's validation split; counts only."""
     model = rt.new_model(state_dict)
+    if rt.val_m is not None:
+        counts, loss = evaluate_seg(model, rt.val_x, rt.val_m, batch_size=max(rt.cfg.train.batch_size, 32),
+                                    precision=rt.cfg.train.precision, normalize=rt.cfg.data.normalize)
+        return {"num-examples": counts.n_images, "eval-loss": loss, **counts.to_flat()}
     res: EvalResult = evaluate_model(
         model, rt.val_x, rt.val_y, num_classes=rt.task.num_classes,
         batch_size=max(rt.cfg.train.batch_size, 64), precision=rt.cfg.train.precision,

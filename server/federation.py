@@ -13,7 +13,7 @@ from server.recorder import METRICS_RECORD, RecordingGrid, RoundRecorder
 from server.strategies import build_strategy
 from shared.config import PATH_KEYS, RunConfig
 from shared.data.site import resolve_augment, resolve_preprocess
-from shared.metrics.federated import SiteEvaluation, pool_evaluations, pool_training
+from shared.metrics.federated import SiteEvaluation, ThresholdRule, pool_evaluations, pool_training
 from shared.models import build_model
 from shared.results import ResultsWriter, new_run_dir
 from shared.tasks import get_task
@@ -31,12 +31,12 @@ def aggregate_train_metrics(records: list[RecordDict], weight_key: str) -> Metri
     return MetricRecord(pool_training(sites))
 
 
-def make_evaluate_aggregator(positive_class: int):  # noqa: ANN201
+def make_evaluate_aggregator(rule: ThresholdRule):  # noqa: ANN201
     """An ``evaluate_metrics_aggr_fn`` that sums the sites' counts (never averages ratios)."""
 
     def aggregate(records: list[RecordDict], weight_key: str) -> MetricRecord:
         reports = [SiteEvaluation.from_flat(str(i), m) for i, m in enumerate(_metric_dicts(records))]
-        return MetricRecord(pool_evaluations(reports, positive_class).pooled)
+        return MetricRecord(pool_evaluations(reports, rule).pooled)
 
     return aggregate
 
@@ -63,11 +63,12 @@ def run_federation(grid: Grid, cfg: RunConfig) -> ResultsWriter:
     logger.info("medfed: %s with %s, %s, %d rounds; results -> %s",
                 cfg.task, cfg.model, cfg.strategy.name, cfg.num_server_rounds, run_dir)
 
-    recorder = RoundRecorder(writer, cfg.num_server_rounds, task.positive_class)
+    rule = ThresholdRule(task.threshold_method, task.target_sensitivity, task.positive_class)
+    recorder = RoundRecorder(writer, cfg.num_server_rounds, rule)
     strategy = build_strategy(
         cfg.strategy, cfg.train,
         train_metrics_aggr_fn=aggregate_train_metrics,
-        evaluate_metrics_aggr_fn=make_evaluate_aggregator(task.positive_class),
+        evaluate_metrics_aggr_fn=make_evaluate_aggregator(rule),
     )
     result = strategy.start(
         grid=RecordingGrid(grid, recorder),  # type: ignore[arg-type]
@@ -82,12 +83,16 @@ def run_federation(grid: Grid, cfg: RunConfig) -> ResultsWriter:
         final.to_torch_state_dict(),
         {"task": cfg.task, "model": cfg.model, "image-size": cfg.data.image_size,
          "in-channels": task.in_channels, "num-classes": task.num_classes,
-         "class-names": list(task.class_names), "run-config": _without_paths(cfg.to_flat()), **pipeline},
+         "class-names": list(task.class_names), "run-config": _without_paths(cfg.to_flat()), **pipeline,
+         "kind": task.kind, "threshold": recorder.last_threshold(),
+         "threshold-rule": {"method": rule.method, "target-sensitivity": rule.target_sensitivity}},
     )
     summary = writer.write_summary({"results-dir": str(run_dir)})
     fin = summary.get("final", {})
-    logger.info("medfed: finished %d rounds in %.1f s; final pooled validation AUROC %s, accuracy %s; results in %s",
-                summary["rounds"], summary["wall-seconds"], _fmt(fin.get("auroc")), _fmt(fin.get("accuracy")), run_dir)
+    headline = (f"Dice {_fmt(fin.get('dice'))}, IoU {_fmt(fin.get('iou'))}" if "dice" in fin
+                else f"AUROC {_fmt(fin.get('auroc'))}, accuracy {_fmt(fin.get('accuracy'))}")
+    logger.info("medfed: finished %d rounds in %.1f s; final pooled validation %s; results in %s",
+                summary["rounds"], summary["wall-seconds"], headline, run_dir)
     return writer
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
-from shared.metrics.federated import SiteEvaluation, pool_evaluations, pool_training
+from shared.metrics.federated import SiteEvaluation, ThresholdRule, pool_evaluations, pool_training
 from shared.results import ResultsWriter
 
 logger = logging.getLogger(__name__)
@@ -35,10 +35,10 @@ def site_id_of(msg: Message) -> str:
 class RoundRecorder:
     """Collects what each round's replies say and keeps the results folder current."""
 
-    def __init__(self, writer: ResultsWriter, num_rounds: int, positive_class: int) -> None:
+    def __init__(self, writer: ResultsWriter, num_rounds: int, rule: ThresholdRule | None = None) -> None:
         self.writer = writer
         self.num_rounds = num_rounds
-        self.positive_class = positive_class
+        self.rule = rule or ThresholdRule()
         self.t0 = time.time()
         self._round: dict[str, Any] = {}
 
@@ -62,9 +62,17 @@ class RoundRecorder:
             r["evaluate-failures"] = len(failed)
             reports = [SiteEvaluation.from_flat(site_id_of(m), m.content[METRICS_RECORD]) for m in ok]
             if reports:
-                ev = pool_evaluations(reports, self.positive_class)
+                ev = pool_evaluations(reports, self.rule)
                 r["evaluate"], r["evaluate-sites"] = ev.pooled, ev.per_site
             self._finish_round()
+
+    def last_threshold(self) -> float | None:
+        """The operating threshold chosen on the last round's pooled validation counts (None if none)."""
+        for r in reversed(self.writer.rounds):
+            thr = r.get("evaluate", {}).get("threshold")
+            if thr is not None:
+                return float(thr)
+        return None
 
     def _finish_round(self) -> None:
         r = self._round
@@ -86,11 +94,16 @@ def progress_line(r: dict[str, Any], num_rounds: int) -> str:
         return "n/a" if v is None or v != v else f"{v:.3f}"
 
     fails = r.get("train-failures", 0) + r.get("evaluate-failures", 0)
+    if "dice" in ev:
+        scores = f"val Dice {f(ev, 'dice')} IoU {f(ev, 'iou')} HD95 {f(ev, 'hd95')} px"
+    else:
+        scores = (f"val AUROC {f(ev, 'auroc')} acc {f(ev, 'accuracy')} sens {f(ev, 'sensitivity')} "
+                  f"spec {f(ev, 'specificity')} F1 {f(ev, 'f1')}")
+        if ev.get("threshold") is not None and ev.get("threshold") == ev.get("threshold"):
+            scores += f" | @thr {ev['threshold']:.3f}: sens {f(ev, 'sensitivity@thr')} spec {f(ev, 'specificity@thr')}"
     return (
-        f"[round {r['round']}/{num_rounds}] train loss {f(tr, 'train-loss')} | "
-        f"val AUROC {f(ev, 'auroc')} acc {f(ev, 'accuracy')} sens {f(ev, 'sensitivity')} "
-        f"spec {f(ev, 'specificity')} F1 {f(ev, 'f1')} | {int(ev.get('num-sites', 0))} sites, "
-        f"{int(ev.get('num-examples', 0))} val images"
+        f"[round {r['round']}/{num_rounds}] train loss {f(tr, 'train-loss')} | {scores} | "
+        f"{int(ev.get('num-sites', 0))} sites, {int(ev.get('num-examples', 0))} val images"
         + (f", {fails} failed replies" if fails else "")
         + f" | round {r['round-s']:.1f} s, elapsed {r['elapsed-s']:.1f} s"
     )

@@ -1,9 +1,13 @@
 """Clinical tasks: what a federation trains for.
 
-A :class:`TaskSpec` says what the input looks like (channels), what the
-classes are, which class is "positive" for sensitivity/specificity, and how to
-make synthetic phantoms for demos and tests. Later tasks (pneumothorax, NEC,
-necrotizing fasciitis, segmentation) register here the same way.
+A :class:`TaskSpec` says what the input looks like (channels), whether the
+task is classification or segmentation, the classes (or mask classes), which
+class is "positive" for sensitivity/specificity, the default model and image
+size, how the decision threshold is chosen on validation data, and how to make
+synthetic phantoms for demos and tests. Selecting a task in the run config
+(``task='nec-axr'``) sets ``model='auto'`` and ``image-size=0`` to the task's
+defaults; preprocessing and augmentation defaults live in
+:mod:`shared.data.preprocess` (``TASK_DEFAULTS``, ``AUGMENT_DEFAULTS``).
 """
 
 from __future__ import annotations
@@ -13,11 +17,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared.data import phantoms
+from shared.data import phantoms, phantoms_tasks
 from shared.registry import Registry
 
+# (n, size, seed, indices) -> (images uint8, labels int64) for classification,
+#                             (images uint8, masks bool) for segmentation
 PhantomRenderer = Callable[[int, int, int, Sequence[int] | np.ndarray], tuple[np.ndarray, np.ndarray]]
 PhantomLabeler = Callable[[int, int], np.ndarray]
+
+CLASSIFICATION = "classification"
+SEGMENTATION = "segmentation"
 
 
 @dataclass(frozen=True)
@@ -28,44 +37,64 @@ class TaskSpec:
     ----------
     name:
         Registry name, used as the run config's ``task``.
+    kind:
+        ``"classification"`` or ``"segmentation"``.
     in_channels:
-        Image channels the model sees (1 = grayscale radiograph).
+        Image channels the model sees (1 = grayscale radiograph, 3 = photo).
     class_names:
-        Class names in label order; folder names/manifest labels of a real
-        dataset are mapped onto these when they match (case-insensitive).
+        Class names in label order (segmentation: mask classes, background
+        first). Folder names/manifest labels of a real dataset are matched
+        to these case-insensitively.
     positive_class:
         Index of the class counted as "positive" (sensitivity, AUROC).
+    default_model, default_image_size:
+        Used when the run config says ``model='auto'`` / ``image-size=0``.
+    threshold_method, target_sensitivity:
+        How the operating threshold is chosen on pooled validation counts:
+        ``"youden"`` (max sensitivity + specificity - 1) or
+        ``"target-sensitivity"`` (highest threshold reaching the target:
+        for tasks where a missed case is worse than a false alarm).
     phantom_labels:
         ``(n, seed) -> labels`` of the task's synthetic phantom set, cheap.
     render_phantoms:
-        ``(n, size, seed, indices) -> (images uint8 (k,H,W), labels)``.
+        ``(n, size, seed, indices) -> (images, labels or masks)``.
     """
 
     name: str
     description: str
+    kind: str
     in_channels: int
     class_names: tuple[str, ...]
     positive_class: int
+    default_model: str
+    default_image_size: int
     phantom_labels: PhantomLabeler
     render_phantoms: PhantomRenderer
-    default_model: str = "small-cnn"
-    default_image_size: int = 64
+    threshold_method: str = "youden"
+    target_sensitivity: float = 0.9
 
     @property
     def num_classes(self) -> int:
-        """Number of output classes."""
+        """Number of output classes (or mask classes)."""
         return len(self.class_names)
+
+    @property
+    def is_segmentation(self) -> bool:
+        """True for mask-predicting tasks."""
+        return self.kind == SEGMENTATION
 
 
 TASKS: Registry[TaskSpec] = Registry("task")
 
 
-def _chest_render(n: int, size: int, seed: int, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return phantoms.make_chest_phantoms(n, size=size, seed=seed, indices=indices)
+def _first_two(fn: Callable[..., tuple[np.ndarray, ...]]) -> PhantomRenderer:
+    """Adapt a phantom maker returning (images, labels, ...) to a renderer."""
 
+    def render(n: int, size: int, seed: int, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = fn(n, size=size, seed=seed, indices=indices)
+        return out[0], out[1]
 
-def _chest_labels(n: int, seed: int) -> np.ndarray:
-    return phantoms.phantom_labels(n, seed=seed)
+    return render
 
 
 TASKS.add(
@@ -73,11 +102,84 @@ TASKS.add(
     TaskSpec(
         name="pneumonia-cxr",
         description="Chest X-ray: normal vs pneumonia (binary classification)",
+        kind=CLASSIFICATION,
         in_channels=1,
         class_names=phantoms.CHEST_CLASSES,
         positive_class=1,
-        phantom_labels=_chest_labels,
-        render_phantoms=_chest_render,
+        default_model="small-cnn",
+        default_image_size=64,
+        phantom_labels=lambda n, seed: phantoms.phantom_labels(n, seed=seed),
+        render_phantoms=_first_two(phantoms.make_chest_phantoms),
+    ),
+)
+
+TASKS.add(
+    "pneumothorax-cxr",
+    TaskSpec(
+        name="pneumothorax-cxr",
+        description="Chest X-ray: pneumothorax present vs absent (binary classification)",
+        kind=CLASSIFICATION,
+        in_channels=1,
+        class_names=phantoms_tasks.PNEUMOTHORAX_CLASSES,
+        positive_class=1,
+        default_model="small-cnn",
+        default_image_size=64,
+        phantom_labels=lambda n, seed: phantoms_tasks.pneumothorax_labels(n, seed=seed),
+        render_phantoms=_first_two(phantoms_tasks.make_pneumothorax_phantoms),
+        threshold_method="target-sensitivity",
+        target_sensitivity=0.9,
+    ),
+)
+
+TASKS.add(
+    "lung-seg",
+    TaskSpec(
+        name="lung-seg",
+        description="Chest X-ray: lung-field segmentation (background, lung)",
+        kind=SEGMENTATION,
+        in_channels=1,
+        class_names=("background", "lung"),
+        positive_class=1,
+        default_model="unet",
+        default_image_size=64,
+        phantom_labels=lambda n, seed: phantoms_tasks.lung_seg_labels(n, seed=seed),
+        render_phantoms=_first_two(phantoms_tasks.make_lung_seg_phantoms),
+    ),
+)
+
+TASKS.add(
+    "nec-axr",
+    TaskSpec(
+        name="nec-axr",
+        description="Neonatal abdominal X-ray, necrotizing enterocolitis: surgery needed vs not (binary)",
+        kind=CLASSIFICATION,
+        in_channels=1,
+        class_names=phantoms_tasks.NEC_CLASSES,
+        positive_class=1,
+        default_model="small-cnn",
+        default_image_size=64,
+        phantom_labels=lambda n, seed: phantoms_tasks.nec_labels(n, seed=seed),
+        render_phantoms=_first_two(phantoms_tasks.make_nec_phantoms),
+        threshold_method="target-sensitivity",  # a missed surgical NEC is worse than a false alarm
+        target_sensitivity=0.9,
+    ),
+)
+
+TASKS.add(
+    "nf-photo",
+    TaskSpec(
+        name="nf-photo",
+        description="Skin photograph: necrotizing fasciitis vs other soft-tissue infection (binary, RGB)",
+        kind=CLASSIFICATION,
+        in_channels=3,
+        class_names=phantoms_tasks.NF_CLASSES,
+        positive_class=1,
+        default_model="small-cnn",
+        default_image_size=64,
+        phantom_labels=lambda n, seed: phantoms_tasks.nf_labels(n, seed=seed),
+        render_phantoms=_first_two(phantoms_tasks.make_nf_phantoms),
+        threshold_method="target-sensitivity",  # missing NF is worse than a false alarm
+        target_sensitivity=0.95,
     ),
 )
 

@@ -8,12 +8,19 @@ import warnings
 
 import numpy as np
 import pytest
-from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
+from sklearn.metrics import (
+    average_precision_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
 
 from shared.metrics.classification import (
     DEFAULT_BINS,
+    THRESHOLD_METRIC_NAMES,
     ClassificationCounts,
+    auprc_from_histograms,
     auroc_from_histograms,
+    ece_from_histograms,
 )
 
 
@@ -361,3 +368,370 @@ def test_other_bad_batches_raise() -> None:
     a = ClassificationCounts.from_predictions(probs, np.array([0.0, 1.0]))
     b = ClassificationCounts.from_predictions(probs, np.array([False, True]))
     np.testing.assert_array_equal(a.confusion, b.confusion)
+
+
+# =================================================== AUPRC, thresholds, ECE
+def _binary_counts(p1: list[float] | np.ndarray, labels: list[int] | np.ndarray, bins: int) -> ClassificationCounts:
+    p1 = np.asarray(p1, dtype=np.float64)
+    return ClassificationCounts.from_predictions(np.stack([1.0 - p1, p1], axis=1), np.asarray(labels), bins=bins)
+
+
+def _bin_floor(scores: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
+    """Scores replaced by their bin's lower edge (ties exactly as the histogram)."""
+    return np.clip(np.floor(scores * bins), 0, bins - 1) / bins
+
+
+def test_golden_auprc_hand_computed() -> None:
+    counts = _binary_counts(GOLDEN_P1, GOLDEN_LABELS, bins=10)
+    # descending: 0.9 P, 0.8 P, 0.7 N, 0.6 N, 0.3 P, 0.1 N (all on distinct bins)
+    # AP = (1/3) * (1/1 + 2/2 + 3/5) = 13/15
+    m = counts.metrics()
+    assert m["auprc"] == pytest.approx(13 / 15, abs=1e-12)
+    assert m["auprc"] == pytest.approx(average_precision_score(GOLDEN_LABELS, GOLDEN_P1), abs=1e-12)
+    # class 0: p0 of true-0 {0.4, 0.3, 0.9}, of true-1 {0.1, 0.2, 0.7}
+    # descending: 0.9 P, 0.7 N, 0.4 P, 0.3 P -> AP = (1/3) * (1 + 2/3 + 3/4) = 29/36
+    m0 = counts.metrics(positive_class=0)
+    assert m0["auprc"] == pytest.approx(29 / 36, abs=1e-12)
+    assert m0["auprc"] == pytest.approx(average_precision_score(1 - GOLDEN_LABELS, 1 - GOLDEN_P1), abs=1e-12)
+
+
+def test_auprc_ties_within_a_bin_and_edge_cases() -> None:
+    # two positives and one negative share a bin: one threshold, precision 2/3
+    # bins ascending: [N, -, (P, P, N), P] -> descending: P (1/1); then +2P +1N (3/4)
+    ap = auprc_from_histograms(np.array([0, 0, 2, 1]), np.array([1, 0, 1, 0]))
+    assert ap == pytest.approx((1 / 3) * 1.0 + (2 / 3) * (3 / 4))
+    assert auprc_from_histograms(np.array([0, 0, 3]), np.array([5, 0, 0])) == 1.0
+    assert auprc_from_histograms(np.array([0, 2, 0]), np.zeros(3)) == 1.0  # no negatives
+    assert auprc_from_histograms(np.array([0, 4, 0]), np.array([0, 4, 0])) == 0.5  # all tied: prevalence
+    assert math.isnan(auprc_from_histograms(np.zeros(3), np.array([1, 2, 3])))
+    with pytest.raises(ValueError, match="same number of bins"):
+        auprc_from_histograms(np.ones(3), np.ones(4))
+    with pytest.raises(ValueError, match="non-negative"):
+        auprc_from_histograms(np.array([1, -1]), np.array([1, 1]))
+
+
+@pytest.mark.parametrize(("seed", "sep", "scale", "sizes"), BINARY_CASES)
+def test_binary_auprc_from_merged_histograms_matches_sklearn(
+    seed: int, sep: float, scale: float, sizes: list[int]
+) -> None:
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    probs, y = _binary_scores(rng, n, sep, scale)
+    merged = ClassificationCounts.empty(2)
+    for s in _split(n, sizes):
+        merged = merged.merge(ClassificationCounts.from_predictions(probs[s], y[s]))
+    for k, labels in ((1, y), (0, 1 - y)):
+        got = merged.metrics(positive_class=k)["auprc"]
+        # exact against sklearn on the bin-rounded scores (same ties) ...
+        assert got == pytest.approx(average_precision_score(labels, _bin_floor(probs[:, k])), abs=1e-12)
+        # ... and close to sklearn on the raw scores; the small overconfident case
+        # (many scores of both classes in the top bin) carries ~2e-3 binning error
+        tol = 5e-3 if scale > 2 else 1e-3
+        assert abs(got - average_precision_score(labels, probs[:, k])) < tol
+
+
+@pytest.mark.parametrize(("seed", "sep"), [(10, 0.5), (11, 1.5), (12, 4.0)])
+def test_multiclass_macro_auprc_matches_sklearn(seed: int, sep: float) -> None:
+    rng = np.random.default_rng(seed)
+    probs, y = _multiclass_scores(rng, 1200, 3, sep)
+    m = ClassificationCounts.from_predictions(probs, y).metrics()
+    onehot = np.eye(3)[y]
+    assert abs(m["auprc"] - average_precision_score(onehot, probs, average="macro")) < 1e-3
+    for k in range(3):
+        assert abs(m[f"auprc-{k}"] - average_precision_score(y == k, probs[:, k])) < 1e-3
+
+
+def test_metrics_at_threshold_golden() -> None:
+    counts = _binary_counts(GOLDEN_P1, GOLDEN_LABELS, bins=10)
+    # p1 >= 0.8: positives 0.9, 0.8 -> TP 2, FN 1; negatives none -> FP 0, TN 3
+    at = counts.metrics_at_threshold(0.8)
+    assert tuple(at) == THRESHOLD_METRIC_NAMES
+    assert (at["tp"], at["fp"], at["tn"], at["fn"]) == (2.0, 0.0, 3.0, 1.0)
+    assert at["accuracy"] == pytest.approx(5 / 6)
+    assert at["sensitivity"] == pytest.approx(2 / 3)
+    assert at["specificity"] == 1.0 and at["precision"] == 1.0
+    assert at["f1"] == pytest.approx(4 / 5)
+    # p1 >= 0.3: TP 3, FP 2 (0.6, 0.7), TN 1
+    at = counts.metrics_at_threshold(0.3)
+    assert (at["tp"], at["fp"], at["tn"], at["fn"]) == (3.0, 2.0, 1.0, 0.0)
+    # not a bin edge: the bin [0.3, 0.4) containing 0.35 counts as >= 0.35
+    assert counts.metrics_at_threshold(0.35) == at
+    # extremes: <= 0 all positive, 1.0 only the last bin, > 1 none
+    assert counts.metrics_at_threshold(0.0)["tp"] == 3 and counts.metrics_at_threshold(-1.0)["fp"] == 3
+    assert counts.metrics_at_threshold(1.0)["tp"] == 1.0  # 0.9 is in the last of 10 bins
+    none = counts.metrics_at_threshold(1.5)
+    assert (none["tp"], none["fp"], none["tn"], none["fn"]) == (0.0, 0.0, 3.0, 3.0)
+    assert math.isnan(none["precision"]) and none["f1"] == 0.0
+    # positive class 0 at p0 >= 0.35 (bin of 0.3 counts): true-0 p0 {0.4, 0.3, 0.9} all >= ; true-1 {0.7}
+    at0 = counts.metrics_at_threshold(0.35, positive_class=0)
+    assert (at0["tp"], at0["fp"], at0["tn"], at0["fn"]) == (3.0, 1.0, 2.0, 0.0)
+    # NaN threshold -> all NaN; bad input raises
+    assert all(math.isnan(v) for v in counts.metrics_at_threshold(float("nan")).values())
+    with pytest.raises(ValueError, match="positive_class"):
+        counts.metrics_at_threshold(0.5, positive_class=2)
+    with pytest.raises(ValueError, match="threshold must be a real number"):
+        counts.metrics_at_threshold("0.5")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("positive_class", [0, 1])
+def test_metrics_at_bin_edges_equal_direct_computation(positive_class: int) -> None:
+    rng = np.random.default_rng(21)
+    probs, y = _binary_scores(rng, 2000, 1.5, 1.5)
+    counts = ClassificationCounts.from_predictions(probs, y)
+    score = probs[:, positive_class]
+    truth = y == positive_class
+    for b in [0, 1, 37, 250, 499, 500, 501, 873, 999]:
+        t = b / DEFAULT_BINS
+        called = score >= t
+        tp = int(np.sum(called & truth))
+        fp = int(np.sum(called & ~truth))
+        fn = int(np.sum(~called & truth))
+        tn = int(np.sum(~called & ~truth))
+        at = counts.metrics_at_threshold(t, positive_class=positive_class)
+        assert (at["tp"], at["fp"], at["tn"], at["fn"]) == (tp, fp, tn, fn), t
+        assert at["sensitivity"] == tp / (tp + fn)
+        assert at["specificity"] == tn / (tn + fp)
+    # at 0.5 the threshold metrics equal the argmax metrics (no exact ties here)
+    m = counts.metrics(positive_class=positive_class)
+    at = counts.metrics_at_threshold(0.5, positive_class=positive_class)
+    for name in THRESHOLD_METRIC_NAMES:
+        assert at[name] == m[name], name
+
+
+def test_metrics_with_threshold_keys() -> None:
+    counts = _binary_counts(GOLDEN_P1, GOLDEN_LABELS, bins=10)
+    plain = counts.metrics()
+    assert "threshold" not in plain and "tp@thr" not in plain
+    assert {"auprc", "ece"} <= plain.keys()
+    m = counts.metrics(threshold=0.8)
+    assert m["threshold"] == 0.8
+    for name in THRESHOLD_METRIC_NAMES:
+        assert m[f"{name}@thr"] == counts.metrics_at_threshold(0.8)[name]
+        assert m[name] == plain[name]  # the argmax metrics are unchanged
+    assert m["tp@thr"] == 2.0 and m["f1@thr"] == pytest.approx(4 / 5)
+    assert all(type(v) is float for v in m.values())
+    with pytest.raises(ValueError, match="binary"):
+        ClassificationCounts.empty(3).metrics(threshold=0.5)
+
+
+def test_select_threshold_youden_golden() -> None:
+    counts = _binary_counts(GOLDEN_P1, GOLDEN_LABELS, bins=10)
+    # positives in bins {9, 8, 3}, negatives in {7, 6, 1}; J at edge b/10:
+    # b<=1: 0; b=2,3: 1 - 2/3 = 1/3; b=4..6: 2/3 - 2/3 = 0; b=7: 2/3 - 1/3; b=8: 2/3 - 0; b=9: 1/3
+    assert counts.select_threshold("youden") == 0.8
+    at = counts.metrics_at_threshold(0.8)
+    assert at["sensitivity"] + at["specificity"] - 1 == pytest.approx(2 / 3)
+
+
+def test_select_threshold_youden_ties_prefer_sensitivity_then_top_of_gap() -> None:
+    # positives at 0.95, 0.55; negatives at 0.75, 0.15 (bins 9, 5 / 7, 1 of 10)
+    # J = 1/2 for edges 0.2..0.5 (TP 2, FP 1) and for 0.8..0.9 (TP 1, FP 0).
+    # Tie -> higher sensitivity (TP 2); within 0.2..0.5 (bins 2-4 empty) -> 0.5,
+    # the lower edge of the lowest bin called positive.
+    counts = _binary_counts([0.95, 0.55, 0.75, 0.15], [1, 1, 0, 0], bins=10)
+    t = counts.select_threshold("youden")
+    assert t == 0.5
+    at = counts.metrics_at_threshold(t)
+    assert (at["tp"], at["fp"]) == (2.0, 1.0)
+    for edge in (0.2, 0.3, 0.4):
+        assert counts.metrics_at_threshold(edge) == at
+
+
+def test_select_threshold_target_sensitivity() -> None:
+    counts = _binary_counts(GOLDEN_P1, GOLDEN_LABELS, bins=10)
+    # positive scores 0.9, 0.8, 0.3: sensitivity 1 needs t <= 0.3; 2/3 needs t <= 0.8
+    assert counts.select_threshold("target-sensitivity", target_sensitivity=0.9) == 0.3
+    assert counts.select_threshold("target-sensitivity", target_sensitivity=1.0) == 0.3
+    assert counts.select_threshold("target-sensitivity", target_sensitivity=2 / 3) == 0.8
+    assert counts.select_threshold("target-sensitivity", target_sensitivity=0.6) == 0.8
+    assert counts.select_threshold("target-sensitivity", target_sensitivity=0.3) == 0.9
+    # class 0: positive p0 {0.9, 0.4, 0.3} -> 0.3 for sensitivity 1
+    assert counts.select_threshold("target-sensitivity", 1.0, positive_class=0) == 0.3
+    # realistic scores: the chosen edge reaches the target, the next edge up does not
+    rng = np.random.default_rng(4)
+    probs, y = _binary_scores(rng, 3000, 1.0, 1.5)
+    big = ClassificationCounts.from_predictions(probs, y)
+    for target in (0.8, 0.9, 0.95, 0.99):
+        t = big.select_threshold("target-sensitivity", target_sensitivity=target)
+        assert big.metrics_at_threshold(t)["sensitivity"] >= target
+        assert big.metrics_at_threshold(t + 1 / DEFAULT_BINS)["sensitivity"] < target
+        assert np.mean(probs[y == 1, 1] >= t) >= target  # also on the raw scores
+
+
+def test_select_threshold_youden_matches_raw_roc_optimum() -> None:
+    rng = np.random.default_rng(8)
+    probs, y = _binary_scores(rng, 2000, 1.5, 1.0)
+    counts = ClassificationCounts.from_predictions(probs, y)
+    t = counts.select_threshold("youden")
+    at = counts.metrics_at_threshold(t)
+    j = at["sensitivity"] + at["specificity"] - 1
+    # no bin edge does better, and the raw-score optimum is at most slightly better
+    for b in range(DEFAULT_BINS):
+        m = counts.metrics_at_threshold(b / DEFAULT_BINS)
+        assert m["sensitivity"] + m["specificity"] - 1 <= j + 1e-12
+    s = probs[:, 1]
+    raw = max(np.mean(s[y == 1] >= v) - np.mean(s[y == 0] >= v) for v in np.unique(s))
+    assert j <= raw + 1e-12 and raw - j < 5e-3
+
+
+def test_select_threshold_undefined_and_bad_input() -> None:
+    no_pos = _binary_counts([0.2, 0.7], [0, 0], bins=10)
+    assert math.isnan(no_pos.select_threshold("youden"))
+    assert math.isnan(no_pos.select_threshold("target-sensitivity"))
+    no_neg = _binary_counts([0.2, 0.7], [1, 1], bins=10)
+    assert math.isnan(no_neg.select_threshold("youden"))
+    assert no_neg.select_threshold("target-sensitivity", target_sensitivity=1.0) == 0.2
+    m = no_pos.metrics(threshold=no_pos.select_threshold())  # never raises for a missing class
+    assert math.isnan(m["threshold"]) and all(math.isnan(m[f"{k}@thr"]) for k in THRESHOLD_METRIC_NAMES)
+    with pytest.raises(ValueError, match="method"):
+        no_neg.select_threshold("f1")
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="target_sensitivity"):
+            no_neg.select_threshold("target-sensitivity", target_sensitivity=bad)
+    with pytest.raises(ValueError, match="positive_class"):
+        no_neg.select_threshold(positive_class=3)
+
+
+def test_ece_perfectly_calibrated_is_zero() -> None:
+    # bins=10: scores 0.25 / 0.75 are fine-bin centres, so the value is exact.
+    # 0.25 with 1 of 4 positive, 0.75 with 3 of 4 positive -> ECE 0
+    counts = _binary_counts([0.25] * 4 + [0.75] * 4, [1, 0, 0, 0, 1, 1, 1, 0], bins=10)
+    assert counts.metrics()["ece"] == pytest.approx(0.0, abs=1e-12)
+    assert counts.expected_calibration_error(positive_class=0) == pytest.approx(0.0, abs=1e-12)
+    # default 1000 bins: 0.2 with 20 % positives, 0.8 with 80 %; centre error <= 1/(2*1000)
+    p1 = [0.2] * 10 + [0.8] * 10
+    y = [1, 1] + [0] * 8 + [1] * 8 + [0, 0]
+    ece = _binary_counts(p1, y, bins=DEFAULT_BINS).metrics()["ece"]
+    assert ece <= 1 / (2 * DEFAULT_BINS) + 1e-12
+
+
+def test_ece_overconfident_hand_value() -> None:
+    # 10 samples at 0.95 with 6 positive, 10 at 0.05 with 4 positive (bins=10 centres):
+    # ECE = 1/2 * |0.6 - 0.95| + 1/2 * |0.4 - 0.05| = 0.35
+    p1 = [0.95] * 10 + [0.05] * 10
+    y = [1] * 6 + [0] * 4 + [1] * 4 + [0] * 6
+    counts = _binary_counts(p1, y, bins=10)
+    assert counts.metrics()["ece"] == pytest.approx(0.35, abs=1e-12)
+    assert counts.expected_calibration_error(ece_bins=2) == pytest.approx(0.35, abs=1e-12)
+    # one coarse bin: |mean(y) - mean(p)| = |0.5 - 0.5| = 0
+    assert counts.expected_calibration_error(ece_bins=1) == pytest.approx(0.0, abs=1e-12)
+    # default bins: 0.9 with 60 % and 0.1 with 40 % positives -> 0.3, within 1/(2*1000)
+    p1 = [0.9] * 10 + [0.1] * 10
+    ece = _binary_counts(p1, y, bins=DEFAULT_BINS).metrics()["ece"]
+    assert abs(ece - 0.3) <= 1 / (2 * DEFAULT_BINS) + 1e-12
+    assert math.isnan(ClassificationCounts.empty(2).metrics()["ece"])
+    with pytest.raises(ValueError, match="ece_bins"):
+        counts.expected_calibration_error(ece_bins=0)
+
+
+def _ece_reference(p: np.ndarray, y: np.ndarray, ece_bins: int, bins: int | None) -> float:
+    """ECE on raw probabilities; coarse edges j/ece_bins, or moved to the nearest fine edge."""
+    if bins is None:
+        coarse = np.minimum(np.floor(p * ece_bins), ece_bins - 1).astype(int)
+    else:
+        fine = np.clip(np.floor(p * bins), 0, bins - 1).astype(int)
+        coarse = np.minimum(((2 * fine + 1) * ece_bins) // (2 * bins), ece_bins - 1)
+    total = sum(abs(y[coarse == j].sum() - p[coarse == j].sum()) for j in range(ece_bins))
+    return float(total / len(p))
+
+
+@pytest.mark.parametrize(("seed", "sep", "scale", "sizes"), BINARY_CASES)
+def test_binary_ece_matches_raw_scores_within_bound(
+    seed: int, sep: float, scale: float, sizes: list[int]
+) -> None:
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    probs, y = _binary_scores(rng, n, sep, scale)
+    counts = ClassificationCounts.from_predictions(probs, y)
+    for k, labels in ((1, y), (0, 1 - y)):
+        got = counts.metrics(positive_class=k)["ece"]
+        # same coarse bins, exact probabilities: |error| <= 1 / (2 * bins)
+        assert abs(got - _ece_reference(probs[:, k], labels, 15, DEFAULT_BINS)) <= 1 / (2 * DEFAULT_BINS)
+        # textbook equal-width bins: only samples within 1/2000 of an edge move
+        assert abs(got - _ece_reference(probs[:, k], labels, 15, None)) < 3e-3
+    # with ece_bins dividing bins the coarse bins are exactly equal-width
+    ref = _ece_reference(probs[:, 1], y, 10, None)
+    assert abs(counts.expected_calibration_error(ece_bins=10) - ref) <= 1 / (2 * DEFAULT_BINS)
+
+
+def test_multiclass_ece_is_classwise() -> None:
+    rng = np.random.default_rng(13)
+    probs, y = _multiclass_scores(rng, 900, 4, 1.0)
+    counts = ClassificationCounts.from_predictions(probs, y)
+    m = counts.metrics()
+    per = []
+    for k in range(4):
+        ref = _ece_reference(probs[:, k], (y == k).astype(float), 15, DEFAULT_BINS)
+        assert abs(m[f"ece-{k}"] - ref) <= 1 / (2 * DEFAULT_BINS)
+        assert m[f"ece-{k}"] == counts.expected_calibration_error(positive_class=k)
+        per.append(m[f"ece-{k}"])
+    assert m["ece"] == pytest.approx(np.mean(per))
+    # one-vs-rest threshold metrics for C > 2
+    at = counts.metrics_at_threshold(0.3, positive_class=2)
+    assert at["tp"] == np.sum((probs[:, 2] >= 0.3) & (y == 2))
+
+
+def test_ece_from_histograms_direct() -> None:
+    # 4 fine bins, centres 1/8, 3/8, 5/8, 7/8; 2 coarse bins = {0, 1}, {2, 3}
+    pos = np.array([0, 1, 0, 3])
+    neg = np.array([2, 1, 0, 1])
+    # coarse 0: n 4, events 1, conf sum 2/8 + 3/8 * 2 = 1 -> |1 - 1| = 0
+    # coarse 1: n 4, events 3, conf sum 7/8 * 4 = 3.5 -> 0.5
+    assert ece_from_histograms(pos, neg, ece_bins=2) == pytest.approx(0.5 / 8)
+    with pytest.raises(ValueError, match="same number of bins"):
+        ece_from_histograms(np.ones(3), np.ones(4))
+
+
+def test_confusion_matrix_nested_lists() -> None:
+    counts = _binary_counts(GOLDEN_P1, GOLDEN_LABELS, bins=10)
+    cm = counts.confusion_matrix()
+    assert cm == [[1, 2], [1, 2]]
+    assert all(type(v) is int for row in cm for v in row)
+    assert json.loads(json.dumps(cm)) == cm
+    assert ClassificationCounts.empty(3).confusion_matrix() == [[0, 0, 0]] * 3
+
+
+@pytest.mark.parametrize(("c", "seed"), [(2, 0), (2, 1), (3, 2)])
+def test_new_metrics_merged_equal_pooled(c: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = 1000
+    probs, y = _multiclass_scores(rng, n, c, separation=1.0)
+    sites = [
+        ClassificationCounts.from_flat(
+            json.loads(json.dumps(ClassificationCounts.from_predictions(probs[s], y[s]).to_flat()))
+        )
+        for s in _split(n, [5, 295, 700])
+    ]
+    merged = sites[2].merge(sites[0]).merge(sites[1])
+    pooled = ClassificationCounts.from_predictions(probs, y)
+    for k in range(c):
+        for method in ("youden", "target-sensitivity"):
+            t = merged.select_threshold(method, positive_class=k)
+            assert t == pooled.select_threshold(method, positive_class=k)
+            assert merged.metrics_at_threshold(t, k) == pooled.metrics_at_threshold(t, k)
+        assert merged.expected_calibration_error(k) == pooled.expected_calibration_error(k)
+    assert merged.confusion_matrix() == pooled.confusion_matrix()
+    kw = {"threshold": 0.37} if c == 2 else {}
+    a, b = merged.metrics(**kw), pooled.metrics(**kw)
+    assert {"auprc", "ece"} <= a.keys()
+    _assert_metrics_equal(a, b)
+
+
+def test_old_flat_dict_still_loads_and_gives_new_metrics() -> None:
+    # A flat dict as written before AUPRC/ECE/thresholds existed (format unchanged):
+    # GOLDEN with bins=10; histogram[k, l, b] at flat index (k * 2 + l) * 10 + b.
+    old = {
+        "num-classes": 2,
+        "bins": 10,
+        "confusion": [1, 2, 1, 2],
+        "histogram-index": [3, 4, 9, 10, 11, 17, 21, 26, 27, 33, 38, 39],
+        "histogram-count": [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+    }
+    counts = ClassificationCounts.from_flat(old)
+    fresh = _binary_counts(GOLDEN_P1, GOLDEN_LABELS, bins=10)
+    np.testing.assert_array_equal(counts.histogram, fresh.histogram)
+    assert counts.to_flat() == old
+    m = counts.metrics(threshold=0.8)
+    assert m["auprc"] == pytest.approx(13 / 15)
+    assert m["tp@thr"] == 2.0
+    assert counts.select_threshold() == 0.8

@@ -19,6 +19,7 @@ from shared.models import (
     ModelWeightsError,
     build_model,
     count_parameters,
+    is_segmentation_model,
     model_names,
 )
 from shared.registry import UnknownNameError
@@ -52,10 +53,11 @@ def test_forward_and_one_train_step(name: str, in_channels: int, num_classes: in
     model = _seeded(name, in_channels, num_classes, seed=0)
     assert count_parameters(model) > 0
     x = torch.randn(2, in_channels, 64, 64)
-    y = torch.tensor([0, num_classes - 1])
+    seg = is_segmentation_model(name)  # per-pixel logits (N, C, H, W) and targets (N, H, W)
+    y = torch.randint(0, num_classes, (2, 64, 64)) if seg else torch.tensor([0, num_classes - 1])
 
     out = _outputs(model, in_channels)
-    assert out.shape == (2, num_classes)
+    assert out.shape == ((2, num_classes, 64, 64) if seg else (2, num_classes))
     assert torch.isfinite(out).all()
 
     model.train()

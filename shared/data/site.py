@@ -40,6 +40,7 @@ from shared.data.preprocess import (
     PreprocessConfig,
     preprocess,
 )
+from shared.data.seg_sources import discover_segmentation, read_mask
 from shared.data.sources import DataSourceError, ImageListing, discover, read_raw
 from shared.data.splits import train_val_split
 from shared.tasks import TaskSpec
@@ -61,9 +62,14 @@ class SiteData:
     class_names: tuple[str, ...]
     skipped: dict[str, int] = field(default_factory=dict)
     load_seconds: float = 0.0
+    train_masks: np.ndarray | None = None  # segmentation: uint8 class-index masks (N, H, W)
+    val_masks: np.ndarray | None = None
 
     def summary(self) -> str:
         """Counts only (safe to log)."""
+        if self.train_masks is not None:
+            skipped = f", skipped {dict(self.skipped)}" if self.skipped else ""
+            return f"train {len(self.train_images)} image/mask pairs, validation {len(self.val_images)}{skipped}"
         tr = np.bincount(self.train_labels, minlength=len(self.class_names)).tolist()
         va = np.bincount(self.val_labels, minlength=len(self.class_names)).tolist()
         skipped = f", skipped {dict(self.skipped)}" if self.skipped else ""
@@ -229,6 +235,47 @@ def _load_partition_of_phantoms(cfg: RunConfig, site: SiteConfig, task: TaskSpec
     return SiteData(*split, class_names=task.class_names)
 
 
+def _load_segmentation(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> SiteData:
+    """Image/mask pairs: a real site's folder, a partition of the run's dataset, or phantoms."""
+    pcfg = resolve_preprocess(cfg, task)
+    if site.simulated and not cfg.data.data_path:
+        n = cfg.data.phantom_count
+        mine = _my_partition(cfg, site, task.phantom_labels(n, cfg.seed), None)
+        images, masks = task.render_phantoms(n, cfg.data.image_size, cfg.seed, mine)
+        images = np.stack([preprocess(img, pcfg) for img in images])
+        masks = np.asarray(masks).astype(np.uint8)
+        groups, skipped = None, Counter()
+    else:
+        listing = discover_segmentation(resolve_path(cfg.data.data_path if site.simulated else site.data_path))
+        zeros = np.zeros(len(listing.records), dtype=np.int64)
+        all_groups = listing.groups()
+        mine = _my_partition(cfg, site, zeros, all_groups) if site.simulated else np.arange(len(listing.records))
+        recs = [listing.records[int(i)] for i in mine]
+        cache = SiteCache(cache_root(site)) if cfg.data.cache else None
+        extra = {"reader": READER_VERSION, "dicom-window-fallback": cfg.data.dicom_window_fallback}
+        imgs = build_or_load(cache, [r.image for r in recs], zeros[mine], pcfg, make_reader(cfg), extra=extra)
+        image_of = {r.mask: r.image for r in recs}
+        mcfg = dataclasses.replace(pcfg, equalize="none", denoise="none", channels=1)
+        msks = build_or_load(cache, [r.mask for r in recs], zeros[mine], mcfg,
+                             lambda p: read_mask(p, image_of[p]), extra={**extra, "kind": "mask"})
+        skipped = Counter(listing.skipped)
+        skipped.update(imgs.skipped)
+        skipped.update({k: v for k, v in msks.skipped.items() if k != "unreadable-image"})
+        both = sorted(set(np.asarray(imgs.kept).tolist()) & set(np.asarray(msks.kept).tolist()))
+        if not both:
+            raise DataSourceError(f"no readable image/mask pair at this site (quarantined: {dict(skipped)})")
+        pos_i = {k: j for j, k in enumerate(np.asarray(imgs.kept).tolist())}
+        pos_m = {k: j for j, k in enumerate(np.asarray(msks.kept).tolist())}
+        images = np.array(imgs.images)[[pos_i[k] for k in both]]
+        masks = (np.array(msks.images)[[pos_m[k] for k in both]] > 127).astype(np.uint8)
+        groups = all_groups[mine][both] if all_groups is not None else None
+    tr, va = train_val_split(np.zeros(len(images), dtype=np.int64), cfg.data.val_fraction,
+                             seed=cfg.seed + 1 + int(site.partition_id or 0), groups=groups)
+    empty = np.zeros(0, dtype=np.int64)
+    return SiteData(images[tr], empty, images[va], empty, task.class_names, dict(skipped),
+                    train_masks=masks[tr], val_masks=masks[va])
+
+
 _CACHE: OrderedDict[tuple[object, ...], SiteData] = OrderedDict()
 _CACHE_SIZE = 4
 
@@ -244,16 +291,15 @@ def load_site_data(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> SiteData
         _CACHE.move_to_end(key)
         return _CACHE[key]
     t0 = time.perf_counter()
-    if not site.simulated:
+    if task.kind == "segmentation":
+        data = _load_segmentation(cfg, site, task)
+    elif not site.simulated:
         data = _load_real_site(cfg, site, task)
     elif cfg.data.data_path:
         data = _load_partition_of_dataset(cfg, site, task)
     else:
         data = _load_partition_of_phantoms(cfg, site, task)
-    data = SiteData(
-        data.train_images, data.train_labels, data.val_images, data.val_labels,
-        data.class_names, data.skipped, load_seconds=time.perf_counter() - t0,
-    )
+    data = dataclasses.replace(data, load_seconds=time.perf_counter() - t0)
     logger.info("site %s data: %s (%.1f s)", site.site_id, data.summary(), data.load_seconds)
     _CACHE[key] = data
     while len(_CACHE) > _CACHE_SIZE:

@@ -9,7 +9,11 @@ sites (:meth:`ClassificationCounts.merge`) before deriving rates
 (:meth:`ClassificationCounts.metrics`). Because every metric is a function of
 summed counts, the pooled metrics equal those computed on all predictions
 pooled: exactly for the confusion-derived metrics, and up to the binning of
-scores for AUROC.
+scores for AUROC, AUPRC, ECE and threshold-dependent metrics (see the
+docstrings of :func:`auprc_from_histograms`,
+:meth:`ClassificationCounts.metrics_at_threshold` and
+:meth:`ClassificationCounts.expected_calibration_error` for the exact rounding
+rules and error bounds).
 
 Notes
 -----
@@ -29,14 +33,36 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_BINS",
+    "DEFAULT_ECE_BINS",
+    "THRESHOLD_METRIC_NAMES",
     "ClassificationCounts",
+    "auprc_from_histograms",
     "auroc_from_histograms",
+    "ece_from_histograms",
 ]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BINS = 1000
 """Default number of uniform probability bins on [0, 1]."""
+
+DEFAULT_ECE_BINS = 15
+"""Default number of (coarse) calibration bins for the expected calibration error."""
+
+THRESHOLD_METRIC_NAMES = (
+    "tp",
+    "fp",
+    "tn",
+    "fn",
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "precision",
+    "f1",
+)
+"""Keys of :meth:`ClassificationCounts.metrics_at_threshold`, in order."""
+
+THRESHOLD_METHODS = ("youden", "target-sensitivity")
 
 _NAN = float("nan")
 
@@ -116,6 +142,184 @@ def auroc_from_histograms(pos_hist: np.ndarray, neg_hist: np.ndarray) -> float:
     # Trapezoidal area in count units, then normalise.
     area = np.sum(np.diff(fp) * (tp[1:] + tp[:-1])) / 2.0
     return float(area / (n_pos * n_neg))
+
+
+def _check_pos_neg_histograms(pos_hist: np.ndarray, neg_hist: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a pair of 1-D histograms and return them as float64."""
+    pos = np.asarray(pos_hist)
+    neg = np.asarray(neg_hist)
+    if pos.ndim != 1 or neg.ndim != 1:
+        raise ValueError(
+            f"{name} expects two 1-D histograms; got shapes {pos.shape} and {neg.shape}."
+        )
+    if pos.shape != neg.shape:
+        raise ValueError(
+            "Positive and negative histograms must have the same number of bins; "
+            f"got {pos.shape[0]} and {neg.shape[0]}."
+        )
+    if (pos < 0).any() or (neg < 0).any():
+        raise ValueError("Histogram counts must be non-negative.")
+    return pos.astype(np.float64), neg.astype(np.float64)
+
+
+def auprc_from_histograms(pos_hist: np.ndarray, neg_hist: np.ndarray) -> float:
+    """Average precision (area under the step-wise precision-recall curve).
+
+    Thresholds are swept over the bin edges from high to low. At the lower
+    edge of bin ``b`` every sample in bins ``>= b`` is called positive, giving
+    cumulative ``tp_b`` and ``fp_b``; the average precision is
+
+        AP = sum_b (R_b - R_{b+1}) * P_b,  R_b = tp_b / n_pos,  P_b = tp_b / (tp_b + fp_b),
+
+    the same step-wise (non-interpolated) sum as
+    ``sklearn.metrics.average_precision_score``. Samples that share a bin are
+    treated as tied scores, exactly as sklearn treats equal scores, so the
+    result equals sklearn's on the pooled scores whenever no bin holds two
+    different scores (e.g. scores on distinct bins), and equals sklearn's on
+    the scores rounded to their bin otherwise.
+
+    Parameters
+    ----------
+    pos_hist : np.ndarray
+        1-D integer counts of positive samples per score bin (ascending score).
+    neg_hist : np.ndarray
+        1-D integer counts of negative samples per score bin, same length.
+
+    Returns
+    -------
+    float
+        AP in [0, 1]; NaN if there are no positives (undefined); 1.0 if there
+        are positives but no negatives.
+
+    Notes
+    -----
+    The chance level of AP is the prevalence ``n_pos / n``, not 0.5. Binning
+    error: only samples that share a bin with samples of the other class
+    matter; with 1000 bins it is below 1e-3 for typical softmax outputs but,
+    as for AUROC, grows when both classes pile up in the extreme bins.
+
+    Raises
+    ------
+    ValueError
+        If the histograms are not 1-D, differ in length, or contain negative
+        counts.
+    """
+    pos_f, neg_f = _check_pos_neg_histograms(pos_hist, neg_hist, "auprc_from_histograms")
+    n_pos = pos_f.sum()
+    if n_pos == 0:
+        return _NAN
+    tp = np.cumsum(pos_f[::-1])  # called positive at the lower edge of each bin, high to low
+    fp = np.cumsum(neg_f[::-1])
+    gained = pos_f[::-1]  # recall step (in counts) at each threshold
+    used = gained > 0  # tp + fp > 0 wherever a positive is gained
+    precision = tp[used] / (tp[used] + fp[used])
+    return float(np.sum(gained[used] * precision) / n_pos)
+
+
+def _coarse_bin_index(bins: int, ece_bins: int) -> np.ndarray:
+    """Coarse calibration bin of each fine bin: the one holding its centre.
+
+    Fine bin ``b`` (centre ``(b + 1/2) / bins``) goes to coarse bin
+    ``floor((b + 1/2) * ece_bins / bins)``, computed in exact integer
+    arithmetic. Equivalently each coarse edge ``j / ece_bins`` is moved to the
+    nearest fine edge (by at most ``1 / (2 * bins)``; not at all when
+    ``ece_bins`` divides ``bins``).
+    """
+    b = np.arange(bins, dtype=np.int64)
+    return np.minimum(((2 * b + 1) * ece_bins) // (2 * bins), ece_bins - 1)
+
+
+def _validate_ece_bins(ece_bins: int) -> int:
+    if isinstance(ece_bins, bool) or not isinstance(ece_bins, (int, np.integer)) or ece_bins < 1:
+        raise ValueError(f"ece_bins must be an integer >= 1; got {ece_bins!r}.")
+    return int(ece_bins)
+
+
+def ece_from_histograms(
+    pos_hist: np.ndarray, neg_hist: np.ndarray, ece_bins: int = DEFAULT_ECE_BINS
+) -> float:
+    """Expected calibration error of a probability from its binned values.
+
+    ``pos_hist[b]`` / ``neg_hist[b]`` count samples whose predicted
+    probability of the event lies in fine bin ``b`` of ``B`` uniform bins on
+    [0, 1] and for which the event did / did not happen. The fine bins are
+    merged into ``ece_bins`` coarse bins (see below) and
+
+        ECE = sum_j (n_j / n) * |observed_j - confidence_j|,
+
+    with ``observed_j`` the fraction of events and ``confidence_j`` the mean
+    predicted probability in coarse bin ``j``.
+
+    Rounding (no per-sample probabilities are available): each sample's
+    probability is taken as the centre ``(b + 1/2) / B`` of its fine bin,
+    which changes every ``confidence_j`` by at most ``1 / (2 B)``, hence
+
+        |ECE_hist - ECE_exact| <= 1 / (2 B)   (5e-4 for B = 1000),
+
+    where ``ECE_exact`` is the ECE of the exact probabilities over the same
+    coarse bins. The coarse bins are equal-width up to the fine grid: coarse
+    edge ``j / ece_bins`` is moved to the nearest fine edge (exact when
+    ``ece_bins`` divides ``B``; for B = 1000 and 15 bins, edges move by
+    <= 1/3000). Versus textbook equal-width bins on raw scores this only
+    re-assigns samples lying within ``1 / (2 B)`` of a coarse edge.
+
+    Parameters
+    ----------
+    pos_hist, neg_hist : np.ndarray
+        1-D integer counts per fine bin (ascending probability), same length.
+    ece_bins : int, default DEFAULT_ECE_BINS
+        Number of coarse calibration bins.
+
+    Returns
+    -------
+    float
+        ECE in [0, 1], NaN if there are no samples.
+    """
+    pos_f, neg_f = _check_pos_neg_histograms(pos_hist, neg_hist, "ece_from_histograms")
+    ece_bins = _validate_ece_bins(ece_bins)
+    total = pos_f + neg_f
+    n = total.sum()
+    if n == 0:
+        return _NAN
+    fine = pos_f.shape[0]
+    coarse = _coarse_bin_index(fine, ece_bins)
+    centres = (np.arange(fine, dtype=np.float64) + 0.5) / fine
+    events = np.bincount(coarse, weights=pos_f, minlength=ece_bins)
+    confidence_sum = np.bincount(coarse, weights=total * centres, minlength=ece_bins)
+    return float(np.sum(np.abs(events - confidence_sum)) / n)
+
+
+def _threshold_bin(threshold: float, bins: int) -> int:
+    """Index of the lowest fine bin counted as ``score >= threshold``.
+
+    The bin containing ``threshold`` (the largest ``b`` with ``b / bins <=
+    threshold``, comparing the float edge values) counts as ``>= threshold``.
+    Thresholds <= 0 select every bin; 1.0 selects the last bin (which holds
+    the probabilities 1.0); thresholds > 1 select none (returns ``bins``).
+    """
+    if threshold > 1.0:
+        return bins
+    if threshold <= 0.0:
+        return 0
+    edges = np.arange(bins + 1, dtype=np.float64) / bins
+    index = int(np.searchsorted(edges, threshold, side="right")) - 1
+    return min(max(index, 0), bins - 1)
+
+
+def _rates_from_counts(tp: float, fp: float, tn: float, fn: float) -> dict[str, float]:
+    """The THRESHOLD_METRIC_NAMES dict from confusion counts."""
+    n = tp + fp + tn + fn
+    return {
+        "tp": float(tp),
+        "fp": float(fp),
+        "tn": float(tn),
+        "fn": float(fn),
+        "accuracy": _ratio(tp + tn, n),
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "precision": _ratio(tp, tp + fp),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+    }
 
 
 def _validate_num_classes_and_bins(num_classes: int, bins: int) -> None:
@@ -471,7 +675,24 @@ class ClassificationCounts:
         )
 
     # -------------------------------------------------------------- metrics
-    def metrics(self, positive_class: int = 1) -> dict[str, float]:
+    def confusion_matrix(self) -> list[list[int]]:
+        """The C x C confusion matrix as nested lists of ints (for JSON).
+
+        Returns
+        -------
+        list[list[int]]
+            ``[true label][predicted label]`` counts at the argmax decision
+            (ties to the lowest index), i.e. ``self.confusion.tolist()``.
+        """
+        return [[int(v) for v in row] for row in self.confusion.tolist()]
+
+    def metrics(
+        self,
+        positive_class: int = 1,
+        threshold: float | None = None,
+        *,
+        ece_bins: int = DEFAULT_ECE_BINS,
+    ) -> dict[str, float]:
         """Derive metrics from the counts.
 
         Undefined values (e.g. specificity with no negatives) are NaN; this
@@ -481,6 +702,13 @@ class ClassificationCounts:
         ----------
         positive_class : int, default 1
             The positive class for binary tasks (C == 2). Ignored for C > 2.
+        threshold : float or None, default None
+            Binary tasks only: also report the metrics at this operating
+            point on the probability of ``positive_class`` (see
+            :meth:`metrics_at_threshold`), e.g. one chosen on validation
+            counts with :meth:`select_threshold`.
+        ece_bins : int, default DEFAULT_ECE_BINS
+            Number of calibration bins for ``ece``.
 
         Returns
         -------
@@ -488,14 +716,25 @@ class ClassificationCounts:
             Always ``accuracy`` and ``num-examples``.
 
             Binary: ``sensitivity`` (recall), ``specificity``, ``precision``,
-            ``f1``, ``auroc`` (scores = probability of ``positive_class``),
-            and ``tp``, ``fp``, ``tn``, ``fn``.
+            ``f1``, ``auroc`` and ``auprc`` (average precision; scores =
+            probability of ``positive_class``), ``ece`` (expected
+            calibration error of the probability of ``positive_class``, see
+            :meth:`expected_calibration_error`), and ``tp``, ``fp``, ``tn``,
+            ``fn``. The confusion-based values are at the argmax decision
+            (= threshold 0.5 up to exact ties). With ``threshold``, also
+            ``threshold`` and ``<name>@thr`` for every name in
+            :data:`THRESHOLD_METRIC_NAMES` (``tp@thr`` ... ``f1@thr``).
 
             Multi-class: per class k one-vs-rest ``recall-<k>``,
             ``specificity-<k>``, ``precision-<k>``, ``f1-<k>``, ``auroc-<k>``,
-            and their macro averages ``sensitivity``, ``specificity``,
-            ``precision``, ``f1``, ``auroc``. A macro average is the mean over
-            the classes where the per-class value is defined (NaN if none).
+            ``auprc-<k>``, ``ece-<k>`` (calibration of the probability of
+            class k), and their macro averages ``sensitivity``,
+            ``specificity``, ``precision``, ``f1``, ``auroc``, ``auprc``,
+            ``ece``. A macro average is the mean over the classes where the
+            per-class value is defined (NaN if none). The multi-class ``ece``
+            is therefore the *class-wise* ECE, not the top-label ECE: the
+            latter needs the histogram of the maximum probability, which the
+            per-class histograms do not determine.
 
             F1 is ``2 tp / (2 tp + fp + fn)``: 0 when there are positives or
             positive predictions but no true positives, NaN when there are
@@ -504,7 +743,8 @@ class ClassificationCounts:
         Raises
         ------
         ValueError
-            If ``positive_class`` is not a valid class for a binary task.
+            If ``positive_class`` is not a valid class for a binary task, or
+            ``threshold`` is given for a task with more than two classes.
         """
         c = self.num_classes
         n = self.num_examples
@@ -518,7 +758,7 @@ class ClassificationCounts:
                     f"positive_class must be 0 or 1 for a binary task; got "
                     f"{positive_class!r}."
                 )
-            per = self._one_vs_rest(positive_class)
+            per = self._one_vs_rest(positive_class, ece_bins)
             out.update(
                 {
                     "sensitivity": per["recall"],
@@ -526,15 +766,27 @@ class ClassificationCounts:
                     "precision": per["precision"],
                     "f1": per["f1"],
                     "auroc": per["auroc"],
+                    "auprc": per["auprc"],
+                    "ece": per["ece"],
                     "tp": per["tp"],
                     "fp": per["fp"],
                     "tn": per["tn"],
                     "fn": per["fn"],
                 }
             )
+            if threshold is not None:
+                at = self.metrics_at_threshold(threshold, positive_class=positive_class)
+                out["threshold"] = float(threshold)
+                out.update({f"{name}@thr": at[name] for name in THRESHOLD_METRIC_NAMES})
             return out
-        names = ("recall", "specificity", "precision", "f1", "auroc")
-        per_class = [self._one_vs_rest(k) for k in range(c)]
+        if threshold is not None:
+            raise ValueError(
+                f"metrics(threshold=...) is for binary tasks; this task has {c} "
+                "classes. Use metrics_at_threshold(t, positive_class=k) for a "
+                "one-vs-rest operating point of class k."
+            )
+        names = ("recall", "specificity", "precision", "f1", "auroc", "auprc", "ece")
+        per_class = [self._one_vs_rest(k, ece_bins) for k in range(c)]
         for k, per in enumerate(per_class):
             for name in names:
                 out[f"{name}-{k}"] = per[name]
@@ -543,15 +795,191 @@ class ClassificationCounts:
             out[macro_names.get(name, name)] = _mean_defined([p[name] for p in per_class])
         return out
 
-    def _one_vs_rest(self, k: int) -> dict[str, float]:
+    def metrics_at_threshold(self, threshold: float, positive_class: int = 1) -> dict[str, float]:
+        """Confusion counts and rates at ``score >= threshold``, from the histograms.
+
+        The score is the predicted probability of ``positive_class``; a
+        sample is called positive when its score is >= ``threshold``. For
+        C > 2 this is ``positive_class`` one-vs-rest.
+
+        Rounding: only the bin of each score is known, so the whole bin
+        containing ``threshold`` counts as ``>= threshold``: the effective
+        threshold is the lower edge ``floor(threshold * bins) / bins`` of
+        that bin. Results are therefore exact when ``threshold`` is a bin
+        edge ``b / bins`` (up to floating-point rounding of scores within an
+        ulp of the edge), and otherwise equal those at the bin's lower edge,
+        i.e. scores in ``[floor(t * bins) / bins, t)`` are counted as
+        positive (the error is on the side of sensitivity). ``threshold`` <= 0
+        calls every sample positive; 1.0 calls the last bin (scores >=
+        1 - 1/bins) positive; > 1 calls none positive. Thresholds returned
+        by :meth:`select_threshold` are bin edges and round-trip exactly.
+
+        Parameters
+        ----------
+        threshold : float
+            Decision threshold on the probability of ``positive_class``. NaN
+            (e.g. from :meth:`select_threshold` without positives) gives NaN
+            for every value.
+        positive_class : int, default 1
+            The class whose probability is thresholded.
+
+        Returns
+        -------
+        dict[str, float]
+            ``tp``, ``fp``, ``tn``, ``fn``, ``accuracy``, ``sensitivity``,
+            ``specificity``, ``precision``, ``f1`` (see :meth:`metrics` for
+            the NaN and F1 conventions).
+
+        Raises
+        ------
+        ValueError
+            If ``positive_class`` is not in [0, C) or ``threshold`` is not a
+            real number.
+        """
+        k = self._check_class(positive_class)
+        t = self._check_threshold(threshold)
+        if math.isnan(t):
+            return {name: _NAN for name in THRESHOLD_METRIC_NAMES}
+        pos, neg = self._score_histograms(k)
+        b = _threshold_bin(t, self.bins)
+        tp = int(pos[b:].sum())
+        fp = int(neg[b:].sum())
+        fn = int(pos.sum()) - tp
+        tn = int(neg.sum()) - fp
+        return _rates_from_counts(tp, fp, tn, fn)
+
+    def select_threshold(
+        self,
+        method: str = "youden",
+        target_sensitivity: float = 0.9,
+        positive_class: int = 1,
+    ) -> float:
+        """Choose a decision threshold on (validation) counts.
+
+        Candidates are the fine-bin lower edges ``b / bins``, ``b = 0 ..
+        bins - 1``, with the convention of :meth:`metrics_at_threshold` (a
+        bin counts as positive when its lower edge is >= the threshold), so
+        the returned value reproduces the chosen operating point exactly.
+
+        ``"youden"``: maximise Youden's J = sensitivity + specificity - 1
+        (compared exactly in integer arithmetic). Ties: the operating point
+        with the highest sensitivity wins (a missed case is worse than a
+        false alarm); among the equivalent edges of that point (empty bins),
+        the highest is returned, which is the lower edge of the lowest bin
+        called positive (as sklearn's ``roc_curve`` thresholds sit on the
+        lowest score called positive).
+
+        ``"target-sensitivity"``: the highest threshold whose sensitivity is
+        >= ``target_sensitivity`` (the most specific operating point that
+        still finds that fraction of positives). Since sensitivity only
+        falls as the threshold rises, this is the lower edge of the bin
+        holding the ``ceil(target * n_pos)``-th highest positive score.
+
+        Parameters
+        ----------
+        method : {"youden", "target-sensitivity"}, default "youden"
+        target_sensitivity : float, default 0.9
+            In (0, 1]; used by ``"target-sensitivity"`` only.
+        positive_class : int, default 1
+            The class whose probability is thresholded (one-vs-rest for C > 2).
+
+        Returns
+        -------
+        float
+            The threshold; NaN when undefined (no positives, or for
+            ``"youden"`` no negatives). Never raises for missing classes.
+
+        Raises
+        ------
+        ValueError
+            If ``method``, ``target_sensitivity`` or ``positive_class`` is
+            invalid.
+        """
+        if method not in THRESHOLD_METHODS:
+            raise ValueError(
+                f"method must be one of {THRESHOLD_METHODS}; got {method!r}."
+            )
+        k = self._check_class(positive_class)
+        pos, neg = self._score_histograms(k)
+        n_pos = int(pos.sum())
+        n_neg = int(neg.sum())
+        # tp[b], fp[b]: called positive when the threshold is the lower edge of bin b
+        tp = np.cumsum(pos[::-1])[::-1]
+        fp = np.cumsum(neg[::-1])[::-1]
+        if method == "target-sensitivity":
+            if isinstance(target_sensitivity, bool) or not isinstance(
+                target_sensitivity, (int, float, np.integer, np.floating)
+            ) or not 0.0 < float(target_sensitivity) <= 1.0:
+                raise ValueError(
+                    f"target_sensitivity must be in (0, 1]; got {target_sensitivity!r}."
+                )
+            if n_pos == 0:
+                return _NAN
+            target = float(target_sensitivity)
+            # Same float ratio as the reported sensitivity, so they agree.
+            ok = np.array([_ratio(int(v), n_pos) >= target for v in tp])
+            b = int(np.flatnonzero(ok)[-1])  # ok[0] is True: sensitivity 1 at edge 0
+            return float(b / self.bins)
+        if n_pos == 0 or n_neg == 0:
+            return _NAN
+        # J * n_pos * n_neg = tp * n_neg - fp * n_pos + const, exact in ints
+        score = tp.astype(object) * n_neg - fp.astype(object) * n_pos
+        best = max(score)
+        lowest = min(i for i, v in enumerate(score) if v == best)
+        b = lowest
+        while b + 1 < self.bins and tp[b + 1] == tp[lowest] and fp[b + 1] == fp[lowest]:
+            b += 1
+        return float(b / self.bins)
+
+    def expected_calibration_error(
+        self, positive_class: int = 1, ece_bins: int = DEFAULT_ECE_BINS
+    ) -> float:
+        """ECE of the predicted probability of ``positive_class``.
+
+        Binary: the usual binary ECE of the positive-class probability. For
+        C > 2 this is class ``positive_class`` one-vs-rest; :meth:`metrics`
+        averages it over classes (class-wise ECE). Computed from the fine
+        histograms with fine-bin centres; ``|error| <= 1 / (2 * bins)``. See
+        :func:`ece_from_histograms` for the coarse-bin edges.
+
+        Returns
+        -------
+        float
+            ECE in [0, 1], NaN with no samples.
+        """
+        pos, neg = self._score_histograms(self._check_class(positive_class))
+        return ece_from_histograms(pos, neg, ece_bins)
+
+    def _check_class(self, k: object) -> int:
+        """Return ``k`` as an int class index, or raise ValueError."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < self.num_classes:
+            raise ValueError(
+                f"positive_class must be an integer in [0, {self.num_classes}); got {k!r}."
+            )
+        return int(k)
+
+    @staticmethod
+    def _check_threshold(threshold: object) -> float:
+        if isinstance(threshold, bool) or not isinstance(
+            threshold, (int, float, np.integer, np.floating)
+        ):
+            raise ValueError(f"threshold must be a real number; got {threshold!r}.")
+        return float(threshold)
+
+    def _score_histograms(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Histograms of the probability of class ``k`` for label k / other labels."""
+        pos_hist = self.histogram[k, k]
+        neg_hist = self.histogram[k].sum(axis=0) - pos_hist
+        return pos_hist, neg_hist
+
+    def _one_vs_rest(self, k: int, ece_bins: int = DEFAULT_ECE_BINS) -> dict[str, float]:
         """Counts and rates for class ``k`` against all other classes."""
         cm = self.confusion
         tp = int(cm[k, k])
         fn = int(cm[k, :].sum()) - tp
         fp = int(cm[:, k].sum()) - tp
         tn = int(cm.sum()) - tp - fn - fp
-        pos_hist = self.histogram[k, k]
-        neg_hist = self.histogram[k].sum(axis=0) - pos_hist
+        pos_hist, neg_hist = self._score_histograms(k)
         return {
             "tp": float(tp),
             "fp": float(fp),
@@ -562,8 +990,9 @@ class ClassificationCounts:
             "precision": _ratio(tp, tp + fp),
             "f1": _ratio(2 * tp, 2 * tp + fp + fn),
             "auroc": auroc_from_histograms(pos_hist, neg_hist),
+            "auprc": auprc_from_histograms(pos_hist, neg_hist),
+            "ece": ece_from_histograms(pos_hist, neg_hist, ece_bins),
         }
-
 
 def _as_int(value: object, name: str) -> int:
     """Convert a scalar integer from a flat encoding, with a clear error."""

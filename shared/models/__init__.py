@@ -10,6 +10,7 @@ from __future__ import annotations
 # Importing the modules registers their models.
 from shared.models import classifiers as _classifiers  # noqa: F401
 from shared.models import small_cnn as _small_cnn  # noqa: F401
+from shared.models.segmentation import SEGMENTATION_MODELS, is_segmentation_model
 from shared.models.registry import (
     MODELS,
     ModelFactory,
@@ -26,10 +27,12 @@ __all__ = [
     "MODELS",
     "ModelFactory",
     "ModelWeightsError",
+    "SEGMENTATION_MODELS",
     "SmallCNN",
     "WeightsLoadReport",
     "build_model",
     "count_parameters",
+    "is_segmentation_model",
     "load_init_weights",
     "model_names",
 ]

@@ -1,0 +1,317 @@
+"""Local training and evaluation of segmentation networks: pure PyTorch + MONAI loss.
+
+The segmentation counterpart of :mod:`shared.training`, sharing its helpers
+(batching, bf16 autocast + channels_last, optimizer, FedProx term). Images are
+uint8 ``(N, C, H, W)`` tensors, masks uint8/bool ``(N, H, W)`` class indices
+(binary: 0 background, 1 foreground). Augmentation applies one random
+geometry to an image and its mask (:func:`augment_pair`). Evaluation returns
+only sums (:class:`~shared.metrics.segmentation.SegmentationCounts`), never
+per-image masks or scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from torch import nn
+
+from shared.config import TrainConfig
+from shared.data.preprocess import AugmentConfig, augment_batch, normalize_batch
+from shared.metrics.segmentation import SegmentationCounts
+from shared.training import (
+    TrainResult,
+    autocast,
+    batch_indices,
+    make_optimizer,
+    model_in_channels,
+    prepare_model,
+    proximal_term,
+    resolve_precision,
+    select_device,
+    snapshot_params,
+    to_float01,
+)
+
+__all__ = ["augment_pair", "evaluate_seg", "seg_loss", "train_local_seg"]
+
+logger = logging.getLogger(__name__)
+
+Spacing = tuple[float, float]
+
+# Same column layout as shared.data.preprocess.augment_batch's draws.
+_R_ROT, _R_SCALE, _R_TX, _R_TY, _R_HFLIP, _R_VFLIP = range(6)
+_N_GEOM_DRAWS = 6
+
+
+def seg_loss() -> nn.Module:
+    """Dice + cross-entropy on softmax logits ``(B, K, H, W)`` vs indices ``(B, 1, H, W)``."""
+    return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
+def _geometry_theta(b: int, h: int, w: int, cfg: AugmentConfig, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Random affine matrices ``(B, 2, 3)`` (output -> input, ``[-1, 1]`` units), as augment_batch draws them."""
+    r = torch.rand((b, _N_GEOM_DRAWS), generator=generator, device=generator.device, dtype=torch.float64)
+    r = r.to(device=device, dtype=torch.float32)
+    u = r * 2.0 - 1.0
+    ang = u[:, _R_ROT] * math.radians(cfg.rotation_deg)
+    zoom = 1.0 + u[:, _R_SCALE] * cfg.scale
+    cos, sin = torch.cos(ang) / zoom, torch.sin(ang) / zoom
+    fx = torch.where((r[:, _R_HFLIP] < 0.5) & cfg.hflip, -1.0, 1.0)
+    fy = torch.where((r[:, _R_VFLIP] < 0.5) & cfg.vflip, -1.0, 1.0)
+    theta = torch.zeros((b, 2, 3), device=device, dtype=torch.float32)
+    theta[:, 0, 0] = cos * fx
+    theta[:, 0, 1] = -sin * (h / w) * fy
+    theta[:, 1, 0] = sin * (w / h) * fx
+    theta[:, 1, 1] = cos * fy
+    theta[:, 0, 2] = u[:, _R_TX] * cfg.translate * 2.0
+    theta[:, 1, 2] = u[:, _R_TY] * cfg.translate * 2.0
+    return theta
+
+
+def augment_pair(
+    x: torch.Tensor, mask: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Augment images and masks with the SAME random geometry per image.
+
+    Geometry (rotation, zoom, shift, flips; ranges from ``cfg``) is one
+    ``affine_grid`` shared by image and mask: the image is resampled
+    bilinearly (outside pixels take the image's minimum, as in
+    :func:`~shared.data.preprocess.augment_batch`), the mask with nearest
+    neighbour (outside = class 0, background). Photometric changes
+    (contrast, brightness, colour) then go to the image only, through
+    ``augment_batch`` with geometry switched off.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        Float images ``(B, C, H, W)`` in ``[0, 1]``; not modified.
+    mask : torch.Tensor
+        Integer/bool class-index masks ``(B, H, W)``; not modified.
+    cfg : AugmentConfig
+        Ranges of the random transforms.
+    generator : torch.Generator
+        Source of randomness; same state, same result.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        New image batch (same dtype, clamped to ``[0, 1]``) and mask (same dtype).
+    """
+    if x.ndim != 4 or not x.is_floating_point():
+        raise ValueError(f"augment_pair expects float images (B, C, H, W), got {x.dtype} {tuple(x.shape)}")
+    b, c, h, w = x.shape
+    if mask.shape != (b, h, w):
+        raise ValueError(f"augment_pair: mask shape {tuple(mask.shape)} does not match images {tuple(x.shape)}")
+    out_x, out_m = x, mask
+    if cfg.geometric and b > 0:
+        theta = _geometry_theta(b, h, w, cfg, generator, x.device).to(x.dtype)
+        grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
+        lo = x.amin(dim=(1, 2, 3), keepdim=True)
+        out_x = F.grid_sample(x - lo, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + lo
+        m = mask.to(x.dtype).unsqueeze(1)
+        out_m = F.grid_sample(m, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        out_m = out_m.squeeze(1).round().to(mask.dtype)
+    photometric = dataclasses.replace(cfg, rotation_deg=0.0, hflip=False, vflip=False, scale=0.0, translate=0.0)
+    out_x = augment_batch(out_x, photometric, generator)  # new tensor, clamped
+    if out_m is mask:
+        out_m = mask.clone()
+    return out_x, out_m
+
+
+def _check_pairs(images: torch.Tensor, masks: torch.Tensor) -> None:
+    if images.ndim != 4:
+        raise ValueError(f"expected uint8 images (N, C, H, W), got shape {tuple(images.shape)}")
+    if masks.ndim != 3 or masks.shape[0] != images.shape[0] or masks.shape[1:] != images.shape[2:]:
+        raise ValueError(
+            f"masks must be (N, H, W) matching images (N, C, H, W) = {tuple(images.shape)}, got {tuple(masks.shape)}"
+        )
+    if len(images) == 0:
+        raise ValueError("no images at this site")
+
+
+def _num_classes(model: nn.Module, images: torch.Tensor, device: torch.device) -> int:
+    out_ch = getattr(model, "out_channels", None)
+    if isinstance(out_ch, int):
+        return out_ch
+    with torch.no_grad():
+        return int(model(torch.zeros((1, model_in_channels(model), *images.shape[2:]), device=device)).shape[1])
+
+
+def _check_mask_values(masks: torch.Tensor, num_classes: int) -> None:
+    top = int(masks.max()) if masks.numel() else 0
+    if top >= num_classes or (masks.numel() and int(masks.min()) < 0):
+        raise ValueError(
+            f"mask values must be class indices in [0, {num_classes - 1}] for a {num_classes}-class model, "
+            f"found max {top}; binary masks stored as 0/255 must be divided by 255 first"
+        )
+
+
+def train_local_seg(
+    model: nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    augment: AugmentConfig | None = None,
+    normalize: str = "fixed",
+    proximal_mu: float | None = None,
+    device: torch.device | None = None,
+) -> TrainResult:
+    """Train a segmentation ``model`` in place for ``cfg.local_epochs`` on one site's data.
+
+    Parameters
+    ----------
+    model:
+        Network returning logits ``(B, K, H, W)``, holding this round's global weights.
+    images, masks:
+        uint8 ``(N, C, H, W)`` images and uint8/bool ``(N, H, W)`` class-index masks.
+    cfg:
+        Local training settings (``class_weighting`` is not used: Dice+CE
+        already balances foreground and background).
+    seed:
+        Seeds shuffling and augmentation: same seed, same result.
+    augment:
+        Joint image/mask augmentation (:func:`augment_pair`), ``None`` = none.
+    normalize:
+        Intensity normalisation (:func:`shared.data.preprocess.normalize_batch`).
+    proximal_mu:
+        FedProx weight (default ``cfg.proximal_mu``): adds
+        ``mu/2 * ||w - w_global||^2`` with ``w_global`` the weights on entry.
+    device:
+        Default: CUDA if available, else CPU.
+
+    Returns
+    -------
+    TrainResult
+        Images, mean loss, time, throughput and optimizer steps.
+    """
+    _check_pairs(images, masks)
+    device = device or select_device()
+    mu = cfg.proximal_mu if proximal_mu is None else proximal_mu
+    amp = resolve_precision(cfg.precision, device)
+    model = prepare_model(model, device, cfg.precision)
+    channels_last = cfg.precision != "fp32"
+    in_ch = model_in_channels(model)
+    _check_mask_values(masks, _num_classes(model, images, device))
+    loss_fn = seg_loss()
+    global_params = snapshot_params(model) if mu > 0 else None
+    optimizer = make_optimizer(model, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model.train()
+
+    t0 = time.perf_counter()
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    seen, steps = 0, 0
+    for epoch in range(cfg.local_epochs):
+        for idx in batch_indices(len(images), cfg.batch_size, gen):
+            x = to_float01(images[idx], in_ch, device, channels_last=False)
+            y = masks[idx].to(device).long()
+            if augment is not None:
+                x, y = augment_pair(x, y, augment, gen)
+            x = normalize_batch(x, normalize)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y.unsqueeze(1))
+            if global_params is not None:
+                loss = loss + 0.5 * mu * proximal_term(model, global_params)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.detach() * len(idx)
+            seen += len(idx)
+            steps += 1
+        if not torch.isfinite(total_loss):
+            raise FloatingPointError(
+                f"segmentation training loss became {float(total_loss)} in epoch {epoch + 1}: lower 'lr' "
+                f"(now {cfg.lr}) or use precision='fp32'"
+            )
+    seconds = time.perf_counter() - t0
+    return TrainResult(
+        num_examples=len(images),
+        loss=float(total_loss) / max(seen, 1),
+        seconds=seconds,
+        images_per_second=seen / seconds if seconds > 0 else float("nan"),
+        steps=steps,
+    )
+
+
+def _batch_spacings(
+    spacings: Spacing | Sequence[Spacing | None] | None, idx: torch.Tensor, n: int
+) -> Spacing | list[Spacing | None] | None:
+    if spacings is None:
+        return None
+    seq = list(spacings)  # type: ignore[arg-type]
+    if len(seq) == 2 and all(isinstance(v, (int, float, np.integer, np.floating)) for v in seq):
+        return (float(seq[0]), float(seq[1]))
+    if len(seq) != n:
+        raise ValueError(f"spacings must be None, one (row, column) pair or one per image ({n}), got {len(seq)}")
+    return [seq[i] for i in idx.tolist()]
+
+
+@torch.no_grad()
+def evaluate_seg(
+    model: nn.Module,
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    *,
+    batch_size: int = 32,
+    precision: str = "auto",
+    normalize: str = "fixed",
+    spacings: Spacing | Sequence[Spacing | None] | None = None,
+    device: torch.device | None = None,
+) -> tuple[SegmentationCounts, float]:
+    """Evaluate a segmentation model: metric sums and mean Dice+CE loss.
+
+    The predicted class is the argmax over the logits; Dice/IoU/HD95 compare
+    foreground = ``class != 0`` in prediction and target (for binary
+    segmentation exactly class 1).
+
+    Parameters
+    ----------
+    model:
+        Network returning logits ``(B, K, H, W)``.
+    images, masks:
+        uint8 ``(N, C, H, W)`` images and ``(N, H, W)`` class-index masks.
+    batch_size, precision, normalize, device:
+        As in :func:`shared.training.predict_proba`.
+    spacings:
+        Pixel spacing ``(row, column)`` in mm for all images, or one per
+        image (``None`` entries allowed); enables ``hd95-mm``.
+
+    Returns
+    -------
+    tuple
+        ``(SegmentationCounts, mean loss per image)``.
+    """
+    _check_pairs(images, masks)
+    device = device or select_device()
+    amp = resolve_precision(precision, device)
+    model = prepare_model(model, device, precision)
+    in_ch = model_in_channels(model)
+    model.eval()
+    _check_mask_values(masks, _num_classes(model, images, device))
+    loss_fn = seg_loss()
+    counts = SegmentationCounts.empty()
+    total_loss, n = 0.0, len(images)
+    for idx in batch_indices(n, batch_size, None):
+        x = normalize_batch(to_float01(images[idx], in_ch, device, precision != "fp32"), normalize)
+        y = masks[idx].to(device).long()
+        with autocast(device, amp):
+            logits = model(x)
+        logits = logits.float()
+        total_loss += float(loss_fn(logits, y.unsqueeze(1))) * len(idx)
+        pred = logits.argmax(dim=1)
+        counts.update((pred != 0).cpu().numpy(), (y != 0).cpu().numpy(), _batch_spacings(spacings, idx, n))
+    return counts, total_loss / n
