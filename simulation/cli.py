@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from shared.config import ConfigError, describe_keys, parse_overrides
 from simulation.data_cli import add_data_parser
+from simulation.predict_cli import add_predict_parser
 
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     _add_simulate(sub)
     add_data_parser(sub)
+    add_predict_parser(sub)
     return parser
 
 

@@ -266,7 +266,7 @@ def _compose_chest(r: int, index: int, seed: int, task: int, ptx: bool,
         lucency = frng.uniform(0.03, 0.09) if frng.random() > _P_BORDERLINE else frng.uniform(0.01, 0.03)
         img -= lucency * gap
         img += frng.uniform(0.02, 0.05) * collapsed * (1.0 - gap)  # the collapsed lung is denser
-        img += frng.uniform(0.05, 0.12) * pleura
+        img += frng.uniform(0.08, 0.16) * pleura
     if opacities and frng.random() < 0.35:
         lesion, _ = _lesions(g, a, lungs, frng)
         img += np.minimum(lesion, 0.9 * lung_depth)

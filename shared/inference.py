@@ -1,0 +1,636 @@
+"""Use a trained medfed model: load ``model.pt``, predict files, score a labelled set.
+
+A run's ``model.pt`` (written by :meth:`shared.results.ResultsWriter.write_model`)
+holds ``{"state_dict", "meta"}``; ``meta`` records the task, the model, the
+classes and the exact input pipeline of training (``preprocess``,
+``normalize``, the path-free ``run-config``). :func:`load_trained` rebuilds the
+network from it, and :func:`predict_files` feeds new images through *the same*
+pipeline: reader (DICOM windowing, colour order) -> :func:`preprocess` ->
+``[0, 1]`` -> :func:`normalize_batch` -> softmax.
+
+Files that cannot be read become rows with an ``error`` reason; they never
+stop a batch. Logging is counts only, never a file name.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from shared.config import PATH_KEYS, RUN_KEYS, ConfigError, RunConfig, parse_run_config
+from shared.data.preprocess import PreprocessConfig, normalize_batch, preprocess
+from shared.data.site import class_mapping, make_reader
+from shared.data.sources import DataSourceError, discover, registered_suffixes
+from shared.metrics.classification import ClassificationCounts
+from shared.models import build_model
+from shared.registry import UnknownNameError
+from shared.training import images_to_tensor, to_float01
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MODEL_FILE",
+    "REQUIRED_META",
+    "EvaluationResult",
+    "ModelFileError",
+    "NotSupportedError",
+    "TrainedModel",
+    "collect_inputs",
+    "evaluate_dataset",
+    "is_segmentation_model",
+    "load_trained",
+    "predict_files",
+    "write_predictions_csv",
+]
+
+MODEL_FILE = "model.pt"
+#: Keys ``meta`` must have for a model to be usable here.
+REQUIRED_META = ("task", "model", "in-channels", "num-classes", "class-names", "preprocess", "normalize")
+#: Long side (px) of written heatmap overlays; larger inputs are shrunk, aspect kept.
+HEATMAP_MAX_SIDE = 1024
+
+_EXPECTED = (
+    f"expected a run's results folder containing '{MODEL_FILE}', or a '{MODEL_FILE}' written by medfed "
+    "(torch.save of a dict {'state_dict': ..., 'meta': {'task', 'model', 'in-channels', 'num-classes', "
+    "'class-names', 'preprocess', 'normalize', 'run-config', ...}})"
+)
+
+
+class ModelFileError(ValueError):
+    """A path is not a usable medfed model file; the message says what was expected."""
+
+
+class NotSupportedError(ValueError):
+    """The model's kind is not supported by this operation yet (e.g. segmentation)."""
+
+
+def is_segmentation_model(name: str) -> bool:
+    """True for a segmentation network (``shared.models.SEGMENTATION_MODELS`` or a ``unet`` name)."""
+    import shared.models as models
+
+    registered = getattr(models, "SEGMENTATION_MODELS", None)
+    if registered is not None and name in registered:
+        return True
+    return name.startswith(("unet", "attention-unet"))
+
+
+# ---------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A rebuilt model (eval mode, CPU, fp32) and the ``meta`` it was saved with."""
+
+    model: nn.Module
+    meta: Mapping[str, Any]
+    path: Path
+    run_config: RunConfig
+    preprocess: PreprocessConfig
+
+    @property
+    def model_name(self) -> str:
+        """Registered model name."""
+        return str(self.meta["model"])
+
+    @property
+    def task(self) -> str:
+        """Task name."""
+        return str(self.meta["task"])
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Class names in output order."""
+        return tuple(str(c) for c in self.meta["class-names"])
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output classes."""
+        return int(self.meta["num-classes"])
+
+    @property
+    def in_channels(self) -> int:
+        """Input channels of the network."""
+        return int(self.meta["in-channels"])
+
+    @property
+    def normalize(self) -> str:
+        """Batch intensity normalisation used in training."""
+        return str(self.meta.get("normalize") or "fixed")
+
+    @property
+    def positive_class(self) -> int:
+        """Positive class of a binary task: ``meta['positive-class']``, the task's, or 1."""
+        if "positive-class" in self.meta:
+            return int(self.meta["positive-class"])
+        try:
+            from shared.tasks import get_task
+
+            return int(get_task(self.task).positive_class)
+        except (UnknownNameError, KeyError):
+            return 1
+
+    @property
+    def is_segmentation(self) -> bool:
+        """Whether the network is a segmentation model."""
+        return is_segmentation_model(self.model_name)
+
+
+def _model_path(path: Path) -> Path:
+    path = Path(path).expanduser()
+    if path.is_dir():
+        candidate = path / MODEL_FILE
+        if not candidate.is_file():
+            raise ModelFileError(f"folder '{path}' has no '{MODEL_FILE}': {_EXPECTED}.")
+        return candidate
+    if not path.is_file():
+        raise ModelFileError(f"model path '{path}' does not exist: {_EXPECTED}.")
+    return path
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reader failure means "not a model file"
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelFileError(f"cannot read '{path.name}' as a torch file ({type(exc).__name__}: {first[:200]}): {_EXPECTED}.") from None
+    if not isinstance(obj, Mapping) or "state_dict" not in obj or "meta" not in obj:
+        found = f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+        hint = (
+            " It looks like a bare state dict (initial weights?): pass it as run config 'init-weights' instead."
+            if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())
+            else ""
+        )
+        raise ModelFileError(f"'{path.name}' holds {found}, not a medfed model: {_EXPECTED}.{hint}")
+    state, meta = obj["state_dict"], obj["meta"]
+    if not isinstance(state, Mapping) or not isinstance(meta, Mapping):
+        raise ModelFileError(f"'{path.name}': 'state_dict' and 'meta' must both be dicts: {_EXPECTED}.")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ModelFileError(f"'{path.name}': meta lacks {missing} (found {sorted(map(str, meta))}): {_EXPECTED}.")
+    return dict(state), dict(meta)
+
+
+def _run_config(meta: Mapping[str, Any], name: str) -> RunConfig:
+    flat = dict(meta.get("run-config") or {})
+    unknown = [k for k in flat if k not in RUN_KEYS]
+    if unknown:
+        logger.warning("model meta: ignoring %d run-config key(s) this version does not know", len(unknown))
+    flat = {k: v for k, v in flat.items() if k in RUN_KEYS and k not in PATH_KEYS}
+    flat.setdefault("task", meta["task"])
+    flat.setdefault("model", meta["model"])
+    try:
+        return parse_run_config(flat)
+    except ConfigError as exc:
+        raise ModelFileError(f"'{name}': its recorded run-config is not valid for this medfed version: {exc}") from None
+
+
+def load_trained(path: Path) -> TrainedModel:
+    """Load a trained medfed model.
+
+    Parameters
+    ----------
+    path : Path
+        A run's results folder (containing ``model.pt``) or a ``model.pt`` file.
+
+    Returns
+    -------
+    TrainedModel
+        The network rebuilt with :func:`shared.models.build_model`, weights
+        loaded (strict), in eval mode on the CPU, with its ``meta``.
+
+    Raises
+    ------
+    ModelFileError
+        (a ``ValueError``) when the path is missing, not a torch file, not a
+        medfed model (no ``state_dict``/``meta``), names an unknown model, or
+        its weights do not fit the rebuilt network. The message says what
+        was expected.
+    """
+    file = _model_path(Path(path))
+    state, meta = _read_checkpoint(file)
+    try:
+        pcfg = PreprocessConfig.from_dict(meta["preprocess"])
+    except (ConfigError, TypeError) as exc:
+        raise ModelFileError(f"'{file.name}': meta 'preprocess' is not valid: {exc}") from None
+    cfg = _run_config(meta, file.name)
+    try:
+        model = build_model(str(meta["model"]), int(meta["in-channels"]), int(meta["num-classes"]))
+    except (UnknownNameError, ValueError, TypeError) as exc:
+        raise ModelFileError(f"'{file.name}': cannot rebuild model {meta['model']!r}: {exc}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelFileError(
+            f"'{file.name}': its weights do not fit a '{meta['model']}' with {meta['in-channels']} input channels "
+            f"and {meta['num-classes']} classes ({first[:300]}). The file is damaged or its meta does not match."
+        ) from None
+    model.float().eval()
+    classes = meta["class-names"]
+    if not isinstance(classes, (list, tuple)) or len(classes) != int(meta["num-classes"]):
+        raise ModelFileError(f"'{file.name}': meta 'class-names' {classes!r} does not list {meta['num-classes']} classes.")
+    logger.info("loaded model %s for task %s (%d classes)", meta["model"], meta["task"], len(classes))
+    return TrainedModel(model=model, meta=meta, path=file, run_config=cfg, preprocess=pcfg)
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _manifest_paths(manifest: Path) -> list[Path]:
+    try:
+        with manifest.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None) or []
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataSourceError(f"cannot read manifest '{manifest.name}': {exc}. Expected a UTF-8 CSV file.") from None
+    lower = [h.strip().lower() for h in header]
+    if "path" not in lower:
+        raise DataSourceError(
+            f"manifest '{manifest.name}' has no 'path' column (found {[h.strip() for h in header]}): expected a CSV "
+            "with a 'path' column of image files relative to the manifest's folder."
+        )
+    i = lower.index("path")
+    out = []
+    for row in rows:
+        if len(row) > i and row[i].strip():
+            out.append((manifest.parent / row[i].strip().replace("\\", "/")).absolute())
+    return out
+
+
+def collect_inputs(inputs: Sequence[Path]) -> list[Path]:
+    """Expand inputs into a list of image files, in order, without duplicates.
+
+    Parameters
+    ----------
+    inputs : sequence of Path
+        Image files (kept whatever their suffix: an unreadable one becomes an
+        error row later), folders (searched recursively for files with a
+        registered suffix, hidden files skipped, sorted), or manifest ``.csv``
+        files (their ``path`` column, relative to the manifest's folder;
+        missing files are kept and reported as error rows).
+
+    Raises
+    ------
+    DataSourceError
+        An input does not exist, or a manifest has no ``path`` column.
+    """
+    suffixes = set(registered_suffixes())
+    out: list[Path] = []
+    seen: set[Path] = set()
+
+    def add(p: Path) -> None:
+        key = p.absolute()
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+
+    for raw in inputs:
+        p = Path(raw).expanduser()
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and f.suffix.lower() in suffixes and not _is_hidden(f, p):
+                    add(f)
+        elif p.is_file() and p.suffix.lower() == ".csv":
+            for f in _manifest_paths(p):
+                add(f)
+        elif p.is_file():
+            add(p)
+        else:
+            raise DataSourceError(f"input '{p}' does not exist: expected image files, folders or manifest .csv files.")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Prediction
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class _Decoded:
+    """One input after reading: the model input, or why there is none."""
+
+    path: Path
+    image: np.ndarray | None = None  # preprocessed uint8 square
+    shape: tuple[int, int] | None = None  # decoded (H, W)
+    error: str = ""  # message (names the file, never its folder)
+    reason: str = ""  # short count label, safe to log
+
+
+def _error_text(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"{reason}: {msg}" if reason and not msg.startswith(str(reason)) else msg
+
+
+def _decode(path: Path, reader: Callable[[Path], np.ndarray], pcfg: PreprocessConfig) -> tuple[_Decoded, np.ndarray | None]:
+    try:
+        raw = reader(path)
+        img = preprocess(raw, pcfg)
+    except Exception as exc:  # noqa: BLE001 - any failure of one file is that file's row, never a crash
+        reason = str(getattr(exc, "reason", "") or type(exc).__name__)
+        return _Decoded(path, error=_error_text(exc) or "unreadable", reason=reason), None
+    return _Decoded(path, image=img, shape=(int(raw.shape[0]), int(raw.shape[1]))), raw
+
+
+def _model_input(trained: TrainedModel, images: np.ndarray) -> torch.Tensor:
+    x = to_float01(images_to_tensor(images), trained.in_channels, torch.device("cpu"), channels_last=False)
+    return normalize_batch(x, trained.normalize)
+
+
+@torch.no_grad()
+def _probabilities(trained: TrainedModel, x: torch.Tensor) -> np.ndarray:
+    trained.model.eval()
+    return torch.softmax(trained.model(x).float(), dim=1).numpy().astype(np.float64)
+
+
+def _check_classifier(trained: TrainedModel, what: str) -> None:
+    if trained.is_segmentation:
+        raise NotSupportedError(
+            f"{what} is not supported yet for segmentation models ('{trained.model_name}'); "
+            "it works for classifiers only."
+        )
+
+
+def _chunks(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def predict_files(
+    trained: TrainedModel,
+    files: list[Path],
+    *,
+    threshold: float | None = None,
+    heatmap_dir: Path | None = None,
+    batch_size: int = 32,
+) -> list[dict[str, Any]]:
+    """Predict each file with the model's own training pipeline.
+
+    Parameters
+    ----------
+    trained : TrainedModel
+        From :func:`load_trained`.
+    files : list of Path
+        Image files (see :func:`collect_inputs`).
+    threshold : float, optional
+        Binary models: ``predicted`` is the positive class when its
+        probability is ``>= threshold`` (default 0.5). Multi-class models:
+        must be ``None`` (argmax).
+    heatmap_dir : Path, optional
+        Write a Grad-CAM overlay per readable file here, as
+        ``<stem>_gradcam.png`` (``<stem>-2_gradcam.png`` ... on name clashes):
+        the decoded image at its own aspect ratio (long side at most
+        :data:`HEATMAP_MAX_SIDE`) with the heatmap of the positive class
+        (binary) or of the predicted class (multi-class).
+    batch_size : int
+        Images per forward pass.
+
+    Returns
+    -------
+    list of dict
+        One row per file, in order: ``input`` (file name only),
+        ``prob-<class>`` per class, ``predicted`` (class name), ``error``
+        (empty, or why the file could not be used; its probabilities and
+        prediction are then empty), and ``heatmap`` (file name or empty).
+
+    Raises
+    ------
+    NotSupportedError
+        For a segmentation model.
+    ValueError
+        For a bad ``threshold`` or ``batch_size``.
+    """
+    _check_classifier(trained, "predict")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    binary = trained.num_classes == 2
+    if threshold is not None:
+        if not binary:
+            raise ValueError(f"threshold applies to binary models only; this model has {trained.num_classes} classes (argmax is used)")
+        if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+            raise ValueError(f"threshold must be a probability in [0, 1], got {threshold!r}")
+    thr = 0.5 if threshold is None else float(threshold)
+    pos = trained.positive_class
+    names = trained.class_names
+    reader = make_reader(trained.run_config)
+    if heatmap_dir is not None:
+        heatmap_dir = Path(heatmap_dir)
+        heatmap_dir.mkdir(parents=True, exist_ok=True)
+    used_names: Counter[str] = Counter()
+    rows: list[dict[str, Any]] = []
+    errors = 0
+    for chunk in _chunks(list(files), batch_size):
+        decoded: list[_Decoded] = []
+        raws: list[np.ndarray | None] = []
+        for path in chunk:
+            d, raw = _decode(Path(path), reader, trained.preprocess)
+            decoded.append(d)
+            raws.append(raw if heatmap_dir is not None else None)
+        ok = [i for i, d in enumerate(decoded) if d.image is not None]
+        probs = np.zeros((0, trained.num_classes))
+        maps: np.ndarray | None = None
+        if ok:
+            x = _model_input(trained, np.stack([decoded[i].image for i in ok]))  # type: ignore[misc]
+            probs = _probabilities(trained, x)
+            if heatmap_dir is not None:
+                from shared.explain import gradcam
+
+                target = pos if binary else None
+                maps = gradcam(trained.model, trained.model_name, x, target_class=target)
+        k_of = {i: k for k, i in enumerate(ok)}
+        for i, d in enumerate(decoded):
+            row: dict[str, Any] = {"input": d.path.name}
+            if i not in k_of:
+                errors += 1
+                row.update({f"prob-{c}": None for c in names})
+                row.update(predicted="", error=d.error, heatmap="")
+                rows.append(row)
+                continue
+            p = probs[k_of[i]]
+            row.update({f"prob-{c}": float(p[j]) for j, c in enumerate(names)})
+            if binary:
+                predicted = names[pos] if p[pos] >= thr else names[1 - pos]
+            else:
+                predicted = names[int(np.argmax(p))]
+            row.update(predicted=predicted, error="", heatmap="")
+            if maps is not None and heatmap_dir is not None:
+                row["heatmap"] = _write_heatmap(heatmap_dir, d, raws[i], maps[k_of[i]], trained.preprocess, used_names)
+            rows.append(row)
+    logger.info("predicted %d file(s), %d unreadable", len(rows) - errors, errors)
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# Heatmap overlays at the input's aspect ratio
+# ---------------------------------------------------------------------------
+
+
+def _content_box(h: int, w: int, pcfg: PreprocessConfig) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of the image inside the preprocessed square (as :func:`preprocess`)."""
+    size = pcfg.size
+    if pcfg.resize == "squash":
+        return 0, 0, size, size
+    scale = size / max(h, w)
+    th = min(size, max(1, round(h * scale)))
+    tw = min(size, max(1, round(w * scale)))
+    return (size - th) // 2, (size - tw) // 2, th, tw
+
+
+def _display_uint8(raw: np.ndarray) -> np.ndarray:
+    """A decoded image as uint8 for display: (H, W) gray or (H, W, 3) RGB."""
+    img = np.asarray(raw)
+    if img.ndim == 3 and img.shape[2] == 1:
+        img = img[:, :, 0]
+    if img.ndim == 3 and img.shape[2] == 4:
+        img = img[:, :, :3]
+    if img.dtype == np.uint8:
+        return np.ascontiguousarray(img)
+    data = img.astype(np.float64)
+    finite = np.isfinite(data)
+    if not finite.any():
+        return np.zeros(img.shape, np.uint8)
+    lo, hi = float(data[finite].min()), float(data[finite].max())
+    if img.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
+        lo, hi = 0.0, 1.0
+    scaled = (np.where(finite, data, lo) - lo) / max(hi - lo, 1e-12)
+    return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+
+
+def _unique_name(stem: str, used: Counter[str]) -> str:
+    used[stem] += 1
+    n = used[stem]
+    return f"{stem}_gradcam.png" if n == 1 else f"{stem}-{n}_gradcam.png"
+
+
+def _write_heatmap(
+    out_dir: Path, d: _Decoded, raw: np.ndarray | None, heat: np.ndarray, pcfg: PreprocessConfig, used: Counter[str]
+) -> str:
+    from shared.explain import overlay
+
+    if raw is None or d.shape is None:
+        return ""
+    h, w = d.shape
+    top, left, th, tw = _content_box(h, w, pcfg)
+    heat = heat[top : top + th, left : left + tw]  # drop the letterbox padding
+    base = _display_uint8(raw)
+    scale = min(1.0, HEATMAP_MAX_SIDE / max(h, w))
+    if scale < 1.0:
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        base = cv2.resize(base, size, interpolation=cv2.INTER_AREA)
+    name = _unique_name(d.path.stem, used)
+    image = overlay(base, heat, rgb=True)
+    if not cv2.imwrite(str(out_dir / name), image):
+        logger.warning("could not write a heatmap overlay")
+        return ""
+    return name
+
+
+def write_predictions_csv(rows: Sequence[Mapping[str, Any]], path: Path, class_names: Sequence[str]) -> Path:
+    """Write ``predictions.csv``: ``input, prob-<class>..., predicted, error``."""
+    cols = ["input", *(f"prob-{c}" for c in class_names), "predicted", "error"]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(cols)
+        for r in rows:
+            w.writerow(["" if r.get(c) is None else (f"{r[c]:.6f}" if isinstance(r.get(c), float) else r.get(c, "")) for c in cols])
+    return path
+
+
+# ---------------------------------------------------------------------------
+# Evaluation on a labelled dataset
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """Metrics of a model on a labelled dataset (counts-derived)."""
+
+    metrics: dict[str, float]
+    counts: ClassificationCounts
+    class_names: tuple[str, ...]
+    positive_class: int
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self, trained: TrainedModel | None = None) -> dict[str, Any]:
+        """JSON-ready: metrics, per-class counts, what was skipped (no paths)."""
+        out: dict[str, Any] = {}
+        if trained is not None:
+            out.update(task=trained.task, model=trained.model_name)
+        out.update(
+            {
+                "class-names": list(self.class_names),
+                "positive-class": self.positive_class,
+                "num-images": self.counts.num_examples,
+                "metrics": self.metrics,
+                "confusion": self.counts.confusion.tolist(),
+                "skipped": dict(self.skipped),
+            }
+        )
+        return out
+
+
+def evaluate_dataset(trained: TrainedModel, data: Path, *, batch_size: int = 32) -> EvaluationResult:
+    """Score ``trained`` on a labelled dataset (class folders, folder with manifest.csv, or a manifest).
+
+    Labels are mapped onto the model's classes by name (case-insensitive,
+    :func:`shared.data.site.class_mapping`). Unreadable images are counted
+    in ``skipped`` by reason and left out. Metrics come from
+    :class:`ClassificationCounts` (argmax predictions; AUROC from the
+    positive-class probability).
+
+    Raises
+    ------
+    NotSupportedError
+        For a segmentation model.
+    DataSourceError
+        The dataset cannot be listed, its classes do not match the model's,
+        or no image could be read.
+    """
+    _check_classifier(trained, "evaluate")
+    listing = discover(Path(data))
+    mapping = class_mapping(listing.class_names, trained.class_names)
+    labels_all = mapping[listing.labels()]
+    reader = make_reader(trained.run_config)
+    skipped: Counter[str] = Counter(listing.skipped)
+    counts = ClassificationCounts.empty(trained.num_classes)
+    records = listing.records
+    for start in range(0, len(records), batch_size):
+        imgs, labs = [], []
+        for j in range(start, min(start + batch_size, len(records))):
+            d, _ = _decode(records[j].path, reader, trained.preprocess)
+            if d.image is None:
+                skipped[d.reason or "unreadable"] += 1
+                continue
+            imgs.append(d.image)
+            labs.append(int(labels_all[j]))
+        if imgs:
+            probs = _probabilities(trained, _model_input(trained, np.stack(imgs)))
+            counts.update(probs, np.asarray(labs, dtype=np.int64))
+    if counts.num_examples == 0:
+        raise DataSourceError(f"none of the {len(records)} images could be read (skipped: {dict(skipped)})")
+    pos = trained.positive_class
+    metrics = counts.metrics(positive_class=pos) if trained.num_classes == 2 else counts.metrics()
+    logger.info("evaluated %d images (%d skipped)", counts.num_examples, sum(skipped.values()))
+    return EvaluationResult(metrics, counts, trained.class_names, pos, dict(skipped))

@@ -1,0 +1,242 @@
+"""Using a trained model: load model.pt, ``medfed predict`` (CSV + Grad-CAM overlays), ``medfed evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from shared.config import PATH_KEYS, TrainConfig, parse_run_config
+from shared.data.phantoms import make_chest_phantoms
+from shared.data.preprocess import preprocess
+from shared.data.site import resolve_augment, resolve_preprocess
+from shared.inference import (
+    ModelFileError,
+    NotSupportedError,
+    TrainedModel,
+    collect_inputs,
+    evaluate_dataset,
+    load_trained,
+    predict_files,
+)
+from shared.models import build_model
+from shared.results import ResultsWriter
+from shared.tasks import get_task
+from shared.training import images_to_tensor, train_local
+from simulation.predict_cli import add_predict_parser
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DICOM_DIR = SHARED_DATA / "dicom"
+CXR_DIR = SHARED_DATA / "cxr-pneumonia"
+CLASSES = ("normal", "pneumonia")
+
+
+def _run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="medfed")
+    sub = parser.add_subparsers(dest="command")
+    add_predict_parser(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A results folder with a model.pt in the format server/federation.py writes (1 epoch of small-cnn)."""
+    cfg = parse_run_config({"task": "pneumonia-cxr", "model": "small-cnn", "image-size": 64})
+    task = get_task(cfg.task)
+    pcfg = resolve_preprocess(cfg, task)
+    images, labels = make_chest_phantoms(160, size=64, seed=3)
+    images = np.stack([preprocess(im, pcfg) for im in images])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, task.in_channels, task.num_classes)
+    train_local(model, images_to_tensor(images), torch.as_tensor(labels), TrainConfig(local_epochs=1),
+                num_classes=task.num_classes, seed=0, augment=None)
+    aug = resolve_augment(cfg, task)
+    meta = {
+        "task": cfg.task, "model": cfg.model, "image-size": cfg.data.image_size,
+        "in-channels": task.in_channels, "num-classes": task.num_classes,
+        "class-names": list(task.class_names),
+        "run-config": {k: v for k, v in cfg.to_flat().items() if k not in PATH_KEYS},
+        "preprocess": pcfg.to_dict(),
+        "augment": aug.to_dict() if aug is not None else None,
+        "normalize": "fixed",
+    }
+    out = tmp_path_factory.mktemp("run")
+    ResultsWriter(out).write_model(model.state_dict(), meta)
+    return out
+
+
+@pytest.fixture(scope="module")
+def labelled_pngs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Class folders NORMAL/ and PNEUMONIA/ of 64 px phantom PNGs (a set the model never saw)."""
+    root = tmp_path_factory.mktemp("labelled")
+    images, labels = make_chest_phantoms(40, size=64, seed=11)
+    for i, (im, y) in enumerate(zip(images, labels)):
+        folder = root / CLASSES[int(y)].upper()
+        folder.mkdir(exist_ok=True)
+        cv2.imwrite(str(folder / f"img{i:03d}.png"), im)
+    return root
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _aspect(shape: tuple[int, ...]) -> float:
+    return shape[0] / shape[1]
+
+
+def test_load_trained_from_folder_and_file(run_dir: Path) -> None:
+    a = load_trained(run_dir)
+    b = load_trained(run_dir / "model.pt")
+    assert a.model_name == "small-cnn" and a.class_names == CLASSES and a.positive_class == 1
+    assert not a.model.training
+    assert a.preprocess.size == 64 and a.preprocess.equalize == "clahe"
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k])
+
+
+def test_predict_cli_pngs_dicom_broken_with_heatmaps(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    images, _ = make_chest_phantoms(4, size=64, seed=5)
+    for i, im in enumerate(images):
+        cv2.imwrite(str(inputs / f"square{i}.png"), im)
+    wide = cv2.resize(images[0], (150, 100), interpolation=cv2.INTER_LINEAR)  # landscape, aspect 2:3
+    cv2.imwrite(str(inputs / "wide.png"), wide)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    argv = ["predict", "--model", str(run_dir), str(inputs), str(tmp_path / "broken.png")]
+    dicom = DICOM_DIR / "RG1_J2KI.dcm"
+    if dicom.is_file():
+        argv.append(str(dicom))
+    out = tmp_path / "out"
+    rc = _run_cli([*argv, "--out", str(out), "--heatmaps"])
+    assert rc == 0, capsys.readouterr().err
+
+    rows = _read_csv(out / "predictions.csv")
+    assert list(rows[0]) == ["input", "prob-normal", "prob-pneumonia", "predicted", "error"]
+    by_name = {r["input"]: r for r in rows}
+    expected = {f"square{i}.png" for i in range(4)} | {"wide.png", "broken.png"}
+    if dicom.is_file():
+        expected.add("RG1_J2KI.dcm")
+    assert set(by_name) == expected
+    assert by_name["broken.png"]["error"] and by_name["broken.png"]["prob-normal"] == ""
+    for name, r in by_name.items():
+        if name == "broken.png":
+            continue
+        assert r["error"] == "", r
+        p = float(r["prob-normal"]) + float(r["prob-pneumonia"])
+        assert abs(p - 1.0) < 1e-5
+        assert r["predicted"] == ("pneumonia" if float(r["prob-pneumonia"]) >= 0.5 else "normal")
+        heat = cv2.imread(str(out / "heatmaps" / f"{Path(name).stem}_gradcam.png"))
+        assert heat is not None and heat.ndim == 3 and heat.shape[2] == 3, name
+    assert cv2.imread(str(out / "heatmaps" / "wide_gradcam.png")).shape[:2] == (100, 150)
+    assert not (out / "heatmaps" / "broken_gradcam.png").exists()
+    if dicom.is_file():
+        from shared.data.dicom import read_dicom
+
+        h, w = read_dicom(dicom).shape[:2]
+        shape = cv2.imread(str(out / "heatmaps" / "RG1_J2KI_gradcam.png")).shape
+        assert max(shape[:2]) <= 1024
+        assert abs(_aspect(shape) - h / w) < 0.01
+    else:
+        pytest.skip(f"PNG part passed; DICOM part skipped: {dicom} not found")
+
+
+def test_threshold_sets_the_predicted_class(run_dir: Path, labelled_pngs: Path, tmp_path: Path) -> None:
+    trained = load_trained(run_dir)
+    files = collect_inputs([labelled_pngs])[:8]
+    always = predict_files(trained, files, threshold=0.0)
+    assert {r["predicted"] for r in always} == {"pneumonia"}
+    never = predict_files(trained, files, threshold=1.0)
+    assert all(r["predicted"] == "normal" for r in never if r["prob-pneumonia"] < 1.0)
+    assert _run_cli(["predict", "--model", str(run_dir), str(files[0]), "--threshold", "1.5",
+                     "--out", str(tmp_path)]) == 2
+
+
+def test_evaluate_cli_writes_metrics(run_dir: Path, labelled_pngs: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "metrics.json"
+    assert _run_cli(["evaluate", "--model", str(run_dir), str(labelled_pngs), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "auroc" in printed and "accuracy" in printed
+    report = json.loads(out.read_text())
+    assert report["num-images"] == 40 and report["class-names"] == list(CLASSES)
+    auroc = report["metrics"]["auroc"]
+    assert isinstance(auroc, float) and 0.0 <= auroc <= 1.0
+    assert str(labelled_pngs) not in out.read_text()  # no paths in the report
+
+
+def test_bogus_model_files_give_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bogus = tmp_path / "model.pt"
+    bogus.write_bytes(b"this is not a torch file")
+    with pytest.raises(ModelFileError, match="expected a run's results folder"):
+        load_trained(bogus)
+    assert _run_cli(["predict", "--model", str(bogus), str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "expected" in capsys.readouterr().err
+
+    bare = tmp_path / "weights.pt"
+    torch.save(build_model("small-cnn", 1, 2).state_dict(), bare)
+    with pytest.raises(ModelFileError, match="init-weights"):
+        load_trained(bare)
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    with pytest.raises(ModelFileError, match="has no 'model.pt'"):
+        load_trained(empty)
+    with pytest.raises(ModelFileError, match="does not exist"):
+        load_trained(tmp_path / "missing.pt")
+
+
+def test_weights_that_do_not_fit_the_meta(run_dir: Path, tmp_path: Path) -> None:
+    obj = torch.load(run_dir / "model.pt", weights_only=True)
+    obj["meta"]["model"] = "resnet18"
+    torch.save(obj, tmp_path / "model.pt")
+    with pytest.raises(ModelFileError, match="do not fit"):
+        load_trained(tmp_path)
+
+
+def test_collect_inputs_folders_manifests_files(tmp_path: Path) -> None:
+    (tmp_path / "a" / "deep").mkdir(parents=True)
+    img = np.full((8, 8), 7, np.uint8)
+    for p in ("a/x.png", "a/deep/y.JPG", "a/.hidden.png", "z.png"):
+        cv2.imwrite(str(tmp_path / p), img)
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / "m.csv").write_text("path,label\na/x.png,normal\nmissing.png,normal\n")
+    found = collect_inputs([tmp_path / "a", tmp_path / "m.csv", tmp_path / "z.png"])
+    names = [p.name for p in found]
+    assert names == ["y.JPG", "x.png", "missing.png", "z.png"]  # sorted by path (deep/ < x.png); x.png once
+    with pytest.raises(ValueError, match="does not exist"):
+        collect_inputs([tmp_path / "nope"])
+
+
+def test_segmentation_models_are_not_supported_yet(run_dir: Path, labelled_pngs: Path) -> None:
+    base = load_trained(run_dir)
+    seg = TrainedModel(nn.Identity(), {**base.meta, "model": "unet"}, base.path, base.run_config, base.preprocess)
+    with pytest.raises(NotSupportedError, match="not supported yet"):
+        evaluate_dataset(seg, labelled_pngs)
+    with pytest.raises(NotSupportedError, match="not supported yet"):
+        predict_files(seg, [])
+
+
+@pytest.mark.realdata
+def test_predict_real_chest_xrays(run_dir: Path, tmp_path: Path) -> None:
+    if not CXR_DIR.is_dir():
+        pytest.skip(f"real chest X-rays not found at {CXR_DIR}")
+    files = [p for cls in ("NORMAL", "PNEUMONIA") for p in sorted((CXR_DIR / cls).glob("*.jpeg"))[:2]][:3]
+    assert len(files) == 3
+    rows = predict_files(load_trained(run_dir), files, heatmap_dir=tmp_path / "heat")
+    assert [r["input"] for r in rows] == [p.name for p in files]
+    for r, p in zip(rows, files):
+        assert r["error"] == ""
+        assert abs(r["prob-normal"] + r["prob-pneumonia"] - 1.0) < 1e-6
+        src = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
+        heat = cv2.imread(str(tmp_path / "heat" / r["heatmap"]))
+        assert heat.shape[:2] == src.shape[:2]  # small images keep their size
