@@ -55,6 +55,7 @@ class DataConfig:
     image_size: int = 0
     data_path: str = ""
     phantom_count: int = 1200
+    site_shift: bool = False
     val_fraction: float = 0.2
     augment: bool = True
     hflip: bool = False
@@ -207,6 +208,7 @@ _SPECS: tuple[KeySpec, ...] = (
     KeySpec("image-size", "data", "image_size", int, "square input size in pixels (0 = the task's default)", 0, 1024),
     KeySpec("data-path", "data", "data_path", str, "dataset to partition in simulation ('' = synthetic phantoms)"),
     KeySpec("phantom-count", "data", "phantom_count", int, "number of synthetic phantoms in a simulation", 20, 1_000_000),
+    KeySpec("site-shift", "data", "site_shift", bool, "simulated phantom sites differ in acquisition (contrast, gamma, noise, blur, resolution, colour)"),
     KeySpec("val-fraction", "data", "val_fraction", float, "fraction of each site's patients held out for validation", 0, 0.9, low_open=True),
     KeySpec("augment", "data", "augment", bool, "training augmentation (the task's default recipe)"),
     KeySpec("hflip", "data", "hflip", bool, "random horizontal flips in augmentation (off for radiographs: laterality matters)"),

@@ -33,6 +33,7 @@ from shared.config import ConfigError, RunConfig, SiteConfig
 from shared.data.cache import SiteCache, build_or_load
 from shared.data.dicom import DicomOptions, read_dicom
 from shared.data.partition import partition_indices
+from shared.data.phantoms_tasks import apply_profile, site_profile
 from shared.data.preprocess import (
     AUGMENT_DEFAULTS,
     TASK_DEFAULTS,
@@ -229,10 +230,18 @@ def _load_partition_of_phantoms(cfg: RunConfig, site: SiteConfig, task: TaskSpec
     n = cfg.data.phantom_count
     mine = _my_partition(cfg, site, task.phantom_labels(n, cfg.seed), None)
     images, site_labels = task.render_phantoms(n, cfg.data.image_size, cfg.seed, mine)
+    images = _acquire(images, cfg, site)
     pcfg = resolve_preprocess(cfg, task)
     images = np.stack([preprocess(img, pcfg) for img in images])  # the same pipeline as real images
     split = _split(images, site_labels, None, cfg, salt=1 + int(site.partition_id or 0))
     return SiteData(*split, class_names=task.class_names)
+
+
+def _acquire(images: np.ndarray, cfg: RunConfig, site: SiteConfig) -> np.ndarray:
+    """With ``site-shift``, render phantoms through this simulated site's acquisition profile."""
+    if not cfg.data.site_shift:
+        return images
+    return apply_profile(images, site_profile(int(site.partition_id or 0), cfg.seed), cfg.seed)
 
 
 def _load_segmentation(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> SiteData:
@@ -242,6 +251,7 @@ def _load_segmentation(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> Site
         n = cfg.data.phantom_count
         mine = _my_partition(cfg, site, task.phantom_labels(n, cfg.seed), None)
         images, masks = task.render_phantoms(n, cfg.data.image_size, cfg.seed, mine)
+        images = _acquire(images, cfg, site)
         images = np.stack([preprocess(img, pcfg) for img in images])
         masks = np.asarray(masks).astype(np.uint8)
         groups, skipped = None, Counter()
