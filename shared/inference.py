@@ -363,6 +363,14 @@ def _probabilities(trained: TrainedModel, x: torch.Tensor) -> np.ndarray:
     return torch.softmax(trained.model(x).float(), dim=1).numpy().astype(np.float64)
 
 
+def model_threshold(trained: TrainedModel) -> float:
+    """The operating threshold saved with the model (chosen on pooled validation counts), else 0.5."""
+    thr = trained.meta.get("threshold")
+    if isinstance(thr, (int, float)) and math.isfinite(thr) and 0.0 <= thr <= 1.0:
+        return float(thr)
+    return 0.5
+
+
 def _check_classifier(trained: TrainedModel, what: str) -> None:
     if trained.is_segmentation:
         raise NotSupportedError(
@@ -394,7 +402,9 @@ def predict_files(
         Image files (see :func:`collect_inputs`).
     threshold : float, optional
         Binary models: ``predicted`` is the positive class when its
-        probability is ``>= threshold`` (default 0.5). Multi-class models:
+        probability is ``>= threshold`` (default: the operating threshold the
+        federation chose on validation data, stored in ``model.pt``; 0.5 when
+        the file has none). Multi-class models:
         must be ``None`` (argmax).
     heatmap_dir : Path, optional
         Write a Grad-CAM overlay per readable file here, as
@@ -429,7 +439,7 @@ def predict_files(
             raise ValueError(f"threshold applies to binary models only; this model has {trained.num_classes} classes (argmax is used)")
         if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
             raise ValueError(f"threshold must be a probability in [0, 1], got {threshold!r}")
-    thr = 0.5 if threshold is None else float(threshold)
+    thr = model_threshold(trained) if threshold is None else float(threshold)
     pos = trained.positive_class
     names = trained.class_names
     reader = make_reader(trained.run_config)
@@ -631,6 +641,10 @@ def evaluate_dataset(trained: TrainedModel, data: Path, *, batch_size: int = 32)
     if counts.num_examples == 0:
         raise DataSourceError(f"none of the {len(records)} images could be read (skipped: {dict(skipped)})")
     pos = trained.positive_class
-    metrics = counts.metrics(positive_class=pos) if trained.num_classes == 2 else counts.metrics()
+    if trained.num_classes == 2:
+        # at 0.5 and at the federation's operating threshold (an unbiased check of it on new data)
+        metrics = counts.metrics(positive_class=pos, threshold=model_threshold(trained))
+    else:
+        metrics = counts.metrics()
     logger.info("evaluated %d images (%d skipped)", counts.num_examples, sum(skipped.values()))
     return EvaluationResult(metrics, counts, trained.class_names, pos, dict(skipped))

@@ -58,7 +58,8 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:  # type:
                    help="output folder (default ./predictions)")
     p.add_argument("--heatmaps", action="store_true", help="also write Grad-CAM overlays to OUT/heatmaps/")
     p.add_argument("--threshold", type=float, default=None,
-                   help="binary models: probability of the positive class from which it is predicted (default 0.5)")
+                   help="binary models: probability of the positive class from which it is predicted "
+                   "(default: the operating threshold chosen on validation data and saved with the model, else 0.5)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.set_defaults(func=_cmd_predict)
 
@@ -124,7 +125,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     m = result.metrics
     print(f"medfed evaluate: {trained.model_name} ({trained.task}) on {result.counts.num_examples} images"
           + (f", skipped {sum(result.skipped.values())}" if result.skipped else ""))
-    for key in ("accuracy", "sensitivity", "specificity", "precision", "f1", "auroc"):
+    for key in ("accuracy", "sensitivity", "specificity", "precision", "f1", "auroc", "auprc", "ece"):
         print(f"  {key:<12} {_fmt(m.get(key))}")
+    if "threshold" in m:
+        print(f"  at the model's operating threshold {_fmt(m.get('threshold'))}: "
+              f"sensitivity {_fmt(m.get('sensitivity@thr'))}, specificity {_fmt(m.get('specificity@thr'))}")
     print(f"Wrote {out}")
     return 0

@@ -240,3 +240,17 @@ def test_predict_real_chest_xrays(run_dir: Path, tmp_path: Path) -> None:
         src = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
         heat = cv2.imread(str(tmp_path / "heat" / r["heatmap"]))
         assert heat.shape[:2] == src.shape[:2]  # small images keep their size
+
+
+def test_saved_operating_threshold_is_the_default(tmp_path: Path) -> None:
+    from shared.inference import model_threshold
+
+    class Fake:
+        meta: dict = {}
+
+    fake = Fake()
+    assert model_threshold(fake) == 0.5  # type: ignore[arg-type]
+    fake.meta = {"threshold": 0.37}
+    assert model_threshold(fake) == 0.37  # type: ignore[arg-type]
+    fake.meta = {"threshold": float("nan")}
+    assert model_threshold(fake) == 0.5  # type: ignore[arg-type]
