@@ -16,8 +16,10 @@ from shared.data.sources import DataSourceError
 from shared.inference import (
     ModelFileError,
     NotSupportedError,
+    TrainedModel,
     collect_inputs,
     evaluate_dataset,
+    evaluate_segmentation,
     load_trained,
     predict_files,
     write_predictions_csv,
@@ -109,6 +111,23 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_segmentation(trained: TrainedModel, args: argparse.Namespace) -> int:
+    try:
+        report = evaluate_segmentation(trained, args.data)
+    except _USER_ERRORS as exc:
+        return _fail("evaluate", exc)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, report)
+    m = report["metrics"]
+    print(f"medfed evaluate: {trained.model_name} ({trained.task}) on {report['num-images']} image/mask pairs"
+          + (f", skipped {sum(report['skipped'].values())}" if report["skipped"] else ""))
+    for key in ("dice", "iou", "hd95"):
+        print(f"  {key:<12} {_fmt(m.get(key))}")
+    print(f"Wrote {out}")
+    return 0
+
+
 def _fmt(v: object) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
 
@@ -116,6 +135,8 @@ def _fmt(v: object) -> str:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         trained = load_trained(args.model)
+        if trained.is_segmentation:
+            return _evaluate_segmentation(trained, args)
         result = evaluate_dataset(trained, args.data, batch_size=args.batch_size)
     except _USER_ERRORS as exc:
         return _fail("evaluate", exc)

@@ -254,3 +254,46 @@ def test_saved_operating_threshold_is_the_default(tmp_path: Path) -> None:
     assert model_threshold(fake) == 0.37  # type: ignore[arg-type]
     fake.meta = {"threshold": float("nan")}
     assert model_threshold(fake) == 0.5  # type: ignore[arg-type]
+
+
+def test_evaluate_segmentation_model_on_image_mask_pairs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A trained-in-place U-Net scored by `medfed evaluate` on an images/ + masks/ folder."""
+    import argparse
+
+    from shared.data.phantoms_tasks import make_lung_seg_phantoms
+    from shared.seg_training import train_local_seg
+    from simulation.predict_cli import add_predict_parser
+
+    cfg = parse_run_config({"task": "lung-seg", "image-size": 64})
+    task = get_task(cfg.task)
+    pcfg = resolve_preprocess(cfg, task)
+    images, masks = make_lung_seg_phantoms(40, size=64, seed=4)
+    x = images_to_tensor(np.stack([preprocess(im, pcfg) for im in images]))
+    torch.manual_seed(0)
+    model = build_model("unet", 1, 2)
+    train_local_seg(model, x[:32], torch.as_tensor(masks[:32].astype(np.uint8)), TrainConfig(local_epochs=10, lr=0.003),
+                    seed=0, augment=None)
+    meta = {"task": "lung-seg", "model": "unet", "image-size": 64, "in-channels": 1, "num-classes": 2,
+            "class-names": list(task.class_names), "preprocess": pcfg.to_dict(), "normalize": "fixed",
+            "run-config": {k: v for k, v in cfg.to_flat().items() if k not in PATH_KEYS}}
+    run = tmp_path / "run"
+    run.mkdir()
+    ResultsWriter(run).write_model(model.state_dict(), meta)
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    for i in range(32, 40):
+        cv2.imwrite(str(data / "images" / f"{i}.png"), images[i])
+        cv2.imwrite(str(data / "masks" / f"{i}.png"), masks[i].astype(np.uint8) * 255)
+    cv2.imwrite(str(data / "images" / "bad.png"), images[0])
+    cv2.imwrite(str(data / "masks" / "bad.png"), np.zeros((10, 10), np.uint8))  # wrong size: quarantined
+
+    parser = argparse.ArgumentParser()
+    add_predict_parser(parser.add_subparsers())
+    out = tmp_path / "seg-metrics.json"
+    args = parser.parse_args(["evaluate", "--model", str(run), str(data), "--out", str(out)])
+    assert args.func(args) == 0
+    report = json.loads(out.read_text())
+    assert report["num-images"] == 8 and report["skipped"] == {"mask-size-mismatch": 1}
+    assert report["metrics"]["dice"] > 0.6, report
+    assert "dice" in capsys.readouterr().out
