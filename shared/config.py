@@ -96,6 +96,37 @@ class StrategyConfig:
 
 
 @dataclass(frozen=True)
+class DPConfig:
+    """Example-level differential privacy at each site (DP-SGD with Opacus).
+
+    ``noise_multiplier`` 0 means "calibrate from ``target_epsilon`` once for the
+    whole planned run" (all rounds x local epochs). ``target_delta`` 0 means
+    ``1 / (10 * N)`` with ``N`` the site's training images. ``max_epsilon`` 0
+    means no budget.
+    """
+
+    enabled: bool = False
+    noise_multiplier: float = 0.0
+    target_epsilon: float = 0.0
+    max_grad_norm: float = 1.0
+    target_delta: float = 0.0
+    accountant: str = "rdp"
+    max_epsilon: float = 0.0
+    grad_sample_mode: str = "hooks"
+
+
+@dataclass(frozen=True)
+class CentralDPConfig:
+    """Site-level (central) DP: Flower's clipping wrappers around the strategy."""
+
+    mode: str = "none"
+    noise_multiplier: float = 0.0
+    clipping_norm: float = 1.0
+    num_sites: int = 0
+    delta: float = 1e-5
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole run: one object parsed once, shared by server and clients."""
 
@@ -111,6 +142,8 @@ class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     partition: PartitionConfig = dataclasses.field(default_factory=PartitionConfig)
     strategy: StrategyConfig = dataclasses.field(default_factory=StrategyConfig)
+    dp: DPConfig = dataclasses.field(default_factory=DPConfig)
+    central_dp: CentralDPConfig = dataclasses.field(default_factory=CentralDPConfig)
 
     def to_flat(self) -> dict[str, ConfigValue]:
         """Return the flat kebab-case form (inverse of :func:`parse_run_config`)."""
@@ -234,6 +267,19 @@ _SPECS: tuple[KeySpec, ...] = (
     KeySpec("fedopt.tau", "strategy", "tau", float, "FedOpt adaptivity (epsilon)", 0, 1, low_open=True),
     KeySpec("trimmed-avg.beta", "strategy", "trim_beta", float, "fraction trimmed at each end (fedtrimmedavg)", 0, 0.5),
     KeySpec("krum.num-malicious", "strategy", "num_malicious", int, "assumed malicious sites (krum)", 0, 100_000),
+    KeySpec("dp.enabled", "dp", "enabled", bool, "DP-SGD (Opacus) at every site, with a cumulative privacy ledger"),
+    KeySpec("dp.noise-multiplier", "dp", "noise_multiplier", float, "DP-SGD noise multiplier (0 = calibrate from dp.target-epsilon)", 0, 1000),
+    KeySpec("dp.target-epsilon", "dp", "target_epsilon", float, "epsilon the whole planned run may spend per site (0 = use dp.noise-multiplier)", 0, 1e6),
+    KeySpec("dp.max-grad-norm", "dp", "max_grad_norm", float, "per-example gradient clipping norm", 0, 1e6, low_open=True),
+    KeySpec("dp.target-delta", "dp", "target_delta", float, "delta of the guarantee (0 = 1/(10 N), N = the site's training images)", 0, 1),
+    KeySpec("dp.accountant", "dp", "accountant", str, "privacy accountant", choices=("rdp", "prv")),
+    KeySpec("dp.max-epsilon", "dp", "max_epsilon", float, "per-site budget: a site refuses rounds that would exceed it (0 = no budget)", 0, 1e6),
+    KeySpec("dp.grad-sample-mode", "dp", "grad_sample_mode", str, "how Opacus computes per-example gradients", choices=("hooks", "ew", "functorch")),
+    KeySpec("central-dp.mode", "central_dp", "mode", str, "site-level DP with Flower's fixed-clipping wrappers", choices=("none", "server-fixed", "client-fixed")),
+    KeySpec("central-dp.noise-multiplier", "central_dp", "noise_multiplier", float, "Gaussian noise multiplier of the aggregated update", 0, 1000),
+    KeySpec("central-dp.clipping-norm", "central_dp", "clipping_norm", float, "L2 clipping norm of each site's update", 0, 1e6, low_open=True),
+    KeySpec("central-dp.num-sites", "central_dp", "num_sites", int, "sites per round the noise is calibrated for (0 = min-sites)", 0, 100_000),
+    KeySpec("central-dp.delta", "central_dp", "delta", float, "delta of the site-level guarantee", 0, 1, low_open=True),
 )
 
 RUN_KEYS: dict[str, KeySpec] = {s.key: s for s in _SPECS}
@@ -325,7 +371,9 @@ def parse_run_config(flat: Mapping[str, Any], *, fill_defaults: bool = True) -> 
         if missing:
             raise ConfigError(f"run config is missing keys: {', '.join(missing)}.")
 
-    values: dict[str, dict[str, ConfigValue]] = {"": {}, "train": {}, "data": {}, "partition": {}, "strategy": {}}
+    values: dict[str, dict[str, ConfigValue]] = {
+        "": {}, "train": {}, "data": {}, "partition": {}, "strategy": {}, "dp": {}, "central_dp": {},
+    }
     for key, raw in flat.items():
         spec = RUN_KEYS[key]
         value = _coerce(spec, raw)
@@ -339,6 +387,8 @@ def parse_run_config(flat: Mapping[str, Any], *, fill_defaults: bool = True) -> 
         data=DataConfig(**values["data"]),  # type: ignore[arg-type]
         partition=PartitionConfig(**values["partition"]),  # type: ignore[arg-type]
         strategy=StrategyConfig(**values["strategy"]),  # type: ignore[arg-type]
+        dp=DPConfig(**values["dp"]),  # type: ignore[arg-type]
+        central_dp=CentralDPConfig(**values["central_dp"]),  # type: ignore[arg-type]
     )
     cfg = _apply_task_defaults(cfg)
     _check_combinations(cfg)
@@ -367,6 +417,28 @@ def _check_combinations(cfg: RunConfig) -> None:
         raise ConfigError(
             "run config: strategy 'fedprox' needs 'proximal-mu' > 0 (got 0.0); "
             "set e.g. proximal-mu=0.1, or use strategy 'fedavg'."
+        )
+    dp = cfg.dp
+    if dp.enabled and dp.noise_multiplier == 0.0 and dp.target_epsilon == 0.0:
+        raise ConfigError(
+            "run config: dp.enabled=true needs either 'dp.noise-multiplier' > 0 or 'dp.target-epsilon' > 0 "
+            "(both are 0); set e.g. dp.target-epsilon=8 (calibrated over all rounds) or dp.noise-multiplier=1.0."
+        )
+    if dp.enabled and dp.noise_multiplier > 0.0 and dp.target_epsilon > 0.0:
+        raise ConfigError(
+            f"run config: give either 'dp.noise-multiplier' ({dp.noise_multiplier}) or 'dp.target-epsilon' "
+            f"({dp.target_epsilon}), not both; set the other to 0."
+        )
+    if dp.enabled and 0.0 < dp.max_epsilon and 0.0 < dp.target_epsilon and dp.target_epsilon > dp.max_epsilon:
+        raise ConfigError(
+            f"run config: dp.target-epsilon={dp.target_epsilon} exceeds the budget dp.max-epsilon={dp.max_epsilon}; "
+            "lower the target or raise the budget."
+        )
+    c = cfg.central_dp
+    if c.mode != "none" and c.noise_multiplier == 0.0:
+        raise ConfigError(
+            f"run config: central-dp.mode='{c.mode}' needs 'central-dp.noise-multiplier' > 0 (got 0.0); "
+            "set e.g. central-dp.noise-multiplier=1.0, or central-dp.mode='none'."
         )
     if s.name == "krum" and s.min_sites < 2 * s.num_malicious + 3:
         raise ConfigError(

@@ -1,0 +1,1 @@
+"""Differential privacy: accounting, the site ledger, DP-SGD training, audits (no Flower)."""
