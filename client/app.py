@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site import evaluate_site, privacy_safe_errors, site_runtime, train_site
 from shared.logs import use_flower_handlers
+from shared.privacy.site_dp import DP_BUDGET_ERROR_CODE, BudgetRefusal
 
 app = ClientApp()
 
@@ -26,8 +27,11 @@ def train(msg: Message, context: Context) -> Message:
     rt = site_runtime(context.run_config, context.node_config, context.node_id)
     config = msg.content.config_records.get("config", ConfigRecord())
     mu = config.get("proximal-mu")
-    state, metrics = train_site(rt, msg.content["arrays"].to_torch_state_dict(), int(config.get("server-round", 0)),
-                                float(mu) if mu is not None else None)
+    try:
+        state, metrics = train_site(rt, msg.content["arrays"].to_torch_state_dict(), int(config.get("server-round", 0)),
+                                    float(mu) if mu is not None else None, run_key=str(context.run_id))
+    except BudgetRefusal as refusal:  # a structured "no", not a crash: the server records it and carries on
+        return Message(error=Error(code=DP_BUDGET_ERROR_CODE, reason=str(refusal)), reply_to=msg)
     return _reply(msg, rt.site.site_id, metrics, ArrayRecord(state))
 
 

@@ -15,7 +15,8 @@ import torch
 from shared.config import ConfigError, RunConfig, SiteConfig, parse_node_config, parse_run_config
 from shared.data.preprocess import AugmentConfig
 from shared.data.site import SiteData, load_site_data, resolve_augment
-from shared.models import build_model
+from shared.models.run import build_for_run
+from shared.privacy.site_dp import DPRound, begin_round, open_ledger
 from shared.tasks import TaskSpec, get_task
 from shared.seg_training import evaluate_seg, train_local_seg
 from shared.training import EvalResult, TrainResult, evaluate_model, images_to_tensor, train_local
@@ -69,7 +70,7 @@ class SiteRuntime:
 
     def new_model(self, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
         """Build the run's model and load the global weights into it."""
-        model = build_model(self.cfg.model, self.task.in_channels, self.task.num_classes)
+        model, _ = build_for_run(self.cfg, self.task.in_channels, self.task.num_classes)
         model.load_state_dict(state_dict, strict=True)
         return model
 
@@ -109,14 +110,35 @@ def site_runtime(run_config: Mapping[str, Any], node_config: Mapping[str, Any], 
     return _RUNTIMES[key]
 
 
+def begin_dp_round(rt: SiteRuntime, server_round: int, run_key: str) -> DPRound:
+    """Open this run's privacy ledger at the site and record the round (or raise BudgetRefusal)."""
+    ledger, settings = open_ledger(rt.cfg, rt.site.site_id, rt.site.state_dir, run_key, len(rt.train_x))
+    return begin_round(ledger, settings, server_round, rt.site.site_id)
+
+
 def train_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], server_round: int,
-               proximal_mu: float | None) -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
-    """One round of local training; returns new weights and the metrics to send."""
+               proximal_mu: float | None, run_key: str = "") -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
+    """One round of local training; returns new weights and the metrics to send.
+
+    With ``dp.enabled`` the round is first recorded in the site's privacy
+    ledger for ``run_key`` (Flower's run id); a round over budget raises
+    :class:`shared.privacy.site_dp.BudgetRefusal` before any image is used.
+    """
+    dp_round = begin_dp_round(rt, server_round, run_key or "default") if rt.cfg.dp.enabled else None
     model = rt.new_model(state_dict)
     common = {"seed": rt.round_seed(server_round), "augment": rt.augment, "normalize": rt.cfg.data.normalize,
               "proximal_mu": proximal_mu}
     res: TrainResult
-    if rt.train_m is not None:
+    if dp_round is not None:
+        from shared.privacy.dpsgd import DPSGDSpec, train_local_dp  # Opacus only when DP is on
+
+        s = dp_round.settings
+        spec = DPSGDSpec(noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
+                         sample_rate=s.sample_rate, steps=dp_round.steps, grad_sample_mode=rt.cfg.dp.grad_sample_mode)
+        seg = rt.train_m is not None
+        res = train_local_dp(model, rt.train_x, rt.train_m if seg else rt.train_y, rt.cfg.train, spec,
+                             num_classes=rt.task.num_classes, segmentation=seg, **common)
+    elif rt.train_m is not None:
         res = train_local_seg(model, rt.train_x, rt.train_m, rt.cfg.train, **common)
     else:
         res = train_local(model, rt.train_x, rt.train_y, rt.cfg.train, num_classes=rt.task.num_classes, **common)
@@ -128,8 +150,12 @@ def train_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], server_r
         "train-images-per-s": res.images_per_second,
         "load-seconds": rt.data.load_seconds,
         "torch-threads": torch.get_num_threads(),
+        **(dp_round.metrics() if dp_round is not None else {}),
     }
-    return {k: v.contiguous() for k, v in model.state_dict().items()}, metrics
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if state.keys() != state_dict.keys():  # e.g. Opacus's "_module." prefix must never reach the server
+        raise RuntimeError(f"trained weights have other keys than the global model: {sorted(set(state) ^ set(state_dict))[:5]}")
+    return state, metrics
 
 
 def evaluate_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor]) -> dict[str, int | float | list[int]]:

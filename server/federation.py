@@ -9,12 +9,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from server.recorder import METRICS_RECORD, RecordingGrid, RoundRecorder
+from server.recorder import METRICS_RECORD, FederationStopped, RecordingGrid, RoundRecorder
 from server.strategies import build_strategy
 from shared.config import PATH_KEYS, RunConfig
 from shared.data.site import resolve_augment, resolve_preprocess
 from shared.metrics.federated import SiteEvaluation, ThresholdRule, pool_evaluations, pool_training
-from shared.models import build_model
+from shared.models.run import build_for_run
+from shared.privacy.report import privacy_statement
 from shared.results import ResultsWriter, new_run_dir
 from shared.tasks import get_task
 
@@ -47,7 +48,10 @@ def run_federation(grid: Grid, cfg: RunConfig) -> ResultsWriter:
 
     task = get_task(cfg.task)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, task.in_channels, task.num_classes, cfg.init_weights or None)
+    model, dp_changes = build_for_run(cfg, task.in_channels, task.num_classes, cfg.init_weights or None)
+    if cfg.dp.enabled:
+        logger.info("medfed: DP-SGD on at every site (%s accountant); model made Opacus-compatible: %s",
+                    cfg.dp.accountant, "; ".join(dp_changes) or "no changes needed")
     run_dir = new_run_dir(cfg.results_dir, cfg.run_name, tag=f"{cfg.task}-{cfg.model}-{cfg.strategy.name}")
     writer = ResultsWriter(run_dir)
     pipeline = {
@@ -64,21 +68,28 @@ def run_federation(grid: Grid, cfg: RunConfig) -> ResultsWriter:
                 cfg.task, cfg.model, cfg.strategy.name, cfg.num_server_rounds, run_dir)
 
     rule = ThresholdRule(task.threshold_method, task.target_sensitivity, task.positive_class)
-    recorder = RoundRecorder(writer, cfg.num_server_rounds, rule)
+    recorder = RoundRecorder(writer, cfg.num_server_rounds, rule, min_sites=cfg.strategy.min_sites)
     strategy = build_strategy(
         cfg.strategy, cfg.train,
         train_metrics_aggr_fn=aggregate_train_metrics,
         evaluate_metrics_aggr_fn=make_evaluate_aggregator(rule),
     )
-    result = strategy.start(
-        grid=RecordingGrid(grid, recorder),  # type: ignore[arg-type]
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=cfg.num_server_rounds,
-        timeout=cfg.round_timeout,
-        train_config=ConfigRecord(),
-        evaluate_config=ConfigRecord(),
-    )
-    final = result.arrays if len(result.arrays) else ArrayRecord(model.state_dict())
+    recording = RecordingGrid(grid, recorder)
+    stopped = ""
+    try:
+        result = strategy.start(
+            grid=recording,  # type: ignore[arg-type]
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=cfg.num_server_rounds,
+            timeout=cfg.round_timeout,
+            train_config=ConfigRecord(),
+            evaluate_config=ConfigRecord(),
+        )
+        final = result.arrays if len(result.arrays) else ArrayRecord(model.state_dict())
+    except FederationStopped as exc:  # e.g. privacy budgets spent: keep the last global model
+        stopped = str(exc)
+        logger.warning("medfed: run stopped early: %s", stopped)
+        final = recording.last_train_arrays or ArrayRecord(model.state_dict())
     writer.write_model(
         final.to_torch_state_dict(),
         {"task": cfg.task, "model": cfg.model, "image-size": cfg.data.image_size,
@@ -87,7 +98,12 @@ def run_federation(grid: Grid, cfg: RunConfig) -> ResultsWriter:
          "kind": task.kind, "threshold": recorder.last_threshold(),
          "threshold-rule": {"method": rule.method, "target-sensitivity": rule.target_sensitivity}},
     )
-    summary = writer.write_summary({"results-dir": str(run_dir)})
+    extra: dict = {"results-dir": str(run_dir)}
+    if cfg.dp.enabled:
+        extra["privacy"] = privacy_statement(recorder.privacy, recorder.refusals, cfg.dp.accountant)
+    if stopped:
+        extra["stopped-early"] = stopped
+    summary = writer.write_summary(extra)
     fin = summary.get("final", {})
     headline = (f"Dice {_fmt(fin.get('dice'))}, IoU {_fmt(fin.get('iou'))}" if "dice" in fin
                 else f"AUROC {_fmt(fin.get('auroc'))}, accuracy {_fmt(fin.get('accuracy'))}")

@@ -480,7 +480,7 @@ def parse_overrides(text: str) -> dict[str, ConfigValue]:
 # Node (site) configuration
 # ---------------------------------------------------------------------------
 
-NODE_KEYS = ("partition-id", "num-partitions", "data-path", "site-id", "cache-dir")
+NODE_KEYS = ("partition-id", "num-partitions", "data-path", "site-id", "cache-dir", "state-dir")
 
 
 @dataclass(frozen=True)
@@ -496,6 +496,7 @@ class SiteConfig:
     partition_id: int | None = None
     num_partitions: int | None = None
     cache_dir: str = ""
+    state_dir: str = ""  # persistent site state (privacy ledger); '' = $MEDFED_STATE_DIR or ~/.local/state/medfed
 
     @property
     def simulated(self) -> bool:
@@ -521,7 +522,8 @@ def parse_node_config(node_config: Mapping[str, Any], node_id: int | None = None
     data_path = node_config.get("data-path", "")
     site_id = node_config.get("site-id", "")
     cache_dir = node_config.get("cache-dir", "")
-    for key, val in (("data-path", data_path), ("site-id", site_id), ("cache-dir", cache_dir)):
+    state_dir = node_config.get("state-dir", "")
+    for key, val in (("data-path", data_path), ("site-id", site_id), ("cache-dir", cache_dir), ("state-dir", state_dir)):
         if not isinstance(val, str):
             raise ConfigError(f"node config '{key}': expected a quoted string, got {val!r}.")
     pid = node_config.get("partition-id")
@@ -529,7 +531,7 @@ def parse_node_config(node_config: Mapping[str, Any], node_id: int | None = None
     if data_path:
         if not site_id:
             site_id = f"node-{node_id}" if node_id is not None else "site"
-        return SiteConfig(site_id=site_id, data_path=data_path, cache_dir=cache_dir)
+        return SiteConfig(site_id=site_id, data_path=data_path, cache_dir=cache_dir, state_dir=state_dir)
     if pid is None or nparts is None:
         raise ConfigError(
             "node config: a site needs either data-path (a real site: "
@@ -541,4 +543,5 @@ def parse_node_config(node_config: Mapping[str, Any], node_id: int | None = None
         raise ConfigError(f"node config: partition-id and num-partitions must be integers, got {pid!r}, {nparts!r}.")
     if nparts < 1 or not 0 <= pid < nparts:
         raise ConfigError(f"node config: expected 0 <= partition-id < num-partitions, got {pid} and {nparts}.")
-    return SiteConfig(site_id=site_id or f"site-{pid}", partition_id=pid, num_partitions=nparts, cache_dir=cache_dir)
+    return SiteConfig(site_id=site_id or f"site-{pid}", partition_id=pid, num_partitions=nparts, cache_dir=cache_dir,
+                      state_dir=state_dir)

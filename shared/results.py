@@ -91,22 +91,26 @@ class ResultsWriter:
     def _write_csvs(self) -> None:
         with open(self.run_dir / "rounds.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["round", "elapsed-s", "round-s", "num-sites", "train-loss", *METRIC_COLUMNS])
+            w.writerow(["round", "elapsed-s", "round-s", "num-sites", "train-loss", *METRIC_COLUMNS,
+                        "dp-epsilon", "dp-delta"])
             for r in self.rounds:
-                ev, tr = r.get("evaluate", {}), r.get("train", {})
+                ev, tr, dp = r.get("evaluate", {}), r.get("train", {}), r.get("dp", {})
                 w.writerow([r["round"], _fmt(r.get("elapsed-s")), _fmt(r.get("round-s")), _fmt(ev.get("num-sites")),
-                            _fmt(tr.get("train-loss")), *(_fmt(ev.get(c)) for c in METRIC_COLUMNS)])
+                            _fmt(tr.get("train-loss")), *(_fmt(ev.get(c)) for c in METRIC_COLUMNS),
+                            _fmt(dp.get("epsilon")), _fmt(dp.get("delta"))])
         with open(self.run_dir / "sites.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["round", "site-id", "num-train", "train-loss", "train-s", "train-img-per-s", "num-val", *METRIC_COLUMNS])
+            w.writerow(["round", "site-id", "num-train", "train-loss", "train-s", "train-img-per-s", "num-val", *METRIC_COLUMNS,
+                        "dp-epsilon", "dp-refused"])
             for r in self.rounds:
-                sites = sorted(set(r.get("train-sites", {})) | set(r.get("evaluate-sites", {})))
+                sites = sorted(set(r.get("train-sites", {})) | set(r.get("evaluate-sites", {})) | set(r.get("dp-refusals", {})))
                 for s in sites:
                     tr = r.get("train-sites", {}).get(s, {})
                     ev = r.get("evaluate-sites", {}).get(s, {})
                     w.writerow([r["round"], s, _fmt(tr.get("num-examples")), _fmt(tr.get("train-loss")),
                                 _fmt(tr.get("train-seconds")), _fmt(tr.get("train-images-per-s")),
-                                _fmt(ev.get("num-examples")), *(_fmt(ev.get(c)) for c in METRIC_COLUMNS)])
+                                _fmt(ev.get("num-examples")), *(_fmt(ev.get(c)) for c in METRIC_COLUMNS),
+                                _fmt(tr.get("dp-epsilon")), "1" if s in r.get("dp-refusals", {}) else ""])
 
     def write_model(self, state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
         """Save the final global model with what is needed to rebuild and use it."""

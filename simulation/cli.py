@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from shared.config import ConfigError, describe_keys, parse_overrides
 from simulation.data_cli import add_data_parser
 from simulation.predict_cli import add_predict_parser
+from simulation.privacy_cli import add_privacy_parser
 
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -72,6 +73,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         f"sensitivity {fmt('sensitivity')}, specificity {fmt('specificity')}.\n"
         f"Results: {result.run_dir}"
     )
+    privacy = summary.get("privacy") or {}
+    if privacy.get("epsilon") is not None:
+        print(f"Privacy: epsilon <= {privacy['epsilon']:.3f} at delta {privacy['delta']:.2g} ({privacy['accountant']}), "
+              f"per {privacy['unit']}, max over sites; {len(privacy.get('budget-refusals', {}))} site(s) hit their budget.")
+    if summary.get("stopped-early"):
+        print(f"Stopped early: {summary['stopped-early']}")
     return 0
 
 
@@ -83,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(sub)
     add_data_parser(sub)
     add_predict_parser(sub)
+    add_privacy_parser(sub)
     return parser
 
 

@@ -203,6 +203,8 @@ def simulate(
     (flwr_home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
     http_port = free_port()
     env = flower_env(flwr_home, http_port)
+    # Simulated sites keep their persistent state (privacy ledgers) beside the results, not in ~/.local.
+    env.setdefault("MEDFED_STATE_DIR", str(Path(cfg.results_dir) / ".site-state" / cfg.run_name))
     link_log = flwr_home / "superlink.log"
     superlink_cmd = [
         str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--simulation",
