@@ -231,6 +231,10 @@ def load_trained(path: Path) -> TrainedModel:
     cfg = _run_config(meta, file.name)
     try:
         model = build_model(str(meta["model"]), int(meta["in-channels"]), int(meta["num-classes"]))
+        if cfg.dp.enabled:  # trained with DP-SGD: the same Opacus-compatible layers as in training
+            from shared.models.dp import make_dp_compatible
+
+            model, _ = make_dp_compatible(model)
     except (UnknownNameError, ValueError, TypeError) as exc:
         raise ModelFileError(f"'{file.name}': cannot rebuild model {meta['model']!r}: {exc}") from None
     try:
