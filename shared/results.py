@@ -120,10 +120,12 @@ class ResultsWriter:
 
     def write_summary(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Write summary.json: last round's pooled metrics and the wall time."""
-        last = self.rounds[-1] if self.rounds else {}
+        evaluated = [r for r in self.rounds if r.get("evaluate")]
+        last = evaluated[-1] if evaluated else {}
         summary = {
             "rounds": len(self.rounds),
             "wall-seconds": time.time() - self.t0,
+            "final-round": last.get("round"),
             "final": last.get("evaluate", {}),
             "final-per-site": last.get("evaluate-sites", {}),
             **(extra or {}),
