@@ -155,3 +155,11 @@ def test_segmentation_tasks_write_nothing(tmp_path: Path) -> None:
 
 def test_site_config_default_is_off() -> None:
     assert SiteConfig(site_id="x").explain_dir == ""
+
+
+def test_deploy_node_config_template_parses_with_explain_on() -> None:
+    import tomllib
+
+    template = Path(__file__).resolve().parents[1] / "deploy" / "node-config.example.toml"
+    site = parse_node_config(tomllib.loads(template.read_text()))
+    assert site.explain_dir and site.explain_samples == 8 and not site.simulated
