@@ -38,8 +38,9 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 @privacy_safe_errors
 def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received global model on this site's validation split."""
+    """Evaluate the received global model on this site's validation split (and write local Grad-CAMs if set)."""
     use_flower_handlers()
     rt = site_runtime(context.run_config, context.node_config, context.node_id)
-    metrics = evaluate_site(rt, msg.content["arrays"].to_torch_state_dict())
+    config = msg.content.config_records.get("config", ConfigRecord())
+    metrics = evaluate_site(rt, msg.content["arrays"].to_torch_state_dict(), int(config.get("server-round", 0)))
     return _reply(msg, rt.site.site_id, metrics)

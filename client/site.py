@@ -19,6 +19,7 @@ from shared.models.run import build_for_run
 from shared.privacy.site_dp import DPRound, begin_round, open_ledger
 from shared.tasks import TaskSpec, get_task
 from shared.seg_training import evaluate_seg, train_local_seg
+from shared.site_explain import ExplainSettings, explain_round, resolve_explain
 from shared.training import EvalResult, TrainResult, evaluate_model, images_to_tensor, train_local
 
 logger = logging.getLogger(__name__)
@@ -73,6 +74,11 @@ class SiteRuntime:
         model, _ = build_for_run(self.cfg, self.task.in_channels, self.task.num_classes)
         model.load_state_dict(state_dict, strict=True)
         return model
+
+    @property
+    def explain(self) -> ExplainSettings | None:
+        """Where this site writes Grad-CAM overlays (None = off); see :mod:`shared.site_explain`."""
+        return resolve_explain(self.site, self.cfg)
 
     def round_seed(self, server_round: int) -> int:
         """A seed that differs per site and round and is stable across processes."""
@@ -158,16 +164,29 @@ def train_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], server_r
     return state, metrics
 
 
-def evaluate_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor]) -> dict[str, int | float | list[int]]:
-    """Evaluate the global model on this site's validation split; counts only."""
+def evaluate_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor],
+                  server_round: int = 0) -> dict[str, int | float | list[int]]:
+    """Evaluate the global model on this site's validation split; counts only.
+
+    When the site has an explain folder (classifier tasks; segmentation is skipped), Grad-CAM overlays
+    of a fixed validation sample are then written there; they stay at the site
+    and do not change the returned metrics.
+    """
     model = rt.new_model(state_dict)
     if rt.val_m is not None:
         counts, loss = evaluate_seg(model, rt.val_x, rt.val_m, batch_size=max(rt.cfg.train.batch_size, 32),
                                     precision=rt.cfg.train.precision, normalize=rt.cfg.data.normalize)
+        if rt.explain is not None and server_round <= 1:
+            logger.info("explain-dir is set but Grad-CAM overlays are written for classifier tasks only")
         return {"num-examples": counts.n_images, "eval-loss": loss, **counts.to_flat()}
     res: EvalResult = evaluate_model(
         model, rt.val_x, rt.val_y, num_classes=rt.task.num_classes,
         batch_size=max(rt.cfg.train.batch_size, 64), precision=rt.cfg.train.precision,
         normalize=rt.cfg.data.normalize,
     )
-    return {"num-examples": res.num_examples, "eval-loss": res.loss, **res.counts.to_flat()}
+    metrics: dict[str, int | float | list[int]] = {
+        "num-examples": res.num_examples, "eval-loss": res.loss, **res.counts.to_flat()}
+    explain_round(rt.explain, model, rt.cfg.model, rt.val_x, rt.val_y, server_round=server_round,
+                  seed=rt.cfg.seed, site_id=rt.site.site_id, class_names=rt.task.class_names,
+                  normalize=rt.cfg.data.normalize)
+    return metrics

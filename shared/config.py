@@ -138,6 +138,8 @@ class RunConfig:
     results_dir: str = "results"
     run_name: str = ""
     seed: int = 0
+    sim_explain_dir: str = ""
+    sim_explain_samples: int = 8
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     partition: PartitionConfig = dataclasses.field(default_factory=PartitionConfig)
@@ -216,9 +218,11 @@ def _strategy_names() -> list[str]:
 
 
 # Run-config keys holding local file paths (resolved by the CLI; kept out of shared artifacts).
-PATH_KEYS = ("data-path", "results-dir", "init-weights")
+PATH_KEYS = ("data-path", "results-dir", "init-weights", "sim-explain-dir")
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 INF = math.inf
+#: Upper bound of ``explain-samples`` / ``sim-explain-samples`` (Grad-CAM per round costs time).
+MAX_EXPLAIN_SAMPLES = 256
 
 _SPECS: tuple[KeySpec, ...] = (
     KeySpec("task", "", "task", str, "clinical task", choices_fn=_task_names),
@@ -229,6 +233,10 @@ _SPECS: tuple[KeySpec, ...] = (
     KeySpec("results-dir", "", "results_dir", str, "folder receiving one sub-folder per run"),
     KeySpec("run-name", "", "run_name", str, "name of this run's results folder ('' = timestamp)"),
     KeySpec("seed", "", "seed", int, "random seed (data, partition, init, training)", 0, 2**31 - 1),
+    KeySpec("sim-explain-dir", "", "sim_explain_dir", str,
+            "simulated sites write Grad-CAM overlays under DIR/<site-id>/ ('' = off; real sites use node config explain-dir)"),
+    KeySpec("sim-explain-samples", "", "sim_explain_samples", int,
+            "validation images per simulated site explained each round", 1, MAX_EXPLAIN_SAMPLES),
     KeySpec("local-epochs", "train", "local_epochs", int, "local epochs per round", 1, 1000),
     KeySpec("batch-size", "train", "batch_size", int, "local batch size", 1, 4096),
     KeySpec("lr", "train", "lr", float, "local learning rate", 0, 10, low_open=True),
@@ -480,7 +488,9 @@ def parse_overrides(text: str) -> dict[str, ConfigValue]:
 # Node (site) configuration
 # ---------------------------------------------------------------------------
 
-NODE_KEYS = ("partition-id", "num-partitions", "data-path", "site-id", "cache-dir", "state-dir")
+NODE_KEYS = ("partition-id", "num-partitions", "data-path", "site-id", "cache-dir", "state-dir", "explain-dir",
+             "explain-samples")
+DEFAULT_EXPLAIN_SAMPLES = 8
 
 
 @dataclass(frozen=True)
@@ -489,6 +499,10 @@ class SiteConfig:
 
     A real hospital site sets ``data-path`` (and ideally ``site-id``); a
     simulated site gets ``partition-id``/``num-partitions`` from Flower.
+    ``explain-dir`` ('' = off) and ``explain-samples`` make the site write
+    Grad-CAM overlays of a fixed sample of its validation images to a local
+    folder at every evaluate round (see :mod:`shared.site_explain`); they are
+    site-local settings the server cannot change.
     """
 
     site_id: str
@@ -497,11 +511,22 @@ class SiteConfig:
     num_partitions: int | None = None
     cache_dir: str = ""
     state_dir: str = ""  # persistent site state (privacy ledger); '' = $MEDFED_STATE_DIR or ~/.local/state/medfed
+    explain_dir: str = ""
+    explain_samples: int = DEFAULT_EXPLAIN_SAMPLES
 
     @property
     def simulated(self) -> bool:
         """True when this site takes a partition of the run's dataset."""
         return not self.data_path
+
+
+def _explain_samples(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_EXPLAIN_SAMPLES:
+        raise ConfigError(
+            f"node config 'explain-samples': expected an integer in [1, {MAX_EXPLAIN_SAMPLES}] "
+            f"(validation images explained per round), got {value!r}; e.g. explain-samples=8."
+        )
+    return value
 
 
 def parse_node_config(node_config: Mapping[str, Any], node_id: int | None = None) -> SiteConfig:
@@ -523,15 +548,19 @@ def parse_node_config(node_config: Mapping[str, Any], node_id: int | None = None
     site_id = node_config.get("site-id", "")
     cache_dir = node_config.get("cache-dir", "")
     state_dir = node_config.get("state-dir", "")
-    for key, val in (("data-path", data_path), ("site-id", site_id), ("cache-dir", cache_dir), ("state-dir", state_dir)):
+    explain_dir = node_config.get("explain-dir", "")
+    for key, val in (("data-path", data_path), ("site-id", site_id), ("cache-dir", cache_dir),
+                     ("state-dir", state_dir), ("explain-dir", explain_dir)):
         if not isinstance(val, str):
             raise ConfigError(f"node config '{key}': expected a quoted string, got {val!r}.")
+    explain = {"explain_dir": explain_dir,
+               "explain_samples": _explain_samples(node_config.get("explain-samples", DEFAULT_EXPLAIN_SAMPLES))}
     pid = node_config.get("partition-id")
     nparts = node_config.get("num-partitions")
     if data_path:
         if not site_id:
             site_id = f"node-{node_id}" if node_id is not None else "site"
-        return SiteConfig(site_id=site_id, data_path=data_path, cache_dir=cache_dir, state_dir=state_dir)
+        return SiteConfig(site_id=site_id, data_path=data_path, cache_dir=cache_dir, state_dir=state_dir, **explain)
     if pid is None or nparts is None:
         raise ConfigError(
             "node config: a site needs either data-path (a real site: "
@@ -544,4 +573,4 @@ def parse_node_config(node_config: Mapping[str, Any], node_id: int | None = None
     if nparts < 1 or not 0 <= pid < nparts:
         raise ConfigError(f"node config: expected 0 <= partition-id < num-partitions, got {pid} and {nparts}.")
     return SiteConfig(site_id=site_id or f"site-{pid}", partition_id=pid, num_partitions=nparts, cache_dir=cache_dir,
-                      state_dir=state_dir)
+                      state_dir=state_dir, **explain)

@@ -33,6 +33,11 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--run-config", "-c", action="append", default=[], metavar="'KEY=VALUE ...'",
                    help="run-config overrides in Flower's syntax, e.g. \"model='resnet18' lr=0.01\"; repeatable")
     p.add_argument("--results-dir", default=None, help="parent folder of the run's results folder (default ./results)")
+    p.add_argument("--explain-dir", default=None, metavar="DIR",
+                   help="each simulated site writes Grad-CAM overlays of a fixed validation sample to "
+                        "DIR/<site-id>/round-<NNN>/ every round (sets sim-explain-dir; classifier tasks)")
+    p.add_argument("--explain-samples", type=int, default=None, metavar="N",
+                   help="validation images explained per site and round (sets sim-explain-samples; default 8)")
     p.add_argument("--cpus-per-site", type=int, default=1, help="CPUs reserved per simulated site (default 1)")
     p.add_argument("--quiet", action="store_true", help="do not echo Flower's output")
     p.add_argument("--list-options", action="store_true", help="list every run-config key with its default and exit")
@@ -55,6 +60,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         overrides["num-server-rounds"] = args.rounds
     if args.results_dir:
         overrides["results-dir"] = args.results_dir
+    if args.explain_dir:
+        overrides["sim-explain-dir"] = args.explain_dir
+    if args.explain_samples is not None:
+        overrides["sim-explain-samples"] = args.explain_samples
     try:
         result = simulate(overrides, sites=args.sites, cpus_per_site=args.cpus_per_site, echo=not args.quiet)
     except SimulationError as exc:

@@ -81,3 +81,30 @@ def test_list_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["simulate", "--list-options"]) == 0
     out = capsys.readouterr().out
     assert "num-server-rounds" in out and "dirichlet-alpha" in out
+
+
+def test_explain_dir_writes_grad_cams_per_site_and_round_and_keeps_them_out_of_results(tmp_path: Path) -> None:
+    cams = tmp_path / "cams"
+    code = cli_main([
+        "simulate", "--sites", "2", "--rounds", "2", "--quiet", "--results-dir", str(tmp_path / "results"),
+        "--explain-dir", str(cams), "--explain-samples", "3",
+        "--run-config", "phantom-count=120 image-size=32 min-partition-size=5 run-name='cam'",
+    ])
+    assert code == 0
+    for site in ("site-0", "site-1"):
+        for rnd in ("round-001", "round-002"):
+            folder = cams / site / rnd
+            pngs = sorted(p.name for p in folder.glob("*.png"))
+            assert len(pngs) == 3, (site, rnd, pngs)
+            with open(folder / "index.csv") as f:
+                assert sorted(r["file"] for r in csv.DictReader(f)) == pngs
+        # the same validation images in every round
+        first = [n.split("-label-")[0] for n in sorted(p.name for p in (cams / site / "round-001").glob("*.png"))]
+        second = [n.split("-label-")[0] for n in sorted(p.name for p in (cams / site / "round-002").glob("*.png"))]
+        assert first == second
+    run_dir = tmp_path / "results" / "cam"
+    for name in ("metrics.json", "summary.json", "rounds.csv", "sites.csv"):
+        assert str(cams) not in (run_dir / name).read_text(), name
+    # the shareable model file carries no local paths (config.json is the local run record and keeps them)
+    meta = torch.load(run_dir / "model.pt", weights_only=True)["meta"]
+    assert "sim-explain-dir" not in meta["run-config"] and meta["run-config"]["sim-explain-samples"] == 3
