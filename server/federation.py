@@ -9,6 +9,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from server.central_dp import central_dp_summary
 from server.recorder import METRICS_RECORD, RecordingGrid, RoundRecorder
 from server.strategies import build_strategy
 from shared.config import PATH_KEYS, RunConfig
@@ -69,6 +70,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> ResultsWriter:
         cfg.strategy, cfg.train,
         train_metrics_aggr_fn=aggregate_train_metrics,
         evaluate_metrics_aggr_fn=make_evaluate_aggregator(rule),
+        central_dp=cfg.central_dp, on_round=recorder.note,
     )
     result = strategy.start(
         grid=RecordingGrid(grid, recorder),  # type: ignore[arg-type]
@@ -87,7 +89,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> ResultsWriter:
          "kind": task.kind, "threshold": recorder.last_threshold(),
          "threshold-rule": {"method": rule.method, "target-sensitivity": rule.target_sensitivity}},
     )
-    summary = writer.write_summary({"results-dir": str(run_dir)})
+    summary = writer.write_summary({"results-dir": str(run_dir), **central_dp_summary(strategy)})
     fin = summary.get("final", {})
     headline = (f"Dice {_fmt(fin.get('dice'))}, IoU {_fmt(fin.get('iou'))}" if "dice" in fin
                 else f"AUROC {_fmt(fin.get('auroc'))}, accuracy {_fmt(fin.get('accuracy'))}")
