@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from dp_accounting import rdp
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Metadata, MetricRecord, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
@@ -269,3 +269,10 @@ def test_client_mod_clips_in_client_fixed_mode() -> None:
 def test_client_mod_errors_without_the_servers_clipping_norm() -> None:
     out = central_dp_clipping_mod(_train_message(False), _context("client-fixed"), _trained)
     assert out.has_error() and "central-dp.mode" in out.error.reason
+
+
+def test_a_failed_reply_refuses_the_round_even_with_enough_sites() -> None:
+    strategy, notes = central("server-fixed")
+    failed = Message(Error(code=0, reason="site failure"), reply_to=_train_message(True))
+    arrays, _ = strategy.aggregate_train(1, [*small_replies(3), failed])
+    assert arrays is None and "1 site(s) failed" in notes[1]["central-dp"]["refused"]
