@@ -5,6 +5,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.central_dp import central_dp_clipping_mod
 from client.site import evaluate_site, privacy_safe_errors, site_runtime, train_site
 from shared.logs import use_flower_handlers
 from shared.privacy.site_dp import DP_BUDGET_ERROR_CODE, BudgetRefusal
@@ -19,7 +20,7 @@ def _reply(msg: Message, site_id: str, metrics: dict, arrays: ArrayRecord | None
     return Message(content=content, reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[central_dp_clipping_mod])
 @privacy_safe_errors
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's data."""

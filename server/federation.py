@@ -9,6 +9,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from server.central_dp import central_dp_summary
 from server.recorder import METRICS_RECORD, FederationStopped, RecordingGrid, RoundRecorder
 from server.strategies import build_strategy
 from shared.config import PATH_KEYS, RunConfig
@@ -73,6 +74,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> ResultsWriter:
         cfg.strategy, cfg.train,
         train_metrics_aggr_fn=aggregate_train_metrics,
         evaluate_metrics_aggr_fn=make_evaluate_aggregator(rule),
+        central_dp=cfg.central_dp, on_round=recorder.note,
     )
     recording = RecordingGrid(grid, recorder)
     stopped = ""
@@ -98,7 +100,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> ResultsWriter:
          "kind": task.kind, "threshold": recorder.last_threshold(),
          "threshold-rule": {"method": rule.method, "target-sensitivity": rule.target_sensitivity}},
     )
-    extra: dict = {"results-dir": str(run_dir)}
+    extra: dict = {"results-dir": str(run_dir), **central_dp_summary(strategy)}
     if cfg.dp.enabled:
         extra["privacy"] = privacy_statement(recorder.privacy, recorder.refusals, cfg.dp.accountant)
     if stopped:

@@ -105,6 +105,12 @@ class RoundRecorder:
             for site, info in refused.items():
                 self.refusals.setdefault(site, info)
 
+    def note(self, server_round: int, key: str, value: Any) -> None:
+        """Attach ``key: value`` to a round's record before it is written (e.g. the central-DP account)."""
+        if self._round.get("round") != server_round:
+            self._round = {"round": server_round}
+        self._round[key] = value
+
     def last_threshold(self) -> float | None:
         """The operating threshold chosen on the last round's pooled validation counts (None if none)."""
         for r in reversed(self.writer.rounds):

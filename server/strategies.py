@@ -7,7 +7,8 @@ from collections.abc import Callable
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
-from shared.config import StrategyConfig, TrainConfig
+from server.central_dp import WEIGHT_KEY, RoundNote, wrap_central_dp
+from shared.config import CentralDPConfig, StrategyConfig, TrainConfig
 from shared.registry import Registry
 
 AggrFn = Callable[[list[RecordDict], str], MetricRecord]
@@ -71,7 +72,17 @@ def build_strategy(
     t: TrainConfig,
     train_metrics_aggr_fn: AggrFn | None = None,
     evaluate_metrics_aggr_fn: AggrFn | None = None,
+    central_dp: CentralDPConfig | None = None,
+    on_round: RoundNote | None = None,
 ) -> Strategy:
-    """Build the strategy named ``s.name`` with medfed's metric aggregation."""
+    """Build the strategy named ``s.name`` with medfed's metric aggregation.
+
+    With ``central_dp.mode`` other than 'none' the strategy averages updates
+    uniformly and is wrapped by :func:`server.central_dp.wrap_central_dp`;
+    ``on_round(round, key, value)`` receives each round's privacy record.
+    """
     aggr = {"train_metrics_aggr_fn": train_metrics_aggr_fn, "evaluate_metrics_aggr_fn": evaluate_metrics_aggr_fn}
-    return STRATEGIES.get(s.name)(s, t, aggr)
+    if central_dp is None or central_dp.mode == "none":
+        return STRATEGIES.get(s.name)(s, t, aggr)
+    inner = STRATEGIES.get(s.name)(s, t, {**aggr, "weighted_by_key": WEIGHT_KEY})
+    return wrap_central_dp(inner, central_dp, s.min_sites, on_round)

@@ -220,6 +220,8 @@ def _strategy_names() -> list[str]:
 # Run-config keys holding local file paths (resolved by the CLI; kept out of shared artifacts).
 PATH_KEYS = ("data-path", "results-dir", "init-weights", "sim-explain-dir")
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox")
+"""Strategies whose aggregate is the (uniform) mean of updates, as central DP's calibration assumes."""
 INF = math.inf
 #: Upper bound of ``explain-samples`` / ``sim-explain-samples`` (Grad-CAM per round costs time).
 MAX_EXPLAIN_SAMPLES = 256
@@ -447,6 +449,19 @@ def _check_combinations(cfg: RunConfig) -> None:
         raise ConfigError(
             f"run config: central-dp.mode='{c.mode}' needs 'central-dp.noise-multiplier' > 0 (got 0.0); "
             "set e.g. central-dp.noise-multiplier=1.0, or central-dp.mode='none'."
+        )
+    if c.mode != "none" and s.name not in CENTRAL_DP_STRATEGIES:
+        raise ConfigError(
+            f"run config: central-dp.mode='{c.mode}' with strategy '{s.name}': the noise is calibrated to the "
+            f"mean of clipped updates, which only {', '.join(CENTRAL_DP_STRATEGIES)} compute "
+            "(median, trimmed mean, Krum and the server optimisers of fedadam/fedyogi change the sensitivity or "
+            "apply the noise after the optimiser); use strategy 'fedavg', or central-dp.mode='none'."
+        )
+    if c.mode != "none" and c.num_sites > s.min_sites:
+        raise ConfigError(
+            f"run config: central-dp.num-sites={c.num_sites} exceeds min-sites={s.min_sites}: a round could start "
+            f"with fewer sites than the noise is calibrated for and would be refused; set min-sites={c.num_sites} "
+            "or central-dp.num-sites=0 (= min-sites)."
         )
     if s.name == "krum" and s.min_sites < 2 * s.num_malicious + 3:
         raise ConfigError(
