@@ -254,6 +254,15 @@ def test_pooled_three_class_metrics_are_macro_without_threshold_or_nan() -> None
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
     """small-cnn trained on one site's 400 phantoms at 32 px; returns (results dir, held-out macro AUROC)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is faster than two on a shared machine
+    try:
+        return _train_run(tmp_path_factory)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
     torch.manual_seed(0)
     images, labels, _ = make_pneumonia_subtype_phantoms(600, size=32, seed=0)
     x, y = images_to_tensor(images), torch.as_tensor(labels)
