@@ -165,7 +165,8 @@ def task_labels(listing: ImageListing, task_classes: tuple[str, ...], label_colu
     if unknown:
         found = ", ".join(f"'{v}': {n}" for v, n in sorted(unknown.items()))
         raise DataSourceError(
-            f"{sum(unknown.values())} row(s) have no usable '{label_column}' value (their labels: {found}); "
+            f"{sum(unknown.values())} row(s) have no usable '{label_column}' value (values read, from "
+            f"'{label_column}' or else 'label': {found}); "
             f"expected one of {spellings} (case does not matter) in the '{label_column}' column, or a "
             f"'label' that already is one of the task's classes. Fill in '{label_column}' on those rows."
         )
