@@ -12,6 +12,7 @@ import torch
 
 from server.recorder import progress_line
 from shared.config import PATH_KEYS, SiteConfig, TrainConfig, parse_run_config
+from shared.data.check import check_dataset
 from shared.data.phantoms import make_chest_phantoms, render_chest_phantom
 from shared.data.phantoms_pneumonia import (
     PNEUMONIA_SUBTYPE_CLASSES,
@@ -203,6 +204,10 @@ def test_binary_labels_without_subtype_column_are_a_clear_error(tmp_path: Path) 
     cfg = parse_run_config({"task": TASK.name, "data-path": str(manifest), "image-size": 32, "min-partition-size": 1})
     with pytest.raises(DataSourceError, match="no 'subtype' column"):
         load_site_data(cfg, SiteConfig(site_id="s0", partition_id=0, num_partitions=1), TASK)
+    # The pre-flight check reports it as "not ready" instead of raising; the binary task is fine.
+    report = check_dataset(manifest, task=TASK.name)
+    assert report.verdict == "not ready" and any("no 'subtype' column" in e for e in report.errors)
+    assert check_dataset(manifest, task="pneumonia-cxr").verdict != "not ready"
 
 
 def test_missing_or_conflicting_subtype_values_are_errors(tmp_path: Path) -> None:

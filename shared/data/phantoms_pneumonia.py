@@ -125,7 +125,7 @@ def _side(g: _Grid, sign: float) -> np.ndarray:
     return _ramp(g.u * sign, 0.04)
 
 
-def _air_bronchograms(g: _Grid, a: _Anatomy, lung_sign: float, centre: tuple[float, float],
+def _air_bronchograms(g: _Grid, lung_sign: float, centre: tuple[float, float],
                       rng: np.random.Generator) -> np.ndarray:
     """A few dark branching lines running from the hilum side into a consolidation."""
     layer = np.zeros((g.r, g.r), np.float32)
@@ -173,7 +173,7 @@ def _lobar_focus(g: _Grid, a: _Anatomy, lungs: np.ndarray, rng: np.random.Genera
     patch = _blob_shape(g, rng, (centre_u, float(centre_v)), radius)
     fill = np.clip(2.0 * patch, 0.0, 1.0) * lobe * own
     fill *= 0.8 + 0.2 * np.tanh(_low_freq(rng, g.r, 10))
-    bronchi = _air_bronchograms(g, a, lung.sign, (centre_u, float(centre_v)), rng)
+    bronchi = _air_bronchograms(g, lung.sign, (centre_u, float(centre_v)), rng)
     layer = amp * scale * fill * (1.0 - 0.45 * bronchi)
     return layer.astype(np.float32), (fill > 0.5) & (lungs > 0.5)
 
