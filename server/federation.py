@@ -108,7 +108,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> ResultsWriter:
     summary = writer.write_summary(extra)
     fin = summary.get("final", {})
     headline = (f"Dice {_fmt(fin.get('dice'))}, IoU {_fmt(fin.get('iou'))}" if "dice" in fin
-                else f"AUROC {_fmt(fin.get('auroc'))}, accuracy {_fmt(fin.get('accuracy'))}")
+                else f"{'macro ' if 'auroc-0' in fin else ''}AUROC {_fmt(fin.get('auroc'))}, "
+                     f"accuracy {_fmt(fin.get('accuracy'))}")
     logger.info("medfed: finished %d rounds in %.1f s; final pooled validation %s; results in %s",
                 summary["rounds"], summary["wall-seconds"], headline, run_dir)
     return writer

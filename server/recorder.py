@@ -141,6 +141,9 @@ def progress_line(r: dict[str, Any], num_rounds: int) -> str:
     fails = r.get("train-failures", 0) + r.get("evaluate-failures", 0)
     if "dice" in ev:
         scores = f"val Dice {f(ev, 'dice')} IoU {f(ev, 'iou')} HD95 {f(ev, 'hd95')} px"
+    elif "auroc-0" in ev:  # more than two classes: one-vs-rest macro averages, argmax decisions
+        scores = (f"val macro AUROC {f(ev, 'auroc')} acc {f(ev, 'accuracy')} macro sens {f(ev, 'sensitivity')} "
+                  f"spec {f(ev, 'specificity')} F1 {f(ev, 'f1')}")
     else:
         scores = (f"val AUROC {f(ev, 'auroc')} acc {f(ev, 'accuracy')} sens {f(ev, 'sensitivity')} "
                   f"spec {f(ev, 'specificity')} F1 {f(ev, 'f1')}")

@@ -31,11 +31,12 @@ from torch import nn
 
 from shared.config import PATH_KEYS, RUN_KEYS, ConfigError, RunConfig, parse_run_config
 from shared.data.preprocess import PreprocessConfig, normalize_batch, preprocess
-from shared.data.site import class_mapping, make_reader
+from shared.data.site import make_reader, task_labels
 from shared.data.sources import DataSourceError, discover, registered_suffixes
 from shared.metrics.classification import ClassificationCounts
 from shared.models import build_model
 from shared.registry import UnknownNameError
+from shared.tasks import TaskSpec, get_task
 from shared.training import images_to_tensor, to_float01
 
 logger = logging.getLogger(__name__)
@@ -134,16 +135,26 @@ class TrainedModel:
         return str(self.meta.get("normalize") or "fixed")
 
     @property
-    def positive_class(self) -> int:
-        """Positive class of a binary task: ``meta['positive-class']``, the task's, or 1."""
-        if "positive-class" in self.meta:
-            return int(self.meta["positive-class"])
-        try:
-            from shared.tasks import get_task
+    def positive_class(self) -> int | None:
+        """Positive class of a binary task: ``meta['positive-class']``, the task's, or 1.
 
-            return int(get_task(self.task).positive_class)
+        ``None`` for a model with more than two classes (argmax decisions, macro metrics).
+        """
+        if self.num_classes > 2:
+            return None
+        if self.meta.get("positive-class") is not None:
+            return int(self.meta["positive-class"])
+        spec = self.task_spec()
+        return int(spec.positive_class) if spec is not None and spec.positive_class is not None else 1
+
+    def task_spec(self) -> TaskSpec | None:
+        """The registered task of this model when its classes match the model's, else ``None``."""
+        try:
+            spec = get_task(self.task)
         except (UnknownNameError, KeyError):
-            return 1
+            return None
+        same = [c.lower() for c in spec.class_names] == [c.lower() for c in self.class_names]
+        return spec if same else None
 
     @property
     def is_segmentation(self) -> bool:
@@ -587,7 +598,7 @@ class EvaluationResult:
     metrics: dict[str, float]
     counts: ClassificationCounts
     class_names: tuple[str, ...]
-    positive_class: int
+    positive_class: int | None
     skipped: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self, trained: TrainedModel | None = None) -> dict[str, Any]:
@@ -612,10 +623,12 @@ def evaluate_dataset(trained: TrainedModel, data: Path, *, batch_size: int = 32)
     """Score ``trained`` on a labelled dataset (class folders, folder with manifest.csv, or a manifest).
 
     Labels are mapped onto the model's classes by name (case-insensitive,
-    :func:`shared.data.site.class_mapping`). Unreadable images are counted
-    in ``skipped`` by reason and left out. Metrics come from
-    :class:`ClassificationCounts` (argmax predictions; AUROC from the
-    positive-class probability).
+    with the task's label column and aliases, e.g. the 3-class pneumonia
+    task's ``subtype``: :func:`shared.data.site.task_labels`). Unreadable
+    images are counted in ``skipped`` by reason and left out. Metrics come
+    from :class:`ClassificationCounts` (argmax predictions; AUROC from the
+    positive-class probability; for more than two classes one-vs-rest per
+    class and macro averages).
 
     Raises
     ------
@@ -627,8 +640,9 @@ def evaluate_dataset(trained: TrainedModel, data: Path, *, batch_size: int = 32)
     """
     _check_classifier(trained, "evaluate")
     listing = discover(Path(data))
-    mapping = class_mapping(listing.class_names, trained.class_names)
-    labels_all = mapping[listing.labels()]
+    spec = trained.task_spec()
+    labels_all = task_labels(listing, trained.class_names, spec.label_column if spec else None,
+                             spec.label_aliases if spec else None)
     reader = make_reader(trained.run_config)
     skipped: Counter[str] = Counter(listing.skipped)
     counts = ClassificationCounts.empty(trained.num_classes)

@@ -12,12 +12,13 @@ defaults; preprocessing and augmentation defaults live in
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 
-from shared.data import phantoms, phantoms_tasks
+from shared.data import phantoms, phantoms_pneumonia, phantoms_tasks
 from shared.registry import Registry
 
 # (n, size, seed, indices) -> (images uint8, labels int64) for classification,
@@ -27,6 +28,10 @@ PhantomLabeler = Callable[[int, int], np.ndarray]
 
 CLASSIFICATION = "classification"
 SEGMENTATION = "segmentation"
+
+ARGMAX = "argmax"
+"""Threshold method of multi-class tasks: the decision is the most probable class, no threshold."""
+THRESHOLD_METHODS = ("youden", "target-sensitivity", ARGMAX)
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,10 @@ class TaskSpec:
         first). Folder names/manifest labels of a real dataset are matched
         to these case-insensitively.
     positive_class:
-        Index of the class counted as "positive" (sensitivity, AUROC).
+        Index of the class counted as "positive" (sensitivity, AUROC) of a
+        binary task. ``None`` for a task with more than two classes: there
+        is no single positive class; decisions are the argmax and metrics
+        are one-vs-rest per class with their macro averages.
     default_model, default_image_size:
         Used when the run config says ``model='auto'`` / ``image-size=0``.
     threshold_method, target_sensitivity:
@@ -54,6 +62,15 @@ class TaskSpec:
         ``"youden"`` (max sensitivity + specificity - 1) or
         ``"target-sensitivity"`` (highest threshold reaching the target:
         for tasks where a missed case is worse than a false alarm).
+        Multi-class tasks use ``"argmax"`` (no threshold).
+    label_column:
+        Manifest column that carries this task's label (e.g. ``"subtype"``),
+        read instead of ``label`` where present and non-empty; ``None``: the
+        ``label`` column / class folder names. See
+        :func:`shared.data.site.task_labels`.
+    label_aliases:
+        Other spellings of class names (lower case -> class name), e.g.
+        ``{"bacteria": "bacterial"}``.
     phantom_labels:
         ``(n, seed) -> labels`` of the task's synthetic phantom set, cheap.
     render_phantoms:
@@ -65,13 +82,32 @@ class TaskSpec:
     kind: str
     in_channels: int
     class_names: tuple[str, ...]
-    positive_class: int
+    positive_class: int | None
     default_model: str
     default_image_size: int
     phantom_labels: PhantomLabeler
     render_phantoms: PhantomRenderer
     threshold_method: str = "youden"
     target_sensitivity: float = 0.9
+    label_column: str | None = None
+    label_aliases: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
+
+    def __post_init__(self) -> None:
+        if self.threshold_method not in THRESHOLD_METHODS:
+            raise ValueError(f"task '{self.name}': threshold_method must be one of {THRESHOLD_METHODS}, "
+                             f"got {self.threshold_method!r}")
+        if self.kind == CLASSIFICATION and len(self.class_names) > 2:
+            if self.positive_class is not None or self.threshold_method != ARGMAX:
+                raise ValueError(f"task '{self.name}' has {len(self.class_names)} classes: it needs "
+                                 f"positive_class=None and threshold_method='{ARGMAX}' (no single positive class)")
+        elif self.positive_class is None or not 0 <= self.positive_class < len(self.class_names):
+            raise ValueError(f"task '{self.name}': positive_class must index one of {list(self.class_names)}, "
+                             f"got {self.positive_class!r}")
+        bad = {k: v for k, v in self.label_aliases.items() if k != k.lower() or v not in self.class_names}
+        if bad:
+            raise ValueError(f"task '{self.name}': label_aliases must map lower-case spellings to class names "
+                             f"{list(self.class_names)}, got {bad}")
+        object.__setattr__(self, "label_aliases", MappingProxyType(dict(self.label_aliases)))
 
     @property
     def num_classes(self) -> int:
@@ -82,6 +118,11 @@ class TaskSpec:
     def is_segmentation(self) -> bool:
         """True for mask-predicting tasks."""
         return self.kind == SEGMENTATION
+
+    @property
+    def is_multiclass(self) -> bool:
+        """True for classification with more than two classes (argmax decisions, macro metrics)."""
+        return self.kind == CLASSIFICATION and self.num_classes > 2
 
 
 TASKS: Registry[TaskSpec] = Registry("task")
@@ -110,6 +151,25 @@ TASKS.add(
         default_image_size=64,
         phantom_labels=lambda n, seed: phantoms.phantom_labels(n, seed=seed),
         render_phantoms=_first_two(phantoms.make_chest_phantoms),
+    ),
+)
+
+TASKS.add(
+    "pneumonia-cxr-3class",
+    TaskSpec(
+        name="pneumonia-cxr-3class",
+        description="Chest X-ray: normal vs bacterial vs viral pneumonia (3 classes; manifest 'subtype' column)",
+        kind=CLASSIFICATION,
+        in_channels=1,
+        class_names=phantoms_pneumonia.PNEUMONIA_SUBTYPE_CLASSES,
+        positive_class=None,
+        default_model="small-cnn",
+        default_image_size=64,
+        phantom_labels=lambda n, seed: phantoms_pneumonia.pneumonia_subtype_labels(n, seed=seed),
+        render_phantoms=_first_two(phantoms_pneumonia.make_pneumonia_subtype_phantoms),
+        threshold_method=ARGMAX,
+        label_column="subtype",
+        label_aliases={"bacteria": "bacterial", "virus": "viral"},  # Kermany's spellings
     ),
 )
 

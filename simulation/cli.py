@@ -78,7 +78,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     print(
         f"\nmedfed simulate: {summary['rounds']} rounds x {args.sites} sites in {result.seconds:.0f} s. "
-        f"Final pooled validation AUROC {fmt('auroc')}, accuracy {fmt('accuracy')}, "
+        f"Final pooled validation {'macro ' if 'auroc-0' in final else ''}AUROC {fmt('auroc')}, "
+        f"accuracy {fmt('accuracy')}, "
         f"sensitivity {fmt('sensitivity')}, specificity {fmt('specificity')}.\n"
         f"Results: {result.run_dir}"
     )

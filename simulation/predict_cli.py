@@ -146,6 +146,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     m = result.metrics
     print(f"medfed evaluate: {trained.model_name} ({trained.task}) on {result.counts.num_examples} images"
           + (f", skipped {sum(result.skipped.values())}" if result.skipped else ""))
+    if trained.num_classes > 2:
+        print(f"  (argmax decisions; sensitivity ... ece are macro averages of one-vs-rest figures "
+              f"over {trained.num_classes} classes)")
     for key in ("accuracy", "sensitivity", "specificity", "precision", "f1", "auroc", "auprc", "ece"):
         print(f"  {key:<12} {_fmt(m.get(key))}")
     if "threshold" in m:

@@ -1,6 +1,7 @@
 """Every clinical task federates on its phantoms: 3 sites x 3 rounds must beat chance.
 
-Classification tasks need pooled validation AUROC > 0.7, segmentation Dice > 0.6.
+Classification tasks need pooled validation AUROC > 0.7 (macro over classes for the
+3-class pneumonia task), segmentation Dice > 0.6.
 The figures of each run are printed (``-s``) for the closing notes.
 """
 
@@ -10,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from shared.tasks import TASKS, get_task
 from simulation.runner import simulate
@@ -19,6 +21,9 @@ pytestmark = pytest.mark.integration
 # Local epochs per round: pneumothorax phantoms (a thin pleural line and missing
 # lung markings at 64 px) need more local training than the others to clear the bar.
 LOCAL_EPOCHS = {"pneumothorax-cxr": 8}
+# Per-task run-config overrides: the 3-class phantoms learn on fewer images at a higher rate
+# (keeps the run well under the 90 s budget of an integration test).
+OVERRIDES = {"pneumonia-cxr-3class": {"phantom-count": 900, "lr": 0.003}}
 
 
 @pytest.mark.parametrize("task", TASKS.names())
@@ -26,7 +31,7 @@ def test_task_learns_on_phantoms(task: str, tmp_path: Path) -> None:
     spec = get_task(task)
     res = simulate(
         {"task": task, "num-server-rounds": 3, "local-epochs": LOCAL_EPOCHS.get(task, 5), "phantom-count": 1200,
-         "results-dir": str(tmp_path), "run-name": task, "seed": 0},
+         "results-dir": str(tmp_path), "run-name": task, "seed": 0, **OVERRIDES.get(task, {})},
         sites=3, echo=False, timeout=900,
     )
     summary = json.loads((res.run_dir / "summary.json").read_text())
@@ -35,6 +40,11 @@ def test_task_learns_on_phantoms(task: str, tmp_path: Path) -> None:
     assert set(summary["final-per-site"]) == {"site-0", "site-1", "site-2"}
     if spec.is_segmentation:
         assert final["dice"] > 0.6, final
+    elif spec.is_multiclass:  # macro one-vs-rest AUROC, argmax decisions: no operating threshold
+        assert final["auroc"] > 0.7, final
+        assert all(f"auroc-{k}" in final for k in range(spec.num_classes)) and "threshold" not in final
+        model = torch.load(res.run_dir / "model.pt", weights_only=False)
+        assert model["meta"]["threshold"] is None and model["meta"]["num-classes"] == spec.num_classes
     else:
         assert final["auroc"] > 0.7, final
         assert 0.0 <= final["threshold"] <= 1.0

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.data.site import class_mapping
+from shared.data.site import task_labels
 from shared.data.sources import (
     MANIFEST_NAME,
     DataSourceError,
@@ -574,21 +574,20 @@ def check_dataset(
         listing = discover(root)
     except DataSourceError as first:
         # A site holding a single class is still worth counting: retry with the task's class
-        # names (in their usual spellings; class_mapping matches case-insensitively).
+        # names (in their usual spellings; task_labels matches case-insensitively).
         try:
-            listing = discover(root, class_names=_spellings(spec.class_names))
+            listing = discover(root, class_names=_spellings(spec.class_names + tuple(spec.label_aliases)))
         except DataSourceError:
             report.errors.append(_redact(str(first), root))
             report.verdict = _verdict(report)
             return report
     try:
-        mapping = class_mapping(listing.class_names, spec.class_names)
+        labels = task_labels(listing, spec.class_names, spec.label_column, spec.label_aliases)
     except DataSourceError as exc:
         report.errors.append(_redact(str(exc), root))
         report.verdict = _verdict(report)
         return report
 
-    labels = mapping[listing.labels()] if len(listing) else np.zeros(0, dtype=np.int64)
     report.num_files = len(listing) + sum(listing.skipped.values())
     scan = _scan_images(listing, labels, progress)
     quarantined = Counter(dict(listing.skipped))

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -503,8 +503,20 @@ def _blob_shape(g: _Grid, rng: np.random.Generator, centre: tuple[float, float],
 # ---------------------------------------------------------------------------
 
 
-def _compose(r: int, index: int, label: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Float image in [0, 1] and float lesion mask at the render size ``r``."""
+Findings = Callable[[_Grid, _Anatomy, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
+"""``(grid, anatomy, lung field, lesion rng) -> (added intensity, boolean region)``: what a disease adds."""
+
+
+def _compose(r: int, index: int, label: int, seed: int,
+             findings: Findings | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Float image in [0, 1] and float lesion mask at the render size ``r``.
+
+    ``findings`` draws the disease into the lungs (default: the binary set's
+    opacities for ``label == 1``, nothing for ``label == 0``); it gets the
+    lesion stream, so the patient (anatomy, noise) is the same whatever is added.
+    """
+    if findings is None and label == 1:
+        findings = _lesions
     arng = _stream(seed, index, _STREAM_ANATOMY)
     nrng = _stream(seed, index, _STREAM_NOISE)
     a = _sample_anatomy(arng)
@@ -539,8 +551,8 @@ def _compose(r: int, index: int, label: int, seed: int) -> tuple[np.ndarray, np.
     img += arng.uniform(0.01, 0.03) * _low_freq(nrng, r, 5) * body
 
     mask = np.zeros((r, r), np.float32)
-    if label == 1:
-        lesion, region = _lesions(g, a, lungs, _stream(seed, index, _STREAM_LESION))
+    if findings is not None:
+        lesion, region = findings(g, a, lungs, _stream(seed, index, _STREAM_LESION))
         img += np.minimum(lesion, 0.9 * lung_depth)  # consolidation is at most about water-dense
         mask = region.astype(np.float32)
 

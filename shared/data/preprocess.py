@@ -365,6 +365,9 @@ TASK_DEFAULTS: dict[str, PreprocessConfig] = {
     # source of non-IID shift in a federation. Denoising off: modern
     # detector output is processed already and INTER_AREA averages anyway.
     "pneumonia-cxr": PreprocessConfig(resize="letterbox", equalize="clahe", clahe_clip=2.0, clahe_tiles=8),
+    # The same radiographs split into bacterial/viral: the same recipe (CLAHE
+    # also lifts the faint interstitial pattern of viral pneumonia).
+    "pneumonia-cxr-3class": PreprocessConfig(resize="letterbox", equalize="clahe", clahe_clip=2.0, clahe_tiles=8),
     # Placeholders until these tasks are validated on real data: same
     # grayscale-radiograph recipe as pneumonia.
     "pneumothorax-cxr": PreprocessConfig(resize="letterbox", equalize="clahe", clahe_clip=2.0, clahe_tiles=8),
@@ -576,6 +579,7 @@ AUGMENT_DEFAULTS: dict[str, AugmentConfig] = {
     # Radiographs: small rotations/zoom/shift as patient positioning varies;
     # no flips (laterality is anatomy: heart, liver, stomach bubble, situs).
     "pneumonia-cxr": AugmentConfig(),
+    "pneumonia-cxr-3class": AugmentConfig(),
     "pneumothorax-cxr": AugmentConfig(),
     # Segmentation: masks must receive the same geometry (not handled by
     # augment_batch yet); photometric ranges as for classification.

@@ -42,11 +42,21 @@ def counts_from_flat(flat: Mapping[str, object]) -> ClassificationCounts | Segme
 
 @dataclass(frozen=True)
 class ThresholdRule:
-    """How the classification operating threshold is chosen on validation counts."""
+    """How the classification operating threshold is chosen on validation counts.
+
+    ``method="argmax"`` (multi-class tasks, ``positive_class=None``) chooses
+    no threshold: decisions are the most probable class and the metrics are
+    one-vs-rest per class with macro averages.
+    """
 
     method: str = "youden"
     target_sensitivity: float = 0.9
-    positive_class: int = 1
+    positive_class: int | None = 1
+
+    @property
+    def chooses_threshold(self) -> bool:
+        """Whether a binary operating threshold is selected (not for ``argmax``)."""
+        return self.method != "argmax" and self.positive_class is not None
 
 
 @dataclass
@@ -75,8 +85,9 @@ def _metrics(counts: ClassificationCounts | SegmentationCounts, rule: ThresholdR
     if isinstance(counts, SegmentationCounts):
         return counts.metrics()
     if counts.num_classes != 2:
-        return counts.metrics(positive_class=rule.positive_class)
-    return counts.metrics(positive_class=rule.positive_class, threshold=threshold)
+        return counts.metrics()  # one-vs-rest per class and macro averages
+    positive = rule.positive_class if rule.positive_class is not None else 1
+    return counts.metrics(positive_class=positive, threshold=threshold)
 
 
 def pool_evaluations(reports: list[SiteEvaluation], rule: ThresholdRule | None = None) -> RoundEvaluation:
@@ -84,7 +95,10 @@ def pool_evaluations(reports: list[SiteEvaluation], rule: ThresholdRule | None =
 
     The pooled ``eval-loss`` is the example-weighted mean of site losses. For
     binary classification the threshold chosen on the pooled counts is also
-    applied to every site's counts.
+    applied to every site's counts; with more than two classes (or the
+    ``argmax`` rule) there is no threshold and the metrics are macro averages
+    of one-vs-rest per-class figures (``auroc``, ``sensitivity`` ...) next to
+    the per-class ones (``auroc-<k>`` ...).
     """
     if not reports:
         raise ValueError("no site evaluation reports to pool")
@@ -93,7 +107,7 @@ def pool_evaluations(reports: list[SiteEvaluation], rule: ThresholdRule | None =
     for r in reports[1:]:
         total = total.merge(r.counts)  # type: ignore[arg-type]
     threshold = None
-    if isinstance(total, ClassificationCounts) and total.num_classes == 2:
+    if isinstance(total, ClassificationCounts) and total.num_classes == 2 and rule.chooses_threshold:
         threshold = total.select_threshold(rule.method, rule.target_sensitivity, rule.positive_class)
     pooled = _metrics(total, rule, threshold)
     n = sum(r.counts.num_examples if isinstance(r.counts, ClassificationCounts) else r.counts.n_images for r in reports)
