@@ -339,6 +339,18 @@ def run_study(plan: StudyPlan, *, simulate_fn: Callable[..., Any] | None = None,
     plan.runs_dir.mkdir(parents=True, exist_ok=True)
     runs = plan.runs()
     outcomes: list[RunOutcome] = []
+    try:
+        _run_all(plan, primary, runs, outcomes, simulate_fn, log)
+    finally:  # an interrupted study still writes the table of the runs it finished
+        rows = summarize(outcomes, plan.epsilons, primary, audit=plan.audit)
+        table = markdown_table(rows, primary, audit=plan.audit)
+        files = write_outputs(plan, primary, rows, outcomes, table)
+    return StudyResult(plan, primary, rows, outcomes, table, files)
+
+
+def _run_all(plan: StudyPlan, primary: str, runs: Sequence[tuple[float, int]], outcomes: list[RunOutcome],
+             simulate_fn: Callable[..., Any], log: Log) -> None:
+    """Run each (epsilon, seed) in turn, appending to ``outcomes``; failures are recorded, not raised."""
     t_study = time.time()
     for k, (eps, seed) in enumerate(runs, 1):
         tag = f"[study {k}/{len(runs)}] eps={epsilon_label(eps)} seed={seed}"
@@ -365,10 +377,6 @@ def run_study(plan: StudyPlan, *, simulate_fn: Callable[..., Any] | None = None,
             f", MIA AUC {_fmt(metrics.get('mia-auc', math.nan))}" if plan.audit else "")
         log(f"{tag}: done in {outcome.seconds:.0f} s: {primary} {_fmt(metrics[primary])}, "
             f"achieved eps {_fmt(metrics['achieved-epsilon'], 2)}{extra} (study elapsed {time.time() - t_study:.0f} s)")
-    rows = summarize(outcomes, plan.epsilons, primary, audit=plan.audit)
-    table = markdown_table(rows, primary, audit=plan.audit)
-    files = write_outputs(plan, primary, rows, outcomes, table)
-    return StudyResult(plan, primary, rows, outcomes, table, files)
 
 
 # ---------------------------------------------------------------------------
@@ -399,7 +407,10 @@ def summarize(outcomes: Sequence[RunOutcome], epsilons: Sequence[float], primary
     for eps in epsilons:
         mine = [o for o in outcomes if o.epsilon == eps]
         ok = [o.metrics for o in mine if o.status == "ok"]
-        col = lambda k: [m.get(k, math.nan) for m in ok]  # noqa: E731
+
+        def col(key: str, ok: list[dict[str, float]] = ok) -> list[float]:
+            return [m.get(key, math.nan) for m in ok]
+
         p_mean, p_std = _mean_std(col(primary))
         a_mean, a_std = _mean_std(col("accuracy"))
         worst = [v for v in col(f"worst-site-{primary}") if not math.isnan(v)]

@@ -187,3 +187,26 @@ def test_site_count_needs_a_source(tmp_path: Path) -> None:
     assert run_site_count(tmp_path / "run") == 4
     with pytest.raises(AuditError, match="config.json"):
         audit_run(tmp_path / "missing", sites=1)
+
+
+def test_audit_membership_cli_writes_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from simulation.cli import main as cli_main
+
+    cfg = parse_run_config(FLAT)
+    task = get_task(cfg.task)
+    sizes = {}
+    for i in range(2):
+        d = load_site_data(cfg, SiteConfig(site_id=f"site-{i}", partition_id=i, num_partitions=2), task)
+        sizes[f"site-{i}"] = (len(d.train_images), len(d.val_images))
+    torch.manual_seed(0)
+    _make_run(tmp_path / "run", FLAT, build_model("small-cnn", 1, 2), sizes)
+    out = tmp_path / "reports" / "audit.json"
+    assert cli_main(["audit", "membership", str(tmp_path / "run"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "attack AUC" in printed and "site-1" in printed and "not a privacy proof" in printed
+    report = json.loads(out.read_text())
+    assert report["sites"] == 2 and report["pooled"]["n-members"] == sum(n for n, _ in sizes.values())
+    assert 0.0 <= report["pooled"]["auc"] <= 1.0
+
+    assert cli_main(["audit", "membership", str(tmp_path / "nothing-here")]) == 2
+    assert "config.json" in capsys.readouterr().err
