@@ -176,6 +176,9 @@ def test_tiny_privacy_study_end_to_end(tmp_path: Path, capsys: pytest.CaptureFix
         assert 0.0 <= float(r["auroc-mean"]) <= 1.0 and 0.0 <= float(r["accuracy-mean"]) <= 1.0
         assert 0.0 <= float(r["worst-site-auroc"]) <= 1.0
         assert 0.0 <= float(r["mia-auc"]) <= 1.0 and 0.0 <= float(r["mia-tpr@1%fpr"]) <= 1.0
+        # DP figures: empty while the sites ignore dp.* keys; positive once DP-SGD sites report them
+        for key in ("achieved-epsilon", "delta", "noise-multiplier"):
+            assert key in r and (r[key] == "" or float(r[key]) > 0.0)
     study = json.loads((out / "study.json").read_text())
     assert study["primary-metric"] == "auroc" and len(study["runs"]) == 2
     for run in study["runs"]:
