@@ -15,6 +15,7 @@ from shared.config import ConfigError, describe_keys, parse_overrides
 from simulation.data_cli import add_data_parser
 from simulation.predict_cli import add_predict_parser
 from simulation.privacy_cli import add_privacy_parser
+from simulation.study_cli import add_audit_parser, add_study_parser
 
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     add_predict_parser(sub)
     add_privacy_parser(sub)
+    add_study_parser(sub)
+    add_audit_parser(sub)
     return parser
 
 

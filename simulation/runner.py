@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.config import PATH_KEYS, ConfigValue, parse_run_config
-from shared.results import resolve_results_dir
+from shared.results import resolve_results_dir, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -247,4 +247,6 @@ def simulate(
             f"full output: {log_target}; SuperLink log: {link_log}"
         )
     shutil.rmtree(flwr_home, ignore_errors=True)
+    # What the results folder cannot tell by itself (the number of sites): read by the membership audit.
+    write_json(run_dir / "simulation.json", {"sites": sites, "cpus-per-site": cpus_per_site})
     return SimulationResult(run_dir=run_dir, seconds=time.time() - t0)
