@@ -806,20 +806,23 @@ def evaluate_dataset(trained: TrainedModel, data: Path, *, batch_size: int = 32)
 
 
 def evaluate_segmentation(trained: TrainedModel, data: Path, *, batch_size: int = 8) -> dict[str, Any]:
-    """Score a segmentation model on image/mask pairs (manifest ``image,mask`` or ``images/`` + ``masks/``).
+    """Score a segmentation model on image/mask pairs (see :func:`shared.data.seg_sources.discover_segmentation`).
 
     Images get the model's own preprocessing; masks the same geometry (no
     intensity steps), thresholded at half range. Pairs that cannot be read, or
     whose mask size differs from the image, are counted in ``skipped``.
     Returns a JSON-ready dict: Dice, IoU and HD95 (pixels of the model's input
-    size) as means over all images, the image count and what was skipped.
+    size) as means over all images, ``hd95-mm`` as the mean over the images
+    with a known pixel spacing (manifest ``spacing_mm`` or DICOM header,
+    converted to the model's pixel size; NaN when none), the image count and
+    what was skipped.
 
     Raises
     ------
     DataSourceError
         The dataset cannot be listed or no pair could be read.
     """
-    from shared.data.seg_sources import discover_segmentation, read_mask
+    from shared.data.seg_sources import discover_segmentation, read_record_mask, record_spacing
     from shared.metrics.segmentation import SegmentationCounts
 
     if not trained.is_segmentation:
@@ -831,21 +834,24 @@ def evaluate_segmentation(trained: TrainedModel, data: Path, *, batch_size: int 
     counts = SegmentationCounts.empty()
     recs = listing.records
     for start in range(0, len(recs), batch_size):
-        imgs, masks = [], []
+        imgs, masks, spacings = [], [], []
         for r in recs[start : start + batch_size]:
             try:
-                img = preprocess(reader(r.image), trained.preprocess)
-                mask = preprocess(read_mask(r.mask, r.image), mcfg) > 127
+                raw = reader(r.image)
+                img = preprocess(raw, trained.preprocess)
+                mask = preprocess(read_record_mask(r), mcfg) > 127
             except Exception as exc:  # noqa: BLE001 - one bad pair is counted, never a crash
                 skipped[str(getattr(exc, "reason", "") or "unreadable")] += 1
                 continue
+            sp = record_spacing(r)
             imgs.append(img)
             masks.append(mask)
+            spacings.append(None if sp is None else model_spacing(sp, raw.shape[:2], trained.preprocess))
         if imgs:
             with torch.no_grad():
                 trained.model.eval()
                 pred = trained.model(_model_input(trained, np.stack(imgs))).argmax(dim=1).numpy() > 0
-            counts.update(pred, np.stack(masks))
+            counts.update(pred, np.stack(masks), spacings)
     if counts.n_images == 0:
         raise DataSourceError(f"none of the {len(recs)} image/mask pairs could be read (skipped: {dict(skipped)})")
     logger.info("evaluated %d image/mask pairs (%d skipped)", counts.n_images, sum(skipped.values()))
