@@ -383,3 +383,46 @@ def test_predict_masks_on_real_lung_xrays(seg_run: tuple[Path, np.ndarray, np.nd
         mask = cv2.imread(str(tmp_path / "masks" / r["mask"]), cv2.IMREAD_UNCHANGED)
         assert mask.shape == cv2.imread(str(p), cv2.IMREAD_UNCHANGED).shape[:2]
         assert 0.0 <= r["foreground-percent"] <= 100.0
+
+
+def test_evaluate_segmentation_reports_hd95_mm_for_images_with_spacing(
+    seg_run: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from shared.inference import evaluate_segmentation
+
+    run, images, masks = seg_run
+    trained = load_trained(run)
+    rows = ["image,mask,spacing_mm"]
+    for i in range(32, 40):
+        cv2.imwrite(str(tmp_path / f"i{i}.png"), images[i])
+        cv2.imwrite(str(tmp_path / f"m{i}.png"), masks[i].astype(np.uint8) * 255)
+        rows.append(f"i{i}.png,m{i}.png,0.5")
+    (tmp_path / "with.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "without.csv").write_text("\n".join(r.rsplit(",", 1)[0] for r in rows) + "\n")
+    m = evaluate_segmentation(trained, tmp_path / "with.csv")["metrics"]
+    assert m["hd95-mm"] == pytest.approx(0.5 * m["hd95"], abs=1e-5)  # 64 px images, 64 px model: 0.5 mm pixels
+    assert np.isnan(evaluate_segmentation(trained, tmp_path / "without.csv")["metrics"]["hd95-mm"])
+    out = tmp_path / "m.json"
+    assert _run_cli(["evaluate", "--model", str(run), str(tmp_path / "with.csv"), "--out", str(out)]) == 0
+    assert "hd95-mm" in capsys.readouterr().out
+    assert json.loads(out.read_text())["metrics"]["hd95-mm"] == pytest.approx(m["hd95-mm"])
+
+
+@pytest.mark.realdata
+def test_evaluate_segmentation_hd95_mm_on_real_lungs(seg_run: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path,
+                                                     shared_data: Path) -> None:
+    """Montgomery images listed by absolute path with a made-up spacing: mm = px x spacing x 512/64."""
+    from shared.inference import evaluate_segmentation
+
+    root = shared_data / "lung-seg"
+    names = sorted(p.name for p in (root / "images").glob("*.png"))[:3]
+    if len(names) < 3:
+        pytest.skip(f"lung-seg images not found under {root}")
+    lines = ["image,mask,spacing_mm"] + [f"{root / 'images' / n},{root / 'masks' / n},0.7" for n in names]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    report = evaluate_segmentation(load_trained(seg_run[0]), tmp_path / "m.csv")
+    m = report["metrics"]
+    assert report["num-images"] == 3
+    side = cv2.imread(str(root / "images" / names[0]), cv2.IMREAD_UNCHANGED).shape[0]
+    if np.isfinite(m["hd95"]):  # a phantom-trained model may predict nothing on a real image
+        assert m["hd95-mm"] == pytest.approx(m["hd95"] * 0.7 * side / 64, rel=1e-6)
