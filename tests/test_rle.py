@@ -108,3 +108,37 @@ def test_two_rle_csvs_are_ambiguous(tmp_path: Path) -> None:
     (tmp_path / "other.csv").write_text("ImageId,EncodedPixels\nimg0,-1\n")
     with pytest.raises(DataSourceError, match="2 run-length CSVs"):
         discover_segmentation(tmp_path)
+
+
+def test_pneumothorax_seg_task_renders_phantom_masks() -> None:
+    from shared.tasks import get_task
+
+    task = get_task("pneumothorax-seg")
+    assert task.is_segmentation and task.class_names == ("background", "pneumothorax")
+    assert (task.default_model, task.default_image_size) == ("unet", 64)
+    idx = np.arange(3, 15)
+    images, masks = task.render_phantoms(40, 48, 7, idx)
+    ref_images, labels, ref_masks = make_pneumothorax_phantoms(40, size=48, seed=7, indices=idx)
+    assert np.array_equal(images, ref_images) and np.array_equal(masks, ref_masks)
+    assert np.array_equal(masks.reshape(len(idx), -1).any(axis=1), labels.astype(bool))  # empty exactly when absent
+    assert np.array_equal(task.phantom_labels(40, 7)[idx], labels)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_site_reads_images_with_rle_csv(tmp_path: Path, cache: bool) -> None:
+    """A pneumothorax-seg site whose masks are a SIIM-ACR CSV: masks decoded at image size, then preprocessed."""
+    from shared.config import SiteConfig, parse_run_config
+    from shared.data import site as site_module
+    from shared.data.site import load_site_data
+    from shared.tasks import get_task
+
+    _, masks = _siim_folder(tmp_path / "data", n=10)
+    cfg = parse_run_config({"task": "pneumothorax-seg", "image-size": 48, "cache": cache})
+    site = SiteConfig(site_id="h", data_path=str(tmp_path / "data"), cache_dir=str(tmp_path / "cache"))
+    for _ in range(2 if cache else 1):  # the second load comes from the cache
+        d = load_site_data(cfg, site, get_task("pneumothorax-seg"))
+        got = np.concatenate([d.train_masks, d.val_masks])
+        assert got.shape == (10, 48, 48) and set(np.unique(got).tolist()) <= {0, 1}
+        assert sorted(int(m.sum()) for m in got) == sorted(int(m.sum()) for m in masks)  # same size: unchanged
+        assert d.skipped == {"missing-file": 1}
+        site_module._CACHE.clear()  # the in-process cache, so that the next load reads the site cache

@@ -406,6 +406,7 @@ TASK_DEFAULTS: dict[str, PreprocessConfig] = {
     # grayscale-radiograph recipe as pneumonia.
     "pneumothorax-cxr": PreprocessConfig(resize="letterbox", equalize="clahe", clahe_clip=2.0, clahe_tiles=8),
     "lung-seg": PreprocessConfig(resize="letterbox", equalize="clahe", clahe_clip=2.0, clahe_tiles=8),
+    "pneumothorax-seg": PreprocessConfig(resize="letterbox", equalize="clahe", clahe_clip=2.0, clahe_tiles=8),
     "nec-axr": PreprocessConfig(resize="letterbox", equalize="clahe", clahe_clip=2.0, clahe_tiles=8),
     # Skin photographs: colour is diagnostic (erythema, violaceous or dusky
     # skin), so 3 channels and no equalization.
@@ -614,9 +615,10 @@ AUGMENT_DEFAULTS: dict[str, AugmentConfig] = {
     # no flips (laterality is anatomy: heart, liver, stomach bubble, situs).
     "pneumonia-cxr": AugmentConfig(),
     "pneumothorax-cxr": AugmentConfig(),
-    # Segmentation: masks must receive the same geometry (not handled by
-    # augment_batch yet); photometric ranges as for classification.
+    # Segmentation: shared.seg_training.augment_pair gives image and mask the
+    # same geometry; photometric ranges as for classification.
     "lung-seg": AugmentConfig(),
+    "pneumothorax-seg": AugmentConfig(),
     "nec-axr": AugmentConfig(),
     # Skin photographs have no canonical orientation or laterality; colour
     # jitter kept small because redness/duskiness is diagnostic.
