@@ -93,8 +93,14 @@ def test_dicom_pixel_spacing_is_used(shared_data: Path) -> None:
     rec = SegRecord(dcm, dcm)
     assert record_spacing(rec) == (0.2, 0.2)
     assert record_spacing(SegRecord(dcm, dcm, spacing=(0.3, 0.3))) == (0.3, 0.3)  # the manifest wins
-    (sp,) = model_spacings([rec], PreprocessConfig(size=64))
-    assert sp is not None and sp[0] > 0.2  # a large radiograph shrunk to 64 px: bigger pixels
+    from shared.data.dicom import dicom_shape
+    from shared.data.sources import read_raw
+
+    shape = read_raw(dcm).shape[:2]
+    assert dicom_shape(dcm) == shape  # header size = decoded size, so no pixel decoding is needed
+    cfg = PreprocessConfig(size=64)
+    (sp,) = model_spacings([rec], cfg)
+    assert sp == model_spacing((0.2, 0.2), shape, cfg) and sp[0] > 0.2  # a large radiograph shrunk: bigger pixels
 
 
 def test_site_validation_spacings_reach_the_pooled_hd95_mm(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.data.dicom import DICOM_SUFFIXES, DicomRejected, pixel_spacing_mm
+from shared.data.dicom import DICOM_SUFFIXES, DicomRejected, dicom_shape, pixel_spacing_mm
 from shared.data.preprocess import PreprocessConfig, model_spacing
 from shared.data.rle import rle_decode
 from shared.data.sources import DataSourceError, ImageReadError, read_raw, registered_suffixes
@@ -312,15 +312,17 @@ def record_spacing(record: SegRecord) -> Spacing | None:
 def model_spacings(records: Sequence[SegRecord], cfg: PreprocessConfig) -> list[Spacing | None]:
     """Spacing of each record's pixels *after* preprocessing (see :func:`~shared.data.preprocess.model_spacing`).
 
-    ``None`` where the spacing is unknown or the image cannot be read (only
-    images with a known spacing are decoded, for their size).
+    ``None`` where the spacing is unknown or the image cannot be read. Only
+    images with a known spacing are looked at, for their size: DICOM from the
+    header, other formats by decoding.
     """
     out: list[Spacing | None] = []
     for r in records:
         sp = record_spacing(r)
         if sp is not None:
             try:
-                sp = model_spacing(sp, read_raw(r.image).shape[:2], cfg)
+                shape = dicom_shape(r.image) if r.image.suffix.lower() in DICOM_SUFFIXES else None
+                sp = model_spacing(sp, shape or read_raw(r.image).shape[:2], cfg)
             except ImageReadError:
                 sp = None
         out.append(sp)
