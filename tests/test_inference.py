@@ -383,6 +383,14 @@ def test_predict_masks_on_real_lung_xrays(seg_run: tuple[Path, np.ndarray, np.nd
         mask = cv2.imread(str(tmp_path / "masks" / r["mask"]), cv2.IMREAD_UNCHANGED)
         assert mask.shape == cv2.imread(str(p), cv2.IMREAD_UNCHANGED).shape[:2]
         assert 0.0 <= r["foreground-percent"] <= 100.0
+    dicom = shared_data / "dicom" / "RG2_JPLL.dcm"  # a compressed radiograph, 2140 x 1760
+    if dicom.is_file():
+        from shared.data.sources import read_raw
+
+        (r,) = predict_masks(load_trained(seg_run[0]), [dicom], tmp_path / "masks")
+        assert r["error"] == "" and r["mask"] == "RG2_JPLL_mask.png"
+        mask = cv2.imread(str(tmp_path / "masks" / r["mask"]), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == read_raw(dicom).shape[:2]
 
 
 def test_evaluate_segmentation_reports_hd95_mm_for_images_with_spacing(
