@@ -43,7 +43,7 @@ from shared.data.preprocess import (
     PreprocessConfig,
     preprocess,
 )
-from shared.data.seg_sources import discover_segmentation, model_spacings, read_record_mask
+from shared.data.seg_sources import SegRecord, discover_segmentation, model_spacings, read_record_mask
 from shared.data.sources import DataSourceError, ImageListing, discover, read_raw
 from shared.data.splits import train_val_split
 from shared.tasks import TaskSpec
@@ -259,7 +259,7 @@ def _load_segmentation(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> Site
         images = np.stack([preprocess(img, pcfg) for img in images])
         masks = np.asarray(masks).astype(np.uint8)
         groups, skipped = None, Counter()
-        spacings = [None] * len(images)
+        kept: list[SegRecord] | None = None
     else:
         listing = discover_segmentation(resolve_path(cfg.data.data_path if site.simulated else site.data_path))
         zeros = np.zeros(len(listing.records), dtype=np.int64)
@@ -271,10 +271,11 @@ def _load_segmentation(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> Site
         imgs = build_or_load(cache, [r.image for r in recs], zeros[mine], pcfg, make_reader(cfg), extra=extra)
         record_of = {r.mask: r for r in recs}
         mcfg = dataclasses.replace(pcfg, equalize="none", denoise="none", channels=1)
-        # run-length masks have no file of their own: their runs go into the cache key
-        runs = hashlib.sha256(json.dumps([r.rle for r in recs]).encode()).hexdigest()
+        mextra: dict[str, object] = {**extra, "kind": "mask"}
+        if any(r.rle is not None for r in recs):  # run-length masks have no file of their own: key on their runs
+            mextra["rle"] = hashlib.sha256(json.dumps([r.rle for r in recs]).encode()).hexdigest()
         msks = build_or_load(cache, [r.mask for r in recs], zeros[mine], mcfg,
-                             lambda p: read_record_mask(record_of[p]), extra={**extra, "kind": "mask", "rle": runs})
+                             lambda p: read_record_mask(record_of[p]), extra=mextra)
         skipped = Counter(listing.skipped)
         skipped.update(imgs.skipped)
         skipped.update({k: v for k, v in msks.skipped.items() if k != "unreadable-image"})
@@ -286,11 +287,12 @@ def _load_segmentation(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> Site
         images = np.array(imgs.images)[[pos_i[k] for k in both]]
         masks = (np.array(msks.images)[[pos_m[k] for k in both]] > 127).astype(np.uint8)
         groups = all_groups[mine][both] if all_groups is not None else None
-        spacings = model_spacings([recs[k] for k in both], pcfg)
+        kept = [recs[k] for k in both]
     tr, va = train_val_split(np.zeros(len(images), dtype=np.int64), cfg.data.val_fraction,
                              seed=cfg.seed + 1 + int(site.partition_id or 0), groups=groups)
     empty = np.zeros(0, dtype=np.int64)
-    val_spacings = tuple(spacings[int(i)] for i in va) if any(s is not None for s in spacings) else None
+    spacings = model_spacings([kept[int(i)] for i in va], pcfg) if kept is not None else []
+    val_spacings = tuple(spacings) if any(s is not None for s in spacings) else None
     return SiteData(images[tr], empty, images[va], empty, task.class_names, dict(skipped),
                     train_masks=masks[tr], val_masks=masks[va], val_spacings=val_spacings)
 
