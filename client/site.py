@@ -175,7 +175,8 @@ def evaluate_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor],
     model = rt.new_model(state_dict)
     if rt.val_m is not None:
         counts, loss = evaluate_seg(model, rt.val_x, rt.val_m, batch_size=max(rt.cfg.train.batch_size, 32),
-                                    precision=rt.cfg.train.precision, normalize=rt.cfg.data.normalize)
+                                    precision=rt.cfg.train.precision, normalize=rt.cfg.data.normalize,
+                                    spacings=rt.data.val_spacings)
         if rt.explain is not None and server_round <= 1:
             logger.info("explain-dir is set but Grad-CAM overlays are written for classifier tasks only")
         return {"num-examples": counts.n_images, "eval-loss": loss, **counts.to_flat()}

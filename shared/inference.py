@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from shared.config import PATH_KEYS, RUN_KEYS, ConfigError, RunConfig, parse_run_config
-from shared.data.preprocess import PreprocessConfig, normalize_batch, preprocess
-from shared.data.site import make_reader, task_labels
+from shared.data.preprocess import PreprocessConfig, content_box, model_spacing, normalize_batch, preprocess
+from shared.data.site import class_mapping, make_reader, task_labels
 from shared.data.sources import DataSourceError, discover, registered_suffixes
 from shared.metrics.classification import ClassificationCounts
 from shared.models import build_model
@@ -54,8 +54,12 @@ __all__ = [
     "model_threshold",
     "is_segmentation_model",
     "load_trained",
+    "mask_at_input_size",
     "predict_files",
+    "predict_masks",
+    "SEGMENTATION_COLUMNS",
     "write_predictions_csv",
+    "write_rows_csv",
 ]
 
 MODEL_FILE = "model.pt"
@@ -389,11 +393,11 @@ def model_threshold(trained: TrainedModel) -> float:
     return 0.5
 
 
-def _check_classifier(trained: TrainedModel, what: str) -> None:
+def _check_classifier(trained: TrainedModel, what: str, instead: str) -> None:
     if trained.is_segmentation:
         raise NotSupportedError(
-            f"{what} is not supported yet for segmentation models ('{trained.model_name}'); "
-            "it works for classifiers only."
+            f"{what} works for classifiers only, and '{trained.model_name}' is a segmentation model: "
+            f"use {instead} instead."
         )
 
 
@@ -448,7 +452,7 @@ def predict_files(
     ValueError
         For a bad ``threshold`` or ``batch_size``.
     """
-    _check_classifier(trained, "predict")
+    _check_classifier(trained, "predict_files", "predict_masks")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     binary = trained.num_classes == 2
@@ -513,17 +517,6 @@ def predict_files(
 # ---------------------------------------------------------------------------
 
 
-def _content_box(h: int, w: int, pcfg: PreprocessConfig) -> tuple[int, int, int, int]:
-    """``(top, left, height, width)`` of the image inside the preprocessed square (as :func:`preprocess`)."""
-    size = pcfg.size
-    if pcfg.resize == "squash":
-        return 0, 0, size, size
-    scale = size / max(h, w)
-    th = min(size, max(1, round(h * scale)))
-    tw = min(size, max(1, round(w * scale)))
-    return (size - th) // 2, (size - tw) // 2, th, tw
-
-
 def _display_uint8(raw: np.ndarray) -> np.ndarray:
     """A decoded image as uint8 for display: (H, W) gray or (H, W, 3) RGB."""
     img = np.asarray(raw)
@@ -544,10 +537,15 @@ def _display_uint8(raw: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
 
 
-def _unique_name(stem: str, used: Counter[str]) -> str:
+def _unique_stem(stem: str, used: Counter[str]) -> str:
+    """``stem`` the first time, then ``stem-2``, ``stem-3``... (inputs from different folders may share a name)."""
     used[stem] += 1
     n = used[stem]
-    return f"{stem}_gradcam.png" if n == 1 else f"{stem}-{n}_gradcam.png"
+    return stem if n == 1 else f"{stem}-{n}"
+
+
+def _unique_name(stem: str, used: Counter[str]) -> str:
+    return f"{_unique_stem(stem, used)}_gradcam.png"
 
 
 def _write_heatmap(
@@ -558,7 +556,7 @@ def _write_heatmap(
     if raw is None or d.shape is None:
         return ""
     h, w = d.shape
-    top, left, th, tw = _content_box(h, w, pcfg)
+    top, left, th, tw = content_box(h, w, pcfg)
     heat = heat[top : top + th, left : left + tw]  # drop the letterbox padding
     base = _display_uint8(raw)
     scale = min(1.0, HEATMAP_MAX_SIDE / max(h, w))
@@ -573,9 +571,163 @@ def _write_heatmap(
     return name
 
 
+# ---------------------------------------------------------------------------
+# Segmentation: masks at the input's own resolution
+# ---------------------------------------------------------------------------
+
+#: Columns of a segmentation model's ``predictions.csv``.
+SEGMENTATION_COLUMNS = ("input", "foreground-percent", "foreground-pixels", "mask", "overlay", "error")
+#: BGR colour of the mask contour in overlays (yellow: visible on gray radiographs and on skin).
+CONTOUR_BGR = (0, 255, 255)
+
+
+@torch.no_grad()
+def _foreground_probability(trained: TrainedModel, x: torch.Tensor) -> np.ndarray:
+    """``(B, S, S)`` probability that a pixel is not background (class 0)."""
+    trained.model.eval()
+    probs = torch.softmax(trained.model(x).float(), dim=1)
+    return (1.0 - probs[:, 0]).numpy().astype(np.float32)
+
+
+def mask_at_input_size(prob: np.ndarray, shape: tuple[int, int], pcfg: PreprocessConfig, threshold: float = 0.5) -> np.ndarray:
+    """Undo :func:`preprocess`'s geometry for a model-resolution probability map.
+
+    Parameters
+    ----------
+    prob : np.ndarray
+        ``(S, S)`` foreground probability in the preprocessed square.
+    shape : tuple of int
+        ``(height, width)`` of the decoded input image.
+    pcfg : PreprocessConfig
+        The model's preprocessing (letterbox padding is cropped off, a
+        squash is stretched back).
+    threshold : float
+        Foreground where the bilinearly resized probability is ``>= threshold``.
+
+    Returns
+    -------
+    np.ndarray
+        ``bool`` mask of shape ``shape``.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    top, left, th, tw = content_box(h, w, pcfg)
+    crop = np.ascontiguousarray(prob[top : top + th, left : left + tw], dtype=np.float32)
+    return cv2.resize(crop, (w, h), interpolation=cv2.INTER_LINEAR) >= threshold
+
+
+def _contour_overlay(raw: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """BGR image (long side at most :data:`HEATMAP_MAX_SIDE`) with the mask's outline drawn on it."""
+    base = _display_uint8(raw)
+    bgr = cv2.cvtColor(base, cv2.COLOR_GRAY2BGR) if base.ndim == 2 else cv2.cvtColor(base, cv2.COLOR_RGB2BGR)
+    m = mask.astype(np.uint8)
+    h, w = m.shape
+    scale = min(1.0, HEATMAP_MAX_SIDE / max(h, w))
+    if scale < 1.0:
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
+        m = cv2.resize(m, size, interpolation=cv2.INTER_NEAREST)
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    thickness = max(1, round(max(bgr.shape[:2]) / 256))
+    return cv2.drawContours(np.ascontiguousarray(bgr), contours, -1, CONTOUR_BGR, thickness)
+
+
+def predict_masks(
+    trained: TrainedModel,
+    files: list[Path],
+    mask_dir: Path,
+    *,
+    threshold: float | None = None,
+    overlay_dir: Path | None = None,
+    batch_size: int = 8,
+) -> list[dict[str, Any]]:
+    """Segment each file with the model's own training pipeline and write its mask.
+
+    Parameters
+    ----------
+    trained : TrainedModel
+        A segmentation model from :func:`load_trained`.
+    files : list of Path
+        Image files (see :func:`collect_inputs`).
+    mask_dir : Path
+        Where ``<stem>_mask.png`` is written per readable file (``<stem>-2_mask.png``
+        ... on name clashes): 0/255 at the input's own height and width
+        (letterbox padding cropped off, squash undone), foreground where the
+        probability of "not background" is ``>= threshold``.
+    threshold : float, optional
+        Pixel probability threshold in ``[0, 1]``; default 0.5.
+    overlay_dir : Path, optional
+        Also write ``<stem>_overlay.png`` here: the image with the mask's
+        outline in yellow (long side at most :data:`HEATMAP_MAX_SIDE`).
+    batch_size : int
+        Images per forward pass.
+
+    Returns
+    -------
+    list of dict
+        One row per file, in order, with the keys of
+        :data:`SEGMENTATION_COLUMNS`: ``input`` (file name only),
+        ``foreground-percent`` (mask area in % of the image),
+        ``foreground-pixels``, ``mask`` and ``overlay`` (file names or
+        empty), ``error`` (empty, or why the file could not be used).
+
+    Raises
+    ------
+    NotSupportedError
+        For a classifier.
+    ValueError
+        For a bad ``threshold`` or ``batch_size``.
+    """
+    if not trained.is_segmentation:
+        raise NotSupportedError(f"'{trained.model_name}' is a classifier: use predict_files")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+        raise ValueError(f"threshold must be a probability in [0, 1], got {threshold!r}")
+    thr = 0.5 if threshold is None else float(threshold)
+    reader = make_reader(trained.run_config)
+    mask_dir = Path(mask_dir)
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    if overlay_dir is not None:
+        overlay_dir = Path(overlay_dir)
+        overlay_dir.mkdir(parents=True, exist_ok=True)
+    used: Counter[str] = Counter()
+    rows: list[dict[str, Any]] = []
+    errors = 0
+    for chunk in _chunks(list(files), batch_size):
+        decoded = [_decode(Path(path), reader, trained.preprocess) for path in chunk]
+        ok = [i for i, (d, _) in enumerate(decoded) if d.image is not None]
+        probs = np.zeros((0, 1, 1), np.float32)
+        if ok:
+            probs = _foreground_probability(trained, _model_input(trained, np.stack([decoded[i][0].image for i in ok])))  # type: ignore[misc]
+        k_of = {i: k for k, i in enumerate(ok)}
+        for i, (d, raw) in enumerate(decoded):
+            row: dict[str, Any] = {"input": d.path.name, "foreground-percent": None, "foreground-pixels": None,
+                                   "mask": "", "overlay": "", "error": d.error}
+            rows.append(row)
+            if i not in k_of or d.shape is None or raw is None:
+                errors += 1
+                continue
+            mask = mask_at_input_size(probs[k_of[i]], d.shape, trained.preprocess, thr)
+            pixels = int(np.count_nonzero(mask))
+            stem = _unique_stem(d.path.stem, used)
+            row.update({"foreground-percent": 100.0 * pixels / mask.size, "foreground-pixels": pixels})
+            if cv2.imwrite(str(mask_dir / f"{stem}_mask.png"), mask.astype(np.uint8) * 255):
+                row["mask"] = f"{stem}_mask.png"
+            else:
+                row["error"] = "could not write the mask file"
+            if overlay_dir is not None and cv2.imwrite(str(overlay_dir / f"{stem}_overlay.png"), _contour_overlay(raw, mask)):
+                row["overlay"] = f"{stem}_overlay.png"
+    logger.info("segmented %d file(s), %d unreadable", len(rows) - errors, errors)
+    return rows
+
+
 def write_predictions_csv(rows: Sequence[Mapping[str, Any]], path: Path, class_names: Sequence[str]) -> Path:
-    """Write ``predictions.csv``: ``input, prob-<class>..., predicted, error``."""
-    cols = ["input", *(f"prob-{c}" for c in class_names), "predicted", "error"]
+    """Write a classifier's ``predictions.csv``: ``input, prob-<class>..., predicted, error``."""
+    return write_rows_csv(rows, path, ["input", *(f"prob-{c}" for c in class_names), "predicted", "error"])
+
+
+def write_rows_csv(rows: Sequence[Mapping[str, Any]], path: Path, cols: Sequence[str]) -> Path:
+    """Write ``rows`` as CSV with columns ``cols`` (floats with 6 decimals, ``None`` as empty)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as fh:
@@ -638,7 +790,7 @@ def evaluate_dataset(trained: TrainedModel, data: Path, *, batch_size: int = 32)
         The dataset cannot be listed, its classes do not match the model's,
         or no image could be read.
     """
-    _check_classifier(trained, "evaluate")
+    _check_classifier(trained, "evaluate_dataset", "evaluate_segmentation")
     listing = discover(Path(data))
     spec = trained.task_spec()
     labels_all = task_labels(listing, trained.class_names, spec.label_column if spec else None,
@@ -672,20 +824,23 @@ def evaluate_dataset(trained: TrainedModel, data: Path, *, batch_size: int = 32)
 
 
 def evaluate_segmentation(trained: TrainedModel, data: Path, *, batch_size: int = 8) -> dict[str, Any]:
-    """Score a segmentation model on image/mask pairs (manifest ``image,mask`` or ``images/`` + ``masks/``).
+    """Score a segmentation model on image/mask pairs (see :func:`shared.data.seg_sources.discover_segmentation`).
 
     Images get the model's own preprocessing; masks the same geometry (no
     intensity steps), thresholded at half range. Pairs that cannot be read, or
     whose mask size differs from the image, are counted in ``skipped``.
     Returns a JSON-ready dict: Dice, IoU and HD95 (pixels of the model's input
-    size) as means over all images, the image count and what was skipped.
+    size) as means over all images, ``hd95-mm`` as the mean over the images
+    with a known pixel spacing (manifest ``spacing_mm`` or DICOM header,
+    converted to the model's pixel size; NaN when none), the image count and
+    what was skipped.
 
     Raises
     ------
     DataSourceError
         The dataset cannot be listed or no pair could be read.
     """
-    from shared.data.seg_sources import discover_segmentation, read_mask
+    from shared.data.seg_sources import discover_segmentation, read_record_mask, record_spacing
     from shared.metrics.segmentation import SegmentationCounts
 
     if not trained.is_segmentation:
@@ -697,21 +852,24 @@ def evaluate_segmentation(trained: TrainedModel, data: Path, *, batch_size: int 
     counts = SegmentationCounts.empty()
     recs = listing.records
     for start in range(0, len(recs), batch_size):
-        imgs, masks = [], []
+        imgs, masks, spacings = [], [], []
         for r in recs[start : start + batch_size]:
             try:
-                img = preprocess(reader(r.image), trained.preprocess)
-                mask = preprocess(read_mask(r.mask, r.image), mcfg) > 127
+                raw = reader(r.image)
+                img = preprocess(raw, trained.preprocess)
+                mask = preprocess(read_record_mask(r), mcfg) > 127
             except Exception as exc:  # noqa: BLE001 - one bad pair is counted, never a crash
                 skipped[str(getattr(exc, "reason", "") or "unreadable")] += 1
                 continue
+            sp = record_spacing(r)
             imgs.append(img)
             masks.append(mask)
+            spacings.append(None if sp is None else model_spacing(sp, raw.shape[:2], trained.preprocess))
         if imgs:
             with torch.no_grad():
                 trained.model.eval()
                 pred = trained.model(_model_input(trained, np.stack(imgs))).argmax(dim=1).numpy() > 0
-            counts.update(pred, np.stack(masks))
+            counts.update(pred, np.stack(masks), spacings)
     if counts.n_images == 0:
         raise DataSourceError(f"none of the {len(recs)} image/mask pairs could be read (skipped: {dict(skipped)})")
     logger.info("evaluated %d image/mask pairs (%d skipped)", counts.n_images, sum(skipped.values()))

@@ -207,6 +207,34 @@ TASKS.add(
     ),
 )
 
+def _images_and_masks(fn: Callable[..., tuple[np.ndarray, ...]]) -> PhantomRenderer:
+    """Adapt a phantom maker returning (images, labels, masks) to a segmentation renderer."""
+
+    def render(n: int, size: int, seed: int, indices: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = fn(n, size=size, seed=seed, indices=indices)
+        return out[0], out[2]
+
+    return render
+
+
+TASKS.add(
+    "pneumothorax-seg",
+    TaskSpec(
+        name="pneumothorax-seg",
+        description="Chest X-ray: pneumothorax region segmentation (background, pneumothorax); "
+        "masks as image files or SIIM-ACR run-length CSV",
+        kind=SEGMENTATION,
+        in_channels=1,
+        class_names=("background", "pneumothorax"),
+        positive_class=1,
+        default_model="unet",
+        default_image_size=64,
+        # presence labels: partitions spread positive (non-empty mask) images evenly over sites
+        phantom_labels=lambda n, seed: phantoms_tasks.pneumothorax_labels(n, seed=seed),
+        render_phantoms=_images_and_masks(phantoms_tasks.make_pneumothorax_phantoms),
+    ),
+)
+
 TASKS.add(
     "nec-axr",
     TaskSpec(

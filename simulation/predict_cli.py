@@ -20,9 +20,12 @@ from shared.inference import (
     collect_inputs,
     evaluate_dataset,
     evaluate_segmentation,
+    SEGMENTATION_COLUMNS,
     load_trained,
     predict_files,
+    predict_masks,
     write_predictions_csv,
+    write_rows_csv,
 )
 from shared.results import write_json
 
@@ -42,14 +45,17 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:  # type:
     """
     p = subparsers.add_parser(
         "predict",
-        help="predict images with a trained model (CSV, optional Grad-CAM overlays)",
+        help="predict images with a trained model (CSV; Grad-CAM overlays or segmentation masks)",
         description=(
             "Predict image files with a trained medfed model, through the same reading and "
             "preprocessing as in training. Writes OUT/predictions.csv (input, prob-<class>..., "
             "predicted, error); unreadable files get a row with the reason. With --heatmaps also "
             "OUT/heatmaps/<stem>_gradcam.png: Grad-CAM of the positive class (binary) or of the "
             "predicted class, over the image at its own aspect ratio. Grad-CAM shows where the model "
-            "found evidence, which is not necessarily where the disease is."
+            "found evidence, which is not necessarily where the disease is. Segmentation models "
+            "instead write OUT/masks/<stem>_mask.png (0/255, at each input's own size) and "
+            "OUT/predictions.csv (input, foreground-percent, foreground-pixels, mask, overlay, error); "
+            "with --overlays also OUT/overlays/<stem>_overlay.png (mask outline over the image)."
         ),
     )
     p.add_argument("--model", "-m", required=True, type=Path, metavar="RUN_DIR_OR_FILE",
@@ -58,10 +64,13 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:  # type:
                    help="image files (PNG, JPEG, DICOM...), folders (searched recursively) or manifest .csv files")
     p.add_argument("--out", "-o", type=Path, default=Path("predictions"),
                    help="output folder (default ./predictions)")
-    p.add_argument("--heatmaps", action="store_true", help="also write Grad-CAM overlays to OUT/heatmaps/")
+    p.add_argument("--heatmaps", action="store_true", help="classifiers: also write Grad-CAM overlays to OUT/heatmaps/")
+    p.add_argument("--overlays", action="store_true",
+                   help="segmentation models: also write the mask outline over each image to OUT/overlays/")
     p.add_argument("--threshold", type=float, default=None,
-                   help="binary models: probability of the positive class from which it is predicted "
-                   "(default: the operating threshold chosen on validation data and saved with the model, else 0.5)")
+                   help="binary classifiers: probability of the positive class from which it is predicted "
+                   "(default: the operating threshold chosen on validation data and saved with the model, else 0.5); "
+                   "segmentation models: pixel foreground probability (default 0.5)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.set_defaults(func=_cmd_predict)
 
@@ -71,8 +80,10 @@ def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:  # type:
         description=(
             "Score a trained medfed model on a labelled dataset (class folders, a folder with "
             "manifest.csv, or a manifest .csv). Class names are matched to the model's "
-            "case-insensitively. Writes the metrics as JSON (no file paths) and prints a table. "
-            "Classification models only for now."
+            "case-insensitively. Segmentation models take image/mask pairs (manifest image,mask"
+            "[,spacing_mm], images/ + masks/ folders, or images with a SIIM-ACR run-length CSV) and report "
+            "Dice, IoU, HD95 in pixels and, for images with a known pixel spacing, hd95-mm. "
+            "Writes the metrics as JSON (no file paths) and prints a table."
         ),
     )
     e.add_argument("--model", "-m", required=True, type=Path, metavar="RUN_DIR_OR_FILE",
@@ -94,6 +105,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         files = collect_inputs(args.inputs)
         if not files:
             raise DataSourceError("no image files found in the given inputs")
+        if trained.is_segmentation:
+            return _predict_masks(trained, files, args)
+        if args.overlays:
+            raise ValueError("--overlays is for segmentation models; for a classifier use --heatmaps (Grad-CAM)")
         out = Path(args.out)
         heat_dir = out / "heatmaps" if args.heatmaps else None
         rows = predict_files(trained, files, threshold=args.threshold, heatmap_dir=heat_dir, batch_size=args.batch_size)
@@ -111,6 +126,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_masks(trained: TrainedModel, files: list[Path], args: argparse.Namespace) -> int:
+    if args.heatmaps:
+        raise ValueError("--heatmaps (Grad-CAM) is for classifiers; for a segmentation model use --overlays")
+    out = Path(args.out)
+    overlay_dir = out / "overlays" if args.overlays else None
+    rows = predict_masks(trained, files, out / "masks", threshold=args.threshold, overlay_dir=overlay_dir,
+                         batch_size=args.batch_size)
+    csv_path = write_rows_csv(rows, out / "predictions.csv", SEGMENTATION_COLUMNS)
+    errors = sum(1 for r in rows if r.get("error"))
+    print(f"medfed predict: {len(rows)} file(s) segmented, unreadable {errors}. Wrote {csv_path} and {out / 'masks'}/"
+          + (f" and {overlay_dir}/" if overlay_dir is not None else ""))
+    return 0
+
+
 def _evaluate_segmentation(trained: TrainedModel, args: argparse.Namespace) -> int:
     try:
         report = evaluate_segmentation(trained, args.data)
@@ -122,7 +151,7 @@ def _evaluate_segmentation(trained: TrainedModel, args: argparse.Namespace) -> i
     m = report["metrics"]
     print(f"medfed evaluate: {trained.model_name} ({trained.task}) on {report['num-images']} image/mask pairs"
           + (f", skipped {sum(report['skipped'].values())}" if report["skipped"] else ""))
-    for key in ("dice", "iou", "hd95"):
+    for key in ("dice", "iou", "hd95", "hd95-mm"):
         print(f"  {key:<12} {_fmt(m.get(key))}")
     print(f"Wrote {out}")
     return 0

@@ -23,8 +23,10 @@ from shared.inference import (
     TrainedModel,
     collect_inputs,
     evaluate_dataset,
+    SEGMENTATION_COLUMNS,
     load_trained,
     predict_files,
+    predict_masks,
 )
 from shared.models import build_model
 from shared.results import ResultsWriter
@@ -217,13 +219,15 @@ def test_collect_inputs_folders_manifests_files(tmp_path: Path) -> None:
         collect_inputs([tmp_path / "nope"])
 
 
-def test_segmentation_models_are_not_supported_yet(run_dir: Path, labelled_pngs: Path) -> None:
+def test_classifier_entry_points_point_segmentation_models_elsewhere(run_dir: Path, labelled_pngs: Path, tmp_path: Path) -> None:
     base = load_trained(run_dir)
     seg = TrainedModel(nn.Identity(), {**base.meta, "model": "unet"}, base.path, base.run_config, base.preprocess)
-    with pytest.raises(NotSupportedError, match="not supported yet"):
+    with pytest.raises(NotSupportedError, match="use evaluate_segmentation"):
         evaluate_dataset(seg, labelled_pngs)
-    with pytest.raises(NotSupportedError, match="not supported yet"):
+    with pytest.raises(NotSupportedError, match="use predict_masks"):
         predict_files(seg, [])
+    with pytest.raises(NotSupportedError, match="use predict_files"):
+        predict_masks(base, [], tmp_path)
 
 
 @pytest.mark.realdata
@@ -256,13 +260,11 @@ def test_saved_operating_threshold_is_the_default(tmp_path: Path) -> None:
     assert model_threshold(fake) == 0.5  # type: ignore[arg-type]
 
 
-def test_evaluate_segmentation_model_on_image_mask_pairs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A trained-in-place U-Net scored by `medfed evaluate` on an images/ + masks/ folder."""
-    import argparse
-
+@pytest.fixture(scope="module")
+def seg_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A results folder with a U-Net trained in place on 32 lung-seg phantoms; returns (run, images, masks) of 40."""
     from shared.data.phantoms_tasks import make_lung_seg_phantoms
     from shared.seg_training import train_local_seg
-    from simulation.predict_cli import add_predict_parser
 
     cfg = parse_run_config({"task": "lung-seg", "image-size": 64})
     task = get_task(cfg.task)
@@ -276,9 +278,16 @@ def test_evaluate_segmentation_model_on_image_mask_pairs(tmp_path: Path, capsys:
     meta = {"task": "lung-seg", "model": "unet", "image-size": 64, "in-channels": 1, "num-classes": 2,
             "class-names": list(task.class_names), "preprocess": pcfg.to_dict(), "normalize": "fixed",
             "run-config": {k: v for k, v in cfg.to_flat().items() if k not in PATH_KEYS}}
-    run = tmp_path / "run"
-    run.mkdir()
+    run = tmp_path_factory.mktemp("seg-run")
     ResultsWriter(run).write_model(model.state_dict(), meta)
+    return run, images, masks
+
+
+def test_evaluate_segmentation_model_on_image_mask_pairs(
+    seg_run: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A trained-in-place U-Net scored by `medfed evaluate` on an images/ + masks/ folder."""
+    run, images, masks = seg_run
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)
     (data / "masks").mkdir()
@@ -288,12 +297,140 @@ def test_evaluate_segmentation_model_on_image_mask_pairs(tmp_path: Path, capsys:
     cv2.imwrite(str(data / "images" / "bad.png"), images[0])
     cv2.imwrite(str(data / "masks" / "bad.png"), np.zeros((10, 10), np.uint8))  # wrong size: quarantined
 
-    parser = argparse.ArgumentParser()
-    add_predict_parser(parser.add_subparsers())
     out = tmp_path / "seg-metrics.json"
-    args = parser.parse_args(["evaluate", "--model", str(run), str(data), "--out", str(out)])
-    assert args.func(args) == 0
+    assert _run_cli(["evaluate", "--model", str(run), str(data), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["num-images"] == 8 and report["skipped"] == {"mask-size-mismatch": 1}
     assert report["metrics"]["dice"] > 0.6, report
     assert "dice" in capsys.readouterr().out
+
+
+def test_predict_cli_segmentation_masks_at_input_size(
+    seg_run: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Masks come back at each input's own size, aligned with it (letterbox undone), plus CSV and overlays."""
+    from shared.metrics.segmentation import dice_iou
+
+    run, images, masks = seg_run
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    truth: dict[str, np.ndarray] = {}
+    for i in range(32, 36):
+        cv2.imwrite(str(inputs / f"sq{i}.png"), images[i])
+        truth[f"sq{i}.png"] = masks[i]
+    # non-square inputs: image and true mask stretched alike (portrait and landscape, upscaled)
+    for name, (w, h) in {"tall.png": (96, 150), "wide.png": (200, 120)}.items():
+        cv2.imwrite(str(inputs / name), cv2.resize(images[36], (w, h), interpolation=cv2.INTER_LINEAR))
+        truth[name] = cv2.resize(masks[36].astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "out"
+    assert _run_cli(["predict", "--model", str(run), str(inputs), str(broken), "--out", str(out), "--overlays"]) == 0
+    assert "segmented" in capsys.readouterr().out
+    with (out / "predictions.csv").open(newline="") as fh:
+        assert next(csv.reader(fh)) == list(SEGMENTATION_COLUMNS)
+    rows = {r["input"]: r for r in _read_csv(out / "predictions.csv")}
+    assert set(rows) == {*truth, "broken.png"}
+    bad = rows.pop("broken.png")
+    assert bad["error"] and bad["mask"] == "" and bad["foreground-pixels"] == ""
+    for name, r in rows.items():
+        assert r["error"] == ""
+        mask = cv2.imread(str(out / "masks" / r["mask"]), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == truth[name].shape  # the input's own (H, W)
+        assert set(np.unique(mask).tolist()) <= {0, 255}
+        fg = int(np.count_nonzero(mask))
+        assert int(r["foreground-pixels"]) == fg
+        assert float(r["foreground-percent"]) == pytest.approx(100.0 * fg / mask.size, abs=1e-5)
+        dice, _ = dice_iou(mask > 0, truth[name])
+        assert dice > 0.6, (name, dice)  # a misplaced (still letterboxed) mask would not overlap this well
+        overlay = cv2.imread(str(out / "overlays" / r["overlay"]))
+        assert overlay.shape == (*truth[name].shape, 3)
+        assert (overlay == np.array([0, 255, 255], np.uint8)).all(axis=2).any()  # the contour is drawn
+
+
+def test_predict_masks_threshold_and_flag_misuse(seg_run: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    run, images, _ = seg_run
+    f = tmp_path / "a.png"
+    cv2.imwrite(str(f), images[37])
+    trained = load_trained(run)
+    low = predict_masks(trained, [f], tmp_path / "low", threshold=0.05)[0]
+    high = predict_masks(trained, [f], tmp_path / "high", threshold=0.95)[0]
+    assert low["foreground-pixels"] > high["foreground-pixels"]
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        predict_masks(trained, [f], tmp_path, threshold=2.0)
+    assert _run_cli(["predict", "--model", str(run), str(f), "--out", str(tmp_path / "x"), "--heatmaps"]) == 2
+    assert "--overlays" in capsys.readouterr().err
+
+
+@pytest.mark.realdata
+def test_predict_masks_on_real_lung_xrays(seg_run: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path,
+                                          shared_data: Path) -> None:
+    """Montgomery chest X-rays (and a letterboxed crop of one): one mask per image at its own size."""
+    folder = shared_data / "lung-seg" / "images"
+    files = sorted(folder.glob("*.png"))[:2]
+    if len(files) < 2:
+        pytest.skip(f"lung-seg images not found under {folder}")
+    crop = tmp_path / "crop.png"
+    src = cv2.imread(str(files[0]), cv2.IMREAD_UNCHANGED)
+    cv2.imwrite(str(crop), src[:, : src.shape[1] * 2 // 3])  # non-square
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("path\n" + "".join(f"{p}\n" for p in [*files, crop]))
+    rows = predict_masks(load_trained(seg_run[0]), collect_inputs([manifest]), tmp_path / "masks")
+    assert [r["input"] for r in rows] == [p.name for p in files] + ["crop.png"]
+    for r, p in zip(rows, [*files, crop]):
+        assert r["error"] == ""
+        mask = cv2.imread(str(tmp_path / "masks" / r["mask"]), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == cv2.imread(str(p), cv2.IMREAD_UNCHANGED).shape[:2]
+        assert 0.0 <= r["foreground-percent"] <= 100.0
+    dicom = shared_data / "dicom" / "RG2_JPLL.dcm"  # a compressed radiograph, 2140 x 1760
+    if dicom.is_file():
+        from shared.data.sources import read_raw
+
+        (r,) = predict_masks(load_trained(seg_run[0]), [dicom], tmp_path / "masks")
+        assert r["error"] == "" and r["mask"] == "RG2_JPLL_mask.png"
+        mask = cv2.imread(str(tmp_path / "masks" / r["mask"]), cv2.IMREAD_UNCHANGED)
+        assert mask.shape == read_raw(dicom).shape[:2]
+
+
+def test_evaluate_segmentation_reports_hd95_mm_for_images_with_spacing(
+    seg_run: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from shared.inference import evaluate_segmentation
+
+    run, images, masks = seg_run
+    trained = load_trained(run)
+    rows = ["image,mask,spacing_mm"]
+    for i in range(32, 40):
+        cv2.imwrite(str(tmp_path / f"i{i}.png"), images[i])
+        cv2.imwrite(str(tmp_path / f"m{i}.png"), masks[i].astype(np.uint8) * 255)
+        rows.append(f"i{i}.png,m{i}.png,0.5")
+    (tmp_path / "with.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "without.csv").write_text("\n".join(r.rsplit(",", 1)[0] for r in rows) + "\n")
+    m = evaluate_segmentation(trained, tmp_path / "with.csv")["metrics"]
+    assert m["hd95-mm"] == pytest.approx(0.5 * m["hd95"], abs=1e-5)  # 64 px images, 64 px model: 0.5 mm pixels
+    assert np.isnan(evaluate_segmentation(trained, tmp_path / "without.csv")["metrics"]["hd95-mm"])
+    out = tmp_path / "m.json"
+    assert _run_cli(["evaluate", "--model", str(run), str(tmp_path / "with.csv"), "--out", str(out)]) == 0
+    assert "hd95-mm" in capsys.readouterr().out
+    assert json.loads(out.read_text())["metrics"]["hd95-mm"] == pytest.approx(m["hd95-mm"])
+
+
+@pytest.mark.realdata
+def test_evaluate_segmentation_hd95_mm_on_real_lungs(seg_run: tuple[Path, np.ndarray, np.ndarray], tmp_path: Path,
+                                                     shared_data: Path) -> None:
+    """Montgomery images listed by absolute path with a made-up spacing: mm = px x spacing x 512/64."""
+    from shared.inference import evaluate_segmentation
+
+    root = shared_data / "lung-seg"
+    names = sorted(p.name for p in (root / "images").glob("*.png"))[:3]
+    if len(names) < 3:
+        pytest.skip(f"lung-seg images not found under {root}")
+    lines = ["image,mask,spacing_mm"] + [f"{root / 'images' / n},{root / 'masks' / n},0.7" for n in names]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    report = evaluate_segmentation(load_trained(seg_run[0]), tmp_path / "m.csv")
+    m = report["metrics"]
+    assert report["num-images"] == 3
+    side = cv2.imread(str(root / "images" / names[0]), cv2.IMREAD_UNCHANGED).shape[0]
+    if np.isfinite(m["hd95"]):  # a phantom-trained model may predict nothing on a real image
+        assert m["hd95-mm"] == pytest.approx(m["hd95"] * 0.7 * side / 64, rel=1e-6)

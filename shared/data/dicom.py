@@ -75,6 +75,7 @@ __all__ = [
     "DicomOptions",
     "DicomRejected",
     "dicom_to_uint8",
+    "dicom_shape",
     "pixel_spacing_mm",
     "read_dicom",
 ]
@@ -652,11 +653,28 @@ def pixel_spacing_mm(path: str | Path) -> tuple[float, float] | None:
     return None
 
 
+def dicom_shape(path: str | Path) -> tuple[int, int] | None:
+    """``(Rows, Columns)`` from the header (the decoded image's height and width), without reading pixels.
+
+    Returns ``None`` when the header lacks them. Raises :class:`DicomRejected`
+    as :func:`pixel_spacing_mm` does.
+    """
+    with _quiet_third_party():
+        ds = _read_dataset_header(Path(path))
+        try:
+            rows, cols = int(ds.get("Rows")), int(ds.get("Columns"))
+        except (TypeError, ValueError):
+            return None
+    return (rows, cols) if rows > 0 and cols > 0 else None
+
+
 def _read_dataset_header(path: Path) -> Dataset:
     name = path.name
     failure: str | None = None
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PixelSpacing", "ImagerPixelSpacing"])
+        ds = pydicom.dcmread(
+            path, stop_before_pixels=True, specific_tags=["PixelSpacing", "ImagerPixelSpacing", "Rows", "Columns"]
+        )
     except InvalidDicomError:
         failure = "not-dicom"
     except MemoryError:

@@ -297,6 +297,48 @@ def _letterbox_pad(u8: np.ndarray, size: int) -> np.ndarray:
     return cv2.copyMakeBorder(u8, top, size - h - top, left, size - w - left, cv2.BORDER_CONSTANT, value=value)
 
 
+def content_box(h: int, w: int, cfg: PreprocessConfig) -> tuple[int, int, int, int]:
+    """Where an ``h`` x ``w`` image lands inside the square :func:`preprocess` makes.
+
+    Returns
+    -------
+    tuple of int
+        ``(top, left, height, width)`` of the resized image in the
+        ``cfg.size`` square: the whole square for ``"squash"``, the centred
+        aspect-keeping box for ``"letterbox"`` (the rest is padding).
+    """
+    size = cfg.size
+    if cfg.resize == "squash":
+        return 0, 0, size, size
+    scale = size / max(h, w)
+    th = min(size, max(1, round(h * scale)))
+    tw = min(size, max(1, round(w * scale)))
+    return (size - th) // 2, (size - tw) // 2, th, tw
+
+
+def model_spacing(spacing: tuple[float, float], shape: tuple[int, int], cfg: PreprocessConfig) -> tuple[float, float]:
+    """Pixel spacing after :func:`preprocess`: ``spacing * original extent / resized extent`` per axis.
+
+    Parameters
+    ----------
+    spacing : tuple of float
+        ``(row, column)`` spacing of the original image, e.g. in mm.
+    shape : tuple of int
+        ``(height, width)`` of the original image.
+    cfg : PreprocessConfig
+        The resize (letterbox keeps the aspect ratio, so both axes usually
+        scale alike; squash scales each axis on its own).
+
+    Returns
+    -------
+    tuple of float
+        ``(row, column)`` spacing of the model's input pixels, same unit.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    _, _, th, tw = content_box(h, w, cfg)
+    return float(spacing[0]) * h / th, float(spacing[1]) * w / tw
+
+
 def preprocess(image: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     """Turn one decoded image into the cached ``uint8`` square.
 
@@ -327,12 +369,7 @@ def preprocess(image: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
         x = cv2.cvtColor(x, cv2.COLOR_RGB2GRAY)
     x = _denoise(np.ascontiguousarray(x), cfg.denoise)
     h, w = x.shape[:2]
-    if cfg.resize == "squash":
-        th, tw = cfg.size, cfg.size
-    else:
-        scale = cfg.size / max(h, w)
-        th = min(cfg.size, max(1, round(h * scale)))
-        tw = min(cfg.size, max(1, round(w * scale)))
+    _, _, th, tw = content_box(h, w, cfg)
     # Equalize at >= EQUALIZE_MIN_SIDE px (when the source has that many), then
     # shrink: CLAHE's clip limit is per tile pixel count, and 8x8 tiles of a
     # 64 px image hold 64 pixels for 256 bins, so the limit floors to 1 and
@@ -372,6 +409,7 @@ TASK_DEFAULTS: dict[str, PreprocessConfig] = {
     # grayscale-radiograph recipe as pneumonia.
     "pneumothorax-cxr": PreprocessConfig(resize="letterbox", equalize="clahe", clahe_clip=2.0, clahe_tiles=8),
     "lung-seg": PreprocessConfig(resize="letterbox", equalize="clahe", clahe_clip=2.0, clahe_tiles=8),
+    "pneumothorax-seg": PreprocessConfig(resize="letterbox", equalize="clahe", clahe_clip=2.0, clahe_tiles=8),
     "nec-axr": PreprocessConfig(resize="letterbox", equalize="clahe", clahe_clip=2.0, clahe_tiles=8),
     # Skin photographs: colour is diagnostic (erythema, violaceous or dusky
     # skin), so 3 channels and no equalization.
@@ -581,9 +619,10 @@ AUGMENT_DEFAULTS: dict[str, AugmentConfig] = {
     "pneumonia-cxr": AugmentConfig(),
     "pneumonia-cxr-3class": AugmentConfig(),
     "pneumothorax-cxr": AugmentConfig(),
-    # Segmentation: masks must receive the same geometry (not handled by
-    # augment_batch yet); photometric ranges as for classification.
+    # Segmentation: shared.seg_training.augment_pair gives image and mask the
+    # same geometry; photometric ranges as for classification.
     "lung-seg": AugmentConfig(),
+    "pneumothorax-seg": AugmentConfig(),
     "nec-axr": AugmentConfig(),
     # Skin photographs have no canonical orientation or laterality; colour
     # jitter kept small because redness/duskiness is diagnostic.

@@ -6,7 +6,19 @@ Layouts a site may provide:
   columns ``image`` (or ``path``) and ``mask``, optionally ``patient_id``;
   paths are relative to the manifest's folder;
 * a folder with ``images/`` and ``masks/`` sub-folders whose files pair up by
-  name (stem).
+  name (stem);
+* SIIM-ACR style run-length masks: a CSV with columns ``ImageId`` and
+  ``EncodedPixels`` (:mod:`shared.data.rle`; a leading space in the header is
+  fine), given as the data path or lying at the top level of the data folder
+  (the folder's only such CSV). ``ImageId`` is an image's file stem; images
+  are looked up anywhere below the CSV's folder (``.dcm``, ``.png``, ...).
+  ``-1`` is an empty mask; several rows of one ``ImageId`` are united.
+
+A manifest may also give a ``spacing_mm`` column: the pixel spacing of the
+image in mm, ``"0.7"`` (square pixels) or ``"0.7x0.6"`` (row x column). It
+overrides the DICOM header (*Pixel Spacing*, else *Imager Pixel Spacing*),
+which is used otherwise; with neither, HD95 is reported in pixels only.
+Spacing is a physical property, used locally for ``hd95-mm`` and never logged.
 
 Masks are image files (any depth); pixels above half the mask's range are
 foreground (anti-aliased 0..255 masks are thresholded at 127). A mask whose
@@ -19,17 +31,24 @@ from __future__ import annotations
 import csv
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from shared.data.dicom import DICOM_SUFFIXES, DicomRejected, dicom_shape, pixel_spacing_mm
+from shared.data.preprocess import PreprocessConfig, model_spacing
+from shared.data.rle import rle_decode
 from shared.data.sources import DataSourceError, ImageReadError, read_raw, registered_suffixes
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.csv"
+RLE_COLUMNS = ("imageid", "encodedpixels")
+"""Header names (case-insensitive, stripped) that mark a SIIM-ACR run-length CSV."""
+
+Spacing = tuple[float, float]
 
 
 class MaskReadError(ImageReadError):
@@ -42,11 +61,18 @@ class MaskReadError(ImageReadError):
 
 @dataclass(frozen=True)
 class SegRecord:
-    """One image and its mask."""
+    """One image and its mask.
+
+    ``mask`` is a mask image file, or for run-length masks a stand-in
+    ``<csv>#<ImageId>`` (unique per record) with the runs in ``rle``.
+    ``spacing`` is the manifest's ``spacing_mm`` (row, column), if given.
+    """
 
     image: Path
     mask: Path
     patient_id: str | None = None
+    spacing: Spacing | None = None
+    rle: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -77,10 +103,11 @@ def _manifest_pairs(manifest: Path) -> tuple[list[SegRecord], Counter[str]]:
             f"found {rows[0]}. Rename the columns (case does not matter)."
         )
     col_pid = header.index("patient_id") if "patient_id" in header else None
+    col_sp = header.index("spacing_mm") if "spacing_mm" in header else None
     base = manifest.parent
     records: list[SegRecord] = []
     skipped: Counter[str] = Counter()
-    for row in rows[1:]:
+    for line, row in enumerate(rows[1:], start=2):
         if not any(c.strip() for c in row):
             continue
         if len(row) <= max(col_image, col_mask):
@@ -93,7 +120,80 @@ def _manifest_pairs(manifest: Path) -> tuple[list[SegRecord], Counter[str]]:
             skipped["missing-mask"] += 1
         else:
             pid = row[col_pid].strip() if col_pid is not None and len(row) > col_pid else ""
-            records.append(SegRecord(image, mask, pid or None))
+            text = row[col_sp].strip() if col_sp is not None and len(row) > col_sp else ""
+            spacing = parse_spacing(text, f"'{manifest.name}' line {line}") if text else None
+            records.append(SegRecord(image, mask, pid or None, spacing))
+    return records, skipped
+
+
+def parse_spacing(text: str, where: str = "spacing_mm") -> Spacing:
+    """Parse a ``spacing_mm`` value: ``"0.7"`` (square pixels) or ``"0.7x0.6"`` (row x column, mm).
+
+    Raises
+    ------
+    DataSourceError
+        Not one or two positive numbers; the message names ``where``.
+    """
+    parts = [t for t in text.lower().replace("x", " ").replace(";", " ").replace(",", " ").split() if t]
+    try:
+        values = [float(t) for t in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or not all(np.isfinite(v) and v > 0 for v in values):
+        raise DataSourceError(
+            f"{where}: spacing_mm {text!r} is not a pixel spacing; expected one positive number in mm "
+            "(square pixels, e.g. 0.7) or 'row x column' (e.g. 0.7x0.6), or leave the cell empty"
+        )
+    return values[0], values[1]
+
+
+def _rle_header(path: Path) -> tuple[int, int] | None:
+    """Columns of ``ImageId`` and ``EncodedPixels`` when ``path`` is a run-length CSV, else None."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    names = [h.strip().lower() for h in header]
+    if all(c in names for c in RLE_COLUMNS):
+        return names.index(RLE_COLUMNS[0]), names.index(RLE_COLUMNS[1])
+    return None
+
+
+def _rle_pairs(table: Path) -> tuple[list[SegRecord], Counter[str]]:
+    """Records of a SIIM-ACR CSV whose ``ImageId`` names an image (file stem) below the CSV's folder."""
+    cols = _rle_header(table)
+    if cols is None:
+        raise DataSourceError(f"'{table.name}' is not a run-length CSV: expected columns ImageId, EncodedPixels")
+    col_id, col_rle = cols
+    with open(table, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))[1:]
+    runs: dict[str, list[str]] = {}
+    skipped: Counter[str] = Counter()
+    for row in rows:
+        if not any(c.strip() for c in row):
+            continue
+        if len(row) <= max(col_id, col_rle) or not row[col_id].strip():
+            skipped["short-row"] += 1
+            continue
+        runs.setdefault(row[col_id].strip(), []).append(row[col_rle].strip())
+    suffixes = set(registered_suffixes())
+    by_stem: dict[str, list[Path]] = {}
+    for p in sorted(table.parent.rglob("*")):
+        if p.is_file() and p.suffix.lower() in suffixes and not any(part.startswith(".") for part in p.relative_to(table.parent).parts):
+            by_stem.setdefault(p.stem, []).append(p)
+    records: list[SegRecord] = []
+    for image_id, rles in runs.items():
+        found = by_stem.get(image_id, [])
+        if len(found) != 1:
+            skipped["missing-file" if not found else "ambiguous-image-id"] += 1
+            continue
+        records.append(SegRecord(found[0], table.with_name(f"{table.name}#{image_id}"), rle=tuple(rles)))
+    unlabelled = sum(len(v) for k, v in by_stem.items() if k not in runs)
+    if unlabelled:
+        skipped["missing-mask"] += unlabelled
     return records, skipped
 
 
@@ -119,16 +219,25 @@ def discover_segmentation(path: str | Path) -> SegListing:
     p = Path(path)
     if not p.exists():
         raise DataSourceError("segmentation data path does not exist; expected a manifest CSV or a folder")
+    rle_tables = sorted(t for t in p.glob("*.csv") if _rle_header(t) is not None) if p.is_dir() else []
     if p.is_file() and p.suffix.lower() == ".csv":
-        records, skipped = _manifest_pairs(p)
+        records, skipped = _rle_pairs(p) if _rle_header(p) is not None else _manifest_pairs(p)
     elif p.is_dir() and (p / MANIFEST_NAME).is_file():
         records, skipped = _manifest_pairs(p / MANIFEST_NAME)
     elif p.is_dir() and (p / "images").is_dir() and (p / "masks").is_dir():
         records, skipped = _folder_pairs(p)
+    elif len(rle_tables) == 1:
+        records, skipped = _rle_pairs(rle_tables[0])
+    elif len(rle_tables) > 1:
+        raise DataSourceError(
+            f"segmentation data: the folder holds {len(rle_tables)} run-length CSVs ({[t.name for t in rle_tables]}); "
+            "pass the one to use as the data path"
+        )
     else:
         raise DataSourceError(
-            "segmentation data: expected a CSV manifest (image,mask[,patient_id]), a folder holding "
-            f"'{MANIFEST_NAME}', or a folder with 'images/' and 'masks/' sub-folders"
+            "segmentation data: expected a CSV manifest (image,mask[,patient_id][,spacing_mm]), a folder holding "
+            f"'{MANIFEST_NAME}', a folder with 'images/' and 'masks/' sub-folders, or images with a run-length "
+            "CSV (ImageId,EncodedPixels; SIIM-ACR convention)"
         )
     if not records:
         raise DataSourceError(f"no usable image/mask pairs (skipped: {dict(skipped) or 'nothing found'})")
@@ -162,3 +271,59 @@ def read_mask(mask_path: Path, image_path: Path | None = None) -> np.ndarray:
     hi = float(m.max())
     threshold = 127.0 if hi > 1.0 else 0.5
     return np.where(m > threshold, 255, 0).astype(np.uint8)
+
+
+def read_record_mask(record: SegRecord) -> np.ndarray:
+    """A record's mask as uint8 0/255 at its image's size (mask file or run-length rows).
+
+    Raises
+    ------
+    MaskReadError
+        ``unreadable-mask``, ``unreadable-image``, ``mask-size-mismatch`` or
+        ``bad-rle`` (runs that are malformed or do not fit the image).
+    """
+    if record.rle is None:
+        return read_mask(record.mask, record.image)
+    try:
+        h, w = read_raw(record.image).shape[:2]
+    except ImageReadError:
+        raise MaskReadError("unreadable-image", f"image '{record.image.name}' cannot be read") from None
+    mask = np.zeros((h, w), dtype=bool)
+    for rle in record.rle:
+        try:
+            mask |= rle_decode(rle, h, w)
+        except ValueError as exc:
+            raise MaskReadError("bad-rle", f"run-length mask of '{record.image.name}': {exc}") from None
+    return mask.astype(np.uint8) * 255
+
+
+def record_spacing(record: SegRecord) -> Spacing | None:
+    """Pixel spacing (row, column) in mm of a record's image: manifest ``spacing_mm``, else the DICOM header."""
+    if record.spacing is not None:
+        return record.spacing
+    if record.image.suffix.lower() in DICOM_SUFFIXES:
+        try:
+            return pixel_spacing_mm(record.image)
+        except DicomRejected:
+            return None
+    return None
+
+
+def model_spacings(records: Sequence[SegRecord], cfg: PreprocessConfig) -> list[Spacing | None]:
+    """Spacing of each record's pixels *after* preprocessing (see :func:`~shared.data.preprocess.model_spacing`).
+
+    ``None`` where the spacing is unknown or the image cannot be read. Only
+    images with a known spacing are looked at, for their size: DICOM from the
+    header, other formats by decoding.
+    """
+    out: list[Spacing | None] = []
+    for r in records:
+        sp = record_spacing(r)
+        if sp is not None:
+            try:
+                shape = dicom_shape(r.image) if r.image.suffix.lower() in DICOM_SUFFIXES else None
+                sp = model_spacing(sp, shape or read_raw(r.image).shape[:2], cfg)
+            except ImageReadError:
+                sp = None
+        out.append(sp)
+    return out

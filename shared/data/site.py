@@ -18,6 +18,8 @@ Only counts are logged here: never a file path or a patient id.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import time
@@ -41,7 +43,7 @@ from shared.data.preprocess import (
     PreprocessConfig,
     preprocess,
 )
-from shared.data.seg_sources import discover_segmentation, read_mask
+from shared.data.seg_sources import SegRecord, discover_segmentation, model_spacings, read_record_mask
 from shared.data.sources import DataSourceError, ImageListing, discover, read_raw
 from shared.data.splits import train_val_split
 from shared.tasks import TaskSpec
@@ -65,6 +67,8 @@ class SiteData:
     load_seconds: float = 0.0
     train_masks: np.ndarray | None = None  # segmentation: uint8 class-index masks (N, H, W)
     val_masks: np.ndarray | None = None
+    # segmentation: (row, column) mm spacing of each validation image at the model's size, None if unknown
+    val_spacings: tuple[tuple[float, float] | None, ...] | None = None
 
     def summary(self) -> str:
         """Counts only (safe to log)."""
@@ -339,6 +343,7 @@ def _load_segmentation(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> Site
         images = np.stack([preprocess(img, pcfg) for img in images])
         masks = np.asarray(masks).astype(np.uint8)
         groups, skipped = None, Counter()
+        kept: list[SegRecord] | None = None
     else:
         listing = discover_segmentation(resolve_path(cfg.data.data_path if site.simulated else site.data_path))
         zeros = np.zeros(len(listing.records), dtype=np.int64)
@@ -348,10 +353,13 @@ def _load_segmentation(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> Site
         cache = SiteCache(cache_root(site)) if cfg.data.cache else None
         extra = {"reader": READER_VERSION, "dicom-window-fallback": cfg.data.dicom_window_fallback}
         imgs = build_or_load(cache, [r.image for r in recs], zeros[mine], pcfg, make_reader(cfg), extra=extra)
-        image_of = {r.mask: r.image for r in recs}
+        record_of = {r.mask: r for r in recs}
         mcfg = dataclasses.replace(pcfg, equalize="none", denoise="none", channels=1)
+        mextra: dict[str, object] = {**extra, "kind": "mask"}
+        if any(r.rle is not None for r in recs):  # run-length masks have no file of their own: key on their runs
+            mextra["rle"] = hashlib.sha256(json.dumps([r.rle for r in recs]).encode()).hexdigest()
         msks = build_or_load(cache, [r.mask for r in recs], zeros[mine], mcfg,
-                             lambda p: read_mask(p, image_of[p]), extra={**extra, "kind": "mask"})
+                             lambda p: read_record_mask(record_of[p]), extra=mextra)
         skipped = Counter(listing.skipped)
         skipped.update(imgs.skipped)
         skipped.update({k: v for k, v in msks.skipped.items() if k != "unreadable-image"})
@@ -363,11 +371,14 @@ def _load_segmentation(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> Site
         images = np.array(imgs.images)[[pos_i[k] for k in both]]
         masks = (np.array(msks.images)[[pos_m[k] for k in both]] > 127).astype(np.uint8)
         groups = all_groups[mine][both] if all_groups is not None else None
+        kept = [recs[k] for k in both]
     tr, va = train_val_split(np.zeros(len(images), dtype=np.int64), cfg.data.val_fraction,
                              seed=cfg.seed + 1 + int(site.partition_id or 0), groups=groups)
     empty = np.zeros(0, dtype=np.int64)
+    spacings = model_spacings([kept[int(i)] for i in va], pcfg) if kept is not None else []
+    val_spacings = tuple(spacings) if any(s is not None for s in spacings) else None
     return SiteData(images[tr], empty, images[va], empty, task.class_names, dict(skipped),
-                    train_masks=masks[tr], val_masks=masks[va])
+                    train_masks=masks[tr], val_masks=masks[va], val_spacings=val_spacings)
 
 
 _CACHE: OrderedDict[tuple[object, ...], SiteData] = OrderedDict()
