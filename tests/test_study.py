@@ -176,9 +176,11 @@ def test_tiny_privacy_study_end_to_end(tmp_path: Path, capsys: pytest.CaptureFix
         assert 0.0 <= float(r["auroc-mean"]) <= 1.0 and 0.0 <= float(r["accuracy-mean"]) <= 1.0
         assert 0.0 <= float(r["worst-site-auroc"]) <= 1.0
         assert 0.0 <= float(r["mia-auc"]) <= 1.0 and 0.0 <= float(r["mia-tpr@1%fpr"]) <= 1.0
-        # DP figures: empty while the sites ignore dp.* keys; positive once DP-SGD sites report them
-        for key in ("achieved-epsilon", "delta", "noise-multiplier"):
-            assert key in r and (r[key] == "" or float(r[key]) > 0.0)
+    nodp, dp = rows
+    # no DP figures without DP; with DP-SGD the sites' ledgers report the spend, calibrated for the 1-round plan
+    assert all(nodp[k] == "" for k in ("achieved-epsilon", "delta", "noise-multiplier"))
+    assert 7.5 < float(dp["achieved-epsilon"]) <= 8.0
+    assert 0.0 < float(dp["delta"]) < 0.1 and float(dp["noise-multiplier"]) > 0.0
     study = json.loads((out / "study.json").read_text())
     assert study["primary-metric"] == "auroc" and len(study["runs"]) == 2
     for run in study["runs"]:
