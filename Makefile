@@ -35,6 +35,7 @@ test-fast: venv
 benchmark: venv
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/dp_throughput.py
 
 clean:
 	rm -rf results .pytest_cache

@@ -284,7 +284,7 @@ _SPECS: tuple[KeySpec, ...] = (
     KeySpec("dp.target-delta", "dp", "target_delta", float, "delta of the guarantee (0 = 1/(10 N), N = the site's training images)", 0, 1),
     KeySpec("dp.accountant", "dp", "accountant", str, "privacy accountant", choices=("rdp", "prv")),
     KeySpec("dp.max-epsilon", "dp", "max_epsilon", float, "per-site budget: a site refuses rounds that would exceed it (0 = no budget)", 0, 1e6),
-    KeySpec("dp.grad-sample-mode", "dp", "grad_sample_mode", str, "how Opacus computes per-example gradients", choices=("hooks", "ew", "functorch")),
+    KeySpec("dp.grad-sample-mode", "dp", "grad_sample_mode", str, "how Opacus computes per-example gradients (ghost = ghost clipping: per-example norms only)", choices=("hooks", "ew", "functorch", "ghost")),
     KeySpec("central-dp.mode", "central_dp", "mode", str, "site-level DP with Flower's fixed-clipping wrappers", choices=("none", "server-fixed", "client-fixed")),
     KeySpec("central-dp.noise-multiplier", "central_dp", "noise_multiplier", float, "Gaussian noise multiplier of the aggregated update", 0, 1000),
     KeySpec("central-dp.clipping-norm", "central_dp", "clipping_norm", float, "L2 clipping norm of each site's update", 0, 1e6, low_open=True),

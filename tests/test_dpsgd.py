@@ -121,13 +121,16 @@ def test_noise_std_is_sigma_c_over_expected_batch(sample_rate: float, expected_b
     assert float(delta.std()) == pytest.approx(expected, rel=0.02)
 
 
-def test_empty_batches_without_noise_leave_weights_unchanged() -> None:
-    """An empty Poisson batch contributes no gradient (only noise, here zero)."""
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_empty_batches_take_noise_only_steps(mode: str) -> None:
+    """An empty Poisson batch contributes no gradient, but the step and its noise still happen."""
     model = _small_cnn()
     before = _flat(model)
-    result = _train(model, DPSGDSpec(0.0, 1.0, sample_rate=1e-9, steps=3))
+    result = _train(model, DPSGDSpec(0.0, 1.0, sample_rate=1e-9, steps=3, grad_sample_mode=mode))
     assert result.steps == 3
     assert torch.equal(_flat(model), before)
+    _train(model, DPSGDSpec(1.0, 1.0, sample_rate=1e-9, steps=1, grad_sample_mode=mode))
+    assert float((_flat(model) - before).std()) == pytest.approx(SGD.lr * 1.0 * 1.0, rel=0.05)
 
 
 def test_fedprox_under_dp_reduces_drift() -> None:
