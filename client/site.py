@@ -158,6 +158,9 @@ def train_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], server_r
         "torch-threads": torch.get_num_threads(),
         **(dp_round.metrics() if dp_round is not None else {}),
     }
+    if dp_round is not None:  # the training loss is not a DP statistic: it stays at the site
+        logger.info("site %s round %d: DP-SGD train loss %.4f (kept local)", rt.site.site_id, server_round, res.loss)
+        metrics["train-loss"] = float("nan")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if state.keys() != state_dict.keys():  # e.g. Opacus's "_module." prefix must never reach the server
         raise RuntimeError(f"trained weights have other keys than the global model: {sorted(set(state) ^ set(state_dict))[:5]}")
