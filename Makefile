@@ -11,7 +11,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: venv demo test test-fast benchmark clean
+.PHONY: venv demo test test-fast benchmark benchmark-privacy clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,10 @@ benchmark: venv
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/dp_throughput.py
+
+# Privacy/accuracy study on PneumoniaMNIST from ../shared/data (about 20 min on 2 cores).
+benchmark-privacy: venv
+	$(BIN)/python benchmarks/privacy_study.py
 
 clean:
 	rm -rf results .pytest_cache
