@@ -145,7 +145,8 @@ def train_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], server_r
         res = train_local_dp(model, rt.train_x, rt.train_m if seg else rt.train_y, rt.cfg.train, spec,
                              num_classes=rt.task.num_classes, segmentation=seg, **common)
     elif rt.train_m is not None:
-        res = train_local_seg(model, rt.train_x, rt.train_m, rt.cfg.train, **common)
+        res = train_local_seg(model, rt.train_x, rt.train_m, rt.cfg.train,
+                              foreground_batch_dice=rt.task.foreground_batch_dice, **common)
     else:
         res = train_local(model, rt.train_x, rt.train_y, rt.cfg.train, num_classes=rt.task.num_classes, **common)
     model = model.to("cpu").to(memory_format=torch.contiguous_format)

@@ -169,6 +169,18 @@ def test_pneumothorax_masks_exactly_for_positives() -> None:
         assert np.array_equal(masks.any(axis=(1, 2)), labels.astype(bool))
 
 
+def test_conspicuous_pneumothorax_only_darkens_the_pleural_space() -> None:
+    images, labels, masks = make_pneumothorax_phantoms(40, size=64, seed=6)
+    images_c, labels_c, masks_c = make_pneumothorax_phantoms(40, size=64, seed=6, conspicuous=True)
+    assert np.array_equal(labels, labels_c) and np.array_equal(masks, masks_c)
+    neg = labels == 0
+    assert np.array_equal(images[neg], images_c[neg])  # same patients, absent cases untouched
+    diff = images.astype(np.int16) - images_c.astype(np.int16)
+    pos = labels == 1
+    assert diff[pos][masks[pos]].mean() > 15  # clearly darker inside the pneumothorax (0..255 scale)
+    assert np.abs(diff[pos][~masks[pos]]).mean() < 0.25 * diff[pos][masks[pos]].mean()
+
+
 def test_pneumothorax_lies_in_the_lung_field_and_is_lucent_without_markings() -> None:
     darker = 0
     areas = []

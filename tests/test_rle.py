@@ -116,9 +116,10 @@ def test_pneumothorax_seg_task_renders_phantom_masks() -> None:
     task = get_task("pneumothorax-seg")
     assert task.is_segmentation and task.class_names == ("background", "pneumothorax")
     assert (task.default_model, task.default_image_size) == ("unet", 64)
+    assert task.foreground_batch_dice  # small, often absent region: Dice over the batch, foreground only
     idx = np.arange(3, 15)
     images, masks = task.render_phantoms(40, 48, 7, idx)
-    ref_images, labels, ref_masks = make_pneumothorax_phantoms(40, size=48, seed=7, indices=idx)
+    ref_images, labels, ref_masks = make_pneumothorax_phantoms(40, size=48, seed=7, indices=idx, conspicuous=True)
     assert np.array_equal(images, ref_images) and np.array_equal(masks, ref_masks)
     assert np.array_equal(masks.reshape(len(idx), -1).any(axis=1), labels.astype(bool))  # empty exactly when absent
     assert np.array_equal(task.phantom_labels(40, 7)[idx], labels)

@@ -23,7 +23,7 @@ from shared.config import TrainConfig
 from shared.data.preprocess import AugmentConfig
 from shared.metrics.segmentation import SegmentationCounts, dice_iou, hd95
 from shared.models import SEGMENTATION_MODELS, build_model, is_segmentation_model
-from shared.seg_training import augment_pair, evaluate_seg, train_local_seg
+from shared.seg_training import augment_pair, evaluate_seg, seg_loss, train_local_seg
 from shared.training import snapshot_params, weight_drift
 
 torch.set_num_threads(2)
@@ -282,6 +282,17 @@ def test_fedprox_reduces_drift() -> None:
         train_local_seg(model, images, masks, cfg, seed=0, proximal_mu=mu)
         drifts[mu] = weight_drift(model, start)
     assert 0 < drifts[1.0] < drifts[0.0]
+
+
+def test_foreground_batch_dice_does_not_punish_a_stray_pixel_on_an_empty_image() -> None:
+    y = torch.zeros((2, 1, 16, 16), dtype=torch.long)
+    y[0, 0, 4:12, 4:12] = 1  # image 0: a 64-pixel structure; image 1: none
+    pred = y.clone()
+    pred[1, 0, 0, 0] = 1  # one false-positive pixel on the empty image
+    logits = torch.cat([(pred == 0).float(), (pred == 1).float()], dim=1) * 20.0 - 10.0
+    per_image = float(seg_loss()(logits, y))  # the empty image's foreground Dice is ~0: a whole-image miss
+    batch_fg = float(seg_loss(foreground_batch_dice=True)(logits, y))  # Dice 128/129 over the batch
+    assert batch_fg < 0.05 < 0.2 < per_image, (batch_fg, per_image)
 
 
 def test_bad_masks_raise() -> None:

@@ -8,7 +8,8 @@ Four tasks beside the chest "pneumonia" phantoms of :mod:`shared.data.phantoms`:
   (no vessels, no parenchymal texture). Sizes range from a small apical rim to a
   large collapse; returned with the pneumothorax mask. Skin folds (a lateral
   edge that looks like a pleural line but has markings beyond it) occur in both
-  classes.
+  classes. ``conspicuous=True`` (the segmentation task's rendering) darkens the
+  pleural space clearly, so the region can be delineated at 64 px.
 * **Lung-field segmentation** (chest X-ray): every image has a mask of both lung
   fields (heart and mediastinum excluded). About a third carry opacities inside
   the lungs, which stay in the mask, so "dark pixels" is not the answer.
@@ -122,6 +123,9 @@ _LABEL_SALTS = {
 }
 _STREAM_SCENE, _STREAM_NOISE, _STREAM_FINDING = 0, 1, 2
 _P_BORDERLINE = 0.2
+# Extra darkening of the pleural space in pneumothorax phantoms rendered for segmentation: at 64 px
+# the classification phantoms' lucency (0.01-0.09) is too faint to delineate the region.
+_CONSPICUOUS_LUCENCY = 0.12
 
 
 # ---------------------------------------------------------------------------
@@ -214,8 +218,12 @@ def _skin_fold(g: _Grid, a: object, rng: np.random.Generator) -> np.ndarray:
 
 
 def _compose_chest(r: int, index: int, seed: int, task: int, ptx: bool,
-                   opacities: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Chest image in [0, 1], lung-field mask and pneumothorax mask (float), at render size ``r``."""
+                   opacities: bool, conspicuous: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Chest image in [0, 1], lung-field mask and pneumothorax mask (float), at render size ``r``.
+
+    ``conspicuous`` darkens the pleural space by a further ``_CONSPICUOUS_LUCENCY`` (same random
+    draws: masks, absent cases and pixels away from the pleural space are unchanged).
+    """
     arng = _rng(seed, index, task, _STREAM_SCENE)
     nrng = _rng(seed, index, task, _STREAM_NOISE)
     frng = _rng(seed, index, task, _STREAM_FINDING)
@@ -264,7 +272,7 @@ def _compose_chest(r: int, index: int, seed: int, task: int, ptx: bool,
 
     if ptx:
         lucency = frng.uniform(0.03, 0.09) if frng.random() > _P_BORDERLINE else frng.uniform(0.01, 0.03)
-        img -= lucency * gap
+        img -= (lucency + (_CONSPICUOUS_LUCENCY if conspicuous else 0.0)) * gap
         img += frng.uniform(0.02, 0.05) * collapsed * (1.0 - gap)  # the collapsed lung is denser
         img += frng.uniform(0.08, 0.16) * pleura
     if opacities and frng.random() < 0.35:
@@ -339,8 +347,9 @@ def render_pneumothorax_phantom(index: int, label: int, size: int = 64,
     return _render_ptx(index, label, size, seed)
 
 
-def _render_ptx(index: int, label: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    img, lungs, gap = _compose_chest(max(size, _MIN_RENDER), index, seed, _TASK_PTX, bool(label), False)
+def _render_ptx(index: int, label: int, size: int, seed: int,
+                conspicuous: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    img, lungs, gap = _compose_chest(max(size, _MIN_RENDER), index, seed, _TASK_PTX, bool(label), False, conspicuous)
     ptx = _mask_out(gap, size, keep_peak=True) if label else np.zeros((size, size), bool)
     return _to_uint8(img, size), ptx, _mask_out(lungs, size, keep_peak=False)
 
@@ -351,6 +360,7 @@ def make_pneumothorax_phantoms(
     seed: int = 0,
     indices: Sequence[int] | np.ndarray | None = None,
     prevalence: float = 0.5,
+    conspicuous: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render pneumothorax phantoms of a set of ``n`` (all, or the given ``indices``).
 
@@ -366,6 +376,9 @@ def make_pneumothorax_phantoms(
         Which phantoms to render, each in ``[0, n)``, in the order given. Default: ``range(n)``.
     prevalence : float, optional
         Probability of "present", strictly between 0 and 1.
+    conspicuous : bool, optional
+        Render the pleural space clearly darker (for segmentation, where the region must be
+        delineable at 64 px). Same patients, labels and masks; only positive images change.
 
     Returns
     -------
@@ -386,7 +399,7 @@ def make_pneumothorax_phantoms(
     images = np.empty((idx.size, size, size), np.uint8)
     masks = np.zeros((idx.size, size, size), bool)
     for row, (i, y) in enumerate(zip(idx.tolist(), labels.tolist())):
-        images[row], masks[row], _ = _render_ptx(i, y, size, seed)
+        images[row], masks[row], _ = _render_ptx(i, y, size, seed, conspicuous)
     logger.debug("rendered %d pneumothorax phantoms (%d positive) at %d px", idx.size, int(labels.sum()), size)
     return images, labels, masks
 
