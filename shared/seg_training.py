@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Sequence
 
@@ -24,7 +23,7 @@ from monai.losses import DiceCELoss
 from torch import nn
 
 from shared.config import TrainConfig
-from shared.data.preprocess import AugmentConfig, augment_batch, normalize_batch
+from shared.data.preprocess import AugmentConfig, affine_theta, augment_batch, normalize_batch
 from shared.metrics.segmentation import SegmentationCounts
 from shared.training import (
     TrainResult,
@@ -40,14 +39,13 @@ from shared.training import (
     to_float01,
 )
 
-__all__ = ["augment_pair", "evaluate_seg", "seg_loss", "train_local_seg"]
+__all__ = ["augment_pair", "check_mask_values", "check_pairs", "evaluate_seg", "seg_loss", "train_local_seg"]
 
 logger = logging.getLogger(__name__)
 
 Spacing = tuple[float, float]
 
-# Same column layout as shared.data.preprocess.augment_batch's draws.
-_R_ROT, _R_SCALE, _R_TX, _R_TY, _R_HFLIP, _R_VFLIP = range(6)
+# Rotation, zoom, shifts and flips: the first columns of augment_batch's draws (see affine_theta).
 _N_GEOM_DRAWS = 6
 
 
@@ -68,21 +66,7 @@ def seg_loss(foreground_batch_dice: bool = False) -> nn.Module:
 def _geometry_theta(b: int, h: int, w: int, cfg: AugmentConfig, generator: torch.Generator, device: torch.device) -> torch.Tensor:
     """Random affine matrices ``(B, 2, 3)`` (output -> input, ``[-1, 1]`` units), as augment_batch draws them."""
     r = torch.rand((b, _N_GEOM_DRAWS), generator=generator, device=generator.device, dtype=torch.float64)
-    r = r.to(device=device, dtype=torch.float32)
-    u = r * 2.0 - 1.0
-    ang = u[:, _R_ROT] * math.radians(cfg.rotation_deg)
-    zoom = 1.0 + u[:, _R_SCALE] * cfg.scale
-    cos, sin = torch.cos(ang) / zoom, torch.sin(ang) / zoom
-    fx = torch.where((r[:, _R_HFLIP] < 0.5) & cfg.hflip, -1.0, 1.0)
-    fy = torch.where((r[:, _R_VFLIP] < 0.5) & cfg.vflip, -1.0, 1.0)
-    theta = torch.zeros((b, 2, 3), device=device, dtype=torch.float32)
-    theta[:, 0, 0] = cos * fx
-    theta[:, 0, 1] = -sin * (h / w) * fy
-    theta[:, 1, 0] = sin * (w / h) * fx
-    theta[:, 1, 1] = cos * fy
-    theta[:, 0, 2] = u[:, _R_TX] * cfg.translate * 2.0
-    theta[:, 1, 2] = u[:, _R_TY] * cfg.translate * 2.0
-    return theta
+    return affine_theta(r.to(device=device, dtype=torch.float32), cfg, h, w)
 
 
 def augment_pair(
@@ -135,7 +119,8 @@ def augment_pair(
     return out_x, out_m
 
 
-def _check_pairs(images: torch.Tensor, masks: torch.Tensor) -> None:
+def check_pairs(images: torch.Tensor, masks: torch.Tensor) -> None:
+    """Raise ValueError unless ``images`` (N, C, H, W) and ``masks`` (N, H, W) match in N, H, W and N > 0."""
     if images.ndim != 4:
         raise ValueError(f"expected uint8 images (N, C, H, W), got shape {tuple(images.shape)}")
     if masks.ndim != 3 or masks.shape[0] != images.shape[0] or masks.shape[1:] != images.shape[2:]:
@@ -154,7 +139,8 @@ def _num_classes(model: nn.Module, images: torch.Tensor, device: torch.device) -
         return int(model(torch.zeros((1, model_in_channels(model), *images.shape[2:]), device=device)).shape[1])
 
 
-def _check_mask_values(masks: torch.Tensor, num_classes: int) -> None:
+def check_mask_values(masks: torch.Tensor, num_classes: int) -> None:
+    """Raise ValueError when a mask holds a class index outside ``[0, num_classes)``."""
     top = int(masks.max()) if masks.numel() else 0
     if top >= num_classes or (masks.numel() and int(masks.min()) < 0):
         raise ValueError(
@@ -207,14 +193,14 @@ def train_local_seg(
     TrainResult
         Images, mean loss, time, throughput and optimizer steps.
     """
-    _check_pairs(images, masks)
+    check_pairs(images, masks)
     device = device or select_device()
     mu = cfg.proximal_mu if proximal_mu is None else proximal_mu
     amp = resolve_precision(cfg.precision, device)
     model = prepare_model(model, device, cfg.precision)
     channels_last = cfg.precision != "fp32"
     in_ch = model_in_channels(model)
-    _check_mask_values(masks, _num_classes(model, images, device))
+    check_mask_values(masks, _num_classes(model, images, device))
     loss_fn = seg_loss(foreground_batch_dice)
     global_params = snapshot_params(model) if mu > 0 else None
     optimizer = make_optimizer(model, cfg)
@@ -308,13 +294,13 @@ def evaluate_seg(
     tuple
         ``(SegmentationCounts, mean loss per image)``.
     """
-    _check_pairs(images, masks)
+    check_pairs(images, masks)
     device = device or select_device()
     amp = resolve_precision(precision, device)
     model = prepare_model(model, device, precision)
     in_ch = model_in_channels(model)
     model.eval()
-    _check_mask_values(masks, _num_classes(model, images, device))
+    check_mask_values(masks, _num_classes(model, images, device))
     loss_fn = seg_loss()
     counts = SegmentationCounts.empty()
     total_loss, n = 0.0, len(images)

@@ -534,6 +534,32 @@ _R_ROT, _R_SCALE, _R_TX, _R_TY, _R_HFLIP, _R_VFLIP, _R_BRIGHT, _R_CONTRAST, _R_S
 _N_DRAWS = 10
 
 
+def affine_theta(r: Any, cfg: AugmentConfig, h: int, w: int) -> Any:
+    """Affine matrices ``(B, 2, 3)`` (output -> input, ``[-1, 1]`` units) from uniform draws ``r`` in ``[0, 1)``.
+
+    ``r`` is ``(B, >= 6)`` float32; its first six columns are rotation, zoom,
+    x/y shift, horizontal and vertical flip (in that order). The ``h / w``
+    factors keep rotations rigid in pixels for non-square images. Shared by
+    image augmentation and the joint image/mask augmentation of segmentation.
+    """
+    import torch
+
+    u = r * 2.0 - 1.0
+    ang = u[:, _R_ROT] * math.radians(cfg.rotation_deg)
+    zoom = 1.0 + u[:, _R_SCALE] * cfg.scale
+    cos, sin = torch.cos(ang) / zoom, torch.sin(ang) / zoom
+    fx = torch.where((r[:, _R_HFLIP] < 0.5) & cfg.hflip, -1.0, 1.0)
+    fy = torch.where((r[:, _R_VFLIP] < 0.5) & cfg.vflip, -1.0, 1.0)
+    theta = torch.zeros((r.shape[0], 2, 3), device=r.device, dtype=torch.float32)
+    theta[:, 0, 0] = cos * fx
+    theta[:, 0, 1] = -sin * (h / w) * fy
+    theta[:, 1, 0] = sin * (w / h) * fx
+    theta[:, 1, 1] = cos * fy
+    theta[:, 0, 2] = u[:, _R_TX] * cfg.translate * 2.0
+    theta[:, 1, 2] = u[:, _R_TY] * cfg.translate * 2.0
+    return theta
+
+
 def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """Randomly augment a training batch; deterministic for a given generator state.
 
@@ -568,20 +594,7 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generato
     u = r * 2.0 - 1.0  # uniform in [-1, 1]
     out = x
     if cfg.geometric and b > 0:
-        ang = u[:, _R_ROT] * math.radians(cfg.rotation_deg)
-        zoom = 1.0 + u[:, _R_SCALE] * cfg.scale
-        cos, sin = torch.cos(ang) / zoom, torch.sin(ang) / zoom
-        fx = torch.where((r[:, _R_HFLIP] < 0.5) & cfg.hflip, -1.0, 1.0)
-        fy = torch.where((r[:, _R_VFLIP] < 0.5) & cfg.vflip, -1.0, 1.0)
-        # theta maps output -> input coordinates in [-1, 1] units; the w/h
-        # factors make the rotation rigid in pixels for non-square images.
-        theta = torch.zeros((b, 2, 3), device=x.device, dtype=x.dtype)
-        theta[:, 0, 0] = cos * fx
-        theta[:, 0, 1] = -sin * (h / w) * fy
-        theta[:, 1, 0] = sin * (w / h) * fx
-        theta[:, 1, 1] = cos * fy
-        theta[:, 0, 2] = u[:, _R_TX] * cfg.translate * 2.0
-        theta[:, 1, 2] = u[:, _R_TY] * cfg.translate * 2.0
+        theta = affine_theta(r, cfg, h, w).to(x.dtype)
         grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
         lo = x.amin(dim=(1, 2, 3), keepdim=True)
         out = F.grid_sample(x - lo, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + lo

@@ -52,7 +52,7 @@ from torch import nn
 
 from shared.config import TrainConfig
 from shared.data.preprocess import AugmentConfig, augment_batch, normalize_batch
-from shared.seg_training import _check_mask_values, _check_pairs, augment_pair
+from shared.seg_training import check_mask_values, check_pairs, augment_pair
 from shared.training import (
     TrainResult,
     class_weights,
@@ -288,8 +288,8 @@ def train_local_dp(
     if len(targets) != n:
         raise ValueError(f"{n} images but {len(targets)} {'masks' if segmentation else 'labels'}")
     if segmentation:
-        _check_pairs(images, targets)
-        _check_mask_values(targets, num_classes)
+        check_pairs(images, targets)
+        check_mask_values(targets, num_classes)
         loss_fn = per_sample_seg_loss
     else:
         weights = class_weights(targets, num_classes).to(device) if cfg.class_weighting else None
