@@ -34,7 +34,7 @@ from shared.data.preprocess import PreprocessConfig, content_box, model_spacing,
 from shared.data.site import class_mapping, make_reader, task_labels
 from shared.data.sources import DataSourceError, discover, registered_suffixes
 from shared.metrics.classification import ClassificationCounts
-from shared.models import build_model
+from shared.models.run import build_for_run
 from shared.registry import UnknownNameError
 from shared.tasks import TaskSpec, get_task
 from shared.training import images_to_tensor, to_float01
@@ -226,7 +226,7 @@ def load_trained(path: Path) -> TrainedModel:
     Returns
     -------
     TrainedModel
-        The network rebuilt with :func:`shared.models.build_model`, weights
+        The network rebuilt with :func:`shared.models.run.build_for_run`, weights
         loaded (strict), in eval mode on the CPU, with its ``meta``.
 
     Raises
@@ -245,11 +245,9 @@ def load_trained(path: Path) -> TrainedModel:
         raise ModelFileError(f"'{file.name}': meta 'preprocess' is not valid: {exc}") from None
     cfg = _run_config(meta, file.name)
     try:
-        model = build_model(str(meta["model"]), int(meta["in-channels"]), int(meta["num-classes"]))
-        if cfg.dp.enabled:  # trained with DP-SGD: the same Opacus-compatible layers as in training
-            from shared.models.dp import make_dp_compatible
-
-            model, _ = make_dp_compatible(model)
+        # the same constructor as server and sites (Opacus-compatible layers for a DP-trained model)
+        model, _ = build_for_run(dataclasses.replace(cfg, model=str(meta["model"])),
+                                 int(meta["in-channels"]), int(meta["num-classes"]))
     except (UnknownNameError, ValueError, TypeError) as exc:
         raise ModelFileError(f"'{file.name}': cannot rebuild model {meta['model']!r}: {exc}") from None
     try:
