@@ -28,7 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 from shared.config import parse_run_config  # noqa: E402
 from shared.data.cache import SiteCache, build_or_load  # noqa: E402
-from shared.data.site import READER_VERSION, class_mapping, make_reader, resolve_preprocess  # noqa: E402
+from shared.data.labels import class_mapping  # noqa: E402
+from shared.data.reading import READER_VERSION, make_reader  # noqa: E402
+from shared.site_data import resolve_preprocess  # noqa: E402
 from shared.data.sources import discover  # noqa: E402
 from shared.models import build_model  # noqa: E402
 from shared.tasks import get_task  # noqa: E402

@@ -14,7 +14,7 @@ import torch
 
 from shared.config import ConfigError, RunConfig, SiteConfig, parse_node_config, parse_run_config
 from shared.data.preprocess import AugmentConfig
-from shared.data.site import SiteData, load_site_data, resolve_augment
+from shared.site_data import SiteData, load_site_data, resolve_augment
 from shared.models.run import build_for_run
 from shared.privacy.site_dp import DPRound, begin_round, open_ledger
 from shared.tasks import TaskSpec, get_task

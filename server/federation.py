@@ -13,7 +13,7 @@ from server.central_dp import central_dp_summary
 from server.recorder import METRICS_RECORD, FederationStopped, RecordingGrid, RoundRecorder
 from server.strategies import build_strategy
 from shared.config import PATH_KEYS, RunConfig
-from shared.data.site import resolve_augment, resolve_preprocess
+from shared.site_data import resolve_augment, resolve_preprocess
 from shared.metrics.federated import SiteEvaluation, ThresholdRule, pool_evaluations, pool_training
 from shared.models.run import build_for_run
 from shared.privacy.report import privacy_statement

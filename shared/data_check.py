@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.data.site import task_labels
+from shared.data.labels import task_labels
 from shared.data.sources import (
     MANIFEST_NAME,
     DataSourceError,

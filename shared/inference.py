@@ -31,7 +31,8 @@ from torch import nn
 
 from shared.config import PATH_KEYS, RUN_KEYS, ConfigError, RunConfig, parse_run_config
 from shared.data.preprocess import PreprocessConfig, content_box, model_spacing, normalize_batch, preprocess
-from shared.data.site import class_mapping, make_reader, task_labels
+from shared.data.labels import class_mapping, task_labels
+from shared.data.reading import make_reader
 from shared.data.sources import DataSourceError, discover, registered_suffixes
 from shared.metrics.classification import ClassificationCounts
 from shared.models.run import build_for_run
@@ -774,7 +775,7 @@ def evaluate_dataset(trained: TrainedModel, data: Path, *, batch_size: int = 32)
 
     Labels are mapped onto the model's classes by name (case-insensitive,
     with the task's label column and aliases, e.g. the 3-class pneumonia
-    task's ``subtype``: :func:`shared.data.site.task_labels`). Unreadable
+    task's ``subtype``: :func:`shared.data.labels.task_labels`). Unreadable
     images are counted in ``skipped`` by reason and left out. Metrics come
     from :class:`ClassificationCounts` (argmax predictions; AUROC from the
     positive-class probability; for more than two classes one-vs-rest per

@@ -21,19 +21,15 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import cv2
 import numpy as np
 
 from shared.config import ConfigError, RunConfig, SiteConfig
 from shared.data.cache import SiteCache, build_or_load
-from shared.data.dicom import DicomOptions, read_dicom
+from shared.data.labels import task_labels
 from shared.data.partition import partition_indices
 from shared.data.phantoms_tasks import apply_profile, site_profile
 from shared.data.preprocess import (
@@ -44,12 +40,11 @@ from shared.data.preprocess import (
     preprocess,
 )
 from shared.data.seg_sources import SegRecord, discover_segmentation, model_spacings, read_record_mask
-from shared.data.sources import DataSourceError, ImageListing, discover, read_raw
+from shared.data.reading import READER_VERSION, cache_root, make_reader, resolve_path
+from shared.data.sources import DataSourceError, ImageListing, discover
 from shared.data.splits import train_val_split
 from shared.tasks import TaskSpec
 
-READER_VERSION = "medfed-reader-1"  # bump when decoding changes: invalidates every site cache
-DICOM_SUFFIXES = (".dcm", ".dicom")
 
 logger = logging.getLogger(__name__)
 
@@ -81,119 +76,6 @@ class SiteData:
         return f"train {len(self.train_labels)} {tr}, validation {len(self.val_labels)} {va}{skipped}"
 
 
-def _class_lookup(task_classes: tuple[str, ...], aliases: Mapping[str, str] | None) -> dict[str, int]:
-    """Lower-case spelling -> class index: the class names themselves, then their aliases."""
-    lookup = {c.lower(): i for i, c in enumerate(task_classes)}
-    for alias, name in (aliases or {}).items():
-        lookup.setdefault(alias.lower(), task_classes.index(name))
-    return lookup
-
-
-def class_mapping(found: tuple[str, ...], task_classes: tuple[str, ...],
-                  aliases: Mapping[str, str] | None = None) -> np.ndarray:
-    """Map a dataset's class indices onto the task's class order.
-
-    Class names match case-insensitively (``NORMAL`` -> ``normal``), and so do
-    the task's ``aliases`` (other spellings, e.g. ``bacteria`` -> ``bacterial``).
-
-    Raises
-    ------
-    DataSourceError
-        When a dataset class is not one of the task's classes.
-    """
-    lookup = _class_lookup(task_classes, aliases)
-    unknown = [c for c in found if c.lower() not in lookup]
-    if unknown:
-        raise DataSourceError(
-            f"dataset classes {list(found)} do not match the task's classes {list(task_classes)}: "
-            f"{unknown} unknown. Rename the class folders / manifest labels to the task's class names."
-        )
-    return np.array([lookup[c.lower()] for c in found], dtype=np.int64)
-
-
-def task_labels(listing: ImageListing, task_classes: tuple[str, ...], label_column: str | None = None,
-                aliases: Mapping[str, str] | None = None) -> np.ndarray:
-    """Each record's class index in the task's class order.
-
-    Without ``label_column`` this is :func:`class_mapping` of the listing's
-    labels (manifest ``label`` / class folder names). With it (the 3-class
-    pneumonia task reads ``subtype``), a record's label is the value of that
-    manifest column (header matched case-insensitively) where present and
-    non-empty, else its ``label``: so ``NORMAL`` rows need no subtype, and a
-    dataset labelled with the task's classes directly needs no column at all.
-    Values match the class names and ``aliases`` case-insensitively.
-
-    Parameters
-    ----------
-    listing : ImageListing
-        From :func:`shared.data.sources.discover`.
-    task_classes : tuple of str
-        The task's class names, in label order.
-    label_column : str, optional
-        The manifest column carrying the task's label.
-    aliases : Mapping[str, str], optional
-        Lower-case spelling -> class name.
-
-    Returns
-    -------
-    np.ndarray
-        ``int64`` class indices, one per record.
-
-    Raises
-    ------
-    DataSourceError
-        A label is not one of the task's classes (for ``label_column``: the
-        message says the column is missing, or how many rows lack a usable
-        value and which values were found), or a row's ``label`` names one
-        class and its ``label_column`` another. Messages carry label values
-        and counts only, never a path or a patient id.
-    """
-    if label_column is None:
-        return class_mapping(listing.class_names, task_classes, aliases)[listing.labels()]
-    lookup = _class_lookup(task_classes, aliases)
-    keys = {k.strip().lower(): k for r in listing.records[:1] for k in r.extra}
-    column = keys.get(label_column.lower())
-    base = [listing.class_names[r.label] for r in listing.records]
-    values = [((r.extra.get(column) or "").strip() if column else "") or b for r, b in zip(listing.records, base)]
-    unknown = Counter(v for v in values if v.lower() not in lookup)
-    spellings = sorted(set(task_classes) | set(aliases or {}))
-    if unknown and column is None:
-        raise DataSourceError(
-            f"this task needs the classes {list(task_classes)}, but the dataset's labels are "
-            f"{sorted(set(base))} and it has no '{label_column}' column. Add a '{label_column}' column to "
-            f"the manifest (path,label,patient_id,{label_column}) giving each image's class "
-            f"({', '.join(spellings)}; case does not matter; it may be empty on rows whose label already "
-            f"is one of the classes, e.g. normal), or label the images with the classes directly "
-            f"(manifest 'label' values or class folders named {', '.join(task_classes)})."
-        )
-    if unknown:
-        found = ", ".join(f"'{v}': {n}" for v, n in sorted(unknown.items()))
-        raise DataSourceError(
-            f"{sum(unknown.values())} row(s) have no usable '{label_column}' value (values read, from "
-            f"'{label_column}' or else 'label': {found}); "
-            f"expected one of {spellings} (case does not matter) in the '{label_column}' column, or a "
-            f"'label' that already is one of the task's classes. Fill in '{label_column}' on those rows."
-        )
-    conflicts = Counter(
-        (b, v) for b, v in zip(base, values) if b.lower() in lookup and lookup[b.lower()] != lookup[v.lower()]
-    )
-    if conflicts:
-        found = ", ".join(f"label '{b}' with {label_column} '{v}': {n}" for (b, v), n in sorted(conflicts.items()))
-        raise DataSourceError(
-            f"{sum(conflicts.values())} row(s) have a 'label' and a '{label_column}' naming different classes "
-            f"({found}). Correct one of the two columns on those rows."
-        )
-    return np.array([lookup[v.lower()] for v in values], dtype=np.int64)
-
-
-def resolve_path(path: str) -> Path:
-    """Expand ``~`` and make a relative path absolute against ``MEDFED_DATA_ROOT`` or the cwd."""
-    p = Path(path).expanduser()
-    if not p.is_absolute():
-        p = Path(os.environ.get("MEDFED_DATA_ROOT", os.getcwd())) / p
-    return p
-
-
 def resolve_preprocess(cfg: RunConfig, task: TaskSpec) -> PreprocessConfig:
     """The task's default preprocessing with the run config's overrides applied."""
     base = TASK_DEFAULTS.get(task.name, PreprocessConfig())
@@ -216,29 +98,6 @@ def resolve_augment(cfg: RunConfig, task: TaskSpec) -> AugmentConfig | None:
         return None
     base = AUGMENT_DEFAULTS.get(task.name, AugmentConfig())
     return dataclasses.replace(base, hflip=base.hflip or cfg.data.hflip)
-
-
-def make_reader(cfg: RunConfig) -> Callable[[Path], np.ndarray]:
-    """Decode one file for the pipeline: DICOM via :func:`read_dicom`, others via the registry (RGB order)."""
-    options = DicomOptions(window_fallback=cfg.data.dicom_window_fallback)
-
-    def read(path: Path) -> np.ndarray:
-        if path.suffix.lower() in DICOM_SUFFIXES:
-            return read_dicom(path, options)
-        img = read_raw(path)
-        if img.ndim == 3 and img.shape[2] == 4:
-            return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
-        if img.ndim == 3 and img.shape[2] == 3:
-            return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-        return img
-
-    return read
-
-
-def cache_root(site: SiteConfig) -> Path:
-    """Where this site caches preprocessed images: node config ``cache-dir``, ``$MEDFED_CACHE_DIR`` or ``~/.cache/medfed``."""
-    root = site.cache_dir or os.environ.get("MEDFED_CACHE_DIR") or "~/.cache/medfed"
-    return Path(root).expanduser()
 
 
 def _read_records(

@@ -68,7 +68,7 @@ class TaskSpec:
         Manifest column that carries this task's label (e.g. ``"subtype"``),
         read instead of ``label`` where present and non-empty; ``None``: the
         ``label`` column / class folder names. See
-        :func:`shared.data.site.task_labels`.
+        :func:`shared.data.labels.task_labels`.
     label_aliases:
         Other spellings of class names (lower case -> class name), e.g.
         ``{"bacteria": "bacterial"}``.

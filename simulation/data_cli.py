@@ -1,6 +1,6 @@
 """``medfed data check``: the pre-flight check a hospital runs on its data.
 
-Only parses arguments and delegates to :func:`shared.data.check.check_dataset`.
+Only parses arguments and delegates to :func:`shared.data_check.check_dataset`.
 The report goes to stdout (text, or JSON with ``--json``), progress to stderr;
 the exit code is the report's (0 ready, 1 ready with warnings, 2 not ready).
 """
@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from shared.data.check import check_dataset, format_report
+from shared.data_check import check_dataset, format_report
 from shared.registry import UnknownNameError
 from shared.tasks import TASKS
 

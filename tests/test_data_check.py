@@ -1,4 +1,4 @@
-"""Tests for the pre-flight data check (shared.data.check) and ``medfed data check``."""
+"""Tests for the pre-flight data check (shared.data_check) and ``medfed data check``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from shared.data.check import DataCheckReport, check_dataset, format_report
+from shared.data_check import DataCheckReport, check_dataset, format_report
 from shared.data.phantoms import make_chest_phantoms
 from simulation.data_cli import add_data_parser
 
@@ -214,7 +214,7 @@ def test_corrupt_inputs_are_quarantined(tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_reader_reason_attribute_is_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A reader's typed error (e.g. the DICOM reader's) is counted under its ``.reason``."""
-    from shared.data import check as check_mod
+    import shared.data_check as check_mod
     from shared.data.sources import ImageReadError
 
     class MultiFrame(ImageReadError):

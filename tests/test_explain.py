@@ -11,7 +11,7 @@ import shared.models as models
 from shared.config import TrainConfig, parse_run_config
 from shared.data.phantoms import make_chest_phantoms, render_chest_phantom
 from shared.data.preprocess import normalize_batch, preprocess
-from shared.data.site import resolve_preprocess
+from shared.site_data import resolve_preprocess
 from shared.explain import gradcam, overlay, target_layer
 from shared.metrics.classification import ClassificationCounts
 from shared.models import MODELS, build_model

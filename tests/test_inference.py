@@ -16,7 +16,7 @@ from torch import nn
 from shared.config import PATH_KEYS, TrainConfig, parse_run_config
 from shared.data.phantoms import make_chest_phantoms
 from shared.data.preprocess import preprocess
-from shared.data.site import resolve_augment, resolve_preprocess
+from shared.site_data import resolve_augment, resolve_preprocess
 from shared.inference import (
     ModelFileError,
     NotSupportedError,

@@ -12,7 +12,7 @@ import torch
 
 from server.recorder import progress_line
 from shared.config import PATH_KEYS, SiteConfig, TrainConfig, parse_run_config
-from shared.data.check import check_dataset
+from shared.data_check import check_dataset
 from shared.data.phantoms import make_chest_phantoms, render_chest_phantom
 from shared.data.phantoms_pneumonia import (
     PNEUMONIA_SUBTYPE_CLASSES,
@@ -21,7 +21,8 @@ from shared.data.phantoms_pneumonia import (
     render_pneumonia_subtype_phantom,
 )
 from shared.data.phantoms_tasks import apply_profile, site_profile
-from shared.data.site import load_site_data, resolve_preprocess, task_labels
+from shared.data.labels import task_labels
+from shared.site_data import load_site_data, resolve_preprocess
 from shared.data.sources import DataSourceError, discover
 from shared.inference import evaluate_dataset, load_trained, predict_files
 from shared.metrics.classification import ClassificationCounts

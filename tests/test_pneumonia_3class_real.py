@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from shared.config import SiteConfig, TrainConfig, parse_run_config
-from shared.data.site import load_site_data, resolve_augment
+from shared.site_data import load_site_data, resolve_augment
 from shared.models import build_model
 from shared.tasks import get_task
 from shared.training import evaluate_model, images_to_tensor, train_local

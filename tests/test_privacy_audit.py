@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from shared.config import SiteConfig, TrainConfig, parse_run_config
 from shared.data.preprocess import normalize_batch
-from shared.data.site import load_site_data, resolve_preprocess
+from shared.site_data import load_site_data, resolve_preprocess
 from shared.models import build_model
 from shared.privacy.audit import (
     AuditError,

@@ -129,8 +129,8 @@ def test_pneumothorax_seg_task_renders_phantom_masks() -> None:
 def test_site_reads_images_with_rle_csv(tmp_path: Path, cache: bool) -> None:
     """A pneumothorax-seg site whose masks are a SIIM-ACR CSV: masks decoded at image size, then preprocessed."""
     from shared.config import SiteConfig, parse_run_config
-    from shared.data import site as site_module
-    from shared.data.site import load_site_data
+    import shared.site_data as site_module
+    from shared.site_data import load_site_data
     from shared.tasks import get_task
 
     _, masks = _siim_folder(tmp_path / "data", n=10)

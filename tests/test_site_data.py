@@ -10,7 +10,8 @@ import pytest
 
 from shared.config import SiteConfig, parse_run_config
 from shared.data.phantoms import make_chest_phantoms
-from shared.data.site import class_mapping, load_site_data
+from shared.data.labels import class_mapping
+from shared.site_data import load_site_data
 from shared.data.sources import DataSourceError
 from shared.tasks import get_task
 

@@ -179,7 +179,7 @@ def per_example_losses(
     Parameters
     ----------
     images:
-        uint8 ``(N, H, W)`` or ``(N, H, W, C)`` (as :class:`shared.data.site.SiteData` holds them).
+        uint8 ``(N, H, W)`` or ``(N, H, W, C)`` (as :class:`shared.site_data.SiteData` holds them).
     targets:
         Class indices ``(N,)`` or masks ``(N, H, W)``.
     """
@@ -326,7 +326,7 @@ def audit_run(run_dir: Path, *, sites: int | None = None, fpr: float = DEFAULT_F
         For a folder that is not a finished simulation, or a site with no
         training or validation images.
     """
-    from shared.data.site import load_site_data
+    from shared.site_data import load_site_data
     from shared.inference import ModelFileError, load_trained
     from shared.tasks import get_task
 

@@ -1,0 +1,53 @@
+"""How a site reads its files: path resolution, the decoder for each file, the cache location.
+
+Only counts are logged by callers of these helpers: never a file path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from shared.config import RunConfig, SiteConfig
+from shared.data.dicom import DicomOptions, read_dicom
+from shared.data.sources import read_raw
+
+__all__ = ["DICOM_SUFFIXES", "READER_VERSION", "cache_root", "make_reader", "resolve_path"]
+
+READER_VERSION = "medfed-reader-1"  # bump when decoding changes: invalidates every site cache
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
+def resolve_path(path: str) -> Path:
+    """Expand ``~`` and make a relative path absolute against ``MEDFED_DATA_ROOT`` or the cwd."""
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        p = Path(os.environ.get("MEDFED_DATA_ROOT", os.getcwd())) / p
+    return p
+
+
+def make_reader(cfg: RunConfig) -> Callable[[Path], np.ndarray]:
+    """Decode one file for the pipeline: DICOM via :func:`read_dicom`, others via the registry (RGB order)."""
+    options = DicomOptions(window_fallback=cfg.data.dicom_window_fallback)
+
+    def read(path: Path) -> np.ndarray:
+        if path.suffix.lower() in DICOM_SUFFIXES:
+            return read_dicom(path, options)
+        img = read_raw(path)
+        if img.ndim == 3 and img.shape[2] == 4:
+            return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+        if img.ndim == 3 and img.shape[2] == 3:
+            return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        return img
+
+    return read
+
+
+def cache_root(site: SiteConfig) -> Path:
+    """Where this site caches preprocessed images: node config ``cache-dir``, ``$MEDFED_CACHE_DIR`` or ``~/.cache/medfed``."""
+    root = site.cache_dir or os.environ.get("MEDFED_CACHE_DIR") or "~/.cache/medfed"
+    return Path(root).expanduser()
