@@ -19,12 +19,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from shared.errors import UserError
 from shared.registry import did_you_mean
 
 ConfigValue = bool | int | float | str
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A run or node configuration value is missing, unknown or invalid."""
 
 

@@ -34,6 +34,7 @@ from shared.data.preprocess import PreprocessConfig, content_box, model_spacing,
 from shared.data.labels import class_mapping, task_labels
 from shared.data.reading import make_reader
 from shared.data.sources import DataSourceError, discover, registered_suffixes
+from shared.errors import UserError
 from shared.metrics.classification import ClassificationCounts
 from shared.models.run import build_for_run
 from shared.registry import UnknownNameError
@@ -76,11 +77,11 @@ _EXPECTED = (
 )
 
 
-class ModelFileError(ValueError):
+class ModelFileError(UserError):
     """A path is not a usable medfed model file; the message says what was expected."""
 
 
-class NotSupportedError(ValueError):
+class NotSupportedError(UserError):
     """The model's kind is not supported by this operation yet (e.g. segmentation)."""
 
 

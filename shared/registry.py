@@ -17,10 +17,12 @@ import difflib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from shared.errors import UserError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError, ValueError):
+class UnknownNameError(KeyError, UserError):
     """Raised when a registry lookup fails; the message lists valid names."""
 
     def __str__(self) -> str:  # KeyError quotes its message; undo that.

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from shared.errors import UserError
 from shared.registry import did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ __all__ = ["PARTITION_KINDS", "GroupUnits", "PartitionError", "encode_groups", "
 PARTITION_KINDS: tuple[str, ...] = ("iid", "dirichlet")
 
 
-class PartitionError(ValueError):
+class PartitionError(UserError):
     """The requested partitioning is invalid or cannot be achieved."""
 
 

@@ -31,6 +31,7 @@ from types import MappingProxyType
 import cv2
 import numpy as np
 
+from shared.errors import UserError
 from shared.registry import Registry, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ Channels, if any, are in OpenCV order (BGR / BGRA). The reader raises
 _READERS: Registry[ImageReaderFn] = Registry("image reader")
 
 
-class DataSourceError(ValueError):
+class DataSourceError(UserError):
     """A data folder or manifest is not usable as given.
 
     The message says what was expected, what was found and how to fix it.

@@ -37,13 +37,15 @@ from timm.models import resnet as timm_resnet
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
+from shared.errors import UserError
+
 __all__ = ["DPCompatibilityError", "make_dp_compatible", "dp_state_keys"]
 
 #: GroupNorm groups used for replaced BatchNorms: ``gcd(C, 32)`` like Opacus' fixer.
 MAX_GROUPS = 32
 
 
-class DPCompatibilityError(ValueError):
+class DPCompatibilityError(UserError):
     """A model still holds layers Opacus cannot train after :func:`make_dp_compatible`."""
 
 

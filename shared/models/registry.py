@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from shared.errors import UserError
 from shared.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "net")
 _MAX_LISTED = 8
 
 
-class ModelWeightsError(ValueError):
+class ModelWeightsError(UserError):
     """An ``init_weights`` file is missing, unreadable or does not fit the model."""
 
 

@@ -22,6 +22,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
+from shared.errors import UserError
+
 ACCOUNTANTS = ("rdp", "prv")
 PRIVACY_UNIT = "image"
 UNIT_NOTE = (
@@ -32,7 +34,7 @@ UNIT_NOTE = (
 Step = tuple[float, float, int]  # (noise multiplier, sample rate, steps)
 
 
-class PrivacyPlanError(ValueError):
+class PrivacyPlanError(UserError):
     """A privacy plan or accounting request that cannot be met (with what to change)."""
 
 

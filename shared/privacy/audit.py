@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from shared.config import RUN_KEYS, ConfigError, RunConfig, SiteConfig, parse_run_config
+from shared.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ SIMULATION_FILE = "simulation.json"
 _SITE_ID = re.compile(r"^site-(\d+)$")
 
 
-class AuditError(ValueError):
+class AuditError(UserError):
     """A run folder cannot be audited; the message says what was expected."""
 
 
