@@ -406,6 +406,43 @@ def parse_run_config(flat: Mapping[str, Any], *, fill_defaults: bool = True) -> 
     return cfg
 
 
+def parse_recorded_run_config(flat: Mapping[str, Any], *, drop_paths: bool = False) -> RunConfig:
+    """Parse a run config recorded by an earlier run (config.json, a model card).
+
+    Keys this version does not know are ignored (with one log line naming how
+    many), so results of older or newer versions stay readable; with
+    ``drop_paths`` the local path keys are ignored too (a model file travels
+    beyond the machine that trained it).
+
+    Raises
+    ------
+    ConfigError
+        A known key holds a value this version rejects.
+    """
+    import logging
+
+    unknown = sorted(k for k in flat if k not in RUN_KEYS)
+    if unknown:
+        logging.getLogger(__name__).warning(
+            "recorded run config: ignoring %d key(s) this version does not know: %s", len(unknown), unknown)
+    return parse_run_config({k: v for k, v in flat.items()
+                             if k in RUN_KEYS and not (drop_paths and k in PATH_KEYS)})
+
+
+_PARSED: dict[tuple[tuple[str, Any], ...], RunConfig] = {}
+
+
+def parsed_run_config(flat: Mapping[str, Any]) -> RunConfig:
+    """:func:`parse_run_config`, cached per distinct run config (sites parse it for every message)."""
+    key = tuple(sorted(flat.items()))
+    cfg = _PARSED.get(key)
+    if cfg is None:
+        if len(_PARSED) > 32:
+            _PARSED.clear()
+        cfg = _PARSED[key] = parse_run_config(flat)
+    return cfg
+
+
 def _apply_task_defaults(cfg: RunConfig) -> RunConfig:
     """Resolve ``model='auto'`` and ``image-size=0`` to the task's defaults."""
     if cfg.model != "auto" and cfg.data.image_size != 0:
@@ -417,12 +454,32 @@ def _apply_task_defaults(cfg: RunConfig) -> RunConfig:
     return dataclasses.replace(cfg, model=task.default_model if cfg.model == "auto" else cfg.model, data=data)
 
 
+def _check_model_fits_task(cfg: RunConfig) -> None:
+    """The model outputs what the task predicts, and accepts the image size (model registry metadata)."""
+    from shared.models import MODELS, model_names  # lazy: torch
+    from shared.tasks import get_task
+
+    if cfg.model not in MODELS:  # an unknown name was already refused with the valid names
+        return
+    entry, task = MODELS.get(cfg.model), get_task(cfg.task)
+    if entry.kind != task.kind:
+        raise ConfigError(
+            f"run config 'model': '{cfg.model}' is a {entry.kind} model but task '{cfg.task}' is a {task.kind} task; "
+            f"use one of {', '.join(repr(n) for n in model_names(task.kind))} (or model='auto' for "
+            f"'{task.default_model}')."
+        )
+    problem = entry.check_input_size(cfg.model, cfg.data.image_size)
+    if problem is not None:
+        raise ConfigError(f"run config 'image-size': {problem}; choose another image-size or model.")
+
+
 def _check_combinations(cfg: RunConfig) -> None:
     """Reject combinations of individually valid values that cannot work."""
     if 0 < cfg.data.image_size < 28:
         raise ConfigError(
             f"run config 'image-size': expected 0 (the task's default) or 28..1024 pixels, got {cfg.data.image_size}."
         )
+    _check_model_fits_task(cfg)
     s = cfg.strategy
     if s.name == "fedprox" and cfg.train.proximal_mu == 0.0:
         raise ConfigError(

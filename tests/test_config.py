@@ -113,3 +113,16 @@ def test_node_config_rejections(node: dict, fragment: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_node_config(node)
     assert fragment in str(err.value)
+
+
+def test_model_must_fit_the_task_and_the_image_size() -> None:
+    """The model registry says what a model outputs and what sizes it takes; the config checks both."""
+    with pytest.raises(ConfigError, match=r"'resnet18' is a classification model but task 'lung-seg'.*'unet'"):
+        parse_run_config({"task": "lung-seg", "model": "resnet18"})
+    with pytest.raises(ConfigError, match=r"'unet' is a segmentation model but task 'pneumonia-cxr'.*'small-cnn'"):
+        parse_run_config({"task": "pneumonia-cxr", "model": "unet"})
+    with pytest.raises(ConfigError, match=r"multiple of 16, got 72"):
+        parse_run_config({"task": "lung-seg", "image-size": 72})
+    with pytest.raises(ConfigError, match=r"'vgg16' needs inputs of at least 32 px, got image-size 28"):
+        parse_run_config({"model": "vgg16", "image-size": 28})
+    assert parse_run_config({"model": "resnet18", "image-size": 28}).data.image_size == 28

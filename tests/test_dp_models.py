@@ -23,7 +23,8 @@ from timm.layers.norm_act import GroupNormAct
 from torch import nn
 from torchvision.models import resnet18 as tv_resnet18
 
-from shared.models import build_model, is_segmentation_model, model_names
+from shared.kinds import SEGMENTATION
+from shared.models import build_model, model_kind, model_names
 from shared.models.dp import (
     _RESIDUAL_SWAPS,
     DPCompatibilityError,
@@ -32,7 +33,7 @@ from shared.models.dp import (
     dp_state_keys,
     make_dp_compatible,
 )
-from shared.privacy.dpsgd import per_sample_seg_loss
+from shared.objectives.segmentation import per_sample_seg_loss
 
 torch.set_num_threads(2)
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
@@ -44,7 +45,7 @@ BATCH = {"vgg16": 2}
 
 
 def _per_sample_loss(name: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    if is_segmentation_model(name):
+    if model_kind(name) == SEGMENTATION:
         return per_sample_seg_loss(out.float(), y)
     return F.cross_entropy(out.float(), y, reduction="none")
 
@@ -69,7 +70,7 @@ def test_dp_contract(name: str) -> None:
     b = BATCH.get(name, 4)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn((b, 1, SIZE, SIZE), generator=gen)
-    if is_segmentation_model(name):
+    if model_kind(name) == SEGMENTATION:
         y = (torch.rand((b, SIZE, SIZE), generator=gen) < 0.3).long()
     else:
         y = torch.tensor([0, 1] * (b // 2))

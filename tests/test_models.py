@@ -19,9 +19,10 @@ from shared.models import (
     ModelWeightsError,
     build_model,
     count_parameters,
-    is_segmentation_model,
+    model_kind,
     model_names,
 )
+from shared.kinds import SEGMENTATION
 from shared.registry import UnknownNameError
 
 torch.set_num_threads(2)
@@ -53,7 +54,7 @@ def test_forward_and_one_train_step(name: str, in_channels: int, num_classes: in
     model = _seeded(name, in_channels, num_classes, seed=0)
     assert count_parameters(model) > 0
     x = torch.randn(2, in_channels, 64, 64)
-    seg = is_segmentation_model(name)  # per-pixel logits (N, C, H, W) and targets (N, H, W)
+    seg = model_kind(name) == SEGMENTATION  # per-pixel logits (N, C, H, W) and targets (N, H, W)
     y = torch.randint(0, num_classes, (2, 64, 64)) if seg else torch.tensor([0, num_classes - 1])
 
     out = _outputs(model, in_channels)

@@ -1,38 +1,44 @@
-"""Model registry: classifiers built by name, with optional local initial weights.
+"""Model registry: networks built by name, each entry carrying its output kind.
 
 >>> model = build_model("small-cnn", in_channels=1, num_classes=2)
->>> model_names()  # doctest: +SKIP
-['densenet121', 'efficientnet-b0', 'resnet18', 'resnet50', 'small-cnn', 'vgg16']
+>>> model_names("segmentation")  # doctest: +SKIP
+['attention-unet', 'unet']
 """
 
 from __future__ import annotations
 
 # Importing the modules registers their models.
 from shared.models import classifiers as _classifiers  # noqa: F401
+from shared.models import segmentation as _segmentation  # noqa: F401
 from shared.models import small_cnn as _small_cnn  # noqa: F401
-from shared.models.segmentation import SEGMENTATION_MODELS, is_segmentation_model
 from shared.models.registry import (
     MODELS,
+    ModelEntry,
     ModelFactory,
     ModelWeightsError,
     WeightsLoadReport,
     build_model,
     count_parameters,
     load_init_weights,
+    model_kind,
     model_names,
+    register_model,
 )
+from shared.models.run import build_network
 from shared.models.small_cnn import SmallCNN
 
 __all__ = [
     "MODELS",
+    "ModelEntry",
     "ModelFactory",
     "ModelWeightsError",
-    "SEGMENTATION_MODELS",
     "SmallCNN",
     "WeightsLoadReport",
     "build_model",
+    "build_network",
     "count_parameters",
-    "is_segmentation_model",
     "load_init_weights",
+    "model_kind",
     "model_names",
+    "register_model",
 ]

@@ -5,7 +5,7 @@ when wanted, come from a local file via ``build_model(..., init_weights=PATH)``.
 
 Note for DP-SGD: these are the stock timm architectures (BatchNorm, in-place
 ReLU, ``x += shortcut``); making them Opacus-compatible is the privacy
-layer's job (see GUIDE section 5).
+layer's job (:func:`shared.models.dp.make_dp_compatible`).
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ from __future__ import annotations
 import timm
 from torch import nn
 
-from shared.models.registry import MODELS, ModelFactory
+from shared.models.registry import ModelFactory, register_model
 
-#: medfed name -> timm name.
-TIMM_MODELS: dict[str, str] = {
-    "resnet18": "resnet18",
-    "resnet50": "resnet50",
-    "densenet121": "densenet121",
-    "efficientnet-b0": "efficientnet_b0",
-    "vgg16": "vgg16",
+#: medfed name -> (timm name, smallest input side in px that runs: DenseNet's and VGG's
+#: five 2x2 poolings need 32, the others run from 28).
+TIMM_MODELS: dict[str, tuple[str, int]] = {
+    "resnet18": ("resnet18", 28),
+    "resnet50": ("resnet50", 28),
+    "densenet121": ("densenet121", 32),
+    "efficientnet-b0": ("efficientnet_b0", 28),
+    "vgg16": ("vgg16", 32),
 }
 
 
@@ -44,5 +45,5 @@ def timm_factory(timm_name: str) -> ModelFactory:
     return factory
 
 
-for _name, _timm_name in TIMM_MODELS.items():
-    MODELS.add(_name, timm_factory(_timm_name))
+for _name, (_timm_name, _min_size) in TIMM_MODELS.items():
+    register_model(_name, min_input_size=_min_size)(timm_factory(_timm_name))

@@ -3,7 +3,7 @@
 :func:`make_dp_compatible` turns a freshly built model into one Opacus can
 train and reports every change it made. Besides ``ModuleValidator.fix``
 (BatchNorm -> GroupNorm) it handles what Opacus' validator misses
-(GUIDE section 5):
+(measured with torch 2.14 and Opacus 1.6):
 
 * In-place operations on a hooked layer's output crash Opacus with torch
   2.14 (``Output 0 of BackwardHookFunction is a view and is being modified

@@ -1,8 +1,10 @@
 """The model registry, ``build_model`` and local initial-weights loading.
 
-A model is one registered factory ``(in_channels, num_classes) -> nn.Module``::
+A model is one registered factory ``(in_channels, num_classes) -> nn.Module``
+with its metadata beside it (the timm pattern): what it outputs and what
+input sizes it accepts::
 
-    @MODELS.register("my-net")
+    @register_model("my-net", kind=CLASSIFICATION, min_input_size=16)
     def my_net(in_channels: int, num_classes: int) -> nn.Module: ...
 
 ``tests/test_models.py`` parametrises over ``MODELS.names()``, so a new entry
@@ -21,14 +23,74 @@ import torch
 from torch import nn
 
 from shared.errors import UserError
+from shared.kinds import CLASSIFICATION, OUTPUT_KINDS
 from shared.registry import Registry
 
 logger = logging.getLogger(__name__)
 
 ModelFactory = Callable[[int, int], nn.Module]
-"""``(in_channels, num_classes) -> nn.Module`` returning logits ``(N, num_classes)``."""
+"""``(in_channels, num_classes) -> nn.Module`` returning logits ``(N, num_classes)``
+(classification) or ``(N, num_classes, H, W)`` (segmentation)."""
 
-MODELS: Registry[ModelFactory] = Registry("model")
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One registered network: its factory and what it is.
+
+    Attributes
+    ----------
+    factory:
+        ``(in_channels, num_classes) -> nn.Module``.
+    kind:
+        :data:`shared.kinds.CLASSIFICATION` or :data:`shared.kinds.SEGMENTATION`
+        (what the network outputs).
+    min_input_size:
+        Smallest square input side (pixels) it accepts.
+    size_multiple:
+        Input sides must be multiples of this (1 = any).
+    """
+
+    factory: ModelFactory
+    kind: str = CLASSIFICATION
+    min_input_size: int = 1
+    size_multiple: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in OUTPUT_KINDS:
+            raise ValueError(f"model kind must be one of {OUTPUT_KINDS}, got {self.kind!r}")
+
+    def check_input_size(self, name: str, size: int) -> str | None:
+        """Why ``size`` px does not suit this model (``None`` when it does)."""
+        if size < self.min_input_size:
+            return f"model '{name}' needs inputs of at least {self.min_input_size} px, got image-size {size}"
+        if size % self.size_multiple:
+            return f"model '{name}' needs an image-size that is a multiple of {self.size_multiple}, got {size}"
+        return None
+
+
+MODELS: Registry[ModelEntry] = Registry("model")
+
+
+def register_model(
+    name: str, *, kind: str = CLASSIFICATION, min_input_size: int = 1, size_multiple: int = 1
+) -> Callable[[ModelFactory], ModelFactory]:
+    """Decorator registering a model factory with its metadata (see :class:`ModelEntry`)."""
+
+    def deco(factory: ModelFactory) -> ModelFactory:
+        MODELS.add(name, ModelEntry(factory, kind, min_input_size, size_multiple))
+        return factory
+
+    return deco
+
+
+def model_kind(name: str) -> str:
+    """What the registered model ``name`` outputs: ``"classification"`` or ``"segmentation"``."""
+    return MODELS.get(name).kind
+
+
+def model_names(kind: str | None = None) -> list[str]:
+    """Registered model names, sorted; only those of one output ``kind`` when given."""
+    return [n for n in MODELS.names() if kind is None or MODELS.get(n).kind == kind]
 
 #: Wrapper prefixes stripped from checkpoint keys: DataParallel/DDP, Opacus'
 #: GradSampleModule, Lightning-style ``model.``.
@@ -51,11 +113,6 @@ class WeightsLoadReport:
     skipped: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
-
-
-def model_names() -> list[str]:
-    """All registered model names, sorted."""
-    return MODELS.names()
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -105,7 +162,7 @@ def build_model(
     ModelWeightsError
         ``init_weights`` is missing, unreadable or fits no tensor of the model.
     """
-    factory = MODELS.get(name)
+    factory = MODELS.get(name).factory
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(
             f"in_channels for model '{name}' must be an integer >= 1 "

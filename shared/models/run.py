@@ -4,18 +4,21 @@ from __future__ import annotations
 
 from torch import nn
 
-from shared.config import RunConfig
 from shared.models.registry import build_model
 
 
-def build_for_run(cfg: RunConfig, in_channels: int, num_classes: int, init_weights: str | None = None) -> tuple[nn.Module, list[str]]:
-    """The run's model and the list of changes made for DP-SGD (empty without DP).
+def build_network(
+    name: str, in_channels: int, num_classes: int, *, dp: bool = False, init_weights: str | None = None
+) -> tuple[nn.Module, list[str]]:
+    """The run's network and the list of changes made for DP-SGD (empty without DP).
 
-    Server, sites and ``medfed predict`` all build through here, so their state
-    dicts always have the same keys (e.g. GroupNorm in place of BatchNorm under DP).
+    Server, sites and ``medfed predict`` all build through here (via
+    :meth:`shared.tasks.TaskSpec.build_model` or the model card), so their
+    state dicts always have the same keys (e.g. GroupNorm in place of
+    BatchNorm under DP).
     """
-    model = build_model(cfg.model, in_channels, num_classes, init_weights)
-    if not cfg.dp.enabled:
+    model = build_model(name, in_channels, num_classes, init_weights)
+    if not dp:
         return model, []
     from shared.models.dp import make_dp_compatible  # Opacus is heavy: only when DP is on
 

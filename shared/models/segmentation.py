@@ -1,7 +1,7 @@
 """2-D segmentation networks (MONAI U-Net and Attention U-Net).
 
-Both are registered in :data:`shared.models.registry.MODELS` and built like
-every other model, ``build_model(name, in_channels, num_classes)``; they
+Both are registered in :data:`shared.models.registry.MODELS` with
+``kind="segmentation"`` and built like every other model, ``build_model(name, in_channels, num_classes)``; they
 return per-pixel logits ``(N, num_classes, H, W)`` (binary segmentation uses
 ``num_classes=2``: background, foreground). Input sides must be multiples of
 16 and at least 32 (four stride-2 levels; instance norm needs more than one
@@ -25,9 +25,10 @@ from __future__ import annotations
 from monai.networks.nets import AttentionUnet, UNet
 from torch import nn
 
-from shared.models.registry import MODELS
+from shared.kinds import SEGMENTATION
+from shared.models.registry import register_model
 
-__all__ = ["SEGMENTATION_MODELS", "is_segmentation_model", "MIN_INPUT_SIZE", "SIZE_MULTIPLE"]
+__all__ = ["MIN_INPUT_SIZE", "SIZE_MULTIPLE"]
 
 CHANNELS: tuple[int, ...] = (16, 32, 64, 128, 256)
 STRIDES: tuple[int, ...] = (2, 2, 2, 2)
@@ -37,15 +38,6 @@ MIN_INPUT_SIZE = 32
 """Smallest supported input side."""
 _ACT = ("leakyrelu", {"negative_slope": 0.01, "inplace": False})
 _GROUPS = 8
-
-SEGMENTATION_MODELS: frozenset[str] = frozenset({"unet", "attention-unet"})
-"""Registered names whose output is ``(N, num_classes, H, W)`` per-pixel logits."""
-
-
-def is_segmentation_model(name: str) -> bool:
-    """True when ``name`` is a registered segmentation network."""
-    return name in SEGMENTATION_MODELS
-
 
 def _batchnorm_to_groupnorm(module: nn.Module) -> nn.Module:
     """Replace every ``BatchNorm`` (recursively, in place) by an affine ``GroupNorm``.
@@ -64,7 +56,7 @@ def _batchnorm_to_groupnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-@MODELS.register("unet")
+@register_model("unet", kind=SEGMENTATION, min_input_size=MIN_INPUT_SIZE, size_multiple=SIZE_MULTIPLE)
 def unet(in_channels: int, num_classes: int) -> nn.Module:
     """MONAI 2-D residual U-Net, channels 16-256, 2 residual units, instance norm."""
     return UNet(
@@ -79,7 +71,7 @@ def unet(in_channels: int, num_classes: int) -> nn.Module:
     )
 
 
-@MODELS.register("attention-unet")
+@register_model("attention-unet", kind=SEGMENTATION, min_input_size=MIN_INPUT_SIZE, size_multiple=SIZE_MULTIPLE)
 def attention_unet(in_channels: int, num_classes: int) -> nn.Module:
     """MONAI 2-D Attention U-Net, channels 16-256, GroupNorm instead of BatchNorm."""
     model = AttentionUnet(
