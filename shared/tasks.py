@@ -3,32 +3,47 @@
 A :class:`TaskSpec` says what the input looks like (channels), whether the
 task is classification or segmentation, the classes (or mask classes), which
 class is "positive" for sensitivity/specificity, the default model and image
-size, how the decision threshold is chosen on validation data, and how to make
-synthetic phantoms for demos and tests. Selecting a task in the run config
+size, its image pipeline (preprocessing and training augmentation), how the
+decision threshold is chosen on validation data, how to make synthetic
+phantoms for demos and tests, what it trains with (its *objective*: loss,
+batches, counts; :mod:`shared.objectives`) and how its results are shown (its
+*view*: primary metric, headline; :mod:`shared.metrics.presentation`).
+Adding a task is one registration here. Selecting a task in the run config
 (``task='nec-axr'``) sets ``model='auto'`` and ``image-size=0`` to the task's
-defaults; preprocessing and augmentation defaults live in
-:mod:`shared.data.preprocess` (``TASK_DEFAULTS``, ``AUGMENT_DEFAULTS``).
+defaults.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from shared.config import PATH_KEYS, RunConfig
 from shared.data import phantoms, phantoms_pneumonia, phantoms_tasks
+from shared.data.preprocess import AugmentConfig, PreprocessConfig
+from shared.kinds import CLASSIFICATION, SEGMENTATION
+from shared.metrics.federated import ThresholdRule
+from shared.metrics.presentation import MetricView, view_for
 from shared.registry import Registry
+from shared.results import ModelCard
+
+if TYPE_CHECKING:  # pragma: no cover - torch-heavy, imported lazily by objective()
+    from torch import nn
+
+    from shared.objectives import Objective
 
 # (n, size, seed, indices) -> (images uint8, labels int64) for classification,
 #                             (images uint8, masks bool) for segmentation
 PhantomRenderer = Callable[[int, int, int, Sequence[int] | np.ndarray], tuple[np.ndarray, np.ndarray]]
 PhantomLabeler = Callable[[int, int], np.ndarray]
 
-CLASSIFICATION = "classification"
-SEGMENTATION = "segmentation"
+__all__ = ["ARGMAX", "CLASSIFICATION", "SEGMENTATION", "TASKS", "TaskSpec", "get_task"]
 
 ARGMAX = "argmax"
 """Threshold method of multi-class tasks: the decision is the most probable class, no threshold."""
@@ -79,9 +94,16 @@ class TaskSpec:
     foreground_batch_dice:
         Segmentation only: train with the Dice term on the foreground
         classes, computed over the whole batch (see
-        :func:`shared.seg_training.seg_loss`). For small structures absent
+        :func:`shared.objectives.segmentation.seg_loss`). For small structures absent
         from many images (a per-image Dice rewards empty predictions there).
         DP-SGD keeps the per-image loss (each loss term may depend on one image only).
+    preprocess:
+        Default per-image preprocessing (its ``size`` is replaced by the run's
+        ``image-size``, its ``channels`` always equals ``in_channels``); run
+        config keys ``resize``/``equalize``/``denoise`` override it.
+    augment:
+        Default training augmentation (``augment=false`` turns it off,
+        ``hflip=true`` forces horizontal flips on).
     """
 
     name: str
@@ -99,6 +121,8 @@ class TaskSpec:
     label_column: str | None = None
     label_aliases: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     foreground_batch_dice: bool = False
+    preprocess: PreprocessConfig = PreprocessConfig()
+    augment: AugmentConfig = AugmentConfig()
 
     def __post_init__(self) -> None:
         if self.threshold_method not in THRESHOLD_METHODS:
@@ -116,6 +140,8 @@ class TaskSpec:
             raise ValueError(f"task '{self.name}': label_aliases must map lower-case spellings to class names "
                              f"{list(self.class_names)}, got {bad}")
         object.__setattr__(self, "label_aliases", MappingProxyType(dict(self.label_aliases)))
+        if self.preprocess.channels != self.in_channels:  # one source of truth for channels: in_channels
+            object.__setattr__(self, "preprocess", dataclasses.replace(self.preprocess, channels=self.in_channels))
 
     @property
     def num_classes(self) -> int:
@@ -123,14 +149,69 @@ class TaskSpec:
         return len(self.class_names)
 
     @property
-    def is_segmentation(self) -> bool:
-        """True for mask-predicting tasks."""
-        return self.kind == SEGMENTATION
+    def view(self) -> MetricView:
+        """How this task's results are shown: primary metric, headline, round line, table columns."""
+        return view_for(self.kind, self.num_classes)
 
     @property
-    def is_multiclass(self) -> bool:
-        """True for classification with more than two classes (argmax decisions, macro metrics)."""
-        return self.kind == CLASSIFICATION and self.num_classes > 2
+    def threshold_rule(self) -> ThresholdRule:
+        """How the operating threshold is chosen on pooled validation counts."""
+        return ThresholdRule(self.threshold_method, self.target_sensitivity, self.positive_class)
+
+    def objective(self) -> Objective:
+        """What local training optimises and evaluation counts (loss, batches, counts) for this task."""
+        from shared.objectives import make_objective  # torch and MONAI: only where training happens
+
+        return make_objective(self.kind, self.num_classes, foreground_batch_dice=self.foreground_batch_dice)
+
+    def preprocess_for(self, cfg: RunConfig) -> PreprocessConfig:
+        """This task's preprocessing with the run config's overrides applied."""
+        base, d = self.preprocess, cfg.data
+        return dataclasses.replace(
+            base,
+            size=d.image_size,
+            resize=base.resize if d.resize == "auto" else d.resize,
+            equalize=base.equalize if d.equalize == "auto" else d.equalize,
+            denoise=base.denoise if d.denoise == "auto" else d.denoise,
+            clahe_clip=d.clahe_clip,
+            clahe_tiles=d.clahe_tiles,
+        )
+
+    def augment_for(self, cfg: RunConfig) -> AugmentConfig | None:
+        """This task's training augmentation (None when ``augment`` is off); ``hflip=true`` forces flips on."""
+        if not cfg.data.augment:
+            return None
+        return dataclasses.replace(self.augment, hflip=self.augment.hflip or cfg.data.hflip)
+
+    def pipeline(self, cfg: RunConfig) -> dict[str, object]:
+        """The image pipeline of a run, as recorded in config.json and the model card."""
+        aug = self.augment_for(cfg)
+        return {"preprocess": self.preprocess_for(cfg).to_dict(),
+                "augment": aug.to_dict() if aug is not None else None,
+                "normalize": cfg.data.normalize}
+
+    def model_card(self, cfg: RunConfig, *, threshold: float | None = None,
+                   extra: Mapping[str, object] | None = None) -> ModelCard:
+        """The card saved with a model trained for this task under ``cfg`` (no local paths in it)."""
+        pipe = self.pipeline(cfg)
+        rule = self.threshold_rule
+        return ModelCard(
+            task=self.name, model=cfg.model, kind=self.kind, image_size=cfg.data.image_size,
+            in_channels=self.in_channels, num_classes=self.num_classes, class_names=self.class_names,
+            positive_class=self.positive_class if self.num_classes == 2 else None,
+            preprocess=pipe["preprocess"], augment=pipe["augment"], normalize=cfg.data.normalize,  # type: ignore[arg-type]
+            run_config={k: v for k, v in cfg.to_flat().items() if k not in PATH_KEYS}, dp=cfg.dp.enabled,
+            threshold=threshold,
+            threshold_rule={"method": rule.method, "target-sensitivity": rule.target_sensitivity},
+            extra=dict(extra or {}),
+        )
+
+    def build_model(self, cfg: RunConfig, init_weights: str | None = None) -> tuple[nn.Module, list[str]]:
+        """The run's network for this task (DP-compatible under ``dp.enabled``) and the DP changes made."""
+        from shared.models import build_network
+
+        return build_network(cfg.model, self.in_channels, self.num_classes, dp=cfg.dp.enabled,
+                             init_weights=init_weights)
 
 
 TASKS: Registry[TaskSpec] = Registry("task")
@@ -146,6 +227,31 @@ def _first_two(fn: Callable[..., tuple[np.ndarray, ...]]) -> PhantomRenderer:
     return render
 
 
+# Radiograph preprocessing (every X-ray task). Letterbox: CXRs come portrait,
+# landscape and square (PA vs bedside AP, different detectors); squashing
+# changes the cardiothoracic ratio and lung shapes from site to site. CLAHE
+# clip 2.0 on an 8x8 grid is the setting most CXR papers use: it lifts
+# consolidation and vessel detail in the lung fields while its clip limit keeps
+# noise in flat regions from being amplified (global "hist" blows up the
+# background and the collimation borders), and it damps the exposure/processing
+# differences between hospitals' detectors, a main source of non-IID shift in
+# a federation (it also lifts the faint interstitial pattern of viral
+# pneumonia). Denoising off: modern detector output is processed already and
+# INTER_AREA averages anyway. The non-pneumonia X-ray tasks use the same recipe
+# until validated on their own real data.
+RADIOGRAPH_PREPROCESS = PreprocessConfig(resize="letterbox", equalize="clahe", clahe_clip=2.0, clahe_tiles=8)
+# Radiograph augmentation: small rotations/zoom/shift as patient positioning
+# varies; no flips (laterality is anatomy: heart, liver, stomach bubble,
+# situs). Segmentation tasks give image and mask the same geometry.
+RADIOGRAPH_AUGMENT = AugmentConfig()
+# Skin photographs: colour is diagnostic (erythema, violaceous or dusky skin),
+# so 3 channels and no equalization; no canonical orientation or laterality,
+# so flips and larger rotations; colour jitter kept small.
+PHOTO_PREPROCESS = PreprocessConfig(resize="letterbox", equalize="none")
+PHOTO_AUGMENT = AugmentConfig(
+    rotation_deg=15.0, hflip=True, vflip=True, scale=0.1, translate=0.05, brightness=0.1, contrast=0.15, color_jitter=0.1
+)
+
 TASKS.add(
     "pneumonia-cxr",
     TaskSpec(
@@ -159,6 +265,8 @@ TASKS.add(
         default_image_size=64,
         phantom_labels=lambda n, seed: phantoms.phantom_labels(n, seed=seed),
         render_phantoms=_first_two(phantoms.make_chest_phantoms),
+        preprocess=RADIOGRAPH_PREPROCESS,
+        augment=RADIOGRAPH_AUGMENT,
     ),
 )
 
@@ -178,6 +286,8 @@ TASKS.add(
         threshold_method=ARGMAX,
         label_column="subtype",
         label_aliases={"bacteria": "bacterial", "virus": "viral"},  # Kermany's spellings
+        preprocess=RADIOGRAPH_PREPROCESS,
+        augment=RADIOGRAPH_AUGMENT,
     ),
 )
 
@@ -196,6 +306,8 @@ TASKS.add(
         render_phantoms=_first_two(phantoms_tasks.make_pneumothorax_phantoms),
         threshold_method="target-sensitivity",
         target_sensitivity=0.9,
+        preprocess=RADIOGRAPH_PREPROCESS,
+        augment=RADIOGRAPH_AUGMENT,
     ),
 )
 
@@ -212,8 +324,11 @@ TASKS.add(
         default_image_size=64,
         phantom_labels=lambda n, seed: phantoms_tasks.lung_seg_labels(n, seed=seed),
         render_phantoms=_first_two(phantoms_tasks.make_lung_seg_phantoms),
+        preprocess=RADIOGRAPH_PREPROCESS,
+        augment=RADIOGRAPH_AUGMENT,
     ),
 )
+
 
 def _images_and_masks(fn: Callable[..., tuple[np.ndarray, ...]]) -> PhantomRenderer:
     """Adapt a phantom maker returning (images, labels, masks) to a segmentation renderer."""
@@ -242,6 +357,8 @@ TASKS.add(
         # a clearly darker pleural space than the classification phantoms: the region must be delineable at 64 px
         render_phantoms=_images_and_masks(partial(phantoms_tasks.make_pneumothorax_phantoms, conspicuous=True)),
         foreground_batch_dice=True,  # ~5 % of the image, empty in half the images
+        preprocess=RADIOGRAPH_PREPROCESS,
+        augment=RADIOGRAPH_AUGMENT,
     ),
 )
 
@@ -260,6 +377,8 @@ TASKS.add(
         render_phantoms=_first_two(phantoms_tasks.make_nec_phantoms),
         threshold_method="target-sensitivity",  # a missed surgical NEC is worse than a false alarm
         target_sensitivity=0.9,
+        preprocess=RADIOGRAPH_PREPROCESS,
+        augment=RADIOGRAPH_AUGMENT,
     ),
 )
 
@@ -278,6 +397,8 @@ TASKS.add(
         render_phantoms=_first_two(phantoms_tasks.make_nf_phantoms),
         threshold_method="target-sensitivity",  # missing NF is worse than a false alarm
         target_sensitivity=0.95,
+        preprocess=PHOTO_PREPROCESS,
+        augment=PHOTO_AUGMENT,
     ),
 )
 

@@ -22,15 +22,18 @@ from shared.data.phantoms_pneumonia import (
 )
 from shared.data.phantoms_tasks import apply_profile, site_profile
 from shared.data.labels import task_labels
-from shared.site_data import load_site_data, resolve_preprocess
+from shared.site_data import load_site_data
 from shared.data.sources import DataSourceError, discover
 from shared.inference import evaluate_dataset, load_trained, predict_files
 from shared.metrics.classification import ClassificationCounts
 from shared.metrics.federated import SiteEvaluation, ThresholdRule, pool_evaluations
 from shared.models import build_model
-from shared.results import ResultsWriter
+from shared.results import ModelCard, RunFolder
+from shared.metrics.presentation import MULTICLASS
 from shared.tasks import ARGMAX, CLASSIFICATION, TaskSpec, get_task
-from shared.training import evaluate_model, images_to_tensor, train_local
+from shared.objectives import ClassificationObjective
+from shared.objectives.classification import evaluate_model
+from shared.training import images_to_tensor, train_local
 
 TASK = get_task("pneumonia-cxr-3class")
 CPU = torch.device("cpu")
@@ -63,8 +66,8 @@ def _manifest(root: Path, header: str, rows: list[str]) -> Path:
 def test_task_is_registered_with_three_classes_and_no_positive_class() -> None:
     assert TASK.class_names == ("normal", "bacterial", "viral") == PNEUMONIA_SUBTYPE_CLASSES
     assert (TASK.in_channels, TASK.default_model, TASK.default_image_size) == (1, "small-cnn", 64)
-    assert TASK.is_multiclass and TASK.positive_class is None and TASK.threshold_method == ARGMAX
-    assert not get_task("pneumonia-cxr").is_multiclass
+    assert TASK.view is MULTICLASS and TASK.positive_class is None and TASK.threshold_method == ARGMAX
+    assert get_task("pneumonia-cxr").view is not MULTICLASS
 
 
 @pytest.mark.parametrize(
@@ -243,7 +246,7 @@ def test_pooled_three_class_metrics_are_macro_without_threshold_or_nan() -> None
     assert "threshold" not in ev.pooled and all("threshold" not in m for m in ev.per_site.values())
     assert ev.pooled["auroc"] == pytest.approx(np.mean([ev.pooled[f"auroc-{k}"] for k in range(3)]))
     line = progress_line({"round": 2, "round-s": 1.0, "elapsed-s": 3.0, "evaluate": ev.pooled,
-                          "train": {"train-loss": 0.5}}, 3)
+                          "train": {"train-loss": 0.5}}, TASK)
     assert f"macro AUROC {ev.pooled['auroc']:.3f}" in line and "acc " in line and "n/a" not in line
     assert "@thr" not in line
     # A site that lacks a class reports NaN for that class only; the macro figures stay defined.
@@ -274,19 +277,19 @@ def _train_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, float]:
     x, y = images_to_tensor(images), torch.as_tensor(labels)
     model = build_model("small-cnn", 1, 3)
     cfg = TrainConfig(local_epochs=6, batch_size=32, lr=3e-3, precision="fp32")
-    train_local(model, x[:400], y[:400], cfg, num_classes=3, seed=0, device=CPU)
+    train_local(model, x[:400], y[:400], cfg, ClassificationObjective(3), seed=0, device=CPU)
     res = evaluate_model(model, x[400:], y[400:], num_classes=3, precision="fp32", device=CPU)
     auroc = res.counts.metrics()["auroc"]
     print(f"\n3-class phantoms, single site, small-cnn 32 px: held-out macro AUROC {auroc:.3f}")
     run_cfg = parse_run_config({"task": TASK.name, "model": "small-cnn", "image-size": 32,
                                 "equalize": "none", "denoise": "none"})
-    pcfg = resolve_preprocess(run_cfg, TASK)
+    pcfg = TASK.preprocess_for(run_cfg)
     meta = {"task": TASK.name, "model": "small-cnn", "image-size": 32, "in-channels": 1, "num-classes": 3,
             "class-names": list(TASK.class_names), "preprocess": pcfg.to_dict(), "normalize": "fixed",
             "run-config": {k: v for k, v in run_cfg.to_flat().items() if k not in PATH_KEYS},
             "kind": "classification", "threshold": None}
     out = tmp_path_factory.mktemp("run3")
-    ResultsWriter(out).write_model(model.state_dict(), meta)
+    RunFolder(out).write_model(model.state_dict(), ModelCard.from_meta(meta))
     return out, auroc
 
 

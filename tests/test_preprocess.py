@@ -12,9 +12,7 @@ import pytest
 import torch
 
 from shared.data.preprocess import (
-    AUGMENT_DEFAULTS,
     NORMALIZE_MODES,
-    TASK_DEFAULTS,
     AugmentConfig,
     PreprocessConfig,
     UnusableImageError,
@@ -244,7 +242,13 @@ def test_augment_config_rejects_bad_values() -> None:
 
 
 def test_task_defaults() -> None:
-    assert {"pneumonia-cxr", "pneumothorax-cxr", "lung-seg", "nec-axr", "nf-photo"} <= set(TASK_DEFAULTS) == set(AUGMENT_DEFAULTS)
+    # Each task owns its preprocessing and augmentation (TaskSpec fields), so both cover every task.
+    from shared.tasks import TASKS, get_task
+
+    assert {"pneumonia-cxr", "pneumothorax-cxr", "lung-seg", "nec-axr", "nf-photo"} <= set(TASKS.names())
+    TASK_DEFAULTS = {n: get_task(n).preprocess for n in TASKS.names()}
+    AUGMENT_DEFAULTS = {n: get_task(n).augment for n in TASKS.names()}
+    assert set(TASK_DEFAULTS) == set(AUGMENT_DEFAULTS)
     cxr = TASK_DEFAULTS["pneumonia-cxr"]
     assert (cxr.resize, cxr.equalize, cxr.clahe_clip, cxr.clahe_tiles, cxr.channels) == ("letterbox", "clahe", 2.0, 8, 1)
     photo = TASK_DEFAULTS["nf-photo"]

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
+from shared.kinds import SEGMENTATION
 from shared.data.phantoms_tasks import make_pneumothorax_phantoms
 from shared.data.rle import rle_decode, rle_encode
 from shared.data.seg_sources import discover_segmentation, read_record_mask
@@ -114,7 +115,7 @@ def test_pneumothorax_seg_task_renders_phantom_masks() -> None:
     from shared.tasks import get_task
 
     task = get_task("pneumothorax-seg")
-    assert task.is_segmentation and task.class_names == ("background", "pneumothorax")
+    assert task.kind == SEGMENTATION and task.class_names == ("background", "pneumothorax")
     assert (task.default_model, task.default_image_size) == ("unet", 64)
     assert task.foreground_batch_dice  # small, often absent region: Dice over the batch, foreground only
     idx = np.arange(3, 15)

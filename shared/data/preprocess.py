@@ -50,9 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = [
-    "AUGMENT_DEFAULTS",
     "NORMALIZE_MODES",
-    "TASK_DEFAULTS",
     "AugmentConfig",
     "PreprocessConfig",
     "UnusableImageError",
@@ -390,32 +388,6 @@ def preprocess(image: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     return np.ascontiguousarray(u8)
 
 
-TASK_DEFAULTS: dict[str, PreprocessConfig] = {
-    # Chest X-ray, pneumonia. Letterbox: CXRs come portrait, landscape and
-    # square (PA vs bedside AP, different detectors); squashing changes the
-    # cardiothoracic ratio and lung shapes from site to site. CLAHE clip 2.0
-    # on an 8x8 grid is the setting most CXR papers use: it lifts
-    # consolidation and vessel detail in the lung fields while its clip limit
-    # keeps noise in flat regions from being amplified (global "hist" blows
-    # up the background and the collimation borders), and it damps the
-    # exposure/processing differences between hospitals' detectors, a main
-    # source of non-IID shift in a federation. Denoising off: modern
-    # detector output is processed already and INTER_AREA averages anyway.
-    "pneumonia-cxr": PreprocessConfig(resize="letterbox", equalize="clahe", clahe_clip=2.0, clahe_tiles=8),
-    # The same radiographs split into bacterial/viral: the same recipe (CLAHE
-    # also lifts the faint interstitial pattern of viral pneumonia).
-    "pneumonia-cxr-3class": PreprocessConfig(resize="letterbox", equalize="clahe", clahe_clip=2.0, clahe_tiles=8),
-    # Placeholders until these tasks are validated on real data: same
-    # grayscale-radiograph recipe as pneumonia.
-    "pneumothorax-cxr": PreprocessConfig(resize="letterbox", equalize="clahe", clahe_clip=2.0, clahe_tiles=8),
-    "lung-seg": PreprocessConfig(resize="letterbox", equalize="clahe", clahe_clip=2.0, clahe_tiles=8),
-    "pneumothorax-seg": PreprocessConfig(resize="letterbox", equalize="clahe", clahe_clip=2.0, clahe_tiles=8),
-    "nec-axr": PreprocessConfig(resize="letterbox", equalize="clahe", clahe_clip=2.0, clahe_tiles=8),
-    # Skin photographs: colour is diagnostic (erythema, violaceous or dusky
-    # skin), so 3 channels and no equalization.
-    "nf-photo": PreprocessConfig(resize="letterbox", equalize="none", channels=3),
-}
-"""Default preprocessing per task name. ``size`` is replaced by the run's ``image-size``."""
 
 
 # ---------------------------------------------------------------------------
@@ -624,23 +596,3 @@ def _color_jitter(x: torch.Tensor, u_sat: torch.Tensor, u_hue: torch.Tensor, amo
     c_ = ((1.0 - cos) / 3.0 + sin / math.sqrt(3.0)).view(-1, 1)
     m = torch.stack([torch.cat([a, b_, c_], 1), torch.cat([c_, a, b_], 1), torch.cat([b_, c_, a], 1)], dim=1)  # (B, 3, 3)
     return torch.einsum("bij,bjhw->bihw", m.to(x.dtype), x)
-
-
-AUGMENT_DEFAULTS: dict[str, AugmentConfig] = {
-    # Radiographs: small rotations/zoom/shift as patient positioning varies;
-    # no flips (laterality is anatomy: heart, liver, stomach bubble, situs).
-    "pneumonia-cxr": AugmentConfig(),
-    "pneumonia-cxr-3class": AugmentConfig(),
-    "pneumothorax-cxr": AugmentConfig(),
-    # Segmentation: shared.seg_training.augment_pair gives image and mask the
-    # same geometry; photometric ranges as for classification.
-    "lung-seg": AugmentConfig(),
-    "pneumothorax-seg": AugmentConfig(),
-    "nec-axr": AugmentConfig(),
-    # Skin photographs have no canonical orientation or laterality; colour
-    # jitter kept small because redness/duskiness is diagnostic.
-    "nf-photo": AugmentConfig(
-        rotation_deg=15.0, hflip=True, vflip=True, scale=0.1, translate=0.05, brightness=0.1, contrast=0.15, color_jitter=0.1
-    ),
-}
-"""Default training augmentation per task name."""

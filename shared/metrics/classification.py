@@ -392,6 +392,25 @@ def _validate_batch(
     return p, y
 
 
+@dataclass(frozen=True)
+class ThresholdRule:
+    """How the classification operating threshold is chosen on validation counts.
+
+    ``method="argmax"`` (multi-class tasks, ``positive_class=None``) chooses
+    no threshold: decisions are the most probable class and the metrics are
+    one-vs-rest per class with macro averages.
+    """
+
+    method: str = "youden"
+    target_sensitivity: float = 0.9
+    positive_class: int | None = 1
+
+    @property
+    def chooses_threshold(self) -> bool:
+        """Whether a binary operating threshold is selected (not for ``argmax``)."""
+        return self.method != "argmax" and self.positive_class is not None
+
+
 @dataclass
 class ClassificationCounts:
     """Additive summary of classification predictions.
@@ -566,6 +585,18 @@ class ClassificationCounts:
     def num_examples(self) -> int:
         """Number of samples counted."""
         return int(self.confusion.sum())
+
+    def operating_threshold(self, rule: ThresholdRule) -> float | None:
+        """The threshold ``rule`` chooses on these counts (binary only; ``None`` for argmax decisions)."""
+        if self.num_classes != 2 or not rule.chooses_threshold:
+            return None
+        return self.select_threshold(rule.method, rule.target_sensitivity, rule.positive_class)
+
+    def report(self, threshold: float | None = None, positive_class: int | None = 1) -> dict[str, float]:
+        """The reported metrics: binary at 0.5 and at ``threshold``; multi-class one-vs-rest with macro averages."""
+        if self.num_classes != 2:
+            return self.metrics()
+        return self.metrics(positive_class=1 if positive_class is None else positive_class, threshold=threshold)
 
     # ------------------------------------------------------------ transport
     def to_flat(self) -> dict[str, int | list[int]]:

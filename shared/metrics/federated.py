@@ -4,8 +4,11 @@ Sites report counts (classification: :mod:`shared.metrics.classification`;
 segmentation: :mod:`shared.metrics.segmentation`); summing the counts gives
 exactly the metrics of all validation images pooled, which an average of
 per-site ratios would not (small sites would weigh as much as large ones).
+Which counts type a site sent is the task's to say
+(:attr:`shared.metrics.presentation.MetricView.counts_from_flat`), never
+guessed from the keys.
 
-For classification the operating threshold is chosen on the pooled
+For binary classification the operating threshold is chosen on the pooled
 validation counts with the task's rule (Youden's J, or the highest threshold
 reaching a target sensitivity), and pooled and per-site metrics are reported
 at 0.5 and at that threshold (``<name>@thr``). The threshold is chosen and
@@ -16,47 +19,37 @@ score held-out data with ``medfed evaluate`` for an unbiased estimate.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from shared.metrics.classification import ClassificationCounts
+from shared import protocol
+from shared.metrics.classification import ClassificationCounts, ThresholdRule
 from shared.metrics.segmentation import SegmentationCounts
 
-# Keys a site's training reply carries.
-TRAIN_SCALARS = ("num-examples", "train-loss", "train-seconds", "train-images-per-s", "load-seconds")
+__all__ = [
+    "Counts",
+    "RoundEvaluation",
+    "SiteEvaluation",
+    "ThresholdRule",
+    "pool_evaluations",
+    "pool_training",
+]
+
+AnyCounts = ClassificationCounts | SegmentationCounts
 
 
 class Counts(Protocol):
-    """What both count types offer."""
+    """What every counts type offers: additive merge, size, threshold choice, reported metrics."""
+
+    @property
+    def num_examples(self) -> int: ...  # noqa: D102
 
     def merge(self, other: Counts) -> Counts: ...  # noqa: D102
 
+    def operating_threshold(self, rule: ThresholdRule) -> float | None: ...  # noqa: D102
 
-def counts_from_flat(flat: Mapping[str, object]) -> ClassificationCounts | SegmentationCounts:
-    """Rebuild a site's counts from its flat metric record (classification carries ``num-classes``)."""
-    if "num-classes" in flat:
-        return ClassificationCounts.from_flat(flat)
-    return SegmentationCounts.from_flat(flat)
-
-
-@dataclass(frozen=True)
-class ThresholdRule:
-    """How the classification operating threshold is chosen on validation counts.
-
-    ``method="argmax"`` (multi-class tasks, ``positive_class=None``) chooses
-    no threshold: decisions are the most probable class and the metrics are
-    one-vs-rest per class with macro averages.
-    """
-
-    method: str = "youden"
-    target_sensitivity: float = 0.9
-    positive_class: int | None = 1
-
-    @property
-    def chooses_threshold(self) -> bool:
-        """Whether a binary operating threshold is selected (not for ``argmax``)."""
-        return self.method != "argmax" and self.positive_class is not None
+    def report(self, threshold: float | None = None, positive_class: int | None = 1) -> dict[str, float]: ...  # noqa: D102
 
 
 @dataclass
@@ -64,12 +57,13 @@ class SiteEvaluation:
     """One site's evaluation report for one round."""
 
     site_id: str
-    counts: ClassificationCounts | SegmentationCounts
+    counts: AnyCounts
     loss: float
 
     @classmethod
-    def from_flat(cls, site_id: str, flat: Mapping[str, object]) -> SiteEvaluation:
-        """Rebuild from the flat metric record a site sent."""
+    def from_flat(cls, site_id: str, flat: Mapping[str, object],
+                  counts_from_flat: Callable[[Mapping[str, object]], AnyCounts]) -> SiteEvaluation:
+        """Rebuild from the flat metric record a site sent, with the task's counts type."""
         return cls(site_id=site_id, counts=counts_from_flat(flat), loss=float(flat["eval-loss"]))  # type: ignore[arg-type]
 
 
@@ -79,15 +73,6 @@ class RoundEvaluation:
 
     pooled: dict[str, float]
     per_site: dict[str, dict[str, float]] = field(default_factory=dict)
-
-
-def _metrics(counts: ClassificationCounts | SegmentationCounts, rule: ThresholdRule, threshold: float | None) -> dict[str, float]:
-    if isinstance(counts, SegmentationCounts):
-        return counts.metrics()
-    if counts.num_classes != 2:
-        return counts.metrics()  # one-vs-rest per class and macro averages
-    positive = rule.positive_class if rule.positive_class is not None else 1
-    return counts.metrics(positive_class=positive, threshold=threshold)
 
 
 def pool_evaluations(reports: list[SiteEvaluation], rule: ThresholdRule | None = None) -> RoundEvaluation:
@@ -106,18 +91,14 @@ def pool_evaluations(reports: list[SiteEvaluation], rule: ThresholdRule | None =
     total = reports[0].counts
     for r in reports[1:]:
         total = total.merge(r.counts)  # type: ignore[arg-type]
-    threshold = None
-    if isinstance(total, ClassificationCounts) and total.num_classes == 2 and rule.chooses_threshold:
-        threshold = total.select_threshold(rule.method, rule.target_sensitivity, rule.positive_class)
-    pooled = _metrics(total, rule, threshold)
-    n = sum(r.counts.num_examples if isinstance(r.counts, ClassificationCounts) else r.counts.n_images for r in reports)
-    pooled["eval-loss"] = sum(
-        r.loss * (r.counts.num_examples if isinstance(r.counts, ClassificationCounts) else r.counts.n_images) for r in reports
-    ) / n if n else math.nan
+    threshold = total.operating_threshold(rule)
+    pooled = total.report(threshold, rule.positive_class)
+    n = sum(r.counts.num_examples for r in reports)
+    pooled["eval-loss"] = sum(r.loss * r.counts.num_examples for r in reports) / n if n else math.nan
     pooled["num-sites"] = float(len(reports))
     per_site = {}
     for r in reports:
-        m = _metrics(r.counts, rule, threshold)
+        m = r.counts.report(threshold, rule.positive_class)
         m["eval-loss"] = r.loss
         per_site[r.site_id] = m
     return RoundEvaluation(pooled=pooled, per_site=per_site)
@@ -127,10 +108,10 @@ def pool_training(reports: Mapping[str, Mapping[str, float]]) -> dict[str, float
     """Example-weighted mean training loss, total examples, slowest site time."""
     if not reports:
         raise ValueError("no site training reports to pool")
-    n = sum(float(r["num-examples"]) for r in reports.values())
+    n = sum(float(r[protocol.NUM_EXAMPLES]) for r in reports.values())
     return {
-        "train-loss": sum(float(r["train-loss"]) * float(r["num-examples"]) for r in reports.values()) / n,
+        "train-loss": sum(float(r[protocol.TRAIN_LOSS]) * float(r[protocol.NUM_EXAMPLES]) for r in reports.values()) / n,
         "num-examples": n,
         "num-sites": float(len(reports)),
-        "max-train-seconds": max(float(r["train-seconds"]) for r in reports.values()),
+        "max-train-seconds": max(float(r[protocol.TRAIN_SECONDS]) for r in reports.values()),
     }

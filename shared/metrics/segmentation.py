@@ -234,6 +234,19 @@ class SegmentationCounts:
                     self.hd95_mm_sum += _quantize(hd95(p, t, s), DISTANCE_QUANTUM)
                     self.hd95_mm_n += 1
 
+    @property
+    def num_examples(self) -> int:
+        """Images counted (the same as ``n_images``; every counts type has ``num_examples``)."""
+        return int(self.n_images)
+
+    def operating_threshold(self, rule: object) -> None:
+        """Segmentation has no operating threshold to choose (the decision is the argmax per pixel)."""
+        return None
+
+    def report(self, threshold: float | None = None, positive_class: int | None = None) -> dict[str, float]:
+        """The reported metrics (:meth:`metrics`); ``threshold`` and ``positive_class`` do not apply."""
+        return self.metrics()
+
     def merge(self, other: SegmentationCounts) -> SegmentationCounts:
         """Sum of two sets of counts (neither is modified)."""
         if not isinstance(other, SegmentationCounts):
