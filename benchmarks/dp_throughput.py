@@ -7,7 +7,7 @@ on the same model, chest phantoms, image size and batch size:
    CPU settings (``precision="auto"``: bf16 autocast + channels_last) and
    once in fp32 (DP-SGD runs in fp32, so this isolates the cost of
    per-sample gradients);
-2. **DP-SGD**: :func:`shared.privacy.dpsgd.train_local_dp` with each
+2. **DP-SGD**: the same loop with :class:`shared.privacy.dpsgd.DPSGDSteps`, with each
    grad-sample engine (hooks, ew, functorch, ghost), Poisson sampling with
    ``q = batch / N`` and ``N / batch`` steps (one expected epoch).
 
@@ -38,7 +38,8 @@ from shared.config import TrainConfig  # noqa: E402
 from shared.data.phantoms import make_chest_phantoms  # noqa: E402
 from shared.models import build_model  # noqa: E402
 from shared.models.dp import make_dp_compatible  # noqa: E402
-from shared.privacy.dpsgd import GRAD_SAMPLE_MODES, DPSGDSpec, train_local_dp  # noqa: E402
+from shared.objectives import ClassificationObjective  # noqa: E402
+from shared.privacy.dpsgd import GRAD_SAMPLE_MODES, DPSGDSpec, DPSGDSteps  # noqa: E402
 from shared.training import images_to_tensor, train_local  # noqa: E402
 
 
@@ -54,15 +55,15 @@ def _runner(model_name: str, label: str, images: torch.Tensor, labels: torch.Ten
             precision = "fp32" if label.endswith("fp32") else "auto"
             cfg = TrainConfig(batch_size=batch, precision=precision, local_epochs=1)
             take = min(n, n_steps * batch)
-            result = train_local(model, images[:take], labels[:take], cfg, num_classes=2, seed=0,
+            result = train_local(model, images[:take], labels[:take], cfg, ClassificationObjective(2), seed=0,
                                  device=torch.device("cpu"))
         else:
             mode = label.removeprefix("dp-")
             model, _ = make_dp_compatible(model)
             spec = DPSGDSpec(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=batch / n, steps=n_steps,
                              grad_sample_mode=mode)
-            result = train_local_dp(model, images, labels, TrainConfig(), spec, num_classes=2, seed=0,
-                                    dp_seed=0, device=torch.device("cpu"))
+            result = train_local(model, images, labels, TrainConfig(), ClassificationObjective(2), seed=0,
+                                 device=torch.device("cpu"), engine=DPSGDSteps(spec, dp_seed=0))
         return result.images_per_second
 
     return run

@@ -1,13 +1,27 @@
-"""Local training and evaluation loops: pure PyTorch, no Flower.
+"""The one local training loop, and the batching/precision helpers it shares: pure PyTorch, no Flower.
+
+:func:`train_local` trains every task kind, with and without DP-SGD. What
+differs is plugged in:
+
+* the task's :class:`Objective` (:mod:`shared.objectives`) supplies the
+  checks of its inputs, batch preparation (float conversion, augmentation,
+  normalisation), the training loss and the per-example loss, and its
+  evaluation counts;
+* a :class:`StepEngine` decides how optimisation steps are taken: the
+  default :class:`StandardSteps` (shuffled epochs, bf16 autocast +
+  channels_last, FedProx term in the loss) or DP-SGD's engine
+  (:class:`shared.privacy.dpsgd.DPSGDSteps`: Poisson sampling, per-example
+  clipping and noise through Opacus' ``DPOptimizer``, the proximal term added
+  after the noise).
 
 Images arrive as uint8 arrays ``(N, H, W)`` or ``(N, H, W, C)`` and stay
 uint8 in memory; each batch is converted to float, normalised and (for
-training) lightly augmented on the fly. Batching is done by hand from a
-seeded permutation, which is faster than a ``DataLoader`` for in-memory data.
+training) augmented on the fly. Batching is done by hand from a seeded
+permutation, which is faster than a ``DataLoader`` for in-memory data.
 
-Speed-ups measured on the 2-core CPU machines (GUIDE.md section 4): bf16
-autocast (1.6-2x) and channels_last (1.2-1.4x). ``precision="auto"`` turns
-both on for CPU and CUDA (when bf16 is supported) and leaves fp32 elsewhere.
+Speed-ups measured on 2-core CPU machines with native bf16: bf16 autocast
+(1.6-2x) and channels_last (1.2-1.4x). ``precision="auto"`` turns both on for
+CPU and CUDA (when bf16 is supported) and leaves fp32 elsewhere.
 """
 
 from __future__ import annotations
@@ -18,15 +32,16 @@ import math
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from shared.config import TrainConfig
-from shared.data.preprocess import AugmentConfig, augment_batch, normalize_batch
+from shared.data.preprocess import AugmentConfig, normalize_batch
 from shared.metrics.classification import ClassificationCounts
+from shared.metrics.segmentation import SegmentationCounts
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +59,9 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Counts and mean loss of one evaluation pass."""
+    """Counts and mean loss of one evaluation pass (only counts leave a site)."""
 
-    counts: ClassificationCounts
+    counts: ClassificationCounts | SegmentationCounts
     loss: float
 
     @property
@@ -194,31 +209,146 @@ def model_in_channels(model: nn.Module) -> int:
     raise ValueError("model has no Conv2d/Linear layer")
 
 
+class Objective(Protocol):
+    """What a task kind contributes to :func:`train_local` (see :mod:`shared.objectives`)."""
+
+    num_classes: int
+
+    def check_inputs(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        """Raise ValueError for empty or mismatched images and targets."""
+
+    def prepare(self, images: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig, device: torch.device) -> None:
+        """Per-call set-up from the site's data (class weights, target value checks)."""
+
+    def batch(
+        self, images: torch.Tensor, targets: torch.Tensor, *, device: torch.device, in_channels: int,
+        augment: AugmentConfig | None, generator: torch.Generator, normalize: str, channels_last: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One training batch: uint8 images and targets -> network input and loss target."""
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The training loss of a batch (a scalar)."""
+
+    def per_sample_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """One loss per example, each depending on that example only (DP-SGD, audits)."""
+
+    def zero_targets(self, n: int, spatial: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """All-zero targets for ``n`` examples of ``spatial`` size (engine probes; never site data)."""
+
+
+class StepEngine(Protocol):
+    """How :func:`train_local` takes its optimisation steps."""
+
+    channels_last: bool
+    """Whether batches are laid out channels_last."""
+
+    def setup(self, model: nn.Module, device: torch.device, objective: Objective,
+              shape: tuple[int, ...]) -> nn.Module:
+        """Move/prepare the model for training on images of ``shape`` ``(N, C, H, W)``; return it."""
+
+    def make_optimizer(self, model: nn.Module, cfg: TrainConfig, proximal_mu: float) -> torch.optim.Optimizer:
+        """The optimizer (FedProx is the engine's to apply, in the loss or after noise)."""
+
+    def epochs(self, n: int, cfg: TrainConfig, generator: torch.Generator) -> Iterator[Iterator[torch.Tensor]]:
+        """Index batches, grouped in passes after each of which the loss is checked for divergence."""
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, objective: Objective,
+             optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """Forward and backward pass of one batch; returns the detached summed loss of its examples."""
+
+    def empty_step(self) -> None:
+        """Gradients for an empty batch (only Poisson sampling draws them)."""
+
+    def finish(self, model: nn.Module) -> None:
+        """Undo any wrapping of the model (it keeps its trained weights under its own keys)."""
+
+    def divergence_hint(self, cfg: TrainConfig) -> str:
+        """What to change when the loss becomes non-finite."""
+
+
+class StandardSteps:
+    """Non-private training: shuffled epochs of ``cfg.batch_size``, bf16 autocast + channels_last, FedProx in the loss."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.precision = cfg.precision
+        self.channels_last = cfg.precision != "fp32"
+        self._amp: torch.dtype | None = None
+        self._device = torch.device("cpu")
+        self._model: nn.Module | None = None
+        self._mu = 0.0
+        self._global: dict[str, torch.Tensor] | None = None
+
+    def setup(self, model: nn.Module, device: torch.device, objective: Objective,
+              shape: tuple[int, ...]) -> nn.Module:
+        """Move to ``device``, channels_last unless fp32."""
+        self._device, self._amp = device, resolve_precision(self.precision, device)
+        self._model = prepare_model(model, device, self.precision)
+        return self._model
+
+    def make_optimizer(self, model: nn.Module, cfg: TrainConfig, proximal_mu: float) -> torch.optim.Optimizer:
+        """``cfg.optimizer``; with mu > 0 the loss gains ``mu/2 ||w - w_global||^2`` (weights on entry)."""
+        self._mu = proximal_mu
+        self._global = snapshot_params(model) if proximal_mu > 0 else None
+        return make_optimizer(model, cfg)
+
+    def epochs(self, n: int, cfg: TrainConfig, generator: torch.Generator) -> Iterator[Iterator[torch.Tensor]]:
+        """``cfg.local_epochs`` passes over a fresh seeded permutation each."""
+        for _ in range(cfg.local_epochs):
+            yield batch_indices(n, cfg.batch_size, generator)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, objective: Objective,
+             optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """Mean loss (plus the proximal term) backwards; returns loss x batch size."""
+        assert self._model is not None
+        with autocast(self._device, self._amp):
+            logits = self._model(x)
+        loss = objective.loss(logits.float(), y)
+        if self._global is not None:
+            loss = loss + 0.5 * self._mu * proximal_term(self._model, self._global)
+        loss.backward()
+        return loss.detach() * len(x)
+
+    def empty_step(self) -> None:
+        """Never called: epochs have no empty batches."""
+        raise RuntimeError("standard training never draws an empty batch")
+
+    def finish(self, model: nn.Module) -> None:
+        """Nothing to undo."""
+
+    def divergence_hint(self, cfg: TrainConfig) -> str:
+        """Lower the learning rate or leave bf16."""
+        return f"lower 'lr' (now {cfg.lr}) or use precision='fp32'"
+
+
 def train_local(
     model: nn.Module,
     images: torch.Tensor,
-    labels: torch.Tensor,
+    targets: torch.Tensor,
     cfg: TrainConfig,
+    objective: Objective,
     *,
-    num_classes: int,
     seed: int,
     augment: AugmentConfig | None = None,
     normalize: str = "fixed",
     proximal_mu: float | None = None,
     device: torch.device | None = None,
+    engine: StepEngine | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place for ``cfg.local_epochs`` on one site's data.
+    """Train ``model`` in place on one site's data: the one local training loop.
 
     Parameters
     ----------
     model:
         The network, already holding the global weights of this round.
-    images, labels:
-        uint8 ``(N,C,H,W)`` tensor (see :func:`images_to_tensor`) and int64 labels.
+    images:
+        uint8 ``(N, C, H, W)`` tensor (see :func:`images_to_tensor`).
+    targets:
+        What ``objective`` trains against: int64 labels ``(N,)`` or uint8
+        class-index masks ``(N, H, W)``.
     cfg:
         Local training settings.
-    num_classes:
-        Output classes (for class weights).
+    objective:
+        The task's objective (:meth:`shared.tasks.TaskSpec.objective`).
     seed:
         Seeds shuffling, augmentation and dropout: same seed, same result.
     augment:
@@ -226,53 +356,61 @@ def train_local(
     normalize:
         Batch intensity normalisation (see :func:`shared.data.preprocess.normalize_batch`).
     proximal_mu:
-        FedProx weight; defaults to ``cfg.proximal_mu``. With mu > 0 the loss
-        gains ``mu/2 * ||w - w_global||^2`` where ``w_global`` are the weights
-        the model held on entry.
+        FedProx weight; defaults to ``cfg.proximal_mu``: the update is pulled
+        towards the weights the model held on entry.
+    device:
+        Default: CUDA if available, else CPU.
+    engine:
+        How steps are taken: :class:`StandardSteps` (default) or DP-SGD's
+        :class:`shared.privacy.dpsgd.DPSGDSteps`.
+
+    Returns
+    -------
+    TrainResult
+        Examples, mean loss over the examples seen, time, throughput, steps.
+
+    Raises
+    ------
+    ValueError
+        Empty or mismatched inputs, targets the objective cannot use.
+    FloatingPointError
+        The loss became NaN or infinite (checked after each pass).
     """
     device = device or select_device()
     mu = cfg.proximal_mu if proximal_mu is None else proximal_mu
-    if len(images) != len(labels):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    if len(images) == 0:
-        raise ValueError("no training images at this site")
-    amp = resolve_precision(cfg.precision, device)
-    model = prepare_model(model, device, cfg.precision)
-    channels_last = cfg.precision != "fp32"
+    objective.check_inputs(images, targets)
+    engine = engine or StandardSteps(cfg)
+    model = engine.setup(model, device, objective, tuple(images.shape))
     in_ch = model_in_channels(model)
-    weight = class_weights(labels, num_classes).to(device) if cfg.class_weighting else None
-    global_params = snapshot_params(model) if mu > 0 else None
-    optimizer = make_optimizer(model, cfg)
+    objective.prepare(images, targets, cfg, device)
+    optimizer = engine.make_optimizer(model, cfg, mu)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model.train()
 
     t0 = time.perf_counter()
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
+    total_loss = torch.zeros((), dtype=torch.float64, device=device)  # no host sync per step
     seen, steps = 0, 0
-    for epoch in range(cfg.local_epochs):
-        for idx in batch_indices(len(images), cfg.batch_size, gen):
-            x = to_float01(images[idx], in_ch, device, channels_last)
-            y = labels[idx].to(device)
-            if augment is not None:
-                x = augment_batch(x, augment, gen)
-            x = normalize_batch(x, normalize)
-            with autocast(device, amp):
-                logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, weight=weight)
-            if global_params is not None:
-                loss = loss + 0.5 * mu * proximal_term(model, global_params)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.detach() * len(idx)  # no host sync per step
-            seen += len(idx)
-            steps += 1
-        if not torch.isfinite(total_loss):  # checked once per epoch
-            raise FloatingPointError(
-                f"training loss became {float(total_loss)} in epoch {epoch + 1}: lower 'lr' "
-                f"(now {cfg.lr}) or use precision='fp32'"
-            )
+    try:
+        for epoch, batches in enumerate(engine.epochs(len(images), cfg, gen), start=1):
+            for idx in batches:
+                optimizer.zero_grad(set_to_none=True)
+                if len(idx) == 0:
+                    engine.empty_step()
+                else:
+                    x, y = objective.batch(images[idx], targets[idx], device=device, in_channels=in_ch,
+                                           augment=augment, generator=gen, normalize=normalize,
+                                           channels_last=engine.channels_last)
+                    total_loss += engine.step(x, y, objective, optimizer)
+                    seen += len(idx)
+                optimizer.step()
+                steps += 1
+            if not torch.isfinite(total_loss):
+                raise FloatingPointError(
+                    f"training loss became {float(total_loss)} in pass {epoch}: {engine.divergence_hint(cfg)}"
+                )
+    finally:
+        engine.finish(model)
     seconds = time.perf_counter() - t0
     return TrainResult(
         num_examples=len(images),
@@ -306,29 +444,3 @@ def predict_proba(
             logits = model(x)
         out.append(torch.softmax(logits.float(), dim=1).cpu())
     return torch.cat(out) if out else torch.zeros((0, 0))
-
-
-def evaluate_model(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    num_classes: int,
-    batch_size: int = 128,
-    precision: str = "auto",
-    normalize: str = "fixed",
-    device: torch.device | None = None,
-) -> EvalResult:
-    """Evaluate ``model``: confusion counts, score histograms and mean loss.
-
-    Only counts leave this function, never per-image scores.
-    """
-    if len(images) == 0:
-        raise ValueError("no validation images at this site")
-    probs = predict_proba(model, images, batch_size=batch_size, precision=precision, normalize=normalize, device=device)
-    lab = labels.cpu()
-    loss = float(F.nll_loss(torch.log(probs.clamp_min(1e-12)), lab))
-    counts = ClassificationCounts.from_predictions(probs.numpy().astype(np.float64), lab.numpy())
-    if counts.num_classes != num_classes:
-        raise ValueError(f"model outputs {counts.num_classes} classes, task has {num_classes}")
-    return EvalResult(counts=counts, loss=loss)

@@ -13,9 +13,10 @@ from shared.config import TrainConfig
 from shared.data.phantoms_tasks import make_lung_seg_phantoms
 from shared.models import build_model
 from shared.models.dp import dp_state_keys, make_dp_compatible
-from shared.privacy.dpsgd import GRAD_SAMPLE_MODES, DPSGDSpec, per_sample_seg_loss, train_local_dp
-from shared.seg_training import seg_loss
-from shared.training import images_to_tensor, snapshot_params, weight_drift
+from shared.objectives import ClassificationObjective, SegmentationObjective
+from shared.objectives.segmentation import per_sample_seg_loss, seg_loss
+from shared.privacy.dpsgd import GRAD_SAMPLE_MODES, DPSGDSpec, DPSGDSteps
+from shared.training import images_to_tensor, snapshot_params, train_local, weight_drift
 
 torch.set_num_threads(2)
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
@@ -43,8 +44,8 @@ def _flat(model: nn.Module) -> torch.Tensor:
 
 def _train(model: nn.Module, spec: DPSGDSpec, cfg: TrainConfig = SGD, *, dp_seed: int = 1, **kw):
     images, labels = kw.pop("data", None) or _data()
-    return train_local_dp(model, images, labels, cfg, spec, num_classes=2, seed=0, dp_seed=dp_seed,
-                          device=torch.device("cpu"), **kw)
+    return train_local(model, images, labels, cfg, ClassificationObjective(2), seed=0,
+                       device=torch.device("cpu"), engine=DPSGDSteps(spec, dp_seed=dp_seed), **kw)
 
 
 def test_same_seeds_same_weights_other_dp_seed_other_weights() -> None:
@@ -65,7 +66,8 @@ def test_without_dp_seed_noise_is_not_reproducible() -> None:
     a, b = _small_cnn(), _small_cnn()
     images, labels = _data()
     for m in (a, b):
-        train_local_dp(m, images, labels, SGD, spec, num_classes=2, seed=0, device=torch.device("cpu"))
+        train_local(m, images, labels, SGD, ClassificationObjective(2), seed=0, device=torch.device("cpu"),
+                    engine=DPSGDSteps(spec))
     assert not torch.equal(_flat(a), _flat(b))
 
 
@@ -211,8 +213,8 @@ def test_dp_segmentation_on_lung_phantoms() -> None:
     torch.manual_seed(0)
     model = make_dp_compatible(build_model("unet", 1, 2))[0]
     keys, before = dp_state_keys(model), _flat(model)
-    result = train_local_dp(model, x, y, TrainConfig(lr=1e-3), DPSGDSpec(1.0, 1.0, 0.34, steps=3),
-                            num_classes=2, seed=0, dp_seed=1, segmentation=True, device=torch.device("cpu"))
+    result = train_local(model, x, y, TrainConfig(lr=1e-3), SegmentationObjective(2), seed=0,
+                         device=torch.device("cpu"), engine=DPSGDSteps(DPSGDSpec(1.0, 1.0, 0.34, steps=3), dp_seed=1))
     assert result.steps == 3 and np.isfinite(result.loss) and result.loss > 0
     assert dp_state_keys(model) == keys
     assert not torch.equal(_flat(model), before)
@@ -224,8 +226,8 @@ def test_bad_masks_are_rejected() -> None:
     y = torch.from_numpy(masks.astype(np.uint8) * 255)
     model = make_dp_compatible(build_model("unet", 1, 2))[0]
     with pytest.raises(ValueError, match="divided by 255"):
-        train_local_dp(model, images_to_tensor(images), y, TrainConfig(), DPSGDSpec(1.0, 1.0, 0.5, 1),
-                       num_classes=2, seed=0, segmentation=True)
+        train_local(model, images_to_tensor(images), y, TrainConfig(), SegmentationObjective(2), seed=0,
+                    engine=DPSGDSteps(DPSGDSpec(1.0, 1.0, 0.5, 1)))
 
 
 @pytest.mark.parametrize(
@@ -251,4 +253,5 @@ def test_mismatched_inputs_are_rejected() -> None:
     """Images and labels of different lengths are an error naming both counts."""
     images, labels = _data()
     with pytest.raises(ValueError, match="32 images but 31 labels"):
-        train_local_dp(_small_cnn(), images, labels[:31], SGD, DPSGDSpec(1.0, 1.0, 0.1, 1), num_classes=2, seed=0)
+        train_local(_small_cnn(), images, labels[:31], SGD, ClassificationObjective(2), seed=0,
+                    engine=DPSGDSteps(DPSGDSpec(1.0, 1.0, 0.1, 1)))

@@ -7,24 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-import shared.models as models
 from shared.config import TrainConfig, parse_run_config
 from shared.data.phantoms import make_chest_phantoms, render_chest_phantom
 from shared.data.preprocess import normalize_batch, preprocess
-from shared.site_data import resolve_preprocess
 from shared.explain import gradcam, overlay, target_layer
 from shared.metrics.classification import ClassificationCounts
-from shared.models import MODELS, build_model
+from shared.kinds import CLASSIFICATION
+from shared.models import build_model, model_names
+from shared.objectives import ClassificationObjective
 from shared.tasks import get_task
 from shared.training import images_to_tensor, predict_proba, to_float01, train_local
 
 
-def _is_segmentation(name: str) -> bool:
-    seg = getattr(models, "SEGMENTATION_MODELS", None)
-    return (seg is not None and name in seg) or name.startswith(("unet", "attention-unet"))
-
-
-CLASSIFIERS = [n for n in MODELS.names() if not _is_segmentation(n)]
+CLASSIFIERS = model_names(CLASSIFICATION)
 
 
 @pytest.mark.parametrize("name", CLASSIFIERS)
@@ -75,14 +70,14 @@ def test_gradcam_localises_lesions_of_a_trained_small_cnn() -> None:
     torch.manual_seed(0)
     cfg = parse_run_config({"task": "pneumonia-cxr", "model": "small-cnn", "image-size": 64})
     task = get_task("pneumonia-cxr")
-    pcfg = resolve_preprocess(cfg, task)
+    pcfg = task.preprocess_for(cfg)
     n_train, n_test, seed = 400, 240, 1  # ~4 s of training on 2 idle cores
     images, labels = make_chest_phantoms(n_train + n_test, size=64, seed=seed)
     images = np.stack([preprocess(im, pcfg) for im in images])
     model = build_model("small-cnn", 1, 2)
     train_local(
         model, images_to_tensor(images[:n_train]), torch.as_tensor(labels[:n_train]),
-        TrainConfig(local_epochs=6, lr=1e-3), num_classes=2, seed=0, augment=None,
+        TrainConfig(local_epochs=6, lr=1e-3), ClassificationObjective(2), seed=0, augment=None,
     )
     probs = predict_proba(model, images_to_tensor(images[n_train:]), precision="fp32", device=torch.device("cpu"))
     auroc = ClassificationCounts.from_predictions(probs.numpy().astype(np.float64), labels[n_train:]).metrics()["auroc"]

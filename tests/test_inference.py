@@ -16,7 +16,6 @@ from torch import nn
 from shared.config import PATH_KEYS, TrainConfig, parse_run_config
 from shared.data.phantoms import make_chest_phantoms
 from shared.data.preprocess import preprocess
-from shared.site_data import resolve_augment, resolve_preprocess
 from shared.inference import (
     ModelFileError,
     NotSupportedError,
@@ -29,8 +28,9 @@ from shared.inference import (
     predict_masks,
 )
 from shared.models import build_model
-from shared.results import ResultsWriter
+from shared.results import ModelCard, RunFolder
 from shared.tasks import get_task
+from shared.objectives import ClassificationObjective
 from shared.training import images_to_tensor, train_local
 from simulation.predict_cli import add_predict_parser
 
@@ -53,14 +53,13 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A results folder with a model.pt in the format server/federation.py writes (1 epoch of small-cnn)."""
     cfg = parse_run_config({"task": "pneumonia-cxr", "model": "small-cnn", "image-size": 64})
     task = get_task(cfg.task)
-    pcfg = resolve_preprocess(cfg, task)
+    pcfg = task.preprocess_for(cfg)
     images, labels = make_chest_phantoms(160, size=64, seed=3)
     images = np.stack([preprocess(im, pcfg) for im in images])
     torch.manual_seed(0)
     model = build_model(cfg.model, task.in_channels, task.num_classes)
-    train_local(model, images_to_tensor(images), torch.as_tensor(labels), TrainConfig(local_epochs=1),
-                num_classes=task.num_classes, seed=0, augment=None)
-    aug = resolve_augment(cfg, task)
+    train_local(model, images_to_tensor(images), torch.as_tensor(labels), TrainConfig(local_epochs=1), ClassificationObjective(task.num_classes), seed=0, augment=None)
+    aug = task.augment_for(cfg)
     meta = {
         "task": cfg.task, "model": cfg.model, "image-size": cfg.data.image_size,
         "in-channels": task.in_channels, "num-classes": task.num_classes,
@@ -71,7 +70,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "normalize": "fixed",
     }
     out = tmp_path_factory.mktemp("run")
-    ResultsWriter(out).write_model(model.state_dict(), meta)
+    RunFolder(out).write_model(model.state_dict(), ModelCard.from_meta(meta))
     return out
 
 
@@ -264,22 +263,22 @@ def test_saved_operating_threshold_is_the_default(tmp_path: Path) -> None:
 def seg_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np.ndarray]:
     """A results folder with a U-Net trained in place on 32 lung-seg phantoms; returns (run, images, masks) of 40."""
     from shared.data.phantoms_tasks import make_lung_seg_phantoms
-    from shared.seg_training import train_local_seg
+    from shared.objectives import SegmentationObjective
 
     cfg = parse_run_config({"task": "lung-seg", "image-size": 64})
     task = get_task(cfg.task)
-    pcfg = resolve_preprocess(cfg, task)
+    pcfg = task.preprocess_for(cfg)
     images, masks = make_lung_seg_phantoms(40, size=64, seed=4)
     x = images_to_tensor(np.stack([preprocess(im, pcfg) for im in images]))
     torch.manual_seed(0)
     model = build_model("unet", 1, 2)
-    train_local_seg(model, x[:32], torch.as_tensor(masks[:32].astype(np.uint8)), TrainConfig(local_epochs=10, lr=0.003),
-                    seed=0, augment=None)
+    train_local(model, x[:32], torch.as_tensor(masks[:32].astype(np.uint8)), TrainConfig(local_epochs=10, lr=0.003),
+                SegmentationObjective(2), seed=0, augment=None)
     meta = {"task": "lung-seg", "model": "unet", "image-size": 64, "in-channels": 1, "num-classes": 2,
             "class-names": list(task.class_names), "preprocess": pcfg.to_dict(), "normalize": "fixed",
             "run-config": {k: v for k, v in cfg.to_flat().items() if k not in PATH_KEYS}}
     run = tmp_path_factory.mktemp("seg-run")
-    ResultsWriter(run).write_model(model.state_dict(), meta)
+    RunFolder(run).write_model(model.state_dict(), ModelCard.from_meta(meta))
     return run, images, masks
 
 

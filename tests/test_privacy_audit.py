@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from shared.config import SiteConfig, TrainConfig, parse_run_config
 from shared.data.preprocess import normalize_batch
-from shared.site_data import load_site_data, resolve_preprocess
+from shared.site_data import load_site_data
 from shared.models import build_model
 from shared.privacy.audit import (
     AuditError,
@@ -24,8 +24,9 @@ from shared.privacy.audit import (
     tpr_at_fpr,
 )
 from shared.results import write_json
-from shared.seg_training import evaluate_seg
+from shared.objectives.segmentation import SegmentationObjective, evaluate_seg
 from shared.tasks import get_task
+from shared.objectives import ClassificationObjective
 from shared.training import images_to_tensor, to_float01, train_local
 
 torch.set_num_threads(2)
@@ -98,7 +99,7 @@ def test_classification_losses_are_per_example_cross_entropy() -> None:
     labels = rng.integers(0, 2, size=10)
     torch.manual_seed(0)
     model = build_model("small-cnn", 1, 2).eval()
-    losses = per_example_losses(model, images, labels, segmentation=False, normalize="fixed", batch_size=4)
+    losses = per_example_losses(model, images, labels, objective=ClassificationObjective(2), normalize="fixed", batch_size=4)
     with torch.no_grad():
         x = normalize_batch(to_float01(images_to_tensor(images), 1, torch.device("cpu"), False), "fixed")
         expected = F.cross_entropy(model(x), torch.as_tensor(labels), reduction="none").numpy()
@@ -114,7 +115,7 @@ def test_segmentation_losses_average_to_evaluate_seg_loss() -> None:
         masks[i, 4 + i : 20 + i, 6:22] = 1
     torch.manual_seed(0)
     model = build_model("unet", 1, 2).eval()
-    losses = per_example_losses(model, images, masks, segmentation=True, batch_size=4)
+    losses = per_example_losses(model, images, masks, objective=SegmentationObjective(2), batch_size=4)
     _, mean_loss = evaluate_seg(model, images_to_tensor(images), torch.from_numpy(masks), batch_size=3, precision="fp32")
     assert losses.shape == (6,) and len(set(np.round(losses, 6))) > 1
     assert losses.mean() == pytest.approx(mean_loss, rel=1e-4)
@@ -123,7 +124,7 @@ def test_segmentation_losses_average_to_evaluate_seg_loss() -> None:
 def test_mismatched_targets_are_refused() -> None:
     model = build_model("small-cnn", 1, 2)
     with pytest.raises(ValueError, match="one target per image"):
-        per_example_losses(model, np.zeros((3, 32, 32), np.uint8), np.zeros(2), segmentation=False)
+        per_example_losses(model, np.zeros((3, 32, 32), np.uint8), np.zeros(2), objective=ClassificationObjective(2))
 
 
 # ---------------------------------------------------------------------------
@@ -137,7 +138,7 @@ def _make_run(run_dir: Path, flat: dict, model: torch.nn.Module, sizes: dict[str
     run_dir.mkdir(parents=True)
     write_json(run_dir / "config.json", {"run-config": cfg.to_flat()})
     meta = {"task": cfg.task, "model": cfg.model, "in-channels": task.in_channels, "num-classes": task.num_classes,
-            "class-names": list(task.class_names), "preprocess": resolve_preprocess(cfg, task).to_dict(),
+            "class-names": list(task.class_names), "preprocess": task.preprocess_for(cfg).to_dict(),
             "normalize": cfg.data.normalize, "run-config": cfg.to_flat()}
     torch.save({"state_dict": model.state_dict(), "meta": meta}, run_dir / "model.pt")
     if sizes is not None:
@@ -159,8 +160,7 @@ def test_audit_detects_a_model_that_memorised_its_training_images(tmp_path: Path
     # overfit on both sites' training images (no augmentation): members get much lower loss
     x = images_to_tensor(np.concatenate([d.train_images for d in data]))
     y = torch.from_numpy(np.concatenate([d.train_labels for d in data])).long()
-    train_local(model, x, y, TrainConfig(local_epochs=10, batch_size=16, lr=3e-3),
-                num_classes=2, seed=0, augment=None)
+    train_local(model, x, y, TrainConfig(local_epochs=10, batch_size=16, lr=3e-3), ClassificationObjective(2), seed=0, augment=None)
     sizes = {s.site_id: (len(d.train_images), len(d.val_images)) for s, d in zip(sites, data)}
     _make_run(tmp_path / "run", FLAT, model, sizes)
 

@@ -22,9 +22,10 @@ from scipy import ndimage
 from shared.config import TrainConfig
 from shared.data.preprocess import AugmentConfig
 from shared.metrics.segmentation import SegmentationCounts, dice_iou, hd95
-from shared.models import SEGMENTATION_MODELS, build_model, is_segmentation_model
-from shared.seg_training import augment_pair, evaluate_seg, seg_loss, train_local_seg
-from shared.training import snapshot_params, weight_drift
+from shared.kinds import CLASSIFICATION, SEGMENTATION
+from shared.models import build_model, model_kind, model_names
+from shared.objectives.segmentation import SegmentationObjective, augment_pair, evaluate_seg, seg_loss
+from shared.training import snapshot_params, train_local, weight_drift
 
 torch.set_num_threads(2)
 
@@ -192,12 +193,12 @@ def test_counts_flat_round_trip_and_errors() -> None:
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(SEGMENTATION_MODELS))
+@pytest.mark.parametrize("name", model_names(SEGMENTATION))
 def test_segmentation_models_shapes_and_opacus(name: str) -> None:
     from opacus import GradSampleModule
     from opacus.validators import ModuleValidator
 
-    assert is_segmentation_model(name) and not is_segmentation_model("resnet18")
+    assert model_kind(name) == SEGMENTATION and model_kind("resnet18") == CLASSIFICATION
     torch.manual_seed(0)
     model = build_model(name, 1, 2)
     model.eval()
@@ -260,7 +261,7 @@ def test_unet_learns_disks() -> None:
     model = build_model("unet", 1, 2)
     cfg = TrainConfig(local_epochs=4, batch_size=8, lr=1e-2)
     aug = AugmentConfig(rotation_deg=10.0, scale=0.05, translate=0.05)
-    result = train_local_seg(model, images, masks, cfg, seed=0, augment=aug)
+    result = train_local(model, images, masks, cfg, SegmentationObjective(2), seed=0, augment=aug)
     assert result.num_examples == 32 and result.steps == 16 and math.isfinite(result.loss)
     counts, loss = evaluate_seg(model, val_images, val_masks, spacings=(0.5, 0.5))
     m = counts.metrics()
@@ -279,7 +280,7 @@ def test_fedprox_reduces_drift() -> None:
         model.load_state_dict(init.state_dict())
         start = snapshot_params(model)
         cfg = TrainConfig(local_epochs=2, batch_size=8, lr=1e-2, optimizer="sgd", momentum=0.9)
-        train_local_seg(model, images, masks, cfg, seed=0, proximal_mu=mu)
+        train_local(model, images, masks, cfg, SegmentationObjective(2), seed=0, proximal_mu=mu)
         drifts[mu] = weight_drift(model, start)
     assert 0 < drifts[1.0] < drifts[0.0]
 
@@ -301,6 +302,6 @@ def test_bad_masks_raise() -> None:
     with pytest.raises(ValueError, match="divided by 255"):
         evaluate_seg(model, images, masks * 255)
     with pytest.raises(ValueError, match="masks must be"):
-        train_local_seg(model, images, masks[:, :16], TrainConfig(), seed=0)
+        train_local(model, images, masks[:, :16], TrainConfig(), SegmentationObjective(2), seed=0)
     cfg = dataclasses.replace(TrainConfig(), local_epochs=1)
-    assert train_local_seg(model, images, masks.bool(), cfg, seed=0).num_examples == 4
+    assert train_local(model, images, masks.bool(), cfg, SegmentationObjective(2), seed=0).num_examples == 4

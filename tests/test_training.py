@@ -11,9 +11,10 @@ import torch
 from shared.config import TrainConfig
 from shared.data.phantoms import make_chest_phantoms
 from shared.models import build_model
+from shared.objectives import ClassificationObjective
+from shared.objectives.classification import evaluate_model
 from shared.training import (
     class_weights,
-    evaluate_model,
     images_to_tensor,
     snapshot_params,
     train_local,
@@ -39,7 +40,7 @@ def test_fedprox_term_reduces_drift_from_global_model(data) -> None:
     for mu in (0.0, 1.0):
         model = fresh_model()
         start = snapshot_params(model)
-        train_local(model, x, y, cfg, num_classes=2, seed=1, proximal_mu=mu, device=torch.device("cpu"))
+        train_local(model, x, y, cfg, ClassificationObjective(2), seed=1, proximal_mu=mu, device=torch.device("cpu"))
         drifts[mu] = weight_drift(model, start)
     assert drifts[0.0] > 0
     assert drifts[1.0] < 0.8 * drifts[0.0], drifts
@@ -52,7 +53,7 @@ def test_proximal_mu_from_config_is_used_by_default(data) -> None:
     for mu in (0.0, 1.0):
         model = fresh_model()
         start = snapshot_params(model)
-        train_local(model, x, y, dataclasses.replace(base, proximal_mu=mu), num_classes=2, seed=1,
+        train_local(model, x, y, dataclasses.replace(base, proximal_mu=mu), ClassificationObjective(2), seed=1,
                     device=torch.device("cpu"))
         drift[mu] = weight_drift(model, start)
     assert drift[1.0] < drift[0.0]
@@ -64,7 +65,7 @@ def test_training_is_deterministic_for_a_seed(data) -> None:
     outs = []
     for _ in range(2):
         model = fresh_model()
-        res = train_local(model, x, y, cfg, num_classes=2, seed=7, device=torch.device("cpu"))
+        res = train_local(model, x, y, cfg, ClassificationObjective(2), seed=7, device=torch.device("cpu"))
         outs.append((res.loss, [p.detach().clone() for p in model.parameters()]))
     assert outs[0][0] == outs[1][0]
     for a, b in zip(outs[0][1], outs[1][1], strict=True):
@@ -75,9 +76,9 @@ def test_training_reduces_loss_and_reports_throughput(data) -> None:
     x, y = data
     model = fresh_model()
     cfg = TrainConfig(local_epochs=1, batch_size=16, lr=1e-3, precision="auto")
-    first = train_local(model, x, y, cfg, num_classes=2, seed=0, augment=None)
+    first = train_local(model, x, y, cfg, ClassificationObjective(2), seed=0, augment=None)
     for s in range(1, 6):
-        last = train_local(model, x, y, cfg, num_classes=2, seed=s, augment=None)
+        last = train_local(model, x, y, cfg, ClassificationObjective(2), seed=s, augment=None)
     assert last.loss < first.loss
     assert last.num_examples == len(x) and last.steps == 6 and last.images_per_second > 0
 
@@ -110,4 +111,4 @@ def test_non_finite_loss_stops_training_with_advice(data) -> None:
     with torch.no_grad():
         model.head.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="lower 'lr'"):
-        train_local(model, x, y, TrainConfig(precision="fp32"), num_classes=2, seed=0, device=torch.device("cpu"))
+        train_local(model, x, y, TrainConfig(precision="fp32"), ClassificationObjective(2), seed=0, device=torch.device("cpu"))

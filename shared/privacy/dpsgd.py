@@ -1,7 +1,11 @@
 """DP-SGD local training at one site (Opacus per-sample gradients, no Flower).
 
-One call of :func:`train_local_dp` takes exactly ``spec.steps`` optimizer
-steps. Each step draws a Poisson batch (every image independently with
+:class:`DPSGDSteps` is the step engine that makes the one training loop
+(:func:`shared.training.train_local`) private: it supplies the Poisson
+sampler, the ``DPOptimizer`` and the proximal-term-after-noise hook, while the
+task's objective supplies the per-example loss and the batches. One call of
+``train_local(..., engine=DPSGDSteps(spec))`` takes exactly ``spec.steps``
+optimizer steps. Each step draws a Poisson batch (every image independently with
 probability ``q = spec.sample_rate``), computes per-sample gradients,
 clips each to ``max_grad_norm`` (C), sums them, adds Gaussian noise of std
 ``noise_multiplier * C`` and divides by the *expected* batch size
@@ -11,9 +15,10 @@ clips each to ``max_grad_norm`` (C), sums them, adds Gaussian noise of std
 
 Privacy-relevant choices:
 
-* The loss of each image depends on that image only: class-weighted cross
-  entropy with weights computed once from the site's labels, or per-image
-  Dice + cross entropy for segmentation. (BatchNorm is gone, see
+* The loss of each image depends on that image only: the objective's
+  ``per_sample_loss`` (class-weighted cross entropy with weights computed
+  once from the site's labels, or per-image Dice + cross entropy for
+  segmentation). (BatchNorm is gone, see
   :func:`shared.models.dp.make_dp_compatible`.)
 * An empty Poisson batch still takes a noise-only step (the accountant
   counts it).
@@ -33,13 +38,10 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from monai.losses import DiceLoss
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
     GradSampleModuleFastGradientClipping,
@@ -51,19 +53,9 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from torch import nn
 
 from shared.config import TrainConfig
-from shared.data.preprocess import AugmentConfig, augment_batch, normalize_batch
-from shared.seg_training import check_mask_values, check_pairs, augment_pair
-from shared.training import (
-    TrainResult,
-    class_weights,
-    make_optimizer,
-    model_in_channels,
-    select_device,
-    snapshot_params,
-    to_float01,
-)
+from shared.training import Objective, make_optimizer, model_in_channels, snapshot_params
 
-__all__ = ["GRAD_SAMPLE_MODES", "DPSGDSpec", "per_sample_seg_loss", "train_local_dp"]
+__all__ = ["GRAD_SAMPLE_MODES", "DPSGDSpec", "DPSGDSteps"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,38 +109,6 @@ class DPSGDSpec:
                 f"DPSGDSpec.grad_sample_mode must be one of {', '.join(GRAD_SAMPLE_MODES)}, "
                 f"got {self.grad_sample_mode!r}"
             )
-
-
-# ---------------------------------------------------------------------------
-# Per-sample losses
-# ---------------------------------------------------------------------------
-
-
-def per_sample_seg_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Dice + cross entropy of each image, shape ``(B,)``.
-
-    Its batch mean equals :func:`shared.seg_training.seg_loss` (MONAI
-    ``DiceCELoss``, which computes Dice per image and class), but each entry
-    depends on one image only, as DP-SGD requires.
-
-    Parameters
-    ----------
-    logits:
-        ``(B, K, H, W)`` float logits.
-    masks:
-        ``(B, H, W)`` int64 class indices.
-    """
-    dice = DiceLoss(to_onehot_y=True, softmax=True, reduction="none")(logits, masks.unsqueeze(1))
-    ce = F.cross_entropy(logits, masks, reduction="none")
-    return dice.flatten(1).mean(dim=1) + ce.flatten(1).mean(dim=1)
-
-
-def _classification_loss(weights: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        ce = F.cross_entropy(logits, y, reduction="none")
-        return ce * weights[y] if weights is not None else ce
-
-    return loss
 
 
 # ---------------------------------------------------------------------------
@@ -208,164 +168,113 @@ def _probe_mode(model: nn.Module, mode: str, spec: DPSGDSpec, sample: torch.Tens
 
 
 # ---------------------------------------------------------------------------
-# Training
+# The step engine
 # ---------------------------------------------------------------------------
 
 
-def train_local_dp(
-    model: nn.Module,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    cfg: TrainConfig,
-    spec: DPSGDSpec,
-    *,
-    num_classes: int,
-    seed: int,
-    augment: AugmentConfig | None = None,
-    normalize: str = "fixed",
-    proximal_mu: float | None = None,
-    device: torch.device | None = None,
-    segmentation: bool = False,
-    dp_seed: int | None = None,
-) -> TrainResult:
-    """Train ``model`` in place with DP-SGD for exactly ``spec.steps`` steps.
+class DPSGDSteps:
+    """DP-SGD steps for :func:`shared.training.train_local`.
 
     Parameters
     ----------
-    model:
-        A DP-compatible network (:func:`shared.models.dp.make_dp_compatible`)
-        holding this round's global weights. Afterwards it holds the new
-        weights under its plain state-dict keys (no ``_module.`` prefix, no
-        Opacus hooks left).
-    images:
-        uint8 ``(N, C, H, W)`` images.
-    targets:
-        int64 labels ``(N,)`` (classification) or uint8/bool class-index
-        masks ``(N, H, W)`` (``segmentation=True``).
-    cfg:
-        Local training settings: ``optimizer``, ``lr``, ``momentum``,
-        ``weight_decay``, ``class_weighting``, ``proximal_mu``. Batch size,
-        epochs and precision are not used: the batch is Poisson-sampled with
-        ``spec.sample_rate``, the step count is ``spec.steps`` and DP
-        training runs in fp32.
     spec:
-        Noise multiplier, clipping norm, sampling rate, steps, engine.
-    num_classes:
-        Output classes (class weights; mask value check).
-    seed:
-        Seeds augmentation and dropout.
-    augment, normalize:
-        As in :func:`shared.training.train_local` (segmentation: joint
-        image/mask augmentation, :func:`shared.seg_training.augment_pair`).
-    proximal_mu:
-        FedProx weight (default ``cfg.proximal_mu``): ``mu * (w - w_global)``
-        is added to the noised gradient before each step.
-    device:
-        Default: CUDA if available, else CPU.
-    segmentation:
-        ``True`` for per-pixel models trained on masks.
+        Noise multiplier, clipping norm, sampling rate, steps, engine
+        (decided by the site's privacy ledger).
     dp_seed:
         Seed of the Poisson batch draws and the noise. ``None`` (the default
         and the only safe choice in a real run) draws it from the OS; pass an
         integer only in tests and benchmarks.
 
-    Returns
-    -------
-    TrainResult
-        ``num_examples`` = N, mean per-image loss over the sampled images
-        (a non-private statistic), time, sampled images per second, steps.
-
-    Raises
-    ------
-    ValueError
-        Mismatched or empty inputs, mask values outside ``[0, num_classes)``.
+    Notes
+    -----
+    ``cfg.batch_size``, ``cfg.local_epochs`` and ``cfg.precision`` are not
+    used: the batch is Poisson-sampled with ``spec.sample_rate``, the step
+    count is ``spec.steps``, and DP training runs in fp32. The model keeps
+    its plain state-dict keys afterwards (no ``_module.`` prefix, no hooks).
+    The reported loss is the mean per-image loss over the sampled images (a
+    non-private statistic: sites keep it local).
     """
-    device = device or select_device()
-    mu = cfg.proximal_mu if proximal_mu is None else proximal_mu
-    n = len(images)
-    if n == 0:
-        raise ValueError("no training images at this site")
-    if len(targets) != n:
-        raise ValueError(f"{n} images but {len(targets)} {'masks' if segmentation else 'labels'}")
-    if segmentation:
-        check_pairs(images, targets)
-        check_mask_values(targets, num_classes)
-        loss_fn = per_sample_seg_loss
-    else:
-        weights = class_weights(targets, num_classes).to(device) if cfg.class_weighting else None
-        loss_fn = _classification_loss(weights)
 
-    model = model.to(device=device, dtype=torch.float32, memory_format=torch.contiguous_format)
-    in_ch = model_in_channels(model)
-    model.train()
-    probe_x = torch.zeros((1, in_ch, *images.shape[2:]), device=device)
-    probe_y = (torch.zeros((1, *images.shape[2:]), dtype=torch.long, device=device) if segmentation
-               else torch.zeros((1,), dtype=torch.long, device=device))
-    mode = _probe_mode(model, spec.grad_sample_mode, spec, probe_x, loss_fn, probe_y)
+    channels_last = False
 
-    gsm = _wrap(model, mode, spec.max_grad_norm)
-    expected_batch = max(1, round(spec.sample_rate * n))
-    dp_gen = torch.Generator(device="cpu").manual_seed(secrets.randbits(63) if dp_seed is None else dp_seed)
-    noise_gen = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=dp_gen)))
-    opt_cls = DPOptimizerFastGradientClipping if mode == "ghost" else DPOptimizer
-    optimizer = opt_cls(
-        make_optimizer(model, cfg),
-        noise_multiplier=spec.noise_multiplier,
-        max_grad_norm=spec.max_grad_norm,
-        expected_batch_size=expected_batch,
-        loss_reduction="mean",
-        generator=noise_gen,
-    )
-    if mu > 0:
-        optimizer.attach_step_hook(_proximal_hook(model, mu))
-    params = [p for p in model.parameters() if p.requires_grad]
-    aug_gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    def __init__(self, spec: DPSGDSpec, *, dp_seed: int | None = None) -> None:
+        self.spec = spec
+        self.dp_seed = dp_seed
+        self._gsm: AbstractGradSampleModule | None = None
+        self._mode = spec.grad_sample_mode
+        self._dp_gen: torch.Generator | None = None
+        self._params: list[torch.nn.Parameter] = []
+        self._n = 0
 
-    t0 = time.perf_counter()
-    total_loss = torch.zeros((), dtype=torch.float64, device=device)
-    seen = 0
-    try:
-        for _ in range(spec.steps):
-            idx = (torch.rand(n, generator=dp_gen) < spec.sample_rate).nonzero().squeeze(1)
-            optimizer.zero_grad(set_to_none=True)
-            if len(idx) == 0:
-                _empty_batch_grads(params, ghost=mode == "ghost")
-            else:
-                if segmentation:
-                    x = to_float01(images[idx], in_ch, device, channels_last=False)
-                    y = targets[idx].to(device).long()
-                    if augment is not None:
-                        x, y = augment_pair(x, y, augment, aug_gen)
-                else:
-                    x = to_float01(images[idx], in_ch, device, channels_last=False)
-                    y = targets[idx].to(device)
-                    if augment is not None:
-                        x = augment_batch(x, augment, aug_gen)
-                x = normalize_batch(x, normalize)
-                per_sample = loss_fn(gsm(x).float(), y)
-                if mode == "ghost":
-                    DPTensorFastGradientClipping(gsm, optimizer, per_sample, loss_reduction="sum").backward()
-                else:
-                    per_sample.sum().backward()
-                total_loss += per_sample.detach().sum()
-                seen += len(idx)
-            optimizer.step()
-    finally:
-        _unwrap(gsm, model)
-    if not torch.isfinite(total_loss):
-        raise FloatingPointError(
-            f"DP-SGD training loss became {float(total_loss)}: lower 'lr' (now {cfg.lr}) "
-            f"or 'dp.max-grad-norm' (now {spec.max_grad_norm})"
+    def setup(self, model: nn.Module, device: torch.device, objective: Objective,
+              shape: tuple[int, ...]) -> nn.Module:
+        """fp32 on ``device``; probe the grad-sample engine on a zero batch; wrap for per-sample gradients."""
+        self._n = int(shape[0])
+        model = model.to(device=device, dtype=torch.float32, memory_format=torch.contiguous_format)
+        in_ch = model_in_channels(model)
+        model.train()
+        probe_x = torch.zeros((1, in_ch, *shape[2:]), device=device)
+        probe_y = objective.zero_targets(1, tuple(shape[2:]), device)
+        self._mode = _probe_mode(model, self.spec.grad_sample_mode, self.spec, probe_x, objective.per_sample_loss,
+                                 probe_y)
+        self._gsm = _wrap(model, self._mode, self.spec.max_grad_norm)
+        return model
+
+    def make_optimizer(self, model: nn.Module, cfg: TrainConfig, proximal_mu: float) -> torch.optim.Optimizer:
+        """Opacus' ``DPOptimizer`` around ``cfg.optimizer``; FedProx's ``mu (w - w_global)`` added after the noise."""
+        n_expected = max(1, round(self.spec.sample_rate * self._n))
+        self._dp_gen = torch.Generator(device="cpu").manual_seed(
+            secrets.randbits(63) if self.dp_seed is None else self.dp_seed)
+        device = next(model.parameters()).device
+        noise_gen = torch.Generator(device=device).manual_seed(
+            int(torch.randint(0, 2**62, (1,), generator=self._dp_gen)))
+        opt_cls = DPOptimizerFastGradientClipping if self._mode == "ghost" else DPOptimizer
+        optimizer = opt_cls(
+            make_optimizer(model, cfg),
+            noise_multiplier=self.spec.noise_multiplier,
+            max_grad_norm=self.spec.max_grad_norm,
+            expected_batch_size=n_expected,
+            loss_reduction="mean",
+            generator=noise_gen,
         )
-    seconds = time.perf_counter() - t0
-    return TrainResult(
-        num_examples=n,
-        loss=float(total_loss) / max(seen, 1),
-        seconds=seconds,
-        images_per_second=seen / seconds if seconds > 0 else float("nan"),
-        steps=spec.steps,
-    )
+        if proximal_mu > 0:
+            optimizer.attach_step_hook(_proximal_hook(model, proximal_mu))
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        return optimizer
+
+    def epochs(self, n: int, cfg: TrainConfig, generator: torch.Generator) -> Iterator[Iterator[torch.Tensor]]:
+        """One pass of ``spec.steps`` Poisson batches (each image with probability ``q``; may be empty)."""
+        yield self._poisson(n)
+
+    def _poisson(self, n: int) -> Iterator[torch.Tensor]:
+        assert self._dp_gen is not None
+        for _ in range(self.spec.steps):
+            yield (torch.rand(n, generator=self._dp_gen) < self.spec.sample_rate).nonzero().squeeze(1)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, objective: Objective,
+             optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """Per-example losses summed, backwards through Opacus (clipping happens in the optimizer step)."""
+        assert self._gsm is not None
+        per_sample = objective.per_sample_loss(self._gsm(x).float(), y)
+        if self._mode == "ghost":
+            DPTensorFastGradientClipping(self._gsm, optimizer, per_sample, loss_reduction="sum").backward()
+        else:
+            per_sample.sum().backward()
+        return per_sample.detach().sum()
+
+    def empty_step(self) -> None:
+        """Gradients of an empty Poisson batch: the step adds noise only (the accountant counts it)."""
+        _empty_batch_grads(self._params, ghost=self._mode == "ghost")
+
+    def finish(self, model: nn.Module) -> None:
+        """Remove Opacus hooks and per-parameter attributes."""
+        if self._gsm is not None:
+            _unwrap(self._gsm, model)
+            self._gsm = None
+
+    def divergence_hint(self, cfg: TrainConfig) -> str:
+        """Lower the learning rate or the clipping norm."""
+        return f"lower 'lr' (now {cfg.lr}) or 'dp.max-grad-norm' (now {self.spec.max_grad_norm})"
 
 
 def _empty_batch_grads(params: list[nn.Parameter], *, ghost: bool) -> None:
