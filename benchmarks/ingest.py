@@ -30,7 +30,6 @@ from shared.config import parse_run_config  # noqa: E402
 from shared.data.cache import SiteCache, build_or_load  # noqa: E402
 from shared.data.labels import class_mapping  # noqa: E402
 from shared.data.reading import READER_VERSION, make_reader  # noqa: E402
-from shared.site_data import resolve_preprocess  # noqa: E402
 from shared.data.sources import discover  # noqa: E402
 from shared.models import build_model  # noqa: E402
 from shared.tasks import get_task  # noqa: E402
@@ -73,7 +72,7 @@ def main() -> int:
 
     task = get_task("pneumonia-cxr")
     cfg = parse_run_config({"image-size": args.image_size})
-    pcfg = resolve_preprocess(cfg, task)
+    pcfg = task.preprocess_for(cfg)
     listing = discover(args.data)
     labels = class_mapping(listing.class_names, task.class_names)[listing.labels()]
     n = len(listing.records) if args.limit <= 0 else min(args.limit, len(listing.records))

@@ -1,4 +1,4 @@
-"""Flower ClientApp: unpack the message, call shared code, pack the reply."""
+"""Flower ClientApp: unpack the message, call shared code, pack the reply (keys: :mod:`shared.protocol`)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,23 @@ from flwr.clientapp import ClientApp
 
 from client.central_dp import central_dp_clipping_mod
 from client.site import evaluate_site, privacy_safe_errors, site_runtime, train_site
+from shared import protocol
 from shared.logs import use_flower_handlers
-from shared.privacy.site_dp import DP_BUDGET_ERROR_CODE, BudgetRefusal
+from shared.privacy.site_dp import BudgetRefusal
 
 app = ClientApp()
 
 
 def _reply(msg: Message, site_id: str, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
-    content = RecordDict({"metrics": MetricRecord(metrics), "site": ConfigRecord({"site-id": site_id})})
+    content = RecordDict({protocol.METRICS: MetricRecord(metrics),
+                          protocol.SITE: ConfigRecord({protocol.SITE_ID: site_id})})
     if arrays is not None:
-        content["arrays"] = arrays
+        content[protocol.ARRAYS] = arrays
     return Message(content=content, reply_to=msg)
+
+
+def _round_config(msg: Message) -> ConfigRecord:
+    return msg.content.config_records.get(protocol.CONFIG, ConfigRecord())
 
 
 @app.train(mods=[central_dp_clipping_mod])
@@ -26,13 +32,14 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this site's data."""
     use_flower_handlers()
     rt = site_runtime(context.run_config, context.node_config, context.node_id)
-    config = msg.content.config_records.get("config", ConfigRecord())
-    mu = config.get("proximal-mu")
+    config = _round_config(msg)
+    mu = config.get(protocol.PROXIMAL_MU)
     try:
-        state, metrics = train_site(rt, msg.content["arrays"].to_torch_state_dict(), int(config.get("server-round", 0)),
+        state, metrics = train_site(rt, msg.content[protocol.ARRAYS].to_torch_state_dict(),
+                                    int(config.get(protocol.SERVER_ROUND, 0)),
                                     float(mu) if mu is not None else None, run_key=str(context.run_id))
     except BudgetRefusal as refusal:  # a structured "no", not a crash: the server records it and carries on
-        return Message(error=Error(code=DP_BUDGET_ERROR_CODE, reason=str(refusal)), reply_to=msg)
+        return Message(error=Error(code=protocol.DP_BUDGET_ERROR_CODE, reason=str(refusal)), reply_to=msg)
     return _reply(msg, rt.site.site_id, metrics, ArrayRecord(state))
 
 
@@ -42,6 +49,6 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this site's validation split (and write local Grad-CAMs if set)."""
     use_flower_handlers()
     rt = site_runtime(context.run_config, context.node_config, context.node_id)
-    config = msg.content.config_records.get("config", ConfigRecord())
-    metrics = evaluate_site(rt, msg.content["arrays"].to_torch_state_dict(), int(config.get("server-round", 0)))
+    metrics = evaluate_site(rt, msg.content[protocol.ARRAYS].to_torch_state_dict(),
+                            int(_round_config(msg).get(protocol.SERVER_ROUND, 0)))
     return _reply(msg, rt.site.site_id, metrics)

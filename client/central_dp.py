@@ -19,12 +19,11 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
+from shared import protocol
+from shared.config import parsed_run_config
 from shared.privacy.central import clip_update
 
 logger = logging.getLogger(__name__)
-
-ARRAYS_KEY = "arrays"
-CONFIG_KEY = "config"
 
 
 def _numpy(rec: ArrayRecord) -> dict[str, np.ndarray]:
@@ -38,17 +37,17 @@ def _error(msg: Message, reason: str) -> Message:
 
 def central_dp_clipping_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Clip the site's update when ``central-dp.mode`` is 'client-fixed'; otherwise pass through."""
-    if context.run_config.get("central-dp.mode", "none") != "client-fixed":
+    if parsed_run_config(context.run_config).central_dp.mode != "client-fixed":
         return call_next(msg, context)
-    config = msg.content.config_records.get(CONFIG_KEY)
+    config = msg.content.config_records.get(protocol.CONFIG)
     if config is None or KEY_CLIPPING_NORM not in config:
         return _error(msg, f"central-dp.mode='client-fixed' but the server sent no '{KEY_CLIPPING_NORM}'; "
                            "the ServerApp must run with the same central-dp.mode.")
     clipping_norm = float(config[KEY_CLIPPING_NORM])
-    ref = _numpy(msg.content[ARRAYS_KEY])
+    ref = _numpy(msg.content[protocol.ARRAYS])
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
-    clipped = clip_update(_numpy(reply.content[ARRAYS_KEY]), ref, clipping_norm)
-    reply.content[ARRAYS_KEY] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in clipped.items()})
+    clipped = clip_update(_numpy(reply.content[protocol.ARRAYS]), ref, clipping_norm)
+    reply.content[protocol.ARRAYS] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in clipped.items()})
     return reply

@@ -12,15 +12,14 @@ from typing import Any, TypeVar
 
 import torch
 
+from shared import protocol
 from shared.config import ConfigError, RunConfig, SiteConfig, parse_node_config, parse_run_config
 from shared.data.preprocess import AugmentConfig
-from shared.site_data import SiteData, load_site_data, resolve_augment
-from shared.models.run import build_for_run
 from shared.privacy.site_dp import DPRound, begin_round, open_ledger
-from shared.tasks import TaskSpec, get_task
-from shared.seg_training import evaluate_seg, train_local_seg
+from shared.site_data import SiteData, load_site_data
 from shared.site_explain import ExplainSettings, explain_round, resolve_explain
-from shared.training import EvalResult, TrainResult, evaluate_model, images_to_tensor, train_local
+from shared.tasks import TaskSpec, get_task
+from shared.training import images_to_tensor, train_local
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +61,14 @@ class SiteRuntime:
     task: TaskSpec
     data: SiteData
     train_x: torch.Tensor
-    train_y: torch.Tensor
+    train_t: torch.Tensor  # what training fits: labels (N,) or masks (N, H, W)
     val_x: torch.Tensor
-    val_y: torch.Tensor
+    val_t: torch.Tensor
     augment: AugmentConfig | None
-    train_m: torch.Tensor | None = None  # segmentation masks
-    val_m: torch.Tensor | None = None
 
     def new_model(self, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
         """Build the run's model and load the global weights into it."""
-        model, _ = build_for_run(self.cfg, self.task.in_channels, self.task.num_classes)
+        model, _ = self.task.build_model(self.cfg)
         model.load_state_dict(state_dict, strict=True)
         return model
 
@@ -90,8 +87,9 @@ _RUNTIMES: OrderedDict[tuple[Any, ...], SiteRuntime] = OrderedDict()
 _RUNTIMES_MAX = 8
 
 
-def _masks(m: Any) -> torch.Tensor | None:
-    return None if m is None else torch.from_numpy(m)
+def _targets(t: Any) -> torch.Tensor:
+    """Labels as int64, masks as they are (uint8 class indices)."""
+    return torch.from_numpy(t).long() if t.ndim == 1 else torch.from_numpy(t)
 
 
 def site_runtime(run_config: Mapping[str, Any], node_config: Mapping[str, Any], node_id: int | None = None) -> SiteRuntime:
@@ -106,10 +104,9 @@ def site_runtime(run_config: Mapping[str, Any], node_config: Mapping[str, Any], 
         data = load_site_data(cfg, site, task)
         _RUNTIMES[key] = SiteRuntime(
             cfg, site, task, data,
-            images_to_tensor(data.train_images), torch.from_numpy(data.train_labels).long(),
-            images_to_tensor(data.val_images), torch.from_numpy(data.val_labels).long(),
-            resolve_augment(cfg, task),
-            _masks(data.train_masks), _masks(data.val_masks),
+            images_to_tensor(data.train_images), _targets(data.train_targets),
+            images_to_tensor(data.val_images), _targets(data.val_targets),
+            task.augment_for(cfg),
         )
         while len(_RUNTIMES) > _RUNTIMES_MAX:
             _RUNTIMES.popitem(last=False)
@@ -126,42 +123,38 @@ def train_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], server_r
                proximal_mu: float | None, run_key: str = "") -> tuple[dict[str, torch.Tensor], dict[str, float | int]]:
     """One round of local training; returns new weights and the metrics to send.
 
-    With ``dp.enabled`` the round is first recorded in the site's privacy
-    ledger for ``run_key`` (Flower's run id); a round over budget raises
-    :class:`shared.privacy.site_dp.BudgetRefusal` before any image is used.
+    Every task kind and DP on or off go through the one loop,
+    :func:`shared.training.train_local`, with the task's objective. With
+    ``dp.enabled`` the round is first recorded in the site's privacy ledger
+    for ``run_key`` (Flower's run id); a round over budget raises
+    :class:`shared.privacy.site_dp.BudgetRefusal` before any image is used,
+    and the steps are DP-SGD's (:class:`shared.privacy.dpsgd.DPSGDSteps`).
     """
     dp_round = begin_dp_round(rt, server_round, run_key or "default") if rt.cfg.dp.enabled else None
-    model = rt.new_model(state_dict)
-    common = {"seed": rt.round_seed(server_round), "augment": rt.augment, "normalize": rt.cfg.data.normalize,
-              "proximal_mu": proximal_mu}
-    res: TrainResult
+    engine = None
     if dp_round is not None:
-        from shared.privacy.dpsgd import DPSGDSpec, train_local_dp  # Opacus only when DP is on
+        from shared.privacy.dpsgd import DPSGDSpec, DPSGDSteps  # Opacus only when DP is on
 
         s = dp_round.settings
-        spec = DPSGDSpec(noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
-                         sample_rate=s.sample_rate, steps=dp_round.steps, grad_sample_mode=rt.cfg.dp.grad_sample_mode)
-        seg = rt.train_m is not None
-        res = train_local_dp(model, rt.train_x, rt.train_m if seg else rt.train_y, rt.cfg.train, spec,
-                             num_classes=rt.task.num_classes, segmentation=seg, **common)
-    elif rt.train_m is not None:
-        res = train_local_seg(model, rt.train_x, rt.train_m, rt.cfg.train,
-                              foreground_batch_dice=rt.task.foreground_batch_dice, **common)
-    else:
-        res = train_local(model, rt.train_x, rt.train_y, rt.cfg.train, num_classes=rt.task.num_classes, **common)
+        engine = DPSGDSteps(DPSGDSpec(noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
+                                      sample_rate=s.sample_rate, steps=dp_round.steps,
+                                      grad_sample_mode=rt.cfg.dp.grad_sample_mode))
+    model = rt.new_model(state_dict)
+    res = train_local(model, rt.train_x, rt.train_t, rt.cfg.train, rt.task.objective(),
+                      seed=rt.round_seed(server_round), augment=rt.augment, normalize=rt.cfg.data.normalize,
+                      proximal_mu=proximal_mu, engine=engine)
     model = model.to("cpu").to(memory_format=torch.contiguous_format)
     metrics: dict[str, float | int] = {
-        "num-examples": res.num_examples,
-        "train-loss": res.loss,
-        "train-seconds": res.seconds,
-        "train-images-per-s": res.images_per_second,
-        "load-seconds": rt.data.load_seconds,
-        "torch-threads": torch.get_num_threads(),
+        **protocol.train_metrics(num_examples=res.num_examples, loss=res.loss, seconds=res.seconds,
+                                 images_per_second=res.images_per_second, load_seconds=rt.data.load_seconds,
+                                 torch_threads=torch.get_num_threads()),
+        **protocol.site_data_fields(train_images=len(rt.train_x), val_images=len(rt.val_x),
+                                    quarantined=rt.data.quarantined),
         **(dp_round.metrics() if dp_round is not None else {}),
     }
     if dp_round is not None:  # the training loss is not a DP statistic: it stays at the site
         logger.info("site %s round %d: DP-SGD train loss %.4f (kept local)", rt.site.site_id, server_round, res.loss)
-        metrics["train-loss"] = float("nan")
+        metrics[protocol.TRAIN_LOSS] = float("nan")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if state.keys() != state_dict.keys():  # e.g. Opacus's "_module." prefix must never reach the server
         raise RuntimeError(f"trained weights have other keys than the global model: {sorted(set(state) ^ set(state_dict))[:5]}")
@@ -172,26 +165,23 @@ def evaluate_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor],
                   server_round: int = 0) -> dict[str, int | float | list[int]]:
     """Evaluate the global model on this site's validation split; counts only.
 
-    When the site has an explain folder (classifier tasks; segmentation is skipped), Grad-CAM overlays
-    of a fixed validation sample are then written there; they stay at the site
-    and do not change the returned metrics.
+    When the site has an explain folder and the task's objective is
+    explainable (classifiers), Grad-CAM overlays of a fixed validation sample
+    are then written there; they stay at the site and do not change the
+    returned metrics.
     """
     model = rt.new_model(state_dict)
-    if rt.val_m is not None:
-        counts, loss = evaluate_seg(model, rt.val_x, rt.val_m, batch_size=max(rt.cfg.train.batch_size, 32),
-                                    precision=rt.cfg.train.precision, normalize=rt.cfg.data.normalize,
-                                    spacings=rt.data.val_spacings)
-        if rt.explain is not None and server_round <= 1:
-            logger.info("explain-dir is set but Grad-CAM overlays are written for classifier tasks only")
-        return {"num-examples": counts.n_images, "eval-loss": loss, **counts.to_flat()}
-    res: EvalResult = evaluate_model(
-        model, rt.val_x, rt.val_y, num_classes=rt.task.num_classes,
-        batch_size=max(rt.cfg.train.batch_size, 64), precision=rt.cfg.train.precision,
-        normalize=rt.cfg.data.normalize,
-    )
+    objective = rt.task.objective()
+    res = objective.evaluate(model, rt.val_x, rt.val_t, batch_size=objective.eval_batch_size(rt.cfg.train.batch_size),
+                             precision=rt.cfg.train.precision, normalize=rt.cfg.data.normalize,
+                             spacings=rt.data.val_spacings)
     metrics: dict[str, int | float | list[int]] = {
-        "num-examples": res.num_examples, "eval-loss": res.loss, **res.counts.to_flat()}
-    explain_round(rt.explain, model, rt.cfg.model, rt.val_x, rt.val_y, server_round=server_round,
+        protocol.NUM_EXAMPLES: res.counts.num_examples, protocol.EVAL_LOSS: res.loss, **res.counts.to_flat()}
+    if rt.explain is not None and not objective.explainable:
+        if server_round <= 1:
+            logger.info("explain-dir is set but Grad-CAM overlays are written for classifier tasks only")
+        return metrics
+    explain_round(rt.explain, model, rt.cfg.model, rt.val_x, rt.val_t, server_round=server_round,
                   seed=rt.cfg.seed, site_id=rt.site.site_id, class_names=rt.task.class_names,
                   normalize=rt.cfg.data.normalize)
     return metrics

@@ -2,7 +2,9 @@
 
 :class:`RecordingGrid` wraps Flower's ``Grid`` and hands every batch of
 replies to a :class:`RoundRecorder`, so the strategy itself stays a stock
-Flower strategy. Replies carry counts and site ids only.
+Flower strategy. Replies carry counts and site ids only. What a person sees
+is logged as :mod:`shared.console` lines: each site's data once per run, one
+progress line per round, warnings for failed or refusing sites.
 """
 
 from __future__ import annotations
@@ -15,22 +17,23 @@ from typing import Any
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
-from shared.metrics.federated import SiteEvaluation, ThresholdRule, pool_evaluations, pool_training
+from shared import protocol
+from shared.console import console_line
+from shared.formatting import fmt_metric
+from shared.metrics.federated import SiteEvaluation, pool_evaluations, pool_training
 from shared.privacy.report import round_privacy
-from shared.privacy.site_dp import DP_BUDGET_ERROR_CODE, parse_refusal
-from shared.results import ResultsWriter
+from shared.privacy.site_dp import parse_refusal
+from shared.results import RunFolder
+from shared.tasks import TaskSpec
 
 logger = logging.getLogger(__name__)
-
-SITE_RECORD = "site"
-METRICS_RECORD = "metrics"
 
 
 def site_id_of(msg: Message) -> str:
     """The site id a reply carries (falls back to the Flower node id)."""
-    rec = msg.content.config_records.get(SITE_RECORD)
-    if rec is not None and "site-id" in rec:
-        return str(rec["site-id"])
+    rec = msg.content.config_records.get(protocol.SITE)
+    if rec is not None and protocol.SITE_ID in rec:
+        return str(rec[protocol.SITE_ID])
     return f"node-{msg.metadata.src_node_id}"
 
 
@@ -45,12 +48,13 @@ class RoundRecorder:
     than this many still train, :class:`FederationStopped` ends the run.
     """
 
-    def __init__(self, writer: ResultsWriter, num_rounds: int, rule: ThresholdRule | None = None,
-                 min_sites: int = 1) -> None:
-        self.writer = writer
+    def __init__(self, folder: RunFolder, num_rounds: int, task: TaskSpec, min_sites: int = 1) -> None:
+        self.folder = folder
         self.num_rounds = num_rounds
-        self.rule = rule or ThresholdRule()
+        self.task = task
+        self.rule = task.threshold_rule
         self.min_sites = min_sites
+        self.sites_shown: set[str] = set()
         self.t0 = time.time()
         self._round: dict[str, Any] = {}
         self.privacy: dict[str, Any] = {}  # latest federation privacy statement
@@ -62,21 +66,24 @@ class RoundRecorder:
         failed = [m for m in replies if m.has_error()]
         refused = {}
         for m in failed:
-            info = parse_refusal(m.error.reason) if m.error.code == DP_BUDGET_ERROR_CODE else None
+            info = parse_refusal(m.error.reason) if m.error.code == protocol.DP_BUDGET_ERROR_CODE else None
             if info is not None:
                 refused[str(info.get("site-id", f"node-{m.metadata.src_node_id}"))] = info
-                logger.warning("round %d: site %s refused to train: privacy budget (epsilon %.3f spent, %.3f if trained, "
-                               "max %.3f)", server_round, info.get("site-id"), info.get("epsilon-spent", float("nan")),
-                               info.get("epsilon-if-trained", float("nan")), info.get("max-epsilon", float("nan")))
+                logger.warning(console_line("warning", (
+                    f"round {server_round}: site {info.get('site-id')} refused to train: privacy budget (epsilon "
+                    f"{fmt_metric(info.get('epsilon-spent'))} spent, {fmt_metric(info.get('epsilon-if-trained'))} "
+                    f"if trained, max {fmt_metric(info.get('max-epsilon'))})")))
             else:
-                logger.warning("round %d %s: node %d failed: %s", server_round, kind, m.metadata.src_node_id, m.error.reason)
+                logger.warning(console_line("warning", f"round {server_round} {kind}: node {m.metadata.src_node_id} "
+                                                       f"failed: {m.error.reason}"))
         if self._round.get("round") != server_round:
             self._round = {"round": server_round}
         r = self._round
         if kind.split(".")[0] == MessageType.TRAIN:
             r["train-phase-s"] = seconds
             r["train-failures"] = len(failed) - len(refused)
-            sites = {site_id_of(m): dict(m.content[METRICS_RECORD]) for m in ok}
+            sites = {site_id_of(m): dict(m.content[protocol.METRICS]) for m in ok}
+            self._show_sites(sites)
             r["train-sites"] = sites
             r["train"] = pool_training(sites) if sites else {}
             self._record_privacy(r, sites, refused)
@@ -88,11 +95,23 @@ class RoundRecorder:
         elif kind.split(".")[0] == MessageType.EVALUATE:
             r["evaluate-phase-s"] = seconds
             r["evaluate-failures"] = len(failed)
-            reports = [SiteEvaluation.from_flat(site_id_of(m), m.content[METRICS_RECORD]) for m in ok]
+            reports = [SiteEvaluation.from_flat(site_id_of(m), m.content[protocol.METRICS], self.task.view.counts_from_flat)
+                       for m in ok]
             if reports:
                 ev = pool_evaluations(reports, self.rule)
                 r["evaluate"], r["evaluate-sites"] = ev.pooled, ev.per_site
             self._finish_round()
+
+    def _show_sites(self, sites: dict[str, dict[str, Any]]) -> None:
+        """Each site's data sizes, once per run (from its first training reply; counts only)."""
+        for site, m in sorted(sites.items()):
+            sizes = protocol.data_sizes(m)
+            if site in self.sites_shown or sizes is None:
+                continue
+            self.sites_shown.add(site)
+            train, val, quarantined = sizes
+            logger.info(console_line("site", f"{site}: {train} training and {val} validation images"
+                                             + (f", {quarantined} files quarantined" if quarantined else "")))
 
     def _record_privacy(self, r: dict[str, Any], sites: dict[str, dict[str, Any]], refused: dict[str, Any]) -> None:
         """Cumulative epsilon per site (DP-SGD) and any budget refusals of this round."""
@@ -113,7 +132,7 @@ class RoundRecorder:
 
     def last_threshold(self) -> float | None:
         """The operating threshold chosen on the last round's pooled validation counts (None if none)."""
-        for r in reversed(self.writer.rounds):
+        for r in reversed(self.folder.rounds):
             thr = r.get("evaluate", {}).get("threshold")
             if thr is not None:
                 return float(thr)
@@ -126,35 +145,21 @@ class RoundRecorder:
         tr = r.get("train", {})
         if "max-train-seconds" in tr:
             r["overhead-s"] = r.get("train-phase-s", 0.0) - tr["max-train-seconds"]
-        self.writer.add_round(r)
-        logger.info(progress_line(r, self.num_rounds))
+        self.folder.add_round(r)
+        logger.info(console_line("round", progress_line(r, self.task), round=r["round"], num_rounds=self.num_rounds))
 
 
-def progress_line(r: dict[str, Any], num_rounds: int) -> str:
-    """One human line per round: key metrics and times."""
+def progress_line(r: dict[str, Any], task: TaskSpec) -> str:
+    """One human line per round: the task's key validation figures, training loss and times."""
     ev, tr = r.get("evaluate", {}), r.get("train", {})
-
-    def f(d: dict[str, Any], k: str) -> str:
-        v = d.get(k)
-        return "n/a" if v is None or v != v else f"{v:.3f}"
-
     fails = r.get("train-failures", 0) + r.get("evaluate-failures", 0)
-    if "dice" in ev:
-        scores = f"val Dice {f(ev, 'dice')} IoU {f(ev, 'iou')} HD95 {f(ev, 'hd95')} px"
-    elif "auroc-0" in ev:  # more than two classes: one-vs-rest macro averages, argmax decisions
-        scores = (f"val macro AUROC {f(ev, 'auroc')} acc {f(ev, 'accuracy')} macro sens {f(ev, 'sensitivity')} "
-                  f"spec {f(ev, 'specificity')} F1 {f(ev, 'f1')}")
-    else:
-        scores = (f"val AUROC {f(ev, 'auroc')} acc {f(ev, 'accuracy')} sens {f(ev, 'sensitivity')} "
-                  f"spec {f(ev, 'specificity')} F1 {f(ev, 'f1')}")
-        if ev.get("threshold") is not None and ev.get("threshold") == ev.get("threshold"):
-            scores += f" | @thr {ev['threshold']:.3f}: sens {f(ev, 'sensitivity@thr')} spec {f(ev, 'specificity@thr')}"
+    scores = task.view.round_scores(ev)
     if r.get("dp"):
         scores += f" | DP epsilon <= {r['dp']['epsilon']:.2f} (delta {r['dp']['delta']:.1e}, per {r['dp']['unit']})"
     if r.get("dp-refusals"):
         scores += f" | {len(r['dp-refusals'])} site(s) refused: privacy budget"
     return (
-        f"[round {r['round']}/{num_rounds}] train loss {f(tr, 'train-loss')} | {scores} | "
+        f"train loss {fmt_metric(tr.get('train-loss'))} | {scores} | "
         f"{int(ev.get('num-sites', 0))} sites, {int(ev.get('num-examples', 0))} val images"
         + (f", {fails} failed replies" if fails else "")
         + f" | round {r['round-s']:.1f} s, elapsed {r['elapsed-s']:.1f} s"
@@ -173,12 +178,12 @@ class RecordingGrid:
         """Delegate to the wrapped grid, timing the call and recording the replies."""
         messages = list(messages)
         if messages and messages[0].metadata.message_type.split(".")[0] == MessageType.TRAIN:
-            self.last_train_arrays = messages[0].content.array_records.get("arrays")
+            self.last_train_arrays = messages[0].content.array_records.get(protocol.ARRAYS)
         t0 = time.perf_counter()
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         if messages:
             kind = messages[0].metadata.message_type
-            server_round = int(messages[0].content.config_records["config"]["server-round"])
+            server_round = int(messages[0].content.config_records[protocol.CONFIG][protocol.SERVER_ROUND])
             self._recorder.on_replies(kind, server_round, replies, time.perf_counter() - t0)
         return replies
 

@@ -8,6 +8,7 @@ from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
 from server.central_dp import WEIGHT_KEY, RoundNote, wrap_central_dp
+from shared import protocol
 from shared.config import CentralDPConfig, StrategyConfig, TrainConfig
 from shared.registry import Registry
 
@@ -24,6 +25,9 @@ def _common(s: StrategyConfig, aggr: dict) -> dict:
         "min_train_nodes": s.min_sites,
         "min_evaluate_nodes": s.min_sites,
         "min_available_nodes": s.min_sites,
+        "arrayrecord_key": protocol.ARRAYS,
+        "configrecord_key": protocol.CONFIG,
+        "weighted_by_key": protocol.NUM_EXAMPLES,
         **aggr,
     }
 

@@ -5,7 +5,7 @@ Server and sites log through Flower's handlers, so everything reaches the
 for the person running medfed carries :data:`TAG` followed by its kind::
 
     [medfed] header: pneumonia-cxr with small-cnn, fedavg, 3 rounds, 3 sites
-    [medfed] round 2/3: train loss 0.599 | val AUROC 0.816 ...
+    [medfed] [round 2/3] train loss 0.599 | val AUROC 0.816 ...
     [medfed] site: site-0 train 320 [160, 160], validation 80 [40, 40]
     [medfed] warning: site-2 has only 11 training images
     [medfed] summary: finished 3 rounds in 48 s; final pooled validation AUROC 0.843 ...
@@ -28,7 +28,7 @@ KINDS = ("header", "round", "site", "warning", "summary")
 (once per run), a warning a person must see, the final summary."""
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_LINE = re.compile(r"\[medfed\] (header|round|site|warning|summary)(?: (\d+)/(\d+))?: (.*)$")
+_LINE = re.compile(r"\[medfed\] (?:(header|site|warning|summary): |\[(round) (\d+)/(\d+)\] )(.*)$")
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,12 @@ def console_line(kind: str, text: str, *, round: int | None = None, num_rounds: 
     """
     if kind not in KINDS:
         raise ValueError(f"console line kind must be one of {KINDS}, got {kind!r}")
-    counter = f" {round}/{num_rounds}" if kind == "round" and round is not None and num_rounds is not None else ""
-    return f"{TAG} {kind}{counter}: {' '.join(text.splitlines())}"
+    text = " ".join(text.splitlines())
+    if kind == "round":
+        if round is None or num_rounds is None:
+            raise ValueError("a round line needs round and num_rounds")
+        return f"{TAG} [round {round}/{num_rounds}] {text}"
+    return f"{TAG} {kind}: {text}"
 
 
 def parse_console_line(raw: str) -> ConsoleLine | None:
@@ -65,5 +69,7 @@ def parse_console_line(raw: str) -> ConsoleLine | None:
     m = _LINE.search(line)
     if m is None:
         return None
-    kind, r, n, text = m.groups()
-    return ConsoleLine(kind=kind, text=text, round=int(r) if r else None, num_rounds=int(n) if n else None)
+    kind, round_kind, r, n, text = m.groups()
+    if round_kind:
+        return ConsoleLine(kind="round", text=text, round=int(r), num_rounds=int(n))
+    return ConsoleLine(kind=kind, text=text)

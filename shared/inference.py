@@ -1,7 +1,7 @@
 """Use a trained medfed model: load ``model.pt``, predict files, score a labelled set.
 
-A run's ``model.pt`` (written by :meth:`shared.results.ResultsWriter.write_model`)
-holds ``{"state_dict", "meta"}``; ``meta`` records the task, the model, the
+A run's ``model.pt`` (written by :meth:`shared.results.RunFolder.write_model`)
+holds ``{"state_dict", "meta"}``; ``meta`` is its :class:`~shared.results.ModelCard`: the task, the model, the
 classes and the exact input pipeline of training (``preprocess``,
 ``normalize``, the path-free ``run-config``). :func:`load_trained` rebuilds the
 network from it, and :func:`predict_files` feeds new images through *the same*
@@ -29,15 +29,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.config import PATH_KEYS, RUN_KEYS, ConfigError, RunConfig, parse_run_config
+from shared.config import ConfigError, RunConfig, parse_recorded_run_config
 from shared.data.preprocess import PreprocessConfig, content_box, model_spacing, normalize_batch, preprocess
 from shared.data.labels import class_mapping, task_labels
 from shared.data.reading import make_reader
 from shared.data.sources import DataSourceError, discover, registered_suffixes
 from shared.errors import UserError
+from shared.kinds import CLASSIFICATION, SEGMENTATION
 from shared.metrics.classification import ClassificationCounts
-from shared.models.run import build_for_run
+from shared.metrics.presentation import MetricView, view_for
+from shared.models import build_network, model_kind
 from shared.registry import UnknownNameError
+from shared.results import MODEL_FILE, ModelCard, ModelFileError, model_file_path, read_checkpoint
 from shared.tasks import TaskSpec, get_task
 from shared.training import images_to_tensor, to_float01
 
@@ -45,7 +48,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "MODEL_FILE",
-    "REQUIRED_META",
     "EvaluationResult",
     "ModelFileError",
     "NotSupportedError",
@@ -54,7 +56,6 @@ __all__ = [
     "evaluate_dataset",
     "evaluate_segmentation",
     "model_threshold",
-    "is_segmentation_model",
     "load_trained",
     "mask_at_input_size",
     "predict_files",
@@ -64,35 +65,12 @@ __all__ = [
     "write_rows_csv",
 ]
 
-MODEL_FILE = "model.pt"
-#: Keys ``meta`` must have for a model to be usable here.
-REQUIRED_META = ("task", "model", "in-channels", "num-classes", "class-names", "preprocess", "normalize")
 #: Long side (px) of written heatmap overlays; larger inputs are shrunk, aspect kept.
 HEATMAP_MAX_SIDE = 1024
 
-_EXPECTED = (
-    f"expected a run's results folder containing '{MODEL_FILE}', or a '{MODEL_FILE}' written by medfed "
-    "(torch.save of a dict {'state_dict': ..., 'meta': {'task', 'model', 'in-channels', 'num-classes', "
-    "'class-names', 'preprocess', 'normalize', 'run-config', ...}})"
-)
-
-
-class ModelFileError(UserError):
-    """A path is not a usable medfed model file; the message says what was expected."""
-
 
 class NotSupportedError(UserError):
-    """The model's kind is not supported by this operation yet (e.g. segmentation)."""
-
-
-def is_segmentation_model(name: str) -> bool:
-    """True for a segmentation network (``shared.models.SEGMENTATION_MODELS`` or a ``unet`` name)."""
-    import shared.models as models
-
-    registered = getattr(models, "SEGMENTATION_MODELS", None)
-    if registered is not None and name in registered:
-        return True
-    return name.startswith(("unet", "attention-unet"))
+    """The model's kind is not supported by this operation (e.g. a classifier entry point for a segmentation model)."""
 
 
 # ---------------------------------------------------------------------------
@@ -102,13 +80,18 @@ def is_segmentation_model(name: str) -> bool:
 
 @dataclass(frozen=True)
 class TrainedModel:
-    """A rebuilt model (eval mode, CPU, fp32) and the ``meta`` it was saved with."""
+    """A rebuilt model (eval mode, CPU, fp32) and the ``meta`` (model card) it was saved with."""
 
     model: nn.Module
     meta: Mapping[str, Any]
     path: Path
     run_config: RunConfig
     preprocess: PreprocessConfig
+
+    @property
+    def card(self) -> ModelCard:
+        """The typed model card of :attr:`meta`."""
+        return ModelCard.from_meta(self.meta, self.path.name)
 
     @property
     def model_name(self) -> str:
@@ -141,6 +124,16 @@ class TrainedModel:
         return str(self.meta.get("normalize") or "fixed")
 
     @property
+    def kind(self) -> str:
+        """What the network outputs, from its model registry entry (classification or segmentation)."""
+        return model_kind(self.model_name)
+
+    @property
+    def view(self) -> MetricView:
+        """How this model's results are shown (primary metric, report keys)."""
+        return view_for(self.kind, self.num_classes)
+
+    @property
     def positive_class(self) -> int | None:
         """Positive class of a binary task: ``meta['positive-class']``, the task's, or 1.
 
@@ -162,60 +155,6 @@ class TrainedModel:
         same = [c.lower() for c in spec.class_names] == [c.lower() for c in self.class_names]
         return spec if same else None
 
-    @property
-    def is_segmentation(self) -> bool:
-        """Whether the network is a segmentation model."""
-        return is_segmentation_model(self.model_name)
-
-
-def _model_path(path: Path) -> Path:
-    path = Path(path).expanduser()
-    if path.is_dir():
-        candidate = path / MODEL_FILE
-        if not candidate.is_file():
-            raise ModelFileError(f"folder '{path}' has no '{MODEL_FILE}': {_EXPECTED}.")
-        return candidate
-    if not path.is_file():
-        raise ModelFileError(f"model path '{path}' does not exist: {_EXPECTED}.")
-    return path
-
-
-def _read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any reader failure means "not a model file"
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        raise ModelFileError(f"cannot read '{path.name}' as a torch file ({type(exc).__name__}: {first[:200]}): {_EXPECTED}.") from None
-    if not isinstance(obj, Mapping) or "state_dict" not in obj or "meta" not in obj:
-        found = f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
-        hint = (
-            " It looks like a bare state dict (initial weights?): pass it as run config 'init-weights' instead."
-            if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())
-            else ""
-        )
-        raise ModelFileError(f"'{path.name}' holds {found}, not a medfed model: {_EXPECTED}.{hint}")
-    state, meta = obj["state_dict"], obj["meta"]
-    if not isinstance(state, Mapping) or not isinstance(meta, Mapping):
-        raise ModelFileError(f"'{path.name}': 'state_dict' and 'meta' must both be dicts: {_EXPECTED}.")
-    missing = [k for k in REQUIRED_META if k not in meta]
-    if missing:
-        raise ModelFileError(f"'{path.name}': meta lacks {missing} (found {sorted(map(str, meta))}): {_EXPECTED}.")
-    return dict(state), dict(meta)
-
-
-def _run_config(meta: Mapping[str, Any], name: str) -> RunConfig:
-    flat = dict(meta.get("run-config") or {})
-    unknown = [k for k in flat if k not in RUN_KEYS]
-    if unknown:
-        logger.warning("model meta: ignoring %d run-config key(s) this version does not know", len(unknown))
-    flat = {k: v for k, v in flat.items() if k in RUN_KEYS and k not in PATH_KEYS}
-    flat.setdefault("task", meta["task"])
-    flat.setdefault("model", meta["model"])
-    try:
-        return parse_run_config(flat)
-    except ConfigError as exc:
-        raise ModelFileError(f"'{name}': its recorded run-config is not valid for this medfed version: {exc}") from None
-
 
 def load_trained(path: Path) -> TrainedModel:
     """Load a trained medfed model.
@@ -228,43 +167,45 @@ def load_trained(path: Path) -> TrainedModel:
     Returns
     -------
     TrainedModel
-        The network rebuilt with :func:`shared.models.run.build_for_run`, weights
-        loaded (strict), in eval mode on the CPU, with its ``meta``.
+        The network rebuilt with :func:`shared.models.build_network` (the same
+        constructor as server and sites: Opacus-compatible layers for a
+        DP-trained model), weights loaded (strict), in eval mode on the CPU,
+        with its card.
 
     Raises
     ------
     ModelFileError
-        (a ``ValueError``) when the path is missing, not a torch file, not a
+        (a ``UserError``) when the path is missing, not a torch file, not a
         medfed model (no ``state_dict``/``meta``), names an unknown model, or
         its weights do not fit the rebuilt network. The message says what
         was expected.
     """
-    file = _model_path(Path(path))
-    state, meta = _read_checkpoint(file)
+    file = model_file_path(Path(path))
+    state, meta = read_checkpoint(file)
+    card = ModelCard.from_meta(meta, file.name)
     try:
-        pcfg = PreprocessConfig.from_dict(meta["preprocess"])
+        pcfg = PreprocessConfig.from_dict(card.preprocess)
     except (ConfigError, TypeError) as exc:
         raise ModelFileError(f"'{file.name}': meta 'preprocess' is not valid: {exc}") from None
-    cfg = _run_config(meta, file.name)
     try:
-        # the same constructor as server and sites (Opacus-compatible layers for a DP-trained model)
-        model, _ = build_for_run(dataclasses.replace(cfg, model=str(meta["model"])),
-                                 int(meta["in-channels"]), int(meta["num-classes"]))
+        cfg = parse_recorded_run_config({**card.run_config, "task": card.task, "model": card.model},
+                                        drop_paths=True)
+    except ConfigError as exc:
+        raise ModelFileError(f"'{file.name}': its recorded run-config is not valid for this medfed version: {exc}") from None
+    try:
+        model, _ = build_network(card.model, card.in_channels, card.num_classes, dp=cfg.dp.enabled)
     except (UnknownNameError, ValueError, TypeError) as exc:
-        raise ModelFileError(f"'{file.name}': cannot rebuild model {meta['model']!r}: {exc}") from None
+        raise ModelFileError(f"'{file.name}': cannot rebuild model {card.model!r}: {exc}") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise ModelFileError(
-            f"'{file.name}': its weights do not fit a '{meta['model']}' with {meta['in-channels']} input channels "
-            f"and {meta['num-classes']} classes ({first[:300]}). The file is damaged or its meta does not match."
+            f"'{file.name}': its weights do not fit a '{card.model}' with {card.in_channels} input channels "
+            f"and {card.num_classes} classes ({first[:300]}). The file is damaged or its meta does not match."
         ) from None
     model.float().eval()
-    classes = meta["class-names"]
-    if not isinstance(classes, (list, tuple)) or len(classes) != int(meta["num-classes"]):
-        raise ModelFileError(f"'{file.name}': meta 'class-names' {classes!r} does not list {meta['num-classes']} classes.")
-    logger.info("loaded model %s for task %s (%d classes)", meta["model"], meta["task"], len(classes))
+    logger.info("loaded model %s for task %s (%d classes)", card.model, card.task, card.num_classes)
     return TrainedModel(model=model, meta=meta, path=file, run_config=cfg, preprocess=pcfg)
 
 
@@ -394,7 +335,7 @@ def model_threshold(trained: TrainedModel) -> float:
 
 
 def _check_classifier(trained: TrainedModel, what: str, instead: str) -> None:
-    if trained.is_segmentation:
+    if trained.kind != CLASSIFICATION:
         raise NotSupportedError(
             f"{what} works for classifiers only, and '{trained.model_name}' is a segmentation model: "
             f"use {instead} instead."
@@ -677,7 +618,7 @@ def predict_masks(
     ValueError
         For a bad ``threshold`` or ``batch_size``.
     """
-    if not trained.is_segmentation:
+    if trained.kind != SEGMENTATION:
         raise NotSupportedError(f"'{trained.model_name}' is a classifier: use predict_files")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -843,7 +784,7 @@ def evaluate_segmentation(trained: TrainedModel, data: Path, *, batch_size: int 
     from shared.data.seg_sources import discover_segmentation, read_record_mask, record_spacing
     from shared.metrics.segmentation import SegmentationCounts
 
-    if not trained.is_segmentation:
+    if trained.kind != SEGMENTATION:
         raise NotSupportedError(f"'{trained.model_name}' is a classifier: use evaluate_dataset")
     listing = discover_segmentation(Path(data))
     reader = make_reader(trained.run_config)

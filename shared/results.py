@@ -1,53 +1,194 @@
-"""The results folder of one run.
+"""The results folder of one run and the model file format: one owner for both.
 
 ::
 
     <results-dir>/<run-name>/
-        config.json     resolved run config (flat keys) and software versions
-        metrics.json    per round: pooled and per-site training/evaluation metrics
-        rounds.csv      one row per round (pooled metrics)
-        sites.csv       one row per site and round
-        model.pt        final global weights + what is needed to use them
-        summary.json    final pooled metrics, wall time, where things are
+        config.json      resolved run config (flat keys), software versions, pipeline
+        metrics.json     per round: pooled and per-site training/evaluation metrics
+        rounds.csv       one row per round (pooled metrics; columns from the task's view)
+        sites.csv        one row per site and round
+        model.pt         final global weights + their ModelCard (``meta``)
+        summary.json     final pooled metrics, headline, wall time, where things are
+        flower.log       Flower's full output (simulations)
+        simulation.json  number of simulated sites (``medfed simulate``)
 
-Everything is rewritten after each round, so an interrupted run keeps what it
-had. Nothing here holds image paths or patient ids: only counts and rates.
+:class:`RunFolder` holds every path, writer and reader of these files; the
+server, inference, the audit, studies and the CLI go through it. Every file
+is written atomically (temporary file + fsync + rename, :mod:`shared.atomic`),
+so a killed run never leaves half a JSON, and rewritten after each round, so
+an interrupted run keeps what it had. Nothing here holds image paths or
+patient ids: only counts and rates.
+
+:class:`ModelCard` is the typed ``meta`` of ``model.pt``: what is needed to
+rebuild the network and feed it exactly as in training.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from shared.atomic import atomic_open, json_safe, write_json
+from shared.errors import UserError
+from shared.kinds import OUTPUT_KINDS
 
-METRIC_COLUMNS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auroc", "eval-loss")
+__all__ = [
+    "CARD_VERSION",
+    "MODEL_FILE",
+    "ModelCard",
+    "ModelFileError",
+    "RunFolder",
+    "RunFolderError",
+    "json_safe",
+    "model_file_path",
+    "read_checkpoint",
+    "read_model_file",
+    "resolve_results_dir",
+    "write_json",
+]
+
+MODEL_FILE = "model.pt"
+CARD_VERSION = 1
+DEFAULT_COLUMNS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auroc", "eval-loss")
+_EXPECTED_MODEL = (
+    f"expected a run's results folder containing '{MODEL_FILE}', or a '{MODEL_FILE}' written by medfed "
+    "(torch.save of a dict {'state_dict': ..., 'meta': {'task', 'model', 'in-channels', 'num-classes', "
+    "'class-names', 'preprocess', 'normalize', 'run-config', ...}})"
+)
 
 
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf -> None, tuples -> lists, numpy scalars -> Python."""
-    if isinstance(obj, Mapping):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+class RunFolderError(UserError):
+    """A path is not a (finished) medfed results folder; the message says what was expected."""
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON atomically (temp file + rename)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+class ModelFileError(UserError):
+    """A path is not a usable medfed model file; the message says what was expected."""
+
+
+# ---------------------------------------------------------------------------
+# Model card
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What ``model.pt`` says about its weights (its ``meta``).
+
+    Attributes
+    ----------
+    task, model, kind:
+        Task name, registered model name, output kind (classification/segmentation).
+    image_size, in_channels, num_classes, class_names, positive_class:
+        Input size and channels; classes in output order; the positive class
+        of a binary task (``None`` otherwise).
+    preprocess, augment, normalize:
+        The exact image pipeline of training (``PreprocessConfig.to_dict()``,
+        ``AugmentConfig.to_dict()`` or None, batch normalisation mode).
+    run_config:
+        The run config without local paths (a model file travels beyond the server).
+    dp:
+        Built with Opacus-compatible layers (DP-SGD): the network must be rebuilt the same way.
+    threshold, threshold_rule:
+        Operating threshold chosen on pooled validation counts, and the rule.
+    extra:
+        Further card sections (kept as given; later versions add model-card fields here).
+    """
+
+    task: str
+    model: str
+    kind: str
+    image_size: int
+    in_channels: int
+    num_classes: int
+    class_names: tuple[str, ...]
+    preprocess: Mapping[str, Any]
+    normalize: str = "fixed"
+    augment: Mapping[str, Any] | None = None
+    positive_class: int | None = None
+    run_config: Mapping[str, Any] = field(default_factory=dict)
+    dp: bool = False
+    threshold: float | None = None
+    threshold_rule: Mapping[str, Any] | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    REQUIRED = ("task", "model", "in-channels", "num-classes", "class-names", "preprocess", "normalize")
+
+    def to_meta(self) -> dict[str, Any]:
+        """The ``meta`` dict saved in ``model.pt`` (plain types only: loadable with ``weights_only=True``)."""
+        return json_safe({
+            "card-version": CARD_VERSION,
+            "task": self.task, "model": self.model, "kind": self.kind,
+            "image-size": self.image_size, "in-channels": self.in_channels, "num-classes": self.num_classes,
+            "class-names": list(self.class_names), "positive-class": self.positive_class,
+            "preprocess": dict(self.preprocess), "augment": dict(self.augment) if self.augment is not None else None,
+            "normalize": self.normalize, "run-config": dict(self.run_config), "dp": self.dp,
+            "threshold": self.threshold, "threshold-rule": dict(self.threshold_rule) if self.threshold_rule else None,
+            **dict(self.extra),
+        })
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any], name: str = MODEL_FILE) -> ModelCard:
+        """Read a ``meta`` dict (older files without ``kind``/``dp``/``card-version`` are accepted).
+
+        Raises
+        ------
+        ModelFileError
+            A required key is missing or of the wrong type.
+        """
+        missing = [k for k in cls.REQUIRED if k not in meta]
+        if missing:
+            raise ModelFileError(f"'{name}': meta lacks {missing} (found {sorted(map(str, meta))}): {_EXPECTED_MODEL}.")
+        classes = meta["class-names"]
+        if not isinstance(classes, (list, tuple)) or len(classes) != _int(meta, "num-classes", name):
+            raise ModelFileError(f"'{name}': meta 'class-names' {classes!r} does not list {meta['num-classes']} classes.")
+        run_config = meta.get("run-config") or {}
+        kind = meta.get("kind")
+        if kind is None:  # files before card version 1: the registry entry says what the model outputs
+            from shared.models import model_kind  # lazy: torch
+
+            try:
+                kind = model_kind(str(meta["model"]))
+            except KeyError as exc:
+                raise ModelFileError(f"'{name}': unknown model {meta['model']!r}: {exc}") from None
+        if kind not in OUTPUT_KINDS:
+            raise ModelFileError(f"'{name}': meta 'kind' must be one of {OUTPUT_KINDS}, got {kind!r}.")
+        known = {"card-version", "task", "model", "kind", "image-size", "in-channels", "num-classes", "class-names",
+                 "positive-class", "preprocess", "augment", "normalize", "run-config", "dp", "threshold",
+                 "threshold-rule"}
+        pc = meta.get("positive-class")
+        thr = meta.get("threshold")
+        return cls(
+            task=str(meta["task"]), model=str(meta["model"]), kind=str(kind),
+            image_size=int(meta.get("image-size") or (meta["preprocess"] or {}).get("size") or 0),
+            in_channels=_int(meta, "in-channels", name), num_classes=_int(meta, "num-classes", name),
+            class_names=tuple(str(c) for c in classes),
+            preprocess=dict(meta["preprocess"] or {}), normalize=str(meta.get("normalize") or "fixed"),
+            augment=meta.get("augment"), positive_class=int(pc) if isinstance(pc, (int, float)) else None,
+            run_config=dict(run_config), dp=bool(meta.get("dp", run_config.get("dp.enabled", False))),
+            threshold=float(thr) if isinstance(thr, (int, float)) and not isinstance(thr, bool) else None,
+            threshold_rule=meta.get("threshold-rule"),
+            extra={k: v for k, v in meta.items() if k not in known},
+        )
+
+
+def _int(meta: Mapping[str, Any], key: str, name: str) -> int:
+    v = meta.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+        raise ModelFileError(f"'{name}': meta '{key}' must be an integer, got {v!r}.")
+    return int(v)
+
+
+# ---------------------------------------------------------------------------
+# Results folder
+# ---------------------------------------------------------------------------
 
 
 def resolve_results_dir(results_dir: str) -> Path:
@@ -58,70 +199,125 @@ def resolve_results_dir(results_dir: str) -> Path:
     return p
 
 
-def new_run_dir(results_dir: str, run_name: str = "", *, tag: str = "") -> Path:
-    """Create a fresh run folder; never reuses (and so never overwrites) an existing one."""
-    base = resolve_results_dir(results_dir)
-    name = run_name or time.strftime("%Y%m%d-%H%M%S") + (f"-{tag}" if tag else "")
-    candidate, k = base / name, 1
-    while candidate.exists():
-        k += 1
-        candidate = base / f"{name}-{k}"
-    candidate.mkdir(parents=True)
-    return candidate
+class RunFolder:
+    """One run's results folder: paths, writers and readers of every file in it.
 
+    Parameters
+    ----------
+    path:
+        The folder (it need not exist for :meth:`create`; readers need it).
+    columns:
+        Metric columns of rounds.csv and sites.csv (the task's
+        :attr:`~shared.metrics.presentation.MetricView.columns`).
+    """
 
-class ResultsWriter:
-    """Collects per-round records and keeps the results folder up to date."""
+    CONFIG = "config.json"
+    METRICS = "metrics.json"
+    ROUNDS_CSV = "rounds.csv"
+    SITES_CSV = "sites.csv"
+    MODEL = MODEL_FILE
+    SUMMARY = "summary.json"
+    FLOWER_LOG = "flower.log"
+    SIMULATION = "simulation.json"
 
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
+    def __init__(self, path: Path, columns: Sequence[str] = DEFAULT_COLUMNS) -> None:
+        self.path = Path(path)
+        self.columns = tuple(columns)
         self.rounds: list[dict[str, Any]] = []
         self.t0 = time.time()
 
+    # -- creating and opening ------------------------------------------------
+    @classmethod
+    def create(cls, results_dir: str, run_name: str = "", *, tag: str = "",
+               columns: Sequence[str] = DEFAULT_COLUMNS) -> RunFolder:
+        """A fresh run folder; never reuses (and so never overwrites) an existing one."""
+        base = resolve_results_dir(results_dir)
+        name = run_name or time.strftime("%Y%m%d-%H%M%S") + (f"-{tag}" if tag else "")
+        candidate, k = base / name, 1
+        while candidate.exists():
+            k += 1
+            candidate = base / f"{name}-{k}"
+        candidate.mkdir(parents=True)
+        return cls(candidate, columns)
+
+    @classmethod
+    def open(cls, path: Path) -> RunFolder:
+        """An existing run folder (it must hold ``config.json``).
+
+        Raises
+        ------
+        RunFolderError
+            The folder does not exist or is not a medfed results folder.
+        """
+        folder = cls(Path(path).expanduser())
+        if not folder.path.is_dir():
+            raise RunFolderError(f"results folder '{folder.path}' does not exist: expected a medfed run's folder")
+        if not folder.config_path.is_file():
+            raise RunFolderError(f"'{folder.path}' has no {cls.CONFIG}: expected a medfed run's results folder")
+        return folder
+
+    # -- paths ------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        """``config.json``."""
+        return self.path / self.CONFIG
+
+    @property
+    def metrics_path(self) -> Path:
+        """``metrics.json``."""
+        return self.path / self.METRICS
+
+    @property
+    def model_path(self) -> Path:
+        """``model.pt``."""
+        return self.path / self.MODEL
+
+    @property
+    def summary_path(self) -> Path:
+        """``summary.json``."""
+        return self.path / self.SUMMARY
+
+    @property
+    def flower_log(self) -> Path:
+        """``flower.log``."""
+        return self.path / self.FLOWER_LOG
+
+    @property
+    def simulation_path(self) -> Path:
+        """``simulation.json``."""
+        return self.path / self.SIMULATION
+
+    # -- writers ----------------------------------------------------------------
     def write_config(self, flat_config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> None:
-        """Write ``config.json``: the resolved run config plus versions."""
-        write_json(self.run_dir / "config.json", {"run-config": dict(flat_config), **(extra or {})})
+        """Write ``config.json``: the resolved run config plus versions and pipeline."""
+        write_json(self.config_path, {"run-config": dict(flat_config), **(extra or {})})
 
     def add_round(self, record: Mapping[str, Any]) -> None:
         """Append one round's record and rewrite metrics.json, rounds.csv, sites.csv."""
         self.rounds.append(dict(record))
-        write_json(self.run_dir / "metrics.json", {"rounds": self.rounds})
-        self._write_csvs()
+        write_json(self.metrics_path, {"rounds": self.rounds})
+        self._write_csv(self.ROUNDS_CSV, self._round_rows())
+        self._write_csv(self.SITES_CSV, self._site_rows())
 
-    def _write_csvs(self) -> None:
-        with open(self.run_dir / "rounds.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["round", "elapsed-s", "round-s", "num-sites", "train-loss", *METRIC_COLUMNS,
-                        "dp-epsilon", "dp-delta"])
-            for r in self.rounds:
-                ev, tr, dp = r.get("evaluate", {}), r.get("train", {}), r.get("dp", {})
-                w.writerow([r["round"], _fmt(r.get("elapsed-s")), _fmt(r.get("round-s")), _fmt(ev.get("num-sites")),
-                            _fmt(tr.get("train-loss")), *(_fmt(ev.get(c)) for c in METRIC_COLUMNS),
-                            _fmt(dp.get("epsilon")), _fmt(dp.get("delta"))])
-        with open(self.run_dir / "sites.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["round", "site-id", "num-train", "train-loss", "train-s", "train-img-per-s", "num-val", *METRIC_COLUMNS,
-                        "dp-epsilon", "dp-refused"])
-            for r in self.rounds:
-                sites = sorted(set(r.get("train-sites", {})) | set(r.get("evaluate-sites", {})) | set(r.get("dp-refusals", {})))
-                for s in sites:
-                    tr = r.get("train-sites", {}).get(s, {})
-                    ev = r.get("evaluate-sites", {}).get(s, {})
-                    w.writerow([r["round"], s, _fmt(tr.get("num-examples")), _fmt(tr.get("train-loss")),
-                                _fmt(tr.get("train-seconds")), _fmt(tr.get("train-images-per-s")),
-                                _fmt(ev.get("num-examples")), *(_fmt(ev.get(c)) for c in METRIC_COLUMNS),
-                                _fmt(tr.get("dp-epsilon")), "1" if s in r.get("dp-refusals", {}) else ""])
+    def write_model(self, state_dict: Mapping[str, Any], card: ModelCard) -> Path:
+        """Save weights and their card as ``model.pt`` (atomically)."""
+        import torch  # lazy: readers of JSON files need no torch
 
-    def write_model(self, state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
-        """Save the final global model with what is needed to rebuild and use it."""
-        path = self.run_dir / "model.pt"
-        torch.save({"state_dict": dict(state_dict), "meta": dict(meta)}, path)
-        return path
+        with atomic_open(self.model_path, "wb") as fh:
+            torch.save({"state_dict": dict(state_dict), "meta": card.to_meta()}, fh)
+        return self.model_path
+
+    def _last_evaluated(self) -> dict[str, Any]:
+        evaluated = [r for r in self.rounds if r.get("evaluate")]
+        return evaluated[-1] if evaluated else {}
+
+    def final_evaluation(self) -> dict[str, Any]:
+        """Pooled validation metrics of the last evaluated round (``{}`` before any)."""
+        return dict(self._last_evaluated().get("evaluate", {}))
 
     def write_summary(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Write summary.json: last round's pooled metrics and the wall time."""
-        evaluated = [r for r in self.rounds if r.get("evaluate")]
-        last = evaluated[-1] if evaluated else {}
+        """Write summary.json: the last evaluated round's pooled and per-site metrics and the wall time."""
+        last = self._last_evaluated()
         summary = {
             "rounds": len(self.rounds),
             "wall-seconds": time.time() - self.t0,
@@ -130,11 +326,158 @@ class ResultsWriter:
             "final-per-site": last.get("evaluate-sites", {}),
             **(extra or {}),
         }
-        write_json(self.run_dir / "summary.json", summary)
+        write_json(self.summary_path, summary)
         return summary
+
+    def write_simulation(self, sites: int, cpus_per_site: int) -> None:
+        """Write ``simulation.json``: what the folder cannot tell by itself (the number of simulated sites)."""
+        write_json(self.simulation_path, {"sites": sites, "cpus-per-site": cpus_per_site})
+
+    # -- readers ----------------------------------------------------------------
+    def read_config(self) -> dict[str, Any]:
+        """``config.json`` as a dict (``{}`` when absent)."""
+        return _read_json(self.config_path)
+
+    def run_config(self) -> dict[str, Any]:
+        """The flat run config recorded in ``config.json``."""
+        return dict(self.read_config().get("run-config") or {})
+
+    def read_rounds(self) -> list[dict[str, Any]]:
+        """The per-round records of ``metrics.json`` (``[]`` when absent)."""
+        return list(_read_json(self.metrics_path).get("rounds", []))
+
+    def read_summary(self) -> dict[str, Any]:
+        """``summary.json``.
+
+        Raises
+        ------
+        RunFolderError
+            The run did not finish (no summary).
+        """
+        if not self.summary_path.is_file():
+            raise RunFolderError(f"'{self.path}' has no {self.SUMMARY}: the run did not finish")
+        return _read_json(self.summary_path)
+
+    def read_simulation(self) -> dict[str, Any]:
+        """``simulation.json`` (``{}`` for a run that was not a ``medfed simulate``)."""
+        return _read_json(self.simulation_path)
+
+    def read_model(self) -> tuple[dict[str, Any], ModelCard]:
+        """Weights and card of ``model.pt`` (read with ``weights_only=True``: never unpickles code).
+
+        Raises
+        ------
+        ModelFileError
+            No model file, not a torch file, or not a medfed model.
+        """
+        return read_model_file(self.model_path)
+
+    # -- CSV -------------------------------------------------------------------
+    def _write_csv(self, name: str, rows: list[list[str]]) -> None:
+        buf = io.StringIO()
+        csv.writer(buf).writerows(rows)
+        with atomic_open(self.path / name, "w", newline="") as fh:
+            fh.write(buf.getvalue())
+
+    def _round_rows(self) -> list[list[str]]:
+        rows = [["round", "elapsed-s", "round-s", "num-sites", "train-loss", *self.columns, "dp-epsilon", "dp-delta"]]
+        for r in self.rounds:
+            ev, tr, dp = r.get("evaluate", {}), r.get("train", {}), r.get("dp", {})
+            rows.append([r["round"], _fmt(r.get("elapsed-s")), _fmt(r.get("round-s")), _fmt(ev.get("num-sites")),
+                         _fmt(tr.get("train-loss")), *(_fmt(ev.get(c)) for c in self.columns),
+                         _fmt(dp.get("epsilon")), _fmt(dp.get("delta"))])
+        return rows
+
+    def _site_rows(self) -> list[list[str]]:
+        rows = [["round", "site-id", "num-train", "train-loss", "train-s", "train-img-per-s", "num-val",
+                 *self.columns, "dp-epsilon", "dp-refused"]]
+        for r in self.rounds:
+            sites = sorted(set(r.get("train-sites", {})) | set(r.get("evaluate-sites", {})) | set(r.get("dp-refusals", {})))
+            for s in sites:
+                tr = r.get("train-sites", {}).get(s, {})
+                ev = r.get("evaluate-sites", {}).get(s, {})
+                rows.append([r["round"], s, _fmt(tr.get("num-examples")), _fmt(tr.get("train-loss")),
+                             _fmt(tr.get("train-seconds")), _fmt(tr.get("train-images-per-s")),
+                             _fmt(ev.get("num-examples")), *(_fmt(ev.get(c)) for c in self.columns),
+                             _fmt(tr.get("dp-epsilon")), "1" if s in r.get("dp-refusals", {}) else ""])
+        return rows
+
+
+def model_file_path(path: Path) -> Path:
+    """``path`` itself when it is a file, else ``path/model.pt``.
+
+    Raises
+    ------
+    ModelFileError
+        Neither exists.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        candidate = path / MODEL_FILE
+        if not candidate.is_file():
+            raise ModelFileError(f"folder '{path}' has no '{MODEL_FILE}': {_EXPECTED_MODEL}.")
+        return candidate
+    if not path.is_file():
+        raise ModelFileError(f"model path '{path}' does not exist: {_EXPECTED_MODEL}.")
+    return path
+
+
+def read_model_file(path: Path) -> tuple[dict[str, Any], ModelCard]:
+    """Weights and card of a ``model.pt`` (``weights_only=True``).
+
+    Raises
+    ------
+    ModelFileError
+        Missing, unreadable, or not a medfed model (the message says what was expected).
+    """
+    path = model_file_path(path)
+    state, meta = read_checkpoint(path)
+    return state, ModelCard.from_meta(meta, path.name)
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The raw ``state_dict`` and ``meta`` of a ``model.pt`` (``weights_only=True``: never unpickles code).
+
+    Raises
+    ------
+    ModelFileError
+        Missing, unreadable, or not ``{"state_dict": ..., "meta": ...}``.
+    """
+    import torch  # lazy
+
+    path = model_file_path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reader failure means "not a model file"
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelFileError(f"cannot read '{path.name}' as a torch file ({type(exc).__name__}: {first[:200]}): "
+                             f"{_EXPECTED_MODEL}.") from None
+    if not isinstance(obj, Mapping) or "state_dict" not in obj or "meta" not in obj:
+        found = f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+        hint = (
+            " It looks like a bare state dict (initial weights?): pass it as run config 'init-weights' instead."
+            if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())
+            else ""
+        )
+        raise ModelFileError(f"'{path.name}' holds {found}, not a medfed model: {_EXPECTED_MODEL}.{hint}")
+    state, meta = obj["state_dict"], obj["meta"]
+    if not isinstance(state, Mapping) or not isinstance(meta, Mapping):
+        raise ModelFileError(f"'{path.name}': 'state_dict' and 'meta' must both be dicts: {_EXPECTED_MODEL}.")
+    return dict(state), dict(meta)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RunFolderError(f"cannot read '{path}': {exc}") from None
+    return data if isinstance(data, dict) else {}
 
 
 def _fmt(v: Any) -> str:
+    """A CSV cell: empty for None/NaN/inf, 6 significant digits for floats."""
     if v is None:
         return ""
     if isinstance(v, float):

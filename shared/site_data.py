@@ -32,17 +32,12 @@ from shared.data.cache import SiteCache, build_or_load
 from shared.data.labels import task_labels
 from shared.data.partition import partition_indices
 from shared.data.phantoms_tasks import apply_profile, site_profile
-from shared.data.preprocess import (
-    AUGMENT_DEFAULTS,
-    TASK_DEFAULTS,
-    AugmentConfig,
-    PreprocessConfig,
-    preprocess,
-)
+from shared.data.preprocess import preprocess
 from shared.data.seg_sources import SegRecord, discover_segmentation, model_spacings, read_record_mask
 from shared.data.reading import READER_VERSION, cache_root, make_reader, resolve_path
 from shared.data.sources import DataSourceError, ImageListing, discover
 from shared.data.splits import train_val_split
+from shared.kinds import SEGMENTATION
 from shared.tasks import TaskSpec
 
 
@@ -65,6 +60,21 @@ class SiteData:
     # segmentation: (row, column) mm spacing of each validation image at the model's size, None if unknown
     val_spacings: tuple[tuple[float, float] | None, ...] | None = None
 
+    @property
+    def train_targets(self) -> np.ndarray:
+        """What training fits: the masks of a segmentation site, else the labels."""
+        return self.train_masks if self.train_masks is not None else self.train_labels
+
+    @property
+    def val_targets(self) -> np.ndarray:
+        """What evaluation scores against: the masks of a segmentation site, else the labels."""
+        return self.val_masks if self.val_masks is not None else self.val_labels
+
+    @property
+    def quarantined(self) -> int:
+        """Files this site could not use (counted by reason in ``skipped``)."""
+        return int(sum(self.skipped.values()))
+
     def summary(self) -> str:
         """Counts only (safe to log)."""
         if self.train_masks is not None:
@@ -76,30 +86,6 @@ class SiteData:
         return f"train {len(self.train_labels)} {tr}, validation {len(self.val_labels)} {va}{skipped}"
 
 
-def resolve_preprocess(cfg: RunConfig, task: TaskSpec) -> PreprocessConfig:
-    """The task's default preprocessing with the run config's overrides applied."""
-    base = TASK_DEFAULTS.get(task.name, PreprocessConfig())
-    d = cfg.data
-    return dataclasses.replace(
-        base,
-        size=d.image_size,
-        resize=base.resize if d.resize == "auto" else d.resize,
-        equalize=base.equalize if d.equalize == "auto" else d.equalize,
-        denoise=base.denoise if d.denoise == "auto" else d.denoise,
-        clahe_clip=d.clahe_clip,
-        clahe_tiles=d.clahe_tiles,
-        channels=task.in_channels,
-    )
-
-
-def resolve_augment(cfg: RunConfig, task: TaskSpec) -> AugmentConfig | None:
-    """The task's training augmentation (None when ``augment`` is off); ``hflip=true`` forces flips on."""
-    if not cfg.data.augment:
-        return None
-    base = AUGMENT_DEFAULTS.get(task.name, AugmentConfig())
-    return dataclasses.replace(base, hflip=base.hflip or cfg.data.hflip)
-
-
 def _read_records(
     listing: ImageListing, indices: np.ndarray, labels: np.ndarray, cfg: RunConfig, task: TaskSpec,
     site: SiteConfig, skipped: Counter[str],
@@ -109,7 +95,7 @@ def _read_records(
     Unreadable files are quarantined: counted by reason in ``skipped``, never trained on.
     Returns ``(images, labels, kept)`` with ``kept`` indexing into ``listing.records``.
     """
-    pcfg = resolve_preprocess(cfg, task)
+    pcfg = task.preprocess_for(cfg)
     cache = SiteCache(cache_root(site)) if cfg.data.cache else None
     files = [listing.records[int(i)].path for i in indices]
     arrays = build_or_load(
@@ -178,7 +164,7 @@ def _load_partition_of_phantoms(cfg: RunConfig, site: SiteConfig, task: TaskSpec
     mine = _my_partition(cfg, site, task.phantom_labels(n, cfg.seed), None)
     images, site_labels = task.render_phantoms(n, cfg.data.image_size, cfg.seed, mine)
     images = _acquire(images, cfg, site)
-    pcfg = resolve_preprocess(cfg, task)
+    pcfg = task.preprocess_for(cfg)
     images = np.stack([preprocess(img, pcfg) for img in images])  # the same pipeline as real images
     split = _split(images, site_labels, None, cfg, salt=1 + int(site.partition_id or 0))
     return SiteData(*split, class_names=task.class_names)
@@ -193,7 +179,7 @@ def _acquire(images: np.ndarray, cfg: RunConfig, site: SiteConfig) -> np.ndarray
 
 def _load_segmentation(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> SiteData:
     """Image/mask pairs: a real site's folder, a partition of the run's dataset, or phantoms."""
-    pcfg = resolve_preprocess(cfg, task)
+    pcfg = task.preprocess_for(cfg)
     if site.simulated and not cfg.data.data_path:
         n = cfg.data.phantom_count
         mine = _my_partition(cfg, site, task.phantom_labels(n, cfg.seed), None)
@@ -255,7 +241,7 @@ def load_site_data(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> SiteData
         _CACHE.move_to_end(key)
         return _CACHE[key]
     t0 = time.perf_counter()
-    if task.kind == "segmentation":
+    if task.kind == SEGMENTATION:  # image/mask pairs instead of labelled images
         data = _load_segmentation(cfg, site, task)
     elif not site.simulated:
         data = _load_real_site(cfg, site, task)

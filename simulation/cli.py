@@ -6,12 +6,12 @@ Each subcommand only parses its arguments and delegates.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
 
 from shared.config import ConfigError, describe_keys, parse_overrides
+from shared.results import RunFolder
 from simulation.data_cli import add_data_parser
 from simulation.predict_cli import add_predict_parser
 from simulation.privacy_cli import add_privacy_parser
@@ -70,18 +70,11 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     except SimulationError as exc:
         print(f"medfed simulate: {exc}", file=sys.stderr)
         return 1
-    summary = json.loads((result.run_dir / "summary.json").read_text())
-    final = summary.get("final", {})
-
-    def fmt(k: str) -> str:
-        v = final.get(k)
-        return "n/a" if v is None else f"{v:.3f}"
-
+    summary = RunFolder(result.run_dir).read_summary()
+    headline = summary.get("headline") or "no evaluation finished"
     print(
         f"\nmedfed simulate: {summary['rounds']} rounds x {args.sites} sites in {result.seconds:.0f} s. "
-        f"Final pooled validation {'macro ' if 'auroc-0' in final else ''}AUROC {fmt('auroc')}, "
-        f"accuracy {fmt('accuracy')}, "
-        f"sensitivity {fmt('sensitivity')}, specificity {fmt('specificity')}.\n"
+        f"{headline[:1].upper()}{headline[1:]}.\n"
         f"Results: {result.run_dir}"
     )
     privacy = summary.get("privacy") or {}

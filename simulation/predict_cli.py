@@ -27,6 +27,7 @@ from shared.inference import (
     write_predictions_csv,
     write_rows_csv,
 )
+from shared.kinds import SEGMENTATION
 from shared.results import write_json
 
 __all__ = ["add_predict_parser"]
@@ -105,7 +106,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         files = collect_inputs(args.inputs)
         if not files:
             raise DataSourceError("no image files found in the given inputs")
-        if trained.is_segmentation:
+        if trained.kind == SEGMENTATION:
             return _predict_masks(trained, files, args)
         if args.overlays:
             raise ValueError("--overlays is for segmentation models; for a classifier use --heatmaps (Grad-CAM)")
@@ -164,7 +165,7 @@ def _fmt(v: object) -> str:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         trained = load_trained(args.model)
-        if trained.is_segmentation:
+        if trained.kind == SEGMENTATION:
             return _evaluate_segmentation(trained, args)
         result = evaluate_dataset(trained, args.data, batch_size=args.batch_size)
     except _USER_ERRORS as exc:

@@ -11,7 +11,8 @@ type (``flwr run . local --run-config ... --federation-config
 * the local SuperLink is started by us and stopped (its whole process group)
   when the run ends, fails or is interrupted;
 * Flower's runtime dependency installation, telemetry and update checks are
-  switched off (GUIDE.md section 4).
+  switched off (by default Flower 1.41 would ``uv sync`` the project's
+  dependencies into a per-run environment that shadows the venv).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.config import PATH_KEYS, ConfigValue, parse_run_config
-from shared.results import resolve_results_dir, write_json
+from shared.results import RunFolder, resolve_results_dir
 
 logger = logging.getLogger(__name__)
 
@@ -238,9 +239,10 @@ def simulate(
             stop_process_group(proc)
     finally:
         stop_process_group(superlink)
-    log_target = log_path or (run_dir / "flower.log" if run_dir.exists() else flwr_home / "flower.log")
+    folder = RunFolder(run_dir)
+    log_target = log_path or (folder.flower_log if run_dir.exists() else flwr_home / RunFolder.FLOWER_LOG)
     log_target.write_text("".join(lines))
-    if not (run_dir / "summary.json").is_file():
+    if not folder.summary_path.is_file():
         tail = "".join(lines[-40:])
         raise SimulationError(
             f"the simulation did not finish (flwr exit code {proc.returncode}); last output:\n{tail}\n"
@@ -248,5 +250,5 @@ def simulate(
         )
     shutil.rmtree(flwr_home, ignore_errors=True)
     # What the results folder cannot tell by itself (the number of sites): read by the membership audit.
-    write_json(run_dir / "simulation.json", {"sites": sites, "cpus-per-site": cpus_per_site})
+    folder.write_simulation(sites, cpus_per_site)
     return SimulationResult(run_dir=run_dir, seconds=time.time() - t0)

@@ -25,7 +25,6 @@ the sites) they are NaN and shown as ``n/a``.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -36,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from shared.config import ConfigError, ConfigValue, parse_run_config
-from shared.results import write_json
+from shared.atomic import write_json
+from shared.results import RunFolder
 
 __all__ = [
     "RunOutcome",
@@ -203,7 +203,7 @@ def validate_plan(plan: StudyPlan) -> str:
     if plan.runs_dir.exists() and any(plan.runs_dir.iterdir()):
         raise ConfigError(f"study folder {plan.out_dir} already holds runs; choose another --out (nothing is overwritten).")
     assert cfg is not None
-    return "dice" if get_task(cfg.task).kind == "segmentation" else "auroc"
+    return get_task(cfg.task).view.primary
 
 
 # ---------------------------------------------------------------------------
@@ -224,14 +224,13 @@ def read_run_metrics(run_dir: Path, primary: str) -> dict[str, float]:
     and ``noise-multiplier`` (min ``dp-noise-multiplier``, the least noise any
     site used); each NaN when the run did not report it.
     """
-    summary = json.loads((run_dir / "summary.json").read_text())
+    folder = RunFolder(run_dir)
+    summary = folder.read_summary()
     final = summary.get("final", {})
     per_site = [_num(s.get(primary)) for s in summary.get("final-per-site", {}).values()]
     per_site = [v for v in per_site if not math.isnan(v)]
     eps, delta, noise = [], [], []
-    metrics_file = run_dir / "metrics.json"
-    rounds = json.loads(metrics_file.read_text()).get("rounds", []) if metrics_file.is_file() else []
-    for r in rounds:
+    for r in folder.read_rounds():
         for s in r.get("train-sites", {}).values():
             eps.append(_num(s.get("dp-epsilon")))
             delta.append(_num(s.get("dp-delta")))

@@ -12,7 +12,6 @@ import torch
 import client.site as site_mod
 from client.site import site_runtime, train_site
 from shared.config import parse_run_config
-from shared.models.run import build_for_run
 from shared.privacy.accounting import epsilon
 from shared.privacy.site_dp import BudgetRefusal
 from shared.tasks import get_task
@@ -26,7 +25,7 @@ def _global_state(run: dict) -> dict[str, torch.Tensor]:
     cfg = parse_run_config(run)
     task = get_task(cfg.task)
     torch.manual_seed(0)
-    model, changes = build_for_run(cfg, task.in_channels, task.num_classes)
+    model, changes = task.build_model(cfg)
     assert changes, "small-cnn has BatchNorm: make_dp_compatible must report what it changed"
     return model.state_dict()
 

@@ -1,4 +1,4 @@
-"""Privacy accounting against an independent implementation (Google's dp-accounting) and GUIDE.md's figures."""
+"""Privacy accounting against an independent implementation (Google's dp-accounting) and published reference figures."""
 
 from __future__ import annotations
 

@@ -28,7 +28,6 @@ Only the aggregate figures leave this module: no per-image loss, no path.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -41,8 +40,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.config import RUN_KEYS, ConfigError, RunConfig, SiteConfig, parse_run_config
+from shared.config import ConfigError, RunConfig, SiteConfig, parse_recorded_run_config
 from shared.errors import UserError
+from shared.results import RunFolder, RunFolderError
+from shared.training import Objective
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,6 @@ __all__ = [
 ]
 
 DEFAULT_FPR = 0.01
-SIMULATION_FILE = "simulation.json"
 _SITE_ID = re.compile(r"^site-(\d+)$")
 
 
@@ -167,15 +167,16 @@ def per_example_losses(
     images: np.ndarray,
     targets: np.ndarray,
     *,
-    segmentation: bool,
+    objective: Objective,
     normalize: str = "fixed",
     batch_size: int = 64,
 ) -> np.ndarray:
-    """Loss of ``model`` on each example (fp32, CPU, eval mode).
+    """Loss of ``model`` on each example (fp32, CPU, eval mode): the objective's per-example loss.
 
-    Classification: cross-entropy ``-log p(label)`` (unweighted). Segmentation:
-    Dice + cross-entropy of each image against its mask (the training loss,
-    :func:`shared.seg_training.seg_loss`, one image at a time).
+    Classification: cross-entropy ``-log p(label)`` (unweighted: pass an
+    objective that was not prepared with class weights). Segmentation: Dice +
+    cross-entropy of each image against its mask, whose mean is the
+    evaluation loss.
 
     Parameters
     ----------
@@ -183,33 +184,25 @@ def per_example_losses(
         uint8 ``(N, H, W)`` or ``(N, H, W, C)`` (as :class:`shared.site_data.SiteData` holds them).
     targets:
         Class indices ``(N,)`` or masks ``(N, H, W)``.
+    objective:
+        The task's objective (:meth:`shared.tasks.TaskSpec.objective`).
     """
     from shared.data.preprocess import normalize_batch
-    from shared.seg_training import seg_loss
-    from shared.training import images_to_tensor, model_in_channels, predict_proba, to_float01
+    from shared.training import images_to_tensor, model_in_channels, to_float01
 
     if len(images) != len(targets):
         raise ValueError(f"expected one target per image, got {len(images)} images and {len(targets)} targets")
     if len(images) == 0:
         return np.zeros(0, dtype=np.float64)
     x_all = images_to_tensor(images)
+    y_all = torch.as_tensor(np.asarray(targets)).long()
     model = model.float().to("cpu").eval()
-    if not segmentation:
-        probs = predict_proba(model, x_all, batch_size=batch_size, precision="fp32", normalize=normalize,
-                              device=torch.device("cpu"))
-        y = torch.as_tensor(np.asarray(targets), dtype=torch.long)
-        p = probs.gather(1, y.view(-1, 1)).squeeze(1).clamp_min(1e-12)
-        return (-torch.log(p)).double().numpy()
-    loss_fn = seg_loss()
     in_ch = model_in_channels(model)
-    masks = torch.as_tensor(np.asarray(targets)).long()
     out = []
     for start in range(0, len(x_all), batch_size):
         x = normalize_batch(to_float01(x_all[start:start + batch_size], in_ch, torch.device("cpu"), False), normalize)
-        logits = model(x).float()
-        y = masks[start:start + batch_size].unsqueeze(1)
-        out.extend(float(loss_fn(logits[i:i + 1], y[i:i + 1])) for i in range(len(x)))
-    return np.asarray(out, dtype=np.float64)
+        out.append(objective.per_sample_loss(model(x).float(), y_all[start:start + batch_size]).double())
+    return torch.cat(out).numpy()
 
 
 # ---------------------------------------------------------------------------
@@ -255,48 +248,34 @@ def run_site_count(run_dir: Path) -> int:
     AuditError
         When neither file tells; pass the number of sites explicitly.
     """
-    sim = run_dir / SIMULATION_FILE
-    if sim.is_file():
-        sites = json.loads(sim.read_text()).get("sites")
-        if isinstance(sites, int) and sites >= 1:
-            return sites
-    metrics = run_dir / "metrics.json"
+    folder = RunFolder(Path(run_dir))
+    sites = folder.read_simulation().get("sites")
+    if isinstance(sites, int) and sites >= 1:
+        return sites
     ids: set[int] = set()
-    if metrics.is_file():
-        for r in json.loads(metrics.read_text()).get("rounds", []):
-            for part in ("train-sites", "evaluate-sites"):
-                for sid in r.get(part, {}):
-                    if (m := _SITE_ID.match(str(sid))) is not None:
-                        ids.add(int(m.group(1)))
+    for r in folder.read_rounds():
+        for part in ("train-sites", "evaluate-sites"):
+            for sid in r.get(part, {}):
+                if (m := _SITE_ID.match(str(sid))) is not None:
+                    ids.add(int(m.group(1)))
     if not ids:
         raise AuditError(
-            f"cannot tell how many sites the run in '{run_dir}' simulated (no {SIMULATION_FILE}, no 'site-K' ids "
+            f"cannot tell how many sites the run in '{run_dir}' simulated (no {RunFolder.SIMULATION}, no 'site-K' ids "
             "in metrics.json); give the number of sites explicitly (medfed audit membership RUN_DIR --sites N)"
         )
     return max(ids) + 1
 
 
-def _run_config(run_dir: Path) -> RunConfig:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise AuditError(f"'{run_dir}' has no config.json: expected a medfed simulation results folder")
-    flat = dict(json.loads(path.read_text()).get("run-config") or {})
-    unknown = sorted(k for k in flat if k not in RUN_KEYS)
-    if unknown:
-        logger.warning("audit: ignoring %d run-config key(s) this version does not know: %s", len(unknown), unknown)
-    flat = {k: v for k, v in flat.items() if k in RUN_KEYS}
+def _run_config(folder: RunFolder) -> RunConfig:
     try:
-        return parse_run_config(flat)
+        return parse_recorded_run_config(folder.run_config())
     except ConfigError as exc:
-        raise AuditError(f"the run config in '{path}' is not valid for this medfed version: {exc}") from None
+        raise AuditError(f"the run config in '{folder.config_path}' is not valid for this medfed version: {exc}") from None
 
 
-def _check_counts(run_dir: Path, site_id: str, n_train: int, n_val: int) -> None:
+def _check_counts(folder: RunFolder, site_id: str, n_train: int, n_val: int) -> None:
     """Refuse to audit when the rebuilt site data has other sizes than the run reported (wrong --sites, changed data)."""
-    metrics = run_dir / "metrics.json"
-    if not metrics.is_file():
-        return
-    for r in reversed(json.loads(metrics.read_text()).get("rounds", [])):
+    for r in reversed(folder.read_rounds()):
         for part, rebuilt in (("train-sites", n_train), ("evaluate-sites", n_val)):
             reported = r.get(part, {}).get(site_id, {}).get("num-examples")
             if isinstance(reported, (int, float)) and int(reported) != rebuilt:
@@ -332,7 +311,11 @@ def audit_run(run_dir: Path, *, sites: int | None = None, fpr: float = DEFAULT_F
     from shared.tasks import get_task
 
     run_dir = Path(run_dir).expanduser()
-    cfg = _run_config(run_dir)
+    try:
+        folder = RunFolder.open(run_dir)
+    except RunFolderError as exc:
+        raise AuditError(f"{exc} (a simulation results folder with config.json and model.pt)") from None
+    cfg = _run_config(folder)
     n_sites = sites if sites is not None else run_site_count(run_dir)
     if n_sites < 1:
         raise AuditError(f"number of sites must be >= 1, got {n_sites}")
@@ -341,28 +324,28 @@ def audit_run(run_dir: Path, *, sites: int | None = None, fpr: float = DEFAULT_F
     except ModelFileError as exc:
         raise AuditError(f"cannot audit '{run_dir}': {exc}") from None
     task = get_task(cfg.task)
-    seg = task.kind == "segmentation"
+    objective = task.objective()  # not prepared: no class weights, the plain per-example loss
     members: list[np.ndarray] = []
     nonmembers: list[np.ndarray] = []
     per_site: dict[str, AttackMetrics] = {}
     for i in range(n_sites):
         site = SiteConfig(site_id=f"site-{i}", partition_id=i, num_partitions=n_sites)
         data = load_site_data(cfg, site, task)
-        tr_t = data.train_masks if seg else data.train_labels
-        va_t = data.val_masks if seg else data.val_labels
         if len(data.train_images) == 0 or len(data.val_images) == 0:
             raise AuditError(f"site-{i} has {len(data.train_images)} training and {len(data.val_images)} validation "
                              "images: the audit needs both")
-        _check_counts(run_dir, site.site_id, len(data.train_images), len(data.val_images))
-        lm = per_example_losses(trained.model, data.train_images, tr_t, segmentation=seg, normalize=trained.normalize)
-        ln = per_example_losses(trained.model, data.val_images, va_t, segmentation=seg, normalize=trained.normalize)
+        _check_counts(folder, site.site_id, len(data.train_images), len(data.val_images))
+        lm = per_example_losses(trained.model, data.train_images, data.train_targets, objective=objective,
+                                normalize=trained.normalize)
+        ln = per_example_losses(trained.model, data.val_images, data.val_targets, objective=objective,
+                                normalize=trained.normalize)
         per_site[site.site_id] = attack_metrics(lm, ln, fpr)
         members.append(lm)
         nonmembers.append(ln)
     pooled = attack_metrics(np.concatenate(members), np.concatenate(nonmembers), fpr)
     logger.info("membership audit: %d sites, %d members, %d non-members, attack AUC %.3f",
                 n_sites, pooled.n_members, pooled.n_nonmembers, pooled.auc)
-    return MembershipAudit(run_dir=str(run_dir), task=task.name, loss="dice+ce per image" if seg else "cross-entropy",
+    return MembershipAudit(run_dir=str(run_dir), task=task.name, loss=objective.loss_name,
                            sites=n_sites, pooled=pooled, per_site=per_site)
 
 

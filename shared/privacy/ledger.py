@@ -16,14 +16,13 @@ multipliers, sampling rates and step counts only.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.atomic import atomic_open
 from shared.privacy.accounting import Step, epsilon
 
 LEDGER_VERSION = 1
@@ -107,16 +106,8 @@ class PrivacyLedger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"version": LEDGER_VERSION, "header": self.header,
                    "entries": [e.__dict__ for e in self.entries]}
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(payload, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_open(self.path, "w") as fh:
+            json.dump(payload, fh, indent=1)
 
     # -- accounting ------------------------------------------------------
     @property

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared import protocol
 from shared.config import DPConfig, RunConfig
 from shared.privacy.accounting import (
     PRIVACY_UNIT,
@@ -33,8 +34,8 @@ from shared.privacy.ledger import PrivacyLedger, ledger_path
 
 logger = logging.getLogger(__name__)
 
-# Flower error code of a site's structured "over budget" refusal (Flower's own codes are < 100).
-DP_BUDGET_ERROR_CODE = 4201
+# Flower error code of a site's structured "over budget" refusal (see shared.protocol).
+DP_BUDGET_ERROR_CODE = protocol.DP_BUDGET_ERROR_CODE
 REFUSAL_KIND = "dp-budget"
 
 

@@ -1,0 +1,114 @@
+"""The message contract between the server and the sites (framework-free).
+
+Every record name, config key and reply field that crosses the wire is
+named here once; ``client/``, ``server/`` and the central-DP mod use these
+constants (Flower's strategies take them as constructor parameters). A
+message from the server holds::
+
+    ARRAYS  the global model (ArrayRecord)
+    CONFIG  round settings (ConfigRecord): SERVER_ROUND, PROXIMAL_MU (FedProx),
+            the central-DP clipping norm (client-side clipping)
+
+A site's reply holds::
+
+    ARRAYS   the trained weights (train only; same keys, shapes and dtypes)
+    METRICS  counts and scalars (MetricRecord): NUM_EXAMPLES always; the
+             TRAIN_FIELDS of a training reply or EVAL_LOSS plus the task's
+             counts (``ClassificationCounts``/``SegmentationCounts.to_flat()``)
+             of an evaluation reply
+    SITE     the site's self-declared id (ConfigRecord) — informational only:
+             identity comes from the authenticated node
+
+Nothing here may ever carry an image path, a patient id or a DICOM header
+value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+__all__ = [
+    "ARRAYS",
+    "CONFIG",
+    "DATA_FIELDS",
+    "DP_BUDGET_ERROR_CODE",
+    "EVAL_LOSS",
+    "LOAD_SECONDS",
+    "METRICS",
+    "NUM_EXAMPLES",
+    "PROXIMAL_MU",
+    "SERVER_ROUND",
+    "SITE",
+    "SITE_ID",
+    "SITE_QUARANTINED",
+    "SITE_TRAIN_IMAGES",
+    "SITE_VAL_IMAGES",
+    "TORCH_THREADS",
+    "TRAIN_FIELDS",
+    "TRAIN_IMAGES_PER_S",
+    "TRAIN_LOSS",
+    "TRAIN_SECONDS",
+    "site_data_fields",
+    "train_metrics",
+]
+
+# Records of a message's RecordDict.
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+SITE = "site"
+
+# ConfigRecord keys from the server (SERVER_ROUND and PROXIMAL_MU are Flower's own names).
+SERVER_ROUND = "server-round"
+PROXIMAL_MU = "proximal-mu"
+
+# ConfigRecord key of a site.
+SITE_ID = "site-id"
+
+# MetricRecord fields of a site's replies.
+NUM_EXAMPLES = "num-examples"
+"""Images used: training images (train) or validation images (evaluate). Flower's strategies weight by it."""
+TRAIN_LOSS = "train-loss"
+TRAIN_SECONDS = "train-seconds"
+TRAIN_IMAGES_PER_S = "train-images-per-s"
+LOAD_SECONDS = "load-seconds"
+TORCH_THREADS = "torch-threads"
+EVAL_LOSS = "eval-loss"
+SITE_TRAIN_IMAGES = "site-train-images"
+"""Size of the site's training split (sent with every training reply: the server reports sites once)."""
+SITE_VAL_IMAGES = "site-val-images"
+"""Size of the site's validation split (bounds what its evaluation replies may count)."""
+SITE_QUARANTINED = "site-quarantined"
+"""Files the site could not use (counted, never named)."""
+
+TRAIN_FIELDS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_SECONDS, TRAIN_IMAGES_PER_S, LOAD_SECONDS, TORCH_THREADS)
+DATA_FIELDS = (SITE_TRAIN_IMAGES, SITE_VAL_IMAGES, SITE_QUARANTINED)
+
+# Flower error code of a site's structured "over budget" refusal (Flower's own codes are < 100).
+DP_BUDGET_ERROR_CODE = 4201
+
+
+def train_metrics(*, num_examples: int, loss: float, seconds: float, images_per_second: float,
+                  load_seconds: float, torch_threads: int) -> dict[str, float | int]:
+    """The scalar fields of a training reply."""
+    return {
+        NUM_EXAMPLES: int(num_examples),
+        TRAIN_LOSS: float(loss),
+        TRAIN_SECONDS: float(seconds),
+        TRAIN_IMAGES_PER_S: float(images_per_second),
+        LOAD_SECONDS: float(load_seconds),
+        TORCH_THREADS: int(torch_threads),
+    }
+
+
+def site_data_fields(*, train_images: int, val_images: int, quarantined: int) -> dict[str, int]:
+    """The site's data sizes, sent with training replies (counts only)."""
+    return {SITE_TRAIN_IMAGES: int(train_images), SITE_VAL_IMAGES: int(val_images), SITE_QUARANTINED: int(quarantined)}
+
+
+def data_sizes(metrics: Mapping[str, object]) -> tuple[int, int, int] | None:
+    """``(train, validation, quarantined)`` from a training reply's metrics, or None when absent."""
+    try:
+        return tuple(int(metrics[k]) for k in DATA_FIELDS)  # type: ignore[return-value,call-overload]
+    except (KeyError, TypeError, ValueError):
+        return None
