@@ -17,6 +17,9 @@ single images:
 Size skew (``size_skew``) combines with ``iid`` (= ``quantity``),
 ``dirichlet`` and ``pathological``: each site's share of every class is
 weighted by its size share, so a site is both small *and* label-skewed.
+(For ``pathological`` a class is split among the sites holding it by their
+size shares, so the size targets' ``min_partition_size`` floor is not
+guaranteed there; the final check names any site that falls short.)
 Acquisition shift is applied later, per site (``site-shift``), and combines
 with every kind.
 
