@@ -68,15 +68,29 @@ class DataConfig:
     normalize: str = "fixed"
     dicom_window_fallback: str = "percentile"
     cache: bool = True
+    min_train_images: int = 20
+    min_val_images: int = 10
 
 
 @dataclass(frozen=True)
 class PartitionConfig:
-    """How a simulation splits one dataset across simulated sites."""
+    """How a simulation splits one dataset across simulated sites.
+
+    ``kind`` sets the label skew (``iid``, ``dirichlet``, ``pathological``), or
+    ``quantity`` (labels iid, sizes skewed), or ``natural`` (one site per value
+    of ``column``). ``size_skew`` adds size skew to iid, dirichlet and
+    pathological (``auto`` = ``dirichlet`` for quantity, else ``none``). See
+    :mod:`shared.data.partition`.
+    """
 
     kind: str = "iid"
     dirichlet_alpha: float = 0.5
     min_partition_size: int = 10
+    classes_per_site: int = 1
+    size_skew: str = "auto"
+    size_alpha: float = 1.0
+    size_exponent: float = 1.0
+    column: str = "site"
 
 
 @dataclass(frozen=True)
@@ -224,6 +238,10 @@ STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtr
 CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox")
 """Strategies whose aggregate is the (uniform) mean of updates, as central DP's calibration assumes."""
 INF = math.inf
+PARTITION_KINDS = ("iid", "dirichlet", "pathological", "quantity", "natural")
+"""As :data:`shared.data.partition.PARTITION_KINDS` (not imported: shared.data loads pydicom)."""
+SIZE_SKEWS = ("auto", "none", "dirichlet", "power-law")
+"""As :data:`shared.data.site_sizes.SIZE_SKEWS`."""
 #: Upper bound of ``explain-samples`` / ``sim-explain-samples`` (Grad-CAM per round costs time).
 MAX_EXPLAIN_SAMPLES = 256
 
@@ -252,7 +270,9 @@ _SPECS: tuple[KeySpec, ...] = (
     KeySpec("image-size", "data", "image_size", int, "square input size in pixels (0 = the task's default)", 0, 1024),
     KeySpec("data-path", "data", "data_path", str, "dataset to partition in simulation ('' = synthetic phantoms)"),
     KeySpec("phantom-count", "data", "phantom_count", int, "number of synthetic phantoms in a simulation", 20, 1_000_000),
-    KeySpec("site-shift", "data", "site_shift", bool, "simulated phantom sites differ in acquisition (contrast, gamma, noise, blur, resolution, colour)"),
+    KeySpec("site-shift", "data", "site_shift", bool,
+            "simulated sites differ in acquisition (contrast, gamma, noise, blur, resolution, colour; site 0 = reference): "
+            "phantoms are rendered through it, real images get it after preprocessing; masks never change"),
     KeySpec("val-fraction", "data", "val_fraction", float, "fraction of each site's patients held out for validation", 0, 0.9, low_open=True),
     KeySpec("augment", "data", "augment", bool, "training augmentation (the task's default recipe)"),
     KeySpec("hflip", "data", "hflip", bool, "random horizontal flips in augmentation (off for radiographs: laterality matters)"),
@@ -264,9 +284,27 @@ _SPECS: tuple[KeySpec, ...] = (
     KeySpec("normalize", "data", "normalize", str, "intensity normalisation per batch", choices=("fixed", "minmax", "zscore")),
     KeySpec("dicom-window-fallback", "data", "dicom_window_fallback", str, "DICOM window when the file has none", choices=("percentile", "minmax")),
     KeySpec("cache", "data", "cache", bool, "cache decoded, preprocessed images on the site's disk"),
-    KeySpec("partition", "partition", "kind", str, "how simulated sites split the data", choices=("iid", "dirichlet")),
+    KeySpec("min-train-images", "data", "min_train_images", int,
+            "a site with fewer training images logs a warning before round 1 (0 = never)", 0, 1_000_000),
+    KeySpec("min-val-images", "data", "min_val_images", int,
+            "a site with fewer validation images logs a warning before round 1 (0 = never)", 0, 1_000_000),
+    KeySpec("partition", "partition", "kind", str,
+            "how simulated sites split the data: iid, dirichlet (label skew), pathological (classes-per-site classes "
+            "each), quantity (iid labels, skewed sizes), natural (one site per value of partition-column)",
+            choices=PARTITION_KINDS),
     KeySpec("dirichlet-alpha", "partition", "dirichlet_alpha", float, "label-skew concentration (small = skewed)", 0, 1e6, low_open=True),
     KeySpec("min-partition-size", "partition", "min_partition_size", int, "minimum samples per simulated site", 1, 1_000_000),
+    KeySpec("classes-per-site", "partition", "classes_per_site", int,
+            "classes each simulated site holds with partition='pathological'", 1, 10_000),
+    KeySpec("size-skew", "partition", "size_skew", str,
+            "site-size distribution, combinable with iid, dirichlet, pathological "
+            "('auto' = dirichlet for partition='quantity', else none)", choices=SIZE_SKEWS),
+    KeySpec("size-alpha", "partition", "size_alpha", float,
+            "size-skew='dirichlet': concentration of site sizes (small = very unequal)", 0, 1e6, low_open=True),
+    KeySpec("size-exponent", "partition", "size_exponent", float,
+            "size-skew='power-law': site of rank r gets a share ~ r^-exponent (0 = equal, 1 = Zipf)", 0, 10),
+    KeySpec("partition-column", "partition", "column", str,
+            "manifest column naming each image's site, for partition='natural'"),
     KeySpec("strategy", "strategy", "name", str, "aggregation strategy", choices_fn=_strategy_names),
     KeySpec("fraction-train", "strategy", "fraction_train", float, "fraction of sites sampled for training", 0, 1, low_open=True),
     KeySpec("fraction-evaluate", "strategy", "fraction_evaluate", float, "fraction of sites sampled for evaluation", 0, 1, low_open=True),
@@ -480,6 +518,7 @@ def _check_combinations(cfg: RunConfig) -> None:
             f"run config 'image-size': expected 0 (the task's default) or 28..1024 pixels, got {cfg.data.image_size}."
         )
     _check_model_fits_task(cfg)
+    _check_partition(cfg)
     s = cfg.strategy
     if s.name == "fedprox" and cfg.train.proximal_mu == 0.0:
         raise ConfigError(
@@ -527,6 +566,50 @@ def _check_combinations(cfg: RunConfig) -> None:
             f"{2 * s.num_malicious + 3} sites per round (2f+3); 'min-sites' is {s.min_sites}. "
             "Raise min-sites or lower krum.num-malicious."
         )
+
+
+def _check_partition(cfg: RunConfig) -> None:
+    """Reject partition settings that contradict each other or the task."""
+    p = cfg.partition
+    skew = ("dirichlet" if p.kind == "quantity" else "none") if p.size_skew == "auto" else p.size_skew
+    if p.kind == "quantity" and skew == "none":
+        raise ConfigError(
+            "run config: partition='quantity' skews site sizes, but size-skew='none' (that is partition='iid'); "
+            "set size-skew='dirichlet' or 'power-law' (or 'auto' = 'dirichlet')."
+        )
+    if p.kind == "natural":
+        if skew != "none":
+            raise ConfigError(
+                f"run config: partition='natural' takes its sites and their sizes from the manifest column "
+                f"'{p.column}'; size-skew='{p.size_skew}' cannot apply on top. Set size-skew='auto', or use "
+                "partition='iid', 'dirichlet' or 'pathological' with a size skew."
+            )
+        if not p.column.strip():
+            raise ConfigError(
+                "run config: partition='natural' needs 'partition-column' (the manifest column naming each "
+                "image's site), got ''; e.g. partition-column='site'."
+            )
+        if not cfg.data.data_path:
+            raise ConfigError(
+                f"run config: partition='natural' splits a real dataset by its manifest column '{p.column}', but "
+                "data-path is '' (synthetic phantoms have no such column); set data-path to a manifest with that "
+                "column, or use another partition."
+            )
+    if p.kind == "pathological":
+        from shared.tasks import get_task  # lazy: tasks import the phantom generators
+
+        task = get_task(cfg.task)
+        if task.is_segmentation:
+            raise ConfigError(
+                f"run config: partition='pathological' deals class labels to sites, but task '{task.name}' is a "
+                "segmentation task (no image labels); use partition='iid' or 'quantity'."
+            )
+        if p.classes_per_site > len(task.class_names):
+            raise ConfigError(
+                f"run config: classes-per-site={p.classes_per_site} but task '{task.name}' has "
+                f"{len(task.class_names)} classes ({', '.join(task.class_names)}); set classes-per-site to "
+                f"1..{len(task.class_names)}."
+            )
 
 
 def parse_overrides(text: str) -> dict[str, ConfigValue]:

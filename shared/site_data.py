@@ -9,8 +9,18 @@ Three sources, one result (:class:`SiteData`):
   manifest has patient ids) and this site takes ``partition-id``;
 * a simulated site on the task's synthetic phantoms (the default).
 
+A simulated site's share follows the run config's partition (iid, label skew,
+pathological, size skew, or the manifest's own site column; see
+:mod:`shared.data.partition`). With ``site-shift`` every simulated site but
+site 0 sees its images through its own acquisition profile
+(:func:`shared.data.phantoms_tasks.site_profile`): phantoms are rendered
+through it, real images get it after decoding and preprocessing, so the site
+cache keeps un-shifted pixels; segmentation masks are never changed.
+
 Each site then splits its own data into train and validation, by patient when
-patient ids are known. Everything is deterministic given the run's seed.
+patient ids are known. Everything is deterministic given the run's seed. A
+site whose train or validation split is below ``min-train-images`` /
+``min-val-images`` logs a ``[medfed] warning`` line before round 1.
 
 Only counts are logged here: never a file path or a patient id.
 """
@@ -28,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shared.config import ConfigError, RunConfig, SiteConfig
+from shared.console import console_line
 from shared.data.cache import SiteCache, build_or_load
 from shared.data.labels import task_labels
 from shared.data.partition import partition_indices
@@ -132,28 +143,72 @@ def _load_real_site(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> SiteDat
     return SiteData(*parts, class_names=task.class_names, skipped=dict(skipped))
 
 
-def _my_partition(cfg: RunConfig, site: SiteConfig, labels: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+def _my_partition(
+    cfg: RunConfig, site: SiteConfig, labels: np.ndarray, groups: np.ndarray | None,
+    site_values: np.ndarray | None = None,
+) -> np.ndarray:
     """Indices of this simulated site's share of the run's dataset."""
     if site.partition_id is None or site.num_partitions is None:
         raise ConfigError("a simulated site needs partition-id and num-partitions in its node config")
+    p = cfg.partition
+    if p.kind == "natural" and site_values is None:
+        raise ConfigError(
+            f"partition='natural' reads each image's site from the manifest column '{p.column}', which this "
+            "dataset cannot carry (phantoms, a class-folder tree or a segmentation dataset): use a classification "
+            "manifest with that column, or another partition."
+        )
     parts = partition_indices(
         labels,
         site.num_partitions,
-        cfg.partition.kind,
-        alpha=cfg.partition.dirichlet_alpha,
+        p.kind,
+        alpha=p.dirichlet_alpha,
         seed=cfg.seed,
-        min_partition_size=cfg.partition.min_partition_size,
+        min_partition_size=p.min_partition_size,
         groups=groups,
+        classes_per_site=p.classes_per_site,
+        size_skew=p.size_skew,
+        size_alpha=p.size_alpha,
+        size_exponent=p.size_exponent,
+        site_values=site_values,
+        column=p.column,
     )
     return parts[site.partition_id]
+
+
+def _column_values(listing: ImageListing, column: str) -> np.ndarray:
+    """Each record's value of manifest column ``column`` (header matched case-insensitively)."""
+    keys = {k.strip().lower(): k for r in listing.records[:1] for k in r.extra}
+    key = keys.get(column.strip().lower())
+    if key is None:
+        found = sorted(keys.values())
+        raise DataSourceError(
+            f"partition='natural' needs the manifest column '{column}' (the site of each image), but the dataset "
+            f"has {'the extra columns ' + ', '.join(found) if found else 'no manifest columns besides path/label/patient_id'}"
+            f": add a '{column}' column, or set partition-column to the column that names the site."
+        )
+    return np.array([r.extra.get(key, "") for r in listing.records], dtype=object)
+
+
+def natural_site_count(cfg: RunConfig, task: TaskSpec) -> int:
+    """Distinct values of the run's ``partition-column`` in its ``data-path`` manifest (for a pre-flight check).
+
+    Reads the manifest only (no image is decoded). Raises :class:`DataSourceError`
+    when the dataset has no such column; empty values are not counted (the
+    partition itself rejects them).
+    """
+    listing, _ = _load_listing(cfg.data.data_path, task)
+    values = _column_values(listing, cfg.partition.column)
+    return len({str(v).strip() for v in values.tolist()} - {""})
 
 
 def _load_partition_of_dataset(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> SiteData:
     listing, labels = _load_listing(cfg.data.data_path, task)
     groups = listing.groups()
-    mine = _my_partition(cfg, site, labels, groups)
+    values = _column_values(listing, cfg.partition.column) if cfg.partition.kind == "natural" else None
+    mine = _my_partition(cfg, site, labels, groups, values)
     skipped: Counter[str] = Counter(listing.skipped)
     images, site_labels, keep = _read_records(listing, mine, labels, cfg, task, site, skipped)
+    images = _acquire(images, cfg, site)  # after the cache: it holds un-shifted pixels
     site_groups = groups[keep] if groups is not None else None
     split = _split(images, site_labels, site_groups, cfg, salt=1 + int(site.partition_id or 0))
     return SiteData(*split, class_names=task.class_names, skipped=dict(skipped))
@@ -171,8 +226,15 @@ def _load_partition_of_phantoms(cfg: RunConfig, site: SiteConfig, task: TaskSpec
 
 
 def _acquire(images: np.ndarray, cfg: RunConfig, site: SiteConfig) -> np.ndarray:
-    """With ``site-shift``, render phantoms through this simulated site's acquisition profile."""
-    if not cfg.data.site_shift:
+    """With ``site-shift``, this simulated site's images as its acquisition profile renders them.
+
+    Phantoms pass through before preprocessing (as a scanner would), real
+    images after decoding and preprocessing (the site cache keeps un-shifted
+    pixels). Site 0 is the reference (unchanged); a real site is never shifted.
+    Deterministic: the profile depends on (seed, partition-id), the noise on the
+    seed and each image's pixels. Masks are never passed here.
+    """
+    if not cfg.data.site_shift or not site.simulated:
         return images
     return apply_profile(images, site_profile(int(site.partition_id or 0), cfg.seed), cfg.seed)
 
@@ -213,7 +275,7 @@ def _load_segmentation(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> Site
             raise DataSourceError(f"no readable image/mask pair at this site (quarantined: {dict(skipped)})")
         pos_i = {k: j for j, k in enumerate(np.asarray(imgs.kept).tolist())}
         pos_m = {k: j for j, k in enumerate(np.asarray(msks.kept).tolist())}
-        images = np.array(imgs.images)[[pos_i[k] for k in both]]
+        images = _acquire(np.array(imgs.images)[[pos_i[k] for k in both]], cfg, site)  # masks: never shifted
         masks = (np.array(msks.images)[[pos_m[k] for k in both]] > 127).astype(np.uint8)
         groups = all_groups[mine][both] if all_groups is not None else None
         kept = [recs[k] for k in both]
@@ -224,6 +286,40 @@ def _load_segmentation(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> Site
     val_spacings = tuple(spacings) if any(s is not None for s in spacings) else None
     return SiteData(images[tr], empty, images[va], empty, task.class_names, dict(skipped),
                     train_masks=masks[tr], val_masks=masks[va], val_spacings=val_spacings)
+
+
+def warn_if_tiny(data: SiteData, cfg: RunConfig, site: SiteConfig) -> str | None:
+    """Log a ``[medfed] warning`` line when a site's train or validation split is tiny.
+
+    Parameters
+    ----------
+    data : SiteData
+        The site's loaded data.
+    cfg : RunConfig
+        ``min-train-images`` and ``min-val-images`` are the thresholds (0 = never).
+    site : SiteConfig
+        Names the site in the line (its site id; no path, no patient id).
+
+    Returns
+    -------
+    str or None
+        The line logged (at WARNING through this module's logger), or None.
+    """
+    n_train, n_val = len(data.train_images), len(data.val_images)
+    short = []
+    if n_train < cfg.data.min_train_images:
+        short.append(f"{n_train} training images (min-train-images={cfg.data.min_train_images})")
+    if n_val < cfg.data.min_val_images:
+        short.append(f"{n_val} validation images (min-val-images={cfg.data.min_val_images})")
+    if not short:
+        return None
+    line = console_line(
+        "warning",
+        f"{site.site_id} has only {' and '.join(short)}: its updates and metrics will be noisy; "
+        "give it more data, simulate fewer sites or less size skew, or lower the threshold",
+    )
+    logger.warning("%s", line)
+    return line
 
 
 _CACHE: OrderedDict[tuple[object, ...], SiteData] = OrderedDict()
@@ -251,6 +347,7 @@ def load_site_data(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> SiteData
         data = _load_partition_of_phantoms(cfg, site, task)
     data = dataclasses.replace(data, load_seconds=time.perf_counter() - t0)
     logger.info("site %s data: %s (%.1f s)", site.site_id, data.summary(), data.load_seconds)
+    warn_if_tiny(data, cfg, site)
     _CACHE[key] = data
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)

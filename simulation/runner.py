@@ -196,6 +196,16 @@ def simulate(
             f"min-sites is {cfg.strategy.min_sites} but only {sites} sites are simulated: "
             f"use --sites {cfg.strategy.min_sites} or --run-config \"min-sites={sites}\""
         )
+    if cfg.partition.kind == "natural":  # the sites come from the data: their number must match before Flower starts
+        from shared.site_data import natural_site_count
+        from shared.tasks import get_task
+
+        found = natural_site_count(cfg, get_task(cfg.task))
+        if found != sites:
+            raise SimulationError(
+                f"partition='natural': the manifest column '{cfg.partition.column}' has {found} distinct values "
+                f"but {sites} sites are simulated: use --sites {found}"
+            )
     run_dir = Path(cfg.results_dir) / cfg.run_name
     if run_dir.exists():
         raise SimulationError(f"results folder {run_dir} exists already: choose another run-name")
