@@ -596,10 +596,11 @@ def _check_partition(cfg: RunConfig) -> None:
                 "column, or use another partition."
             )
     if p.kind == "pathological":
+        from shared.kinds import CLASSIFICATION
         from shared.tasks import get_task  # lazy: tasks import the phantom generators
 
         task = get_task(cfg.task)
-        if task.is_segmentation:
+        if task.kind != CLASSIFICATION:
             raise ConfigError(
                 f"run config: partition='pathological' deals class labels to sites, but task '{task.name}' is a "
                 "segmentation task (no image labels); use partition='iid' or 'quantity'."
