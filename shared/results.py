@@ -23,9 +23,10 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a model is written: commands that only read results stay light
+    import torch
 
 METRIC_COLUMNS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auroc", "eval-loss")
 
@@ -114,6 +115,8 @@ class ResultsWriter:
 
     def write_model(self, state_dict: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
         """Save the final global model with what is needed to rebuild and use it."""
+        import torch
+
         path = self.run_dir / "model.pt"
         torch.save({"state_dict": dict(state_dict), "meta": dict(meta)}, path)
         return path
