@@ -48,7 +48,7 @@ from shared.data.preprocess import (
 )
 from shared.data.seg_sources import SegRecord, discover_segmentation, model_spacings, read_record_mask
 from shared.data.reading import READER_VERSION, cache_root, input_policy, make_reader, resolve_path
-from shared.data.sources import DataSourceError, ImageListing, discover, pixel_limit
+from shared.data.sources import DataSourceError, ImageListing, data_root, discover, pixel_limit
 from shared.data.splits import train_val_split
 from shared.data.usable import InputPolicy, bounded, usable_reader
 from shared.tasks import TaskSpec
@@ -229,9 +229,8 @@ def _load_segmentation(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> Site
         recs = [listing.records[int(i)] for i in mine]
         cache = SiteCache(cache_root(site)) if cfg.data.cache else None
         extra = _cache_extra(cfg, policy)
-        root = (path.parent if path.is_file() else path).resolve()
         imgs = build_or_load(cache, [r.image for r in recs], zeros[mine], pcfg,
-                             usable_reader(make_reader(cfg), policy, root), extra=extra)
+                             usable_reader(make_reader(cfg), policy, data_root(path)), extra=extra)
         record_of = {r.mask: r for r in recs}
         mcfg = dataclasses.replace(pcfg, equalize="none", denoise="none", channels=1)
         mextra: dict[str, object] = {**extra, "kind": "mask"}

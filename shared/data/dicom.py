@@ -762,9 +762,7 @@ def dicom_shape(path: str | Path) -> tuple[int, int] | None:
     return (rows, cols) if rows > 0 and cols > 0 else None
 
 
-def _read_dataset_header(
-    path: Path, tags: list[str] | None = None
-) -> Dataset:
+def _read_dataset_header(path: Path, tags: list[str] | None = None) -> Dataset:
     name = path.name
     failure: str | None = None
     try:

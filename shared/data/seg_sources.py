@@ -51,6 +51,7 @@ from shared.data.sources import (
     OUTSIDE_ROOT,
     DataSourceError,
     ImageReadError,
+    data_root,
     is_outside,
     read_raw,
     registered_suffixes,
@@ -254,7 +255,7 @@ def discover_segmentation(path: str | Path, *, allow_outside_root: bool = False)
     p = Path(path).expanduser()
     if not p.exists():
         raise DataSourceError("segmentation data path does not exist; expected a manifest CSV or a folder")
-    root = (p.parent if p.is_file() else p).resolve()
+    root = data_root(p)
     contain = None if allow_outside_root else root
     rle_tables = sorted(t for t in p.glob("*.csv") if _rle_header(t) is not None) if p.is_dir() else []
     if contain is not None and p.is_dir() and (p / MANIFEST_NAME).is_file() and is_outside(p / MANIFEST_NAME, root):

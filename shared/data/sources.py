@@ -496,17 +496,18 @@ def _probe_raster(path: Path) -> ImageGeometry:
                 "unreadable-image", f"'{name}' is not a PNG, JPEG, BMP or TIFF image (unrecognised content)"
             )
         fh.seek(0)
-        size: tuple[int, int] | None = None
+        geometry: ImageGeometry | None = None
         try:
             im = _pillow_parser(kind)(fh)
-            size, mode, bands = (int(im.size[0]), int(im.size[1])), str(im.mode), len(im.getbands())
+            geometry = ImageGeometry(width=int(im.size[0]), height=int(im.size[1]), samples=len(im.getbands()),
+                                     bits=_MODE_BITS.get(str(im.mode), 8))
         except MemoryError:
             raise
         except Exception:  # Pillow raises SyntaxError, OSError, ValueError, struct.error... on damage
-            size = None
-    if size is None:
+            geometry = None
+    if geometry is None:  # raised here, outside the except: Pillow's message may quote the file
         raise InputRejected("unreadable-image", f"'{name}' has a damaged {kind.upper()} header")
-    return ImageGeometry(width=size[0], height=size[1], samples=bands, bits=_MODE_BITS.get(mode, 8))
+    return geometry
 
 
 def is_outside(path: Path, root: Path) -> bool:
@@ -518,7 +519,7 @@ def is_outside(path: Path, root: Path) -> bool:
 
 
 def data_root(path: str | Path) -> Path:
-    """The folder a data path's files must stay in: the folder itself, or a manifest file's folder (resolved)."""
+    """The folder a data path's files must stay in: the folder itself, or a manifest/CSV file's folder (resolved)."""
     p = Path(path).expanduser()
     return (p.parent if p.is_file() else p).resolve()
 
@@ -931,7 +932,7 @@ def discover(
                 f"data path '{root.name}' is a single '{root.suffix}' file: expected a folder of class "
                 f"folders, a folder with '{MANIFEST_NAME}', or a manifest .csv."
             )
-        return _read_manifest(root, names, root.parent.resolve(), allow_outside_root)
+        return _read_manifest(root, names, data_root(root), allow_outside_root)
     manifest = root / MANIFEST_NAME
     if manifest.is_file():
         if not allow_outside_root and is_outside(manifest, root):
@@ -941,5 +942,5 @@ def discover(
                 "(medfed data check --allow-outside-root) if the site really means to read outside its folder."
             )
         logger.info("reading the data folder through its manifest")
-        return _read_manifest(manifest, names, root.resolve(), allow_outside_root)
+        return _read_manifest(manifest, names, data_root(root), allow_outside_root)
     return _read_class_folders(root, names, allow_outside_root)
