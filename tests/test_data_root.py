@@ -287,3 +287,37 @@ def test_paths_are_not_followed_by_stat_before_containment(tmp_path: Path) -> No
     rows.append(f"{os.sep}nonexistent-{tmp_path.name}/x.png,NORMAL")
     (root / "manifest.csv").write_text("\n".join(rows) + "\n")
     assert discover(root).skipped == {"outside-data-root": 1}
+
+
+def test_segmentation_site_quarantines_outside_and_oversized_pairs(tmp_path: Path) -> None:
+    outside = _outside(tmp_path)
+    root = tmp_path / "seg"
+    rows = ["image,mask,patient_id"]
+    for i in range(8):
+        _write(root / f"i{i}.png", _img(i))
+        _write(root / f"m{i}.png", (_img(100 + i) > 127).astype(np.uint8) * 255)
+        rows.append(f"i{i}.png,m{i}.png,P{i}")
+    _write(root / "wide.png", _img(50, size=200))
+    _write(root / "wide_mask.png", np.zeros((200, 200), np.uint8))
+    rows += ["../SECRETOUTSIDE/escape.png,m0.png,P90", "wide.png,wide_mask.png,P91"]
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    cfg = parse_run_config({"task": "lung-seg", "image-size": 32, "cache": False})
+    site = SiteConfig(site_id="seg-site", data_path=str(root), max_image_pixels=48 * 48)
+    data = load_site_data(cfg, site, get_task("lung-seg"))
+    assert len(data.train_images) + len(data.val_images) == 8
+    assert data.skipped == {"outside-data-root": 1, "too-large": 1}
+    assert "SECRETOUTSIDE" not in data.summary()
+    allowed = load_site_data(cfg, SiteConfig(site_id="seg-site", data_path=str(root), allow_outside_data_root=True),
+                             get_task("lung-seg"))
+    assert len(allowed.train_images) + len(allowed.val_images) == 10 and allowed.skipped == {}
+
+
+def test_simulated_sites_read_the_runs_own_dataset_wherever_it_lists_files(tmp_path: Path) -> None:
+    """A simulation partitions a dataset its user chose (often a subset manifest listing files elsewhere)."""
+    root = _manifest_site(tmp_path)
+    cfg = parse_run_config({"image-size": 32, "cache": False, "data-path": str(root), "min-partition-size": 4})
+    data = load_site_data(cfg, SiteConfig(site_id="s0", partition_id=0, num_partitions=1), TASK)
+    assert len(data.train_labels) + len(data.val_labels) == 28 and data.skipped == {}
+    small = SiteConfig(site_id="s0", partition_id=0, num_partitions=1, max_image_pixels=1000)
+    with pytest.raises(DataSourceError, match="too-large"):  # the pixel cap applies to simulated sites too
+        load_site_data(cfg, small, TASK)

@@ -49,6 +49,7 @@ from shared.data.preprocess import PreprocessConfig, model_spacing
 from shared.data.rle import rle_decode
 from shared.data.sources import (
     OUTSIDE_ROOT,
+    TOO_LARGE,
     DataSourceError,
     ImageReadError,
     data_root,
@@ -295,22 +296,30 @@ def _gray(img: np.ndarray) -> np.ndarray:
 def read_mask(mask_path: Path, image_path: Path | None = None) -> np.ndarray:
     """Read a mask as uint8 0/255; with ``image_path``, check that the sizes agree.
 
+    The image is read first: when it cannot be used the pair is counted once,
+    under the image's reason, by whoever reads the images.
+
     Raises
     ------
     MaskReadError
-        ``unreadable-mask`` or ``mask-size-mismatch``.
+        ``unreadable-image`` (the image), ``too-large`` (the mask is over the
+        pixel cap), ``unreadable-mask`` or ``mask-size-mismatch``.
     """
-    try:
-        m = _gray(read_raw(mask_path)).astype(np.float32)
-    except ImageReadError:
-        raise MaskReadError("unreadable-mask", f"mask '{mask_path.name}' cannot be read") from None
+    shape: tuple[int, ...] | None = None
     if image_path is not None:
         try:
             shape = read_raw(image_path).shape[:2]
         except ImageReadError:
             raise MaskReadError("unreadable-image", f"image '{image_path.name}' cannot be read") from None
-        if shape != m.shape:
-            raise MaskReadError("mask-size-mismatch", f"mask {m.shape} and image {shape} differ in size")
+    failure: str | None = None
+    try:
+        m = _gray(read_raw(mask_path)).astype(np.float32)
+    except ImageReadError as exc:
+        failure = TOO_LARGE if getattr(exc, "reason", None) == TOO_LARGE else "unreadable-mask"
+    if failure is not None:
+        raise MaskReadError(failure, f"mask '{mask_path.name}' cannot be read ({failure})")
+    if shape is not None and shape != m.shape:
+        raise MaskReadError("mask-size-mismatch", f"mask {m.shape} and image {shape} differ in size")
     hi = float(m.max())
     threshold = 127.0 if hi > 1.0 else 0.5
     return np.where(m > threshold, 255, 0).astype(np.uint8)
