@@ -37,7 +37,7 @@ def export_pngs(npz: Path, dest: Path) -> Path:
         return manifest
     if not npz.is_file():
         raise SystemExit(f"PneumoniaMNIST not found at {npz} (it sits in ../shared/data beside the checkout)")
-    data = np.load(npz)
+    data = np.load(npz, allow_pickle=False)  # plain arrays only: never unpickle a data file
     dest.mkdir(parents=True, exist_ok=True)
     rows = []
     for split in ("train", "val"):

@@ -13,7 +13,15 @@ from typing import Any, TypeVar
 import torch
 
 from shared import protocol
-from shared.config import ConfigError, RunConfig, SiteConfig, parse_node_config, parse_run_config
+from shared.config import (
+    ConfigError,
+    RunConfig,
+    SiteConfig,
+    for_site,
+    ignored_path_keys,
+    parse_node_config,
+    parse_run_config,
+)
 from shared.data.preprocess import AugmentConfig
 from shared.privacy.site_dp import DPRound, begin_round, open_ledger
 from shared.site_data import SiteData, load_site_data
@@ -98,8 +106,13 @@ def site_runtime(run_config: Mapping[str, Any], node_config: Mapping[str, Any], 
     if key in _RUNTIMES:
         _RUNTIMES.move_to_end(key)
     else:
-        cfg = parse_run_config(run_config)
+        server_cfg = parse_run_config(run_config)
         site = parse_node_config(node_config, node_id)
+        ignored = ignored_path_keys(server_cfg, site)
+        if ignored:  # key names only: the values are the server's paths
+            logger.info("this site ignores the run config's path keys %s: its node config names its paths",
+                        ", ".join(ignored))
+        cfg = for_site(server_cfg, site)  # a real site never reads or writes a path the server names
         task = get_task(cfg.task)
         data = load_site_data(cfg, site, task)
         _RUNTIMES[key] = SiteRuntime(

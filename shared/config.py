@@ -7,8 +7,12 @@ overrides. :func:`parse_run_config` turns it into frozen dataclasses and
 rejects unknown keys, wrong types and out-of-range values with a message that
 names the key, the value given, what is allowed, and a did-you-mean.
 
-Per-site settings (``data-path``, ``site-id``) come only through Flower's
-``--node-config`` and are parsed by :func:`parse_node_config`.
+Per-site settings (``data-path``, ``site-id``, where it caches and writes,
+``max-image-pixels``, ``allow-outside-data-root``) come only through Flower's
+``--node-config`` and are parsed by :func:`parse_node_config`. A real site
+(one with ``data-path`` in its node config) uses no run-config key that holds
+a path (:data:`PATH_KEYS`): :func:`for_site` blanks them, so the server can
+never make a hospital read or write a path of the server's choosing.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import UserError
+from shared.limits import DEFAULT_MAX_PIXELS, MAX_PIXELS_LIMIT
 from shared.registry import did_you_mean
 
 ConfigValue = bool | int | float | str
@@ -233,6 +238,7 @@ def _strategy_names() -> list[str]:
 
 
 # Run-config keys holding local file paths (resolved by the CLI; kept out of shared artifacts).
+# A real site ignores all of them (see for_site): only its node config names its paths.
 PATH_KEYS = ("data-path", "results-dir", "init-weights", "sim-explain-dir")
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox")
@@ -646,7 +652,7 @@ def parse_overrides(text: str) -> dict[str, ConfigValue]:
 # ---------------------------------------------------------------------------
 
 NODE_KEYS = ("partition-id", "num-partitions", "data-path", "site-id", "cache-dir", "state-dir", "explain-dir",
-             "explain-samples")
+             "explain-samples", "max-image-pixels", "allow-outside-data-root")
 DEFAULT_EXPLAIN_SAMPLES = 8
 
 
@@ -660,6 +666,13 @@ class SiteConfig:
     Grad-CAM overlays of a fixed sample of its validation images to a local
     folder at every evaluate round (see :mod:`shared.site_explain`); they are
     site-local settings the server cannot change.
+
+    ``max-image-pixels`` caps the width x height (x frames) an image file's
+    header may state before the site refuses to decode it (quarantined as
+    ``too-large``; default :data:`shared.limits.DEFAULT_MAX_PIXELS`, 50 MP).
+    ``allow-outside-data-root`` (default false) lets manifest rows and
+    symlinks lead outside the ``data-path`` folder; otherwise such files are
+    quarantined as ``outside-data-root``.
     """
 
     site_id: str
@@ -670,6 +683,8 @@ class SiteConfig:
     state_dir: str = ""  # persistent site state (privacy ledger); '' = $MEDFED_STATE_DIR or ~/.local/state/medfed
     explain_dir: str = ""
     explain_samples: int = DEFAULT_EXPLAIN_SAMPLES
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    allow_outside_data_root: bool = False
 
     @property
     def simulated(self) -> bool:
@@ -682,6 +697,24 @@ def _explain_samples(value: Any) -> int:
         raise ConfigError(
             f"node config 'explain-samples': expected an integer in [1, {MAX_EXPLAIN_SAMPLES}] "
             f"(validation images explained per round), got {value!r}; e.g. explain-samples=8."
+        )
+    return value
+
+
+def _max_image_pixels(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PIXELS_LIMIT:
+        raise ConfigError(
+            f"node config 'max-image-pixels': expected an integer in [1, {MAX_PIXELS_LIMIT}] (width x height of the "
+            f"largest image the site decodes), got {value!r}; e.g. max-image-pixels={DEFAULT_MAX_PIXELS} (the default)."
+        )
+    return value
+
+
+def _allow_outside(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(
+            f"node config 'allow-outside-data-root': expected true or false (unquoted), got {value!r}; "
+            "e.g. allow-outside-data-root=true."
         )
     return value
 
@@ -711,7 +744,9 @@ def parse_node_config(node_config: Mapping[str, Any], node_id: int | None = None
         if not isinstance(val, str):
             raise ConfigError(f"node config '{key}': expected a quoted string, got {val!r}.")
     explain = {"explain_dir": explain_dir,
-               "explain_samples": _explain_samples(node_config.get("explain-samples", DEFAULT_EXPLAIN_SAMPLES))}
+               "explain_samples": _explain_samples(node_config.get("explain-samples", DEFAULT_EXPLAIN_SAMPLES)),
+               "max_image_pixels": _max_image_pixels(node_config.get("max-image-pixels", DEFAULT_MAX_PIXELS)),
+               "allow_outside_data_root": _allow_outside(node_config.get("allow-outside-data-root", False))}
     pid = node_config.get("partition-id")
     nparts = node_config.get("num-partitions")
     if data_path:
@@ -731,3 +766,44 @@ def parse_node_config(node_config: Mapping[str, Any], node_id: int | None = None
         raise ConfigError(f"node config: expected 0 <= partition-id < num-partitions, got {pid} and {nparts}.")
     return SiteConfig(site_id=site_id or f"site-{pid}", partition_id=pid, num_partitions=nparts, cache_dir=cache_dir,
                       state_dir=state_dir, **explain)
+
+
+def for_site(cfg: RunConfig, site: SiteConfig) -> RunConfig:
+    """The run config as this site may use it: a real site drops every path key.
+
+    A simulated site (no ``data-path`` in its node config) keeps the run
+    config as it is: in a simulation the run's ``data-path`` is the dataset to
+    partition and ``sim-explain-dir`` stands in for node configs Flower does
+    not give. A real site gets the run config with :data:`PATH_KEYS` blanked
+    (``data-path``, ``results-dir``, ``init-weights``, ``sim-explain-dir``
+    all ``''``): it reads only its node config's ``data-path``, writes only to
+    its node config's ``cache-dir``/``state-dir``/``explain-dir``, and takes
+    the initial weights from the server's message, never from a file the
+    server names.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        As parsed from the server's run config.
+    site : SiteConfig
+        This site's node config.
+
+    Returns
+    -------
+    RunConfig
+        ``cfg`` itself for a simulated site, else a copy without paths.
+    """
+    if site.simulated:
+        return cfg
+    return dataclasses.replace(
+        cfg, init_weights="", results_dir="", sim_explain_dir="", data=dataclasses.replace(cfg.data, data_path="")
+    )
+
+
+def ignored_path_keys(cfg: RunConfig, site: SiteConfig) -> list[str]:
+    """The run-config path keys set to something a real site will ignore (names only, for a log line)."""
+    if site.simulated:
+        return []
+    flat = cfg.to_flat()
+    defaults = RunConfig().to_flat()
+    return [k for k in PATH_KEYS if flat[k] and flat[k] != defaults[k]]

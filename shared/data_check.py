@@ -7,6 +7,12 @@ before a round does: unreadable or corrupt files, missing classes, class
 imbalance, duplicated images (and duplicates filed under different classes),
 missing patient ids, odd sizes and bit depths.
 
+Each file is judged by :func:`shared.data.usable.read_usable`, the function
+the training loader uses too, under the same input policy (pixel cap
+``--max-pixels`` / node config ``max-image-pixels``; containment in the data
+folder, ``--allow-outside-root`` / ``allow-outside-data-root``): the check's
+usable and quarantine counts are the site's.
+
 The result, :class:`DataCheckReport`, holds counts only. It is meant to be
 shown to the operator and may be shared with the federation's coordinator, so
 it never contains a file path or file name, a patient id, or anything read
@@ -43,6 +49,8 @@ from shared.data.sources import (
     read_raw,
 )
 from shared.data.splits import train_val_split
+from shared.data.usable import InputPolicy, quarantine_reason, read_usable
+from shared.limits import DEFAULT_MAX_PIXELS
 from shared.tasks import TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
@@ -84,7 +92,6 @@ _MAX_VALUES_PER_COLUMN = 20  # more distinct values are folded into "other"
 _MAX_VALUE_LENGTH = 40  # longer values are not categorical: "other"
 _MAX_SIZES = 10
 _PROGRESS_STEPS = 50  # ~every 2 %
-_REASON_RE = re.compile(r"^[a-z0-9][a-z0-9:._-]{0,47}$")
 _QUOTED_PATH_RE = re.compile(r"'[^']*[\\/][^']*'")
 
 VERDICT_READY = "ready"
@@ -230,14 +237,6 @@ def _redact(message: str, root: Path) -> str:
     return out
 
 
-def _reason(exc: BaseException) -> str:
-    """A reader error's counted reason; anything that is not a short code is generic."""
-    reason = getattr(exc, "reason", None)
-    if isinstance(reason, str) and _REASON_RE.match(reason):
-        return reason
-    return "unreadable-image"
-
-
 def _depth_name(img: np.ndarray) -> str:
     dt = img.dtype
     if dt == np.bool_:
@@ -253,20 +252,6 @@ def _depth_name(img: np.ndarray) -> str:
     channels = 1 if img.ndim == 2 else int(img.shape[2])
     kind = {1: "gray", 2: "gray+alpha", 3: "RGB", 4: "RGBA"}.get(channels, f"{channels}-channel")
     return f"{bits} {kind}"
-
-
-def _shape_problem(img: np.ndarray) -> str | None:
-    """Reason to quarantine a decoded array that training would reject or learn nothing from."""
-    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)):
-        return "unsupported-shape"
-    if img.dtype.kind not in "uifb":
-        return "unsupported-dtype"
-    if img.dtype.kind == "f" and not np.isfinite(img).any():
-        return "non-finite-pixels"
-    values = img[np.isfinite(img)] if img.dtype.kind == "f" else img
-    if values.min() == values.max():
-        return "constant-image"  # no information; never train on it silently
-    return None
 
 
 def _pixel_hash(img: np.ndarray) -> bytes:
@@ -347,10 +332,6 @@ def _fmt_counts(d: Mapping[str, int | float]) -> str:
 # ---------------------------------------------------------------------------
 
 
-class _EmptyFileError(ImageReadError):
-    reason = "empty-file"
-
-
 @dataclass
 class _Scan:
     usable: list[int] = field(default_factory=list)
@@ -361,7 +342,7 @@ class _Scan:
     cross_class: int = 0
 
 
-def _scan_images(listing: ImageListing, labels: np.ndarray, progress: ProgressFn | None) -> _Scan:
+def _scan_images(listing: ImageListing, labels: np.ndarray, progress: ProgressFn | None, policy: InputPolicy) -> _Scan:
     scan = _Scan()
     first_label: dict[bytes, int] = {}
     total = len(listing.records)
@@ -369,36 +350,24 @@ def _scan_images(listing: ImageListing, labels: np.ndarray, progress: ProgressFn
     if progress is not None:
         progress(0, total)
     for i, record in enumerate(listing.records):
-        try:
-            if record.path.stat().st_size == 0:
-                raise _EmptyFileError()
-            img = read_raw(record.path)
-        except FileNotFoundError:
-            scan.quarantined["missing-file"] += 1
-            img = None
+        img: np.ndarray | None
+        try:  # the loader's own decision (size cap, containment, decode errors, content)
+            img = read_usable(record.path, read_raw, policy=policy, root=listing.root)
         except ImageReadError as exc:
-            scan.quarantined[_reason(exc)] += 1
-            img = None
-        except Exception as exc:  # noqa: BLE001 - a check must finish; count, never crash
-            logger.debug("reader raised %s", type(exc).__name__)
-            scan.quarantined["reader-error"] += 1
+            scan.quarantined[quarantine_reason(exc)] += 1
             img = None
         if img is not None:
-            problem = _shape_problem(img)
-            if problem is not None:
-                scan.quarantined[problem] += 1
+            scan.usable.append(i)
+            scan.sizes[f"{img.shape[0]}x{img.shape[1]}"] += 1
+            scan.depths[_depth_name(img)] += 1
+            digest = _pixel_hash(img)
+            label = int(labels[i])
+            if digest in first_label:
+                scan.duplicates += 1
+                if first_label[digest] != label:
+                    scan.cross_class += 1
             else:
-                scan.usable.append(i)
-                scan.sizes[f"{img.shape[0]}x{img.shape[1]}"] += 1
-                scan.depths[_depth_name(img)] += 1
-                digest = _pixel_hash(img)
-                label = int(labels[i])
-                if digest in first_label:
-                    scan.duplicates += 1
-                    if first_label[digest] != label:
-                        scan.cross_class += 1
-                else:
-                    first_label[digest] = label
+                first_label[digest] = label
         done = i + 1
         if progress is not None and (done % step == 0 or done == total):
             progress(done, total)
@@ -524,6 +493,8 @@ def check_dataset(
     val_fraction: float = 0.2,
     seed: int = 0,
     progress: ProgressFn | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    allow_outside_root: bool = False,
 ) -> DataCheckReport:
     """Check a site's data before it joins a federation.
 
@@ -540,6 +511,13 @@ def check_dataset(
         Seed of that split.
     progress : Callable[[int, int], None], optional
         Called with ``(images done, total)`` about every 2 % while decoding.
+    max_pixels : int
+        The site's pixel cap (node config ``max-image-pixels``): an image
+        whose header states more is quarantined as ``"too-large"``, undecoded.
+    allow_outside_root : bool
+        As the site's ``allow-outside-data-root``: read manifest rows and
+        symlinks that resolve outside the data folder (otherwise
+        quarantined as ``"outside-data-root"``).
 
     Returns
     -------
@@ -553,30 +531,35 @@ def check_dataset(
     UnknownNameError
         ``task`` is not a registered task.
     ValueError
-        ``val_fraction`` is not strictly between 0 and 1.
+        ``val_fraction`` is not strictly between 0 and 1, or ``max_pixels``
+        is not a positive integer.
 
     Notes
     -----
-    Every image is decoded once with :func:`~shared.data.sources.read_raw`;
-    only a 16-byte hash of its pixels is kept, so memory does not grow with
-    the image count. Files that fail are counted under the reader's
-    ``reason`` (``"unreadable-image"`` when it has none).
+    Every image is judged by :func:`shared.data.usable.read_usable` (as the
+    training loader does) and decoded at most once with
+    :func:`~shared.data.sources.read_raw`; only a 16-byte hash of its pixels
+    is kept, so memory does not grow with the image count. Files that fail
+    are counted under their ``reason`` (``"unreadable-image"`` when a reader
+    gives none).
     """
     spec = get_task(task)
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, int | float) or not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be a number strictly between 0 and 1, got {val_fraction!r}")
+    policy = InputPolicy(max_pixels=max_pixels, allow_outside_root=allow_outside_root)
     _load_optional_readers()
     root = Path(path).expanduser()
     report = DataCheckReport(task=spec.name, source=_source_kind(root))
     report.per_class = {c: 0 for c in spec.class_names}
 
     try:
-        listing = discover(root)
+        listing = discover(root, allow_outside_root=allow_outside_root)
     except DataSourceError as first:
         # A site holding a single class is still worth counting: retry with the task's class
         # names (in their usual spellings; task_labels matches case-insensitively).
         try:
-            listing = discover(root, class_names=_spellings(spec.class_names + tuple(spec.label_aliases)))
+            listing = discover(root, class_names=_spellings(spec.class_names + tuple(spec.label_aliases)),
+                               allow_outside_root=allow_outside_root)
         except DataSourceError:
             report.errors.append(_redact(str(first), root))
             report.verdict = _verdict(report)
@@ -589,7 +572,7 @@ def check_dataset(
         return report
 
     report.num_files = len(listing) + sum(listing.skipped.values())
-    scan = _scan_images(listing, labels, progress)
+    scan = _scan_images(listing, labels, progress, policy)
     quarantined = Counter(dict(listing.skipped))
     quarantined.update(scan.quarantined)
     report.quarantined = dict(sorted(quarantined.items()))

@@ -9,7 +9,10 @@ pipeline: reader (DICOM windowing, colour order) -> :func:`preprocess` ->
 ``[0, 1]`` -> :func:`normalize_batch` -> softmax.
 
 Files that cannot be read become rows with an ``error`` reason; they never
-stop a batch. Logging is counts only, never a file name.
+stop a batch. Every file is screened before decoding like a site's files: an
+image whose header states more than the default pixel cap
+(:data:`shared.limits.DEFAULT_MAX_PIXELS`) is refused as ``too-large``
+undecoded. Logging is counts only, never a file name.
 """
 
 from __future__ import annotations
@@ -732,7 +735,9 @@ def evaluate_dataset(trained: TrainedModel, data: Path, *, batch_size: int = 32)
         or no image could be read.
     """
     _check_classifier(trained, "evaluate_dataset", "evaluate_segmentation")
-    listing = discover(Path(data))
+    # The operator names this dataset on their own command line and nothing leaves the machine, so files
+    # listed outside its folder (evaluation subsets) are read; the pixel cap still applies to every file.
+    listing = discover(Path(data), allow_outside_root=True)
     spec = trained.task_spec()
     labels_all = task_labels(listing, trained.class_names, spec.label_column if spec else None,
                              spec.label_aliases if spec else None)
@@ -786,7 +791,7 @@ def evaluate_segmentation(trained: TrainedModel, data: Path, *, batch_size: int 
 
     if trained.kind != SEGMENTATION:
         raise NotSupportedError(f"'{trained.model_name}' is a classifier: use evaluate_dataset")
-    listing = discover_segmentation(Path(data))
+    listing = discover_segmentation(Path(data), allow_outside_root=True)  # as in evaluate_dataset
     reader = make_reader(trained.run_config)
     mcfg = dataclasses.replace(trained.preprocess, equalize="none", denoise="none", channels=1)
     skipped: Counter[str] = Counter(listing.skipped)

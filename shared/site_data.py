@@ -22,6 +22,13 @@ patient ids are known. Everything is deterministic given the run's seed. A
 site whose train or validation split is below ``min-train-images`` /
 ``min-val-images`` logs a ``[medfed] warning`` line before round 1.
 
+Every file goes through :func:`shared.data.usable.read_usable` under the
+site's input policy (node config ``max-image-pixels``,
+``allow-outside-data-root``; :func:`shared.data.reading.input_policy`), the
+same function ``medfed data check`` uses, so that the check and the site
+agree on what is usable. A real site reads nothing the run config names
+(:func:`shared.config.for_site`).
+
 Only counts are logged here: never a file path or a patient id.
 """
 
@@ -37,7 +44,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shared.config import ConfigError, RunConfig, SiteConfig
+from shared.config import ConfigError, RunConfig, SiteConfig, for_site
 from shared.console import console_line
 from shared.data.cache import SiteCache, build_or_load
 from shared.data.labels import task_labels
@@ -45,9 +52,10 @@ from shared.data.partition import partition_indices
 from shared.data.phantoms_tasks import apply_profile, site_profile
 from shared.data.preprocess import preprocess
 from shared.data.seg_sources import SegRecord, discover_segmentation, model_spacings, read_record_mask
-from shared.data.reading import READER_VERSION, cache_root, make_reader, resolve_path
-from shared.data.sources import DataSourceError, ImageListing, discover
+from shared.data.reading import READER_VERSION, cache_root, input_policy, make_reader, resolve_path
+from shared.data.sources import DataSourceError, ImageListing, data_root, discover, pixel_limit
 from shared.data.splits import train_val_split
+from shared.data.usable import InputPolicy, bounded, usable_reader
 from shared.kinds import SEGMENTATION
 from shared.tasks import TaskSpec
 
@@ -103,15 +111,17 @@ def _read_records(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode + preprocess the listed images at ``indices`` (or load them from the site cache).
 
-    Unreadable files are quarantined: counted by reason in ``skipped``, never trained on.
+    Unusable files (:func:`shared.data.usable.read_usable`) are quarantined: counted by
+    reason in ``skipped``, never trained on.
     Returns ``(images, labels, kept)`` with ``kept`` indexing into ``listing.records``.
     """
     pcfg = task.preprocess_for(cfg)
+    policy = input_policy(site)
     cache = SiteCache(cache_root(site)) if cfg.data.cache else None
     files = [listing.records[int(i)].path for i in indices]
     arrays = build_or_load(
-        cache, files, labels[indices], pcfg, make_reader(cfg),
-        extra={"reader": READER_VERSION, "dicom-window-fallback": cfg.data.dicom_window_fallback},
+        cache, files, labels[indices], pcfg, usable_reader(make_reader(cfg), policy, listing.root),
+        extra=_cache_extra(cfg, policy),
     )
     skipped.update(arrays.skipped)
     if len(arrays.kept) == 0:
@@ -123,18 +133,24 @@ def _read_records(
     return np.array(arrays.images), np.asarray(arrays.labels, dtype=np.int64), kept
 
 
+def _cache_extra(cfg: RunConfig, policy: InputPolicy) -> dict[str, object]:
+    """Everything besides the file list and preprocessing that decides what a cache entry holds."""
+    return {"reader": READER_VERSION, "dicom-window-fallback": cfg.data.dicom_window_fallback,
+            "max-pixels": policy.max_pixels, "allow-outside-root": policy.allow_outside_root}
+
+
 def _split(images: np.ndarray, labels: np.ndarray, groups: np.ndarray | None, cfg: RunConfig, salt: int) -> tuple[np.ndarray, ...]:
     tr, va = train_val_split(labels, cfg.data.val_fraction, seed=cfg.seed + salt, groups=groups)
     return images[tr], labels[tr], images[va], labels[va]
 
 
-def _load_listing(path: str, task: TaskSpec) -> tuple[ImageListing, np.ndarray]:
-    listing = discover(resolve_path(path))
+def _load_listing(path: str, task: TaskSpec, site: SiteConfig) -> tuple[ImageListing, np.ndarray]:
+    listing = discover(resolve_path(path), allow_outside_root=input_policy(site).allow_outside_root)
     return listing, task_labels(listing, task.class_names, task.label_column, task.label_aliases)
 
 
 def _load_real_site(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> SiteData:
-    listing, labels = _load_listing(site.data_path, task)
+    listing, labels = _load_listing(site.data_path, task, site)
     skipped: Counter[str] = Counter(listing.skipped)
     images, labels, keep = _read_records(listing, np.arange(len(listing.records)), labels, cfg, task, site, skipped)
     groups = listing.groups()
@@ -202,7 +218,7 @@ def natural_site_count(cfg: RunConfig, task: TaskSpec) -> int:
 
 
 def _load_partition_of_dataset(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> SiteData:
-    listing, labels = _load_listing(cfg.data.data_path, task)
+    listing, labels = _load_listing(cfg.data.data_path, task, site)
     groups = listing.groups()
     values = _column_values(listing, cfg.partition.column) if cfg.partition.kind == "natural" else None
     mine = _my_partition(cfg, site, labels, groups, values)
@@ -252,21 +268,28 @@ def _load_segmentation(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> Site
         groups, skipped = None, Counter()
         kept: list[SegRecord] | None = None
     else:
-        listing = discover_segmentation(resolve_path(cfg.data.data_path if site.simulated else site.data_path))
+        policy = input_policy(site)
+        path = resolve_path(cfg.data.data_path if site.simulated else site.data_path)
+        listing = discover_segmentation(path, allow_outside_root=policy.allow_outside_root)
         zeros = np.zeros(len(listing.records), dtype=np.int64)
         all_groups = listing.groups()
         mine = _my_partition(cfg, site, zeros, all_groups) if site.simulated else np.arange(len(listing.records))
         recs = [listing.records[int(i)] for i in mine]
         cache = SiteCache(cache_root(site)) if cfg.data.cache else None
-        extra = {"reader": READER_VERSION, "dicom-window-fallback": cfg.data.dicom_window_fallback}
-        imgs = build_or_load(cache, [r.image for r in recs], zeros[mine], pcfg, make_reader(cfg), extra=extra)
+        extra = _cache_extra(cfg, policy)
+        imgs = build_or_load(cache, [r.image for r in recs], zeros[mine], pcfg,
+                             usable_reader(make_reader(cfg), policy, data_root(path)), extra=extra)
         record_of = {r.mask: r for r in recs}
         mcfg = dataclasses.replace(pcfg, equalize="none", denoise="none", channels=1)
         mextra: dict[str, object] = {**extra, "kind": "mask"}
         if any(r.rle is not None for r in recs):  # run-length masks have no file of their own: key on their runs
             mextra["rle"] = hashlib.sha256(json.dumps([r.rle for r in recs]).encode()).hexdigest()
-        msks = build_or_load(cache, [r.mask for r in recs], zeros[mine], mcfg,
-                             lambda p: read_record_mask(record_of[p]), extra=mextra)
+
+        def read_mask(p: object) -> np.ndarray:
+            with bounded(policy):  # the site's pixel cap for the mask and the image read for its size
+                return read_record_mask(record_of[p])
+
+        msks = build_or_load(cache, [r.mask for r in recs], zeros[mine], mcfg, read_mask, extra=mextra)
         skipped = Counter(listing.skipped)
         skipped.update(imgs.skipped)
         skipped.update({k: v for k, v in msks.skipped.items() if k != "unreadable-image"})
@@ -282,7 +305,8 @@ def _load_segmentation(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> Site
     tr, va = train_val_split(np.zeros(len(images), dtype=np.int64), cfg.data.val_fraction,
                              seed=cfg.seed + 1 + int(site.partition_id or 0), groups=groups)
     empty = np.zeros(0, dtype=np.int64)
-    spacings = model_spacings([kept[int(i)] for i in va], pcfg) if kept is not None else []
+    with pixel_limit(input_policy(site).max_pixels):
+        spacings = model_spacings([kept[int(i)] for i in va], pcfg) if kept is not None else []
     val_spacings = tuple(spacings) if any(s is not None for s in spacings) else None
     return SiteData(images[tr], empty, images[va], empty, task.class_names, dict(skipped),
                     train_masks=masks[tr], val_masks=masks[va], val_spacings=val_spacings)
@@ -330,8 +354,11 @@ def load_site_data(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> SiteData
     """Load (or reuse from this process's cache) the data of one site.
 
     Flower's simulation reuses worker processes across rounds, so a site's
-    images are decoded once per process, not once per round.
+    images are decoded once per process, not once per round. A real site
+    ignores the run config's path keys (:func:`shared.config.for_site`): it
+    reads its node config's ``data-path`` only.
     """
+    cfg = for_site(cfg, site)
     key = (task.name, cfg.data, cfg.partition, cfg.seed, site)
     if key in _CACHE:
         _CACHE.move_to_end(key)

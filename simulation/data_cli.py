@@ -12,6 +12,7 @@ import json
 import sys
 
 from shared.data_check import check_dataset, format_report
+from shared.limits import DEFAULT_MAX_PIXELS, MAX_PIXELS_LIMIT
 from shared.registry import UnknownNameError
 from shared.tasks import TASKS
 
@@ -50,8 +51,28 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     check.add_argument("--val-fraction", type=float, default=0.2,
                        help="validation share of the site's own split (default 0.2)")
     check.add_argument("--seed", type=int, default=0, help="seed of the site's split (default 0)")
+    check.add_argument("--max-pixels", type=_pixels, default=DEFAULT_MAX_PIXELS, metavar="N",
+                       help=f"largest width x height (x frames) an image header may state; larger files are "
+                            f"quarantined as too-large without being decoded (default {DEFAULT_MAX_PIXELS}; "
+                            "use the site's node-config max-image-pixels)")
+    check.add_argument("--allow-outside-root", action="store_true",
+                       help="read manifest rows and symlinks that lead outside the data folder (default: "
+                            "quarantined as outside-data-root; as node-config allow-outside-data-root=true)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.set_defaults(func=_cmd_check)
+
+
+def _pixels(text: str) -> int:
+    try:
+        value = int(text.replace("_", ""))
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_PIXELS_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer number of pixels in [1, {MAX_PIXELS_LIMIT}], got {text!r} "
+            f"(e.g. {DEFAULT_MAX_PIXELS} for 50 megapixels)"
+        )
+    return value
 
 
 def _progress(done: int, total: int) -> None:
@@ -66,7 +87,8 @@ def _progress(done: int, total: int) -> None:
 def _cmd_check(args: argparse.Namespace) -> int:
     try:
         report = check_dataset(
-            args.path, args.task, val_fraction=args.val_fraction, seed=args.seed, progress=_progress
+            args.path, args.task, val_fraction=args.val_fraction, seed=args.seed, progress=_progress,
+            max_pixels=args.max_pixels, allow_outside_root=args.allow_outside_root,
         )
     except (UnknownNameError, ValueError) as exc:
         print(f"medfed data check: {exc}", file=sys.stderr)

@@ -2,7 +2,9 @@
 
 Only parses arguments and delegates to :mod:`shared.inference`. Errors (bad
 model file, missing input, unsupported model kind) are printed as one line
-to stderr with exit code 2.
+to stderr with exit code 2. :mod:`shared.inference` (torch, the model zoo) is
+imported when a command runs, so that other ``medfed`` commands (``data
+check``) start fast and small.
 """
 
 from __future__ import annotations
@@ -11,28 +13,22 @@ import argparse
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared.data.sources import DataSourceError
-from shared.inference import (
-    ModelFileError,
-    NotSupportedError,
-    TrainedModel,
-    collect_inputs,
-    evaluate_dataset,
-    evaluate_segmentation,
-    SEGMENTATION_COLUMNS,
-    load_trained,
-    predict_files,
-    predict_masks,
-    write_predictions_csv,
-    write_rows_csv,
-)
 from shared.kinds import SEGMENTATION
 from shared.results import write_json
 
+if TYPE_CHECKING:
+    from shared.inference import TrainedModel
+
 __all__ = ["add_predict_parser"]
 
-_USER_ERRORS = (ModelFileError, NotSupportedError, DataSourceError, ValueError)
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from shared.inference import ModelFileError, NotSupportedError
+
+    return (ModelFileError, NotSupportedError, DataSourceError, ValueError)
 
 
 def add_predict_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -101,6 +97,8 @@ def _fail(command: str, exc: BaseException) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from shared.inference import collect_inputs, load_trained, predict_files, write_predictions_csv
+
     try:
         trained = load_trained(args.model)
         files = collect_inputs(args.inputs)
@@ -113,7 +111,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         out = Path(args.out)
         heat_dir = out / "heatmaps" if args.heatmaps else None
         rows = predict_files(trained, files, threshold=args.threshold, heatmap_dir=heat_dir, batch_size=args.batch_size)
-    except _USER_ERRORS as exc:
+    except _user_errors() as exc:
         return _fail("predict", exc)
     csv_path = write_predictions_csv(rows, out / "predictions.csv", trained.class_names)
     errors = sum(1 for r in rows if r.get("error"))
@@ -128,6 +126,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _predict_masks(trained: TrainedModel, files: list[Path], args: argparse.Namespace) -> int:
+    from shared.inference import SEGMENTATION_COLUMNS, predict_masks, write_rows_csv
+
     if args.heatmaps:
         raise ValueError("--heatmaps (Grad-CAM) is for classifiers; for a segmentation model use --overlays")
     out = Path(args.out)
@@ -142,9 +142,11 @@ def _predict_masks(trained: TrainedModel, files: list[Path], args: argparse.Name
 
 
 def _evaluate_segmentation(trained: TrainedModel, args: argparse.Namespace) -> int:
+    from shared.inference import evaluate_segmentation
+
     try:
         report = evaluate_segmentation(trained, args.data)
-    except _USER_ERRORS as exc:
+    except _user_errors() as exc:
         return _fail("evaluate", exc)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -163,12 +165,14 @@ def _fmt(v: object) -> str:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from shared.inference import evaluate_dataset, load_trained
+
     try:
         trained = load_trained(args.model)
         if trained.kind == SEGMENTATION:
             return _evaluate_segmentation(trained, args)
         result = evaluate_dataset(trained, args.data, batch_size=args.batch_size)
-    except _USER_ERRORS as exc:
+    except _user_errors() as exc:
         return _fail("evaluate", exc)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

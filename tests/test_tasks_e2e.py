@@ -48,7 +48,7 @@ def test_task_learns_on_phantoms(task: str, tmp_path: Path) -> None:
     elif spec.view is MULTICLASS:  # macro one-vs-rest AUROC, argmax decisions: no operating threshold
         assert final["auroc"] > 0.7, final
         assert all(f"auroc-{k}" in final for k in range(spec.num_classes)) and "threshold" not in final
-        model = torch.load(res.run_dir / "model.pt", weights_only=False)
+        model = torch.load(res.run_dir / "model.pt", weights_only=True)
         assert model["meta"]["threshold"] is None and model["meta"]["num-classes"] == spec.num_classes
     else:
         assert final["auroc"] > 0.7, final

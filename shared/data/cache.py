@@ -21,6 +21,11 @@ Privacy: the key is a SHA-256 digest; the cache stores pixels, labels, indices,
 skip counts and shapes only: no file path, file name, patient id or header
 value. Logs name the first 12 characters of the key, never a path.
 
+Safety: an entry is plain data, never code. Arrays are written and read with
+``allow_pickle=False``, and an entry whose ``.npy`` header declares an object
+dtype (which only a pickle could fill) is rejected before it is loaded and
+rebuilt; ``meta.json`` is parsed as JSON.
+
 Invalidation: the key covers every file's resolved path, size and
 ``mtime_ns``, the labels, the preprocessing settings, ``extra`` and
 :data:`CACHE_VERSION`. Anything else that changes the pixels (a different
@@ -228,6 +233,8 @@ class SiteCache:
             if not path.is_file():
                 raise _Corrupt(f"{name}.npy missing")
             shape, dtype, fortran, offset = _npy_header(path)
+            if dtype.hasobject:
+                raise _Corrupt(f"{name}.npy declares an object dtype (pickled data): refused")
             if list(shape) != list(spec["shape"]) or str(dtype) != spec["dtype"] or fortran:
                 raise _Corrupt(f"{name}.npy header {shape} {dtype} does not match meta {spec['shape']} {spec['dtype']}")
             expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -366,8 +373,11 @@ def build_or_load(
     reader : Callable[[Path], np.ndarray]
         Decodes one file (any dtype; colour as RGB) or raises
         :class:`~shared.data.sources.ImageReadError`, counted under its
-        ``reason`` attribute (default ``"unreadable-image"``). Other
-        exceptions propagate.
+        ``reason`` attribute (default ``"unreadable-image"``). A
+        ``MemoryError`` while reading or preprocessing one file is counted as
+        ``"out-of-memory"`` and the build goes on. Other exceptions
+        propagate (a site wraps its reader in
+        :func:`shared.data.usable.usable_reader`, which counts them).
     extra : Mapping[str, object], optional
         More key material (reader name and version, windowing...). Never
         stored, only hashed.
@@ -405,6 +415,9 @@ def build_or_load(
             kept.append(i)
         except ImageReadError as exc:
             skipped[_safe_reason(getattr(exc, "reason", DEFAULT_SKIP_REASON))] += 1
+        except MemoryError:  # one oversized or hostile file must not end the site's process
+            logger.warning("a file ran out of memory while being preprocessed: quarantined as out-of-memory")
+            skipped["out-of-memory"] += 1
         if progress is not None and ((i + 1) % step == 0 or i + 1 == total):
             progress(i + 1, total)
     kept_arr = np.asarray(kept, dtype=np.int64)

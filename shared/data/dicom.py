@@ -31,6 +31,15 @@ Anything else is rejected with :class:`DicomRejected`, whose ``reason`` is one
 of :data:`REJECT_REASONS`, so that callers can quarantine a file and count
 why, rather than crash a round or train on zeros.
 
+Bounded input: before anything is decoded, a file larger than any image
+within the pixel cap could need, or a header whose Rows x Columns x Number of
+Frames exceeds the cap (:data:`shared.limits.DEFAULT_MAX_PIXELS`, a site's
+``max-image-pixels``, :attr:`DicomOptions.max_pixels`), is refused with
+:class:`shared.data.sources.InputRejected` reason ``"too-large"``; the
+decoder never allocates it. :func:`dicom_geometry` (registered as the header
+probe for ``.dcm``/``.dicom``) reads only the header (``stop_before_pixels``,
+large values deferred).
+
 Privacy: exception messages name the file (never its folder) and, of all the
 header, at most the transfer syntax and photometric interpretation. Log lines
 carry neither the file name nor any header value other than those two.
@@ -65,7 +74,16 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from shared.data.sources import ImageReadError, register_reader
+from shared.data.sources import (
+    TOO_LARGE,
+    ImageGeometry,
+    ImageReadError,
+    InputRejected,
+    current_max_pixels,
+    register_probe,
+    register_reader,
+)
+from shared.limits import max_file_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +92,7 @@ __all__ = [
     "REJECT_REASONS",
     "DicomOptions",
     "DicomRejected",
+    "dicom_geometry",
     "dicom_to_uint8",
     "dicom_shape",
     "pixel_spacing_mm",
@@ -184,12 +203,16 @@ class DicomOptions:
         Also read files without the 128-byte preamble and ``DICM`` marker
         (some old exports). Off by default: with it any file parses as a
         (meaningless) dataset.
+    max_pixels : int or None
+        Cap on Rows x Columns x Number of Frames; ``None`` (default) = the
+        cap in force (:func:`shared.data.sources.current_max_pixels`).
     """
 
     window_fallback: str = "percentile"
     percentiles: tuple[float, float] = (0.5, 99.5)
     use_file_voi: bool = True
     force: bool = False
+    max_pixels: int | None = None
 
     def __post_init__(self) -> None:
         if self.window_fallback not in WINDOW_FALLBACKS:
@@ -204,6 +227,9 @@ class DicomOptions:
             or not 0.0 <= p[0] < p[1] <= 100.0
         ):
             raise ValueError(f"percentiles must be a tuple (low, high) with 0 <= low < high <= 100, got {p!r}")
+        m = self.max_pixels
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ValueError(f"max_pixels must be a positive integer or None, got {m!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -299,7 +325,16 @@ def _reject(reason: str, message: str) -> DicomRejected:
 # ---------------------------------------------------------------------------
 
 
-def _read_dataset(path: Path, force: bool) -> Dataset:
+def _too_large(name: str, what: str, cap: int) -> InputRejected:
+    logger.debug("refused a DICOM file over the pixel cap")
+    return InputRejected(
+        TOO_LARGE,
+        f"'{name}' {what}, over the cap of {cap} pixels; not decoded. Raise the site's max-image-pixels "
+        "if such images are expected",
+    )
+
+
+def _read_dataset(path: Path, force: bool, cap: int) -> Dataset:
     # Rejections are raised outside the ``except`` blocks so that they carry
     # no ``__context__``: pydicom's own messages may quote paths or values.
     name = path.name
@@ -311,6 +346,8 @@ def _read_dataset(path: Path, force: bool) -> Dataset:
         raise _reject("corrupt", f"'{name}' cannot be opened (missing or unreadable)")
     if size == 0:
         raise _reject("corrupt", f"'{name}' is an empty file (0 bytes): truncated or failed copy")
+    if size > max_file_bytes(cap):
+        raise _too_large(name, f"has {size} bytes, more than any image within the cap needs", cap)
     failure: str | None = None
     try:
         ds = pydicom.dcmread(path, force=force)
@@ -366,8 +403,25 @@ def _is_image_sop_class(ds: Dataset) -> bool:
     return False
 
 
-def _check_header(ds: Dataset, name: str) -> tuple[str, str]:
+def _stated_pixels(ds: Dataset) -> tuple[int, int, int] | None:
+    """(Rows, Columns, frames) as the header states them; None when absent or malformed."""
+    try:
+        rows, cols = int(ds.get("Rows")), int(ds.get("Columns"))
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (TypeError, ValueError):
+        return None
+    if rows < 1 or cols < 1 or frames < 1:
+        return None
+    return rows, cols, frames
+
+
+def _check_header(ds: Dataset, name: str, cap: int) -> tuple[str, str]:
     """Reject what can be judged from the header; return (transfer syntax UID, photometric)."""
+    stated = _stated_pixels(ds)
+    if stated is not None and stated[0] * stated[1] * stated[2] > cap:
+        rows, cols, frames = stated
+        n_frames = f" x {frames} frames" if frames > 1 else ""
+        raise _too_large(name, f"states {cols} x {rows}{n_frames} = {rows * cols * frames} pixels", cap)
     if "PixelData" not in ds:
         # pydicom silently stops at the end of a truncated file, so an image
         # object without pixels is damaged, not a non-image object.
@@ -566,12 +620,16 @@ def read_dicom(path: str | Path, options: DicomOptions = DicomOptions()) -> np.n
         decoder (the message names the transfer syntax and the ``pip install``
         command), a transfer syntax pydicom cannot decode, a constant or
         all-zero image, or an unsupported photometric interpretation.
+    shared.data.sources.InputRejected
+        ``"too-large"``: the file, or the size its header states (Rows x
+        Columns x frames), exceeds the pixel cap; nothing was decoded.
     """
     path = Path(path)
     name = path.name
+    cap = options.max_pixels if options.max_pixels is not None else current_max_pixels()
     with _quiet_third_party():
-        ds = _read_dataset(path, options.force)
-        ts, pi = _check_header(ds, name)
+        ds = _read_dataset(path, options.force, cap)
+        ts, pi = _check_header(ds, name, cap)
         arr, decoded_pi = _decode(ds, name, ts)
         if arr.ndim == 4 or (arr.ndim == 3 and pi in _GRAY):
             raise _reject("multi-frame", f"'{name}' decodes to several frames: only single-frame images are read")
@@ -653,6 +711,42 @@ def pixel_spacing_mm(path: str | Path) -> tuple[float, float] | None:
     return None
 
 
+_GEOMETRY_TAGS = ["Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated"]
+
+
+def dicom_geometry(path: str | Path) -> ImageGeometry | None:
+    """The image size a DICOM header states, without reading pixel data.
+
+    Registered as the header probe of ``.dcm``/``.dicom``
+    (:func:`shared.data.sources.screen_image`): pydicom reads the header only
+    (``stop_before_pixels``; values over 4 KiB are skipped, not read).
+
+    Returns
+    -------
+    ImageGeometry or None
+        Columns, Rows, Number of Frames, Samples per Pixel and Bits
+        Allocated; ``None`` when Rows/Columns are absent or malformed (the
+        reader then rejects the file without allocating).
+
+    Raises
+    ------
+    DicomRejected
+        ``"not-dicom"`` or ``"corrupt"`` if the header cannot be read.
+    """
+    with _quiet_third_party():
+        ds = _read_dataset_header(Path(path), _GEOMETRY_TAGS)
+        stated = _stated_pixels(ds)
+        if stated is None:
+            return None
+        try:
+            samples = max(1, int(ds.get("SamplesPerPixel") or 1))
+            bits = max(1, int(ds.get("BitsAllocated") or 8))
+        except (TypeError, ValueError):
+            samples, bits = 1, 8
+    rows, cols, frames = stated
+    return ImageGeometry(width=cols, height=rows, frames=frames, samples=samples, bits=bits)
+
+
 def dicom_shape(path: str | Path) -> tuple[int, int] | None:
     """``(Rows, Columns)`` from the header (the decoded image's height and width), without reading pixels.
 
@@ -668,12 +762,13 @@ def dicom_shape(path: str | Path) -> tuple[int, int] | None:
     return (rows, cols) if rows > 0 and cols > 0 else None
 
 
-def _read_dataset_header(path: Path) -> Dataset:
+def _read_dataset_header(path: Path, tags: list[str] | None = None) -> Dataset:
     name = path.name
     failure: str | None = None
     try:
         ds = pydicom.dcmread(
-            path, stop_before_pixels=True, specific_tags=["PixelSpacing", "ImagerPixelSpacing", "Rows", "Columns"]
+            path, stop_before_pixels=True, defer_size=4096,
+            specific_tags=tags or ["PixelSpacing", "ImagerPixelSpacing", "Rows", "Columns"],
         )
     except InvalidDicomError:
         failure = "not-dicom"
@@ -686,6 +781,9 @@ def _read_dataset_header(path: Path) -> Dataset:
     if failure == "corrupt":
         raise _reject("corrupt", f"'{name}' cannot be opened or its header cannot be parsed")
     return ds
+
+
+register_probe(DICOM_SUFFIXES)(dicom_geometry)
 
 
 @register_reader(DICOM_SUFFIXES)

@@ -1,4 +1,4 @@
-"""How a site reads its files: path resolution, the decoder for each file, the cache location.
+"""How a site reads its files: path resolution, the decoder for each file, its input policy, the cache location.
 
 Only counts are logged by callers of these helpers: never a file path.
 """
@@ -15,10 +15,12 @@ import numpy as np
 from shared.config import RunConfig, SiteConfig
 from shared.data.dicom import DicomOptions, read_dicom
 from shared.data.sources import read_raw
+from shared.data.usable import InputPolicy
 
-__all__ = ["DICOM_SUFFIXES", "READER_VERSION", "cache_root", "make_reader", "resolve_path"]
+__all__ = ["DICOM_SUFFIXES", "READER_VERSION", "cache_root", "input_policy", "make_reader", "resolve_path"]
 
-READER_VERSION = "medfed-reader-1"  # bump when decoding changes: invalidates every site cache
+# bump when decoding changes: invalidates every site cache. 2: header screening, constant 8-bit images quarantined
+READER_VERSION = "medfed-reader-2"
 DICOM_SUFFIXES = (".dcm", ".dicom")
 
 
@@ -30,8 +32,28 @@ def resolve_path(path: str) -> Path:
     return p
 
 
+def input_policy(site: SiteConfig) -> InputPolicy:
+    """The site's input policy from its node config (``max-image-pixels``, ``allow-outside-data-root``).
+
+    A real site is held to its ``data-path`` folder unless its node config
+    says ``allow-outside-data-root=true``. A simulated site is not: it reads
+    the run's own dataset, chosen by whoever runs the simulation on their
+    machine (often a subset manifest listing files elsewhere), and Flower
+    gives simulated sites no node config in which to allow it. The pixel cap
+    applies to both.
+    """
+    allow = site.allow_outside_data_root or site.simulated
+    return InputPolicy(max_pixels=site.max_image_pixels, allow_outside_root=allow)
+
+
 def make_reader(cfg: RunConfig) -> Callable[[Path], np.ndarray]:
-    """Decode one file for the pipeline: DICOM via :func:`read_dicom`, others via the registry (RGB order)."""
+    """Decode one file for the pipeline: DICOM via :func:`read_dicom`, others via the registry (RGB order).
+
+    Both refuse a file over the pixel cap in force before decoding it
+    (:func:`shared.data.sources.pixel_limit`; the default outside one). A
+    site reads through :func:`shared.data.usable.usable_reader`, which sets
+    the site's own cap and applies the rest of its input policy.
+    """
     options = DicomOptions(window_fallback=cfg.data.dicom_window_fallback)
 
     def read(path: Path) -> np.ndarray:

@@ -24,6 +24,13 @@ Masks are image files (any depth); pixels above half the mask's range are
 foreground (anti-aliased 0..255 masks are thresholded at 127). A mask whose
 size differs from its image is quarantined, never resized silently.
 Nothing here logs a path or a patient id.
+
+Image and mask paths (manifest columns, folder pairs, run-length image
+lookups) that resolve outside the data folder -- ``../`` rows, symlinks -- are
+counted as ``"outside-data-root"`` and not listed, unless the site allows it
+(``allow_outside_root``; node config ``allow-outside-data-root=true``). Every
+read goes through :func:`shared.data.sources.read_raw`, so the pixel cap
+applies to images and masks alike.
 """
 
 from __future__ import annotations
@@ -40,7 +47,16 @@ import numpy as np
 from shared.data.dicom import DICOM_SUFFIXES, DicomRejected, dicom_shape, pixel_spacing_mm
 from shared.data.preprocess import PreprocessConfig, model_spacing
 from shared.data.rle import rle_decode
-from shared.data.sources import DataSourceError, ImageReadError, read_raw, registered_suffixes
+from shared.data.sources import (
+    OUTSIDE_ROOT,
+    TOO_LARGE,
+    DataSourceError,
+    ImageReadError,
+    data_root,
+    is_outside,
+    read_raw,
+    registered_suffixes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +105,7 @@ class SegListing:
         return np.array([r.patient_id or f"__record-{i}" for i, r in enumerate(self.records)], dtype=object)
 
 
-def _manifest_pairs(manifest: Path) -> tuple[list[SegRecord], Counter[str]]:
+def _manifest_pairs(manifest: Path, root: Path | None) -> tuple[list[SegRecord], Counter[str]]:
     with open(manifest, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
     if not rows:
@@ -114,7 +130,9 @@ def _manifest_pairs(manifest: Path) -> tuple[list[SegRecord], Counter[str]]:
             skipped["short-row"] += 1
             continue
         image, mask = base / row[col_image].strip(), base / row[col_mask].strip()
-        if not image.is_file():
+        if root is not None and (is_outside(image, root) or is_outside(mask, root)):
+            skipped[OUTSIDE_ROOT] += 1  # counted, never logged
+        elif not image.is_file():
             skipped["missing-file"] += 1
         elif not mask.is_file():
             skipped["missing-mask"] += 1
@@ -162,7 +180,7 @@ def _rle_header(path: Path) -> tuple[int, int] | None:
     return None
 
 
-def _rle_pairs(table: Path) -> tuple[list[SegRecord], Counter[str]]:
+def _rle_pairs(table: Path, root: Path | None) -> tuple[list[SegRecord], Counter[str]]:
     """Records of a SIIM-ACR CSV whose ``ImageId`` names an image (file stem) below the CSV's folder."""
     cols = _rle_header(table)
     if cols is None:
@@ -190,6 +208,9 @@ def _rle_pairs(table: Path) -> tuple[list[SegRecord], Counter[str]]:
         if len(found) != 1:
             skipped["missing-file" if not found else "ambiguous-image-id"] += 1
             continue
+        if root is not None and is_outside(found[0], root):
+            skipped[OUTSIDE_ROOT] += 1  # a symlinked image leading out of the data folder
+            continue
         records.append(SegRecord(found[0], table.with_name(f"{table.name}#{image_id}"), rle=tuple(rles)))
     unlabelled = sum(len(v) for k, v in by_stem.items() if k not in runs)
     if unlabelled:
@@ -197,7 +218,7 @@ def _rle_pairs(table: Path) -> tuple[list[SegRecord], Counter[str]]:
     return records, skipped
 
 
-def _folder_pairs(root: Path) -> tuple[list[SegRecord], Counter[str]]:
+def _folder_pairs(root: Path, contain: Path | None) -> tuple[list[SegRecord], Counter[str]]:
     suffixes = set(registered_suffixes())
     images = {p.stem: p for p in sorted((root / "images").rglob("*")) if p.suffix.lower() in suffixes}
     masks = {p.stem: p for p in sorted((root / "masks").rglob("*")) if p.suffix.lower() in suffixes}
@@ -205,29 +226,52 @@ def _folder_pairs(root: Path) -> tuple[list[SegRecord], Counter[str]]:
     missing = len(set(images) - set(masks))
     if missing:
         skipped["missing-mask"] += missing
-    return [SegRecord(images[s], masks[s]) for s in sorted(set(images) & set(masks))], skipped
+    records = []
+    for s in sorted(set(images) & set(masks)):
+        if contain is not None and (is_outside(images[s], contain) or is_outside(masks[s], contain)):
+            skipped[OUTSIDE_ROOT] += 1
+            continue
+        records.append(SegRecord(images[s], masks[s]))
+    return records, skipped
 
 
-def discover_segmentation(path: str | Path) -> SegListing:
+def discover_segmentation(path: str | Path, *, allow_outside_root: bool = False) -> SegListing:
     """List the image/mask pairs of a segmentation dataset.
+
+    Parameters
+    ----------
+    path : str or Path
+        A manifest or run-length CSV, or a folder (see the module docstring).
+    allow_outside_root : bool
+        Keep pairs whose image or mask resolves outside the data folder (the
+        folder given, or the CSV's folder). Off by default: such pairs are
+        counted as ``"outside-data-root"``.
 
     Raises
     ------
     DataSourceError
-        Path missing, layout not recognised, or no usable pair.
+        Path missing, layout not recognised, the folder's manifest is a link
+        leading outside it (unless allowed), or no usable pair.
     """
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.exists():
         raise DataSourceError("segmentation data path does not exist; expected a manifest CSV or a folder")
+    root = data_root(p)
+    contain = None if allow_outside_root else root
     rle_tables = sorted(t for t in p.glob("*.csv") if _rle_header(t) is not None) if p.is_dir() else []
+    if contain is not None and p.is_dir() and (p / MANIFEST_NAME).is_file() and is_outside(p / MANIFEST_NAME, root):
+        raise DataSourceError(
+            f"segmentation data: '{MANIFEST_NAME}' is a link to a file outside the data folder; copy it in, or set "
+            "allow-outside-data-root=true in the site's node config if the site really means to read outside its folder"
+        )
     if p.is_file() and p.suffix.lower() == ".csv":
-        records, skipped = _rle_pairs(p) if _rle_header(p) is not None else _manifest_pairs(p)
+        records, skipped = _rle_pairs(p, contain) if _rle_header(p) is not None else _manifest_pairs(p, contain)
     elif p.is_dir() and (p / MANIFEST_NAME).is_file():
-        records, skipped = _manifest_pairs(p / MANIFEST_NAME)
+        records, skipped = _manifest_pairs(p / MANIFEST_NAME, contain)
     elif p.is_dir() and (p / "images").is_dir() and (p / "masks").is_dir():
-        records, skipped = _folder_pairs(p)
+        records, skipped = _folder_pairs(p, contain)
     elif len(rle_tables) == 1:
-        records, skipped = _rle_pairs(rle_tables[0])
+        records, skipped = _rle_pairs(rle_tables[0], contain)
     elif len(rle_tables) > 1:
         raise DataSourceError(
             f"segmentation data: the folder holds {len(rle_tables)} run-length CSVs ({[t.name for t in rle_tables]}); "
@@ -252,22 +296,30 @@ def _gray(img: np.ndarray) -> np.ndarray:
 def read_mask(mask_path: Path, image_path: Path | None = None) -> np.ndarray:
     """Read a mask as uint8 0/255; with ``image_path``, check that the sizes agree.
 
+    The image is read first: when it cannot be used the pair is counted once,
+    under the image's reason, by whoever reads the images.
+
     Raises
     ------
     MaskReadError
-        ``unreadable-mask`` or ``mask-size-mismatch``.
+        ``unreadable-image`` (the image), ``too-large`` (the mask is over the
+        pixel cap), ``unreadable-mask`` or ``mask-size-mismatch``.
     """
-    try:
-        m = _gray(read_raw(mask_path)).astype(np.float32)
-    except ImageReadError:
-        raise MaskReadError("unreadable-mask", f"mask '{mask_path.name}' cannot be read") from None
+    shape: tuple[int, ...] | None = None
     if image_path is not None:
         try:
             shape = read_raw(image_path).shape[:2]
         except ImageReadError:
             raise MaskReadError("unreadable-image", f"image '{image_path.name}' cannot be read") from None
-        if shape != m.shape:
-            raise MaskReadError("mask-size-mismatch", f"mask {m.shape} and image {shape} differ in size")
+    failure: str | None = None
+    try:
+        m = _gray(read_raw(mask_path)).astype(np.float32)
+    except ImageReadError as exc:
+        failure = TOO_LARGE if getattr(exc, "reason", None) == TOO_LARGE else "unreadable-mask"
+    if failure is not None:
+        raise MaskReadError(failure, f"mask '{mask_path.name}' cannot be read ({failure})")
+    if shape is not None and shape != m.shape:
+        raise MaskReadError("mask-size-mismatch", f"mask {m.shape} and image {shape} differ in size")
     hi = float(m.max())
     threshold = 127.0 if hi > 1.0 else 0.5
     return np.where(m > threshold, 255, 0).astype(np.uint8)
