@@ -64,7 +64,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> RunFolder:
         logger.info(console_line("header", f"DP-SGD at every site ({cfg.dp.accountant} accountant); model made "
                                            f"Opacus-compatible: {'; '.join(dp_changes) or 'no changes needed'}"))
 
-    recorder = RoundRecorder(folder, cfg.num_server_rounds, task, min_sites=cfg.strategy.min_sites)
+    recorder = RoundRecorder(folder, cfg.num_server_rounds, task, min_sites=cfg.strategy.min_sites, cfg=cfg)
     strategy = build_strategy(
         cfg.strategy, cfg.train,
         train_metrics_aggr_fn=aggregate_train_metrics,

@@ -23,7 +23,9 @@ from shared.formatting import fmt_metric
 from shared.metrics.federated import SiteEvaluation, pool_evaluations, pool_training
 from shared.privacy.report import round_privacy
 from shared.privacy.site_dp import parse_refusal
+from shared.config import RunConfig
 from shared.results import RunFolder
+from shared.site_data import tiny_site_message
 from shared.tasks import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -48,8 +50,10 @@ class RoundRecorder:
     than this many still train, :class:`FederationStopped` ends the run.
     """
 
-    def __init__(self, folder: RunFolder, num_rounds: int, task: TaskSpec, min_sites: int = 1) -> None:
+    def __init__(self, folder: RunFolder, num_rounds: int, task: TaskSpec, min_sites: int = 1,
+                 cfg: RunConfig | None = None) -> None:
         self.folder = folder
+        self.cfg = cfg
         self.num_rounds = num_rounds
         self.task = task
         self.rule = task.threshold_rule
@@ -112,6 +116,12 @@ class RoundRecorder:
             train, val, quarantined = sizes
             logger.info(console_line("site", f"{site}: {train} training and {val} validation images"
                                              + (f", {quarantined} files quarantined" if quarantined else "")))
+            if quarantined:
+                logger.warning(console_line("warning", f"{site} quarantined {quarantined} file(s) it could not use "
+                                                       "(the site's 'medfed data check' names the reasons)"))
+            tiny = tiny_site_message(site, train, val, self.cfg) if self.cfg is not None else None
+            if tiny is not None:
+                logger.warning(console_line("warning", tiny))
 
     def _record_privacy(self, r: dict[str, Any], sites: dict[str, dict[str, Any]], refused: dict[str, Any]) -> None:
         """Cumulative epsilon per site (DP-SGD) and any budget refusals of this round."""

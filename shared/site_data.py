@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from shared.config import ConfigError, RunConfig, SiteConfig, for_site
-from shared.console import console_line
 from shared.data.cache import SiteCache, build_or_load
 from shared.data.labels import task_labels
 from shared.data.partition import partition_indices
@@ -312,24 +311,13 @@ def _load_segmentation(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> Site
                     train_masks=masks[tr], val_masks=masks[va], val_spacings=val_spacings)
 
 
-def warn_if_tiny(data: SiteData, cfg: RunConfig, site: SiteConfig) -> str | None:
-    """Log a ``[medfed] warning`` line when a site's train or validation split is tiny.
+def tiny_site_message(site_id: str, n_train: int, n_val: int, cfg: RunConfig) -> str | None:
+    """Why a site's split is too small to trust (``None`` when it is not).
 
-    Parameters
-    ----------
-    data : SiteData
-        The site's loaded data.
-    cfg : RunConfig
-        ``min-train-images`` and ``min-val-images`` are the thresholds (0 = never).
-    site : SiteConfig
-        Names the site in the line (its site id; no path, no patient id).
-
-    Returns
-    -------
-    str or None
-        The line logged (at WARNING through this module's logger), or None.
+    ``min-train-images`` and ``min-val-images`` are the thresholds (0 = never).
+    The site logs it in its own log; the server shows it once per run
+    (:mod:`server.recorder`), from the split sizes the site reports.
     """
-    n_train, n_val = len(data.train_images), len(data.val_images)
     short = []
     if n_train < cfg.data.min_train_images:
         short.append(f"{n_train} training images (min-train-images={cfg.data.min_train_images})")
@@ -337,13 +325,16 @@ def warn_if_tiny(data: SiteData, cfg: RunConfig, site: SiteConfig) -> str | None
         short.append(f"{n_val} validation images (min-val-images={cfg.data.min_val_images})")
     if not short:
         return None
-    line = console_line(
-        "warning",
-        f"{site.site_id} has only {' and '.join(short)}: its updates and metrics will be noisy; "
-        "give it more data, simulate fewer sites or less size skew, or lower the threshold",
-    )
-    logger.warning("%s", line)
-    return line
+    return (f"{site_id} has only {' and '.join(short)}: its updates and metrics will be noisy; "
+            "give it more data, simulate fewer sites or less size skew, or lower the threshold")
+
+
+def warn_if_tiny(data: SiteData, cfg: RunConfig, site: SiteConfig) -> str | None:
+    """Log (at WARNING, in the site's own log) when its train or validation split is tiny; return the message."""
+    message = tiny_site_message(site.site_id, len(data.train_images), len(data.val_images), cfg)
+    if message is not None:
+        logger.warning("%s", message)
+    return message
 
 
 _CACHE: OrderedDict[tuple[object, ...], SiteData] = OrderedDict()
