@@ -55,6 +55,8 @@ FLOWER_ENV = {
 #: Simulations only: Ray would otherwise hold back lines that look alike across
 #: sites (e.g. each site's data line) and print them late as "[repeated 2x across cluster]".
 SIMULATION_ENV = {"RAY_DEDUP_LOGS": "0"}
+#: Run-config paths a simulation reads (checked before Flower starts) -> what '' means.
+INPUT_PATH_KEYS = {"init-weights": "random initial weights", "data-path": "the task's synthetic phantoms"}
 LOG_FILE = "flower.log"
 SUPERLINK_LOG_FILE = "superlink.log"
 TAIL_LINES = 30
@@ -230,6 +232,11 @@ def plan_simulation(
             f"min-sites is {cfg.strategy.min_sites} but only {sites} sites are simulated: "
             f"use --sites {cfg.strategy.min_sites} or --run-config \"min-sites={sites}\""
         )
+    for key in INPUT_PATH_KEYS:  # server and simulated sites share this machine: check now, not in round 1
+        path = values.get(key)
+        if isinstance(path, str) and path and not Path(path).exists():
+            raise SimulationPlanError(f"{key} '{path}' does not exist: give an existing path, or {key}='' for "
+                                      f"{INPUT_PATH_KEYS[key]}")
     run_dir = Path(cfg.results_dir) / cfg.run_name
     if run_dir.exists():
         raise SimulationPlanError(f"results folder {run_dir} exists already: choose another run-name")
@@ -354,7 +361,7 @@ def run_simulation(
                               f"its log: {log_target.parent / SUPERLINK_LOG_FILE}", log_file=log_target)
     if not finished:
         why = (f"exceeded its {timeout:.0f} s time limit and was stopped" if timed_out.is_set()
-               else f"did not finish (flwr exit code {returncode})")
+               else f"did not finish: the server wrote no summary.json (flwr exit code {returncode})")
         quoted = "".join(strip_ansi(line) for line in tail).rstrip("\n")
         raise SimulationError(
             f"the simulation {why}. Last lines of Flower's output:\n{quoted}\n"

@@ -170,6 +170,15 @@ def test_usage_errors_are_one_line_exit_2(capsys: pytest.CaptureFixture[str], ar
     assert "--help'" in err
 
 
+def test_a_missing_input_file_fails_before_flower_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "no-such-weights.pt"
+    assert main(["simulate", "--results-dir", str(tmp_path / "results"), "-c", f"init-weights='{missing}'"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == (f"medfed simulate: init-weights '{missing}' does not exist: give an existing path, "
+                                 "or init-weights='' for random initial weights\n")
+    assert not (tmp_path / "results").exists()
+
+
 # ---------------------------------------------------------------------------
 # Shared helpers: overrides, metric formatting
 # ---------------------------------------------------------------------------
@@ -329,7 +338,7 @@ def test_simulate_is_quiet_and_keeps_flowers_output_in_flower_log(tmp_path: Path
     assert f"  results: {run_dir}" in lines
     assert sum(1 for line in lines if line.startswith("[round 1/1] train loss")) == 1
     assert f"Results: {run_dir}" in lines
-    assert any(line.startswith("medfed simulate: 1 rounds x 2 sites in ") for line in lines)
+    assert any(line.startswith("medfed simulate: 1 round x 2 sites in ") for line in lines)
     for noise in ("INFO", "Aggregated", "pid=", "FutureWarning", "Starting FedAvg"):
         assert noise not in out
     assert len(lines) <= 12, out
@@ -340,18 +349,19 @@ def test_simulate_is_quiet_and_keeps_flowers_output_in_flower_log(tmp_path: Path
 
 @pytest.mark.integration
 def test_a_failed_run_keeps_its_log_and_says_where(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    missing = tmp_path / "no-such-weights.pt"
+    bogus = tmp_path / "bogus-weights.pt"  # exists, so the plan passes; the server fails to read it
+    bogus.write_text("not a torch file")
     code = main(["simulate", "--sites", "2", "--rounds", "1", "--results-dir", str(tmp_path / "results"),
-                 "--run-config", f"init-weights='{missing}' run-name='broken'"])
+                 "--run-config", f"init-weights='{bogus}' run-name='broken'"])
     out, err = capsys.readouterr()
     assert code == 1, err
     run_dir = tmp_path / "results" / "broken"
     log_file = run_dir / "flower.log"
-    assert log_file.is_file() and "no-such-weights.pt" in log_file.read_text()
+    assert log_file.is_file() and "bogus-weights.pt" in log_file.read_text()
     assert (run_dir / "superlink.log").is_file()
-    assert err.startswith("medfed simulate: the simulation did not finish (flwr exit code ")
+    assert err.startswith("medfed simulate: the simulation did not finish: the server wrote no summary.json")
     assert f"Full output: {log_file}" in err
-    assert "no-such-weights.pt" in err  # the tail of Flower's output names the cause
+    assert "ModelWeightsError" in err and "bogus-weights.pt" in err  # the tail of Flower's output names the cause
     assert "\x1b[" not in err
     assert out.splitlines()[0].startswith("medfed simulate: pneumonia-cxr with small-cnn")
     assert not re.search(r"^Results:", out, re.M)

@@ -106,7 +106,7 @@ def header_lines(cfg: Any, sites: int, run_dir: Path, *, verbose: bool = False) 
               else f"DP-SGD with noise multiplier {cfg.dp.noise_multiplier:g}")
     else:
         dp = "no DP"
-    where = "shown below" if verbose else f"in {run_dir.name}/flower.log (--verbose shows it live)"
+    where = "shown below" if verbose else "flower.log in the results folder (--verbose shows it live)"
     return [
         f"medfed simulate: {cfg.task} with {cfg.model} at {cfg.data.image_size} px, {cfg.strategy.name}, "
         f"{sites} sites x {rounds} round{'s' if rounds != 1 else ''}",
@@ -137,7 +137,8 @@ def summary_lines(summary: dict[str, Any], *, sites: int, seconds: float, run_di
 
     lines = []
     if with_metrics:
-        lines.append(f"medfed simulate: {summary['rounds']} rounds x {sites} sites in {seconds:.0f} s. "
+        rounds = summary["rounds"]
+        lines.append(f"medfed simulate: {rounds} round{'s' if rounds != 1 else ''} x {sites} sites in {seconds:.0f} s. "
                      f"Final pooled validation {metrics_headline(summary.get('final', {}))}.")
     lines.append(f"Results: {run_dir}")
     privacy = summary.get("privacy") or {}
