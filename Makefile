@@ -33,6 +33,7 @@ test-fast: venv
 	$(BIN)/python -m pytest -m "not integration and not realdata"
 
 benchmark: venv
+	$(BIN)/python benchmarks/cli_startup.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/dp_throughput.py

@@ -1,111 +1,183 @@
-"""The ``medfed`` command line: one tool, one subcommand per job.
+"""The ``medfed`` command line: one tool, one module per command.
 
-Each subcommand only parses its arguments and delegates.
+This module only assembles the commands listed in :data:`COMMANDS` (see
+:mod:`simulation.commands` for how to add one) and maps errors to exit codes
+in one place (:func:`main`):
+
+* a :class:`shared.errors.UserError` (bad configuration, data, model file,
+  ...) or a command-line usage error: one line ``medfed <command>: <message>``
+  on stderr, exit code 2;
+* a :class:`simulation.runner.SimulationError` (a run failed): its message
+  (the tail of Flower's output and where the full log is), exit code 1;
+* an interrupt (Ctrl-C): exit code 130;
+* anything else is a bug and shows its traceback.
+
+Commands return their own documented exit codes otherwise (``data check``:
+0/1/2 verdicts; ``study privacy``: 0/1).
+
+Building the parser imports no heavy library (torch, Flower, MONAI, ...):
+``medfed --help`` answers at once; commands import what they need when run.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
-from shared.config import ConfigError, describe_keys, parse_overrides
-from shared.results import RunFolder
-from simulation.data_cli import add_data_parser
-from simulation.predict_cli import add_predict_parser
-from simulation.privacy_cli import add_privacy_parser
-from simulation.study_cli import add_audit_parser, add_study_parser
+from shared.errors import UserError
+from simulation.errors import SimulationError
 
+__all__ = ["COMMANDS", "UsageError", "build_parser", "main", "version_text"]
 
-def _add_simulate(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser(
-        "simulate",
-        help="run a federated simulation on one machine",
-        description=(
-            "Run a federated simulation: N simulated hospital sites train together with Flower. "
-            "Without data-path the sites share the task's synthetic phantoms; with "
-            "data-path='/folder_or_manifest.csv' a real dataset is partitioned across them."
-        ),
-        epilog="Run options (--run-config keys): 'medfed simulate --list-options'.",
-    )
-    p.add_argument("--sites", type=int, default=3, help="number of simulated sites (default 3)")
-    p.add_argument("--rounds", type=int, default=None, help="federated rounds (sets num-server-rounds)")
-    p.add_argument("--run-config", "-c", action="append", default=[], metavar="'KEY=VALUE ...'",
-                   help="run-config overrides in Flower's syntax, e.g. \"model='resnet18' lr=0.01\"; repeatable")
-    p.add_argument("--results-dir", default=None, help="parent folder of the run's results folder (default ./results)")
-    p.add_argument("--explain-dir", default=None, metavar="DIR",
-                   help="each simulated site writes Grad-CAM overlays of a fixed validation sample to "
-                        "DIR/<site-id>/round-<NNN>/ every round (sets sim-explain-dir; classifier tasks)")
-    p.add_argument("--explain-samples", type=int, default=None, metavar="N",
-                   help="validation images explained per site and round (sets sim-explain-samples; default 8)")
-    p.add_argument("--cpus-per-site", type=int, default=1, help="CPUs reserved per simulated site (default 1)")
-    p.add_argument("--quiet", action="store_true", help="do not echo Flower's output")
-    p.add_argument("--list-options", action="store_true", help="list every run-config key with its default and exit")
-    p.set_defaults(func=_cmd_simulate)
+COMMANDS: tuple[str, ...] = (
+    "simulation.commands.simulate:register",
+    "simulation.commands.data:register",
+    "simulation.commands.predict:register",
+    "simulation.commands.evaluate:register",
+    "simulation.commands.privacy:register",
+    "simulation.commands.study:register",
+    "simulation.commands.audit:register",
+)
+"""Every command as ``"module:function"``, in ``medfed --help`` order; the
+function is called with the subparsers object and adds the command's parser
+(see :mod:`simulation.commands`). One line per command."""
+
+COMMAND_ATTR = "medfed_command"
+"""Namespace attribute holding the chosen command's name, e.g. ``"data check"``."""
 
 
-def _cmd_simulate(args: argparse.Namespace) -> int:
-    if args.list_options:
-        rows = describe_keys()
-        width = max(len(r[0]) for r in rows)
-        for key, default, allowed, help_text in rows:
-            print(f"{key:<{width}}  default {default:<16} {allowed}: {help_text}")
-        return 0
-    from simulation.runner import SimulationError, simulate
+class UsageError(UserError):
+    """A command line argparse refused (unknown option, bad value, missing argument).
 
-    overrides: dict = {}
-    for text in args.run_config:
-        overrides.update(parse_overrides(text))
-    if args.rounds is not None:
-        overrides["num-server-rounds"] = args.rounds
-    if args.results_dir:
-        overrides["results-dir"] = args.results_dir
-    if args.explain_dir:
-        overrides["sim-explain-dir"] = args.explain_dir
-    if args.explain_samples is not None:
-        overrides["sim-explain-samples"] = args.explain_samples
+    Attributes
+    ----------
+    prog:
+        The (sub)command whose arguments were wrong, e.g. ``"medfed simulate"``.
+    """
+
+    def __init__(self, prog: str, message: str) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class MedfedParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that raises :class:`UsageError` instead of printing usage and exiting,
+    and records the chosen (sub)command's name in the parsed namespace."""
+
+    def error(self, message: str) -> NoReturn:
+        """Raise :class:`UsageError` (argparse would print the usage and exit)."""
+        raise UsageError(self.prog, message)
+
+    def parse_known_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                         namespace: argparse.Namespace | None = None) -> tuple[argparse.Namespace, list[str]]:
+        """Parse as argparse does; the innermost parser that ran names the command."""
+        ns, extras = super().parse_known_args(args, namespace)
+        if getattr(ns, COMMAND_ATTR, None) is None:
+            setattr(ns, COMMAND_ATTR, self.prog.partition(" ")[2] or "")
+        return ns, extras
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        """Parse; leftover arguments are an error of the command they were given to."""
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(ns, COMMAND_ATTR, "")
+            raise UsageError(f"{self.prog} {command}".strip(), f"unrecognized arguments: {' '.join(extras)}")
+        return ns
+
+
+def version_text() -> str:
+    """``medfed <version> (Flower <v>, torch <v>, Python <v>)``, from package metadata (nothing imported)."""
+    import importlib.metadata
+
+    parts = []
+    for label, dist in (("Flower", "flwr"), ("torch", "torch")):
+        try:
+            parts.append(f"{label} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
+            parts.append(f"{label} not installed")
+    parts.append(f"Python {sys.version.split()[0]}")
+    return f"medfed {medfed_version()} ({', '.join(parts)})"
+
+
+def medfed_version() -> str:
+    """medfed's version: the installed package's metadata, else ``pyproject.toml`` of this checkout."""
+    import importlib.metadata
+    import tomllib
+
     try:
-        result = simulate(overrides, sites=args.sites, cpus_per_site=args.cpus_per_site, echo=not args.quiet)
-    except SimulationError as exc:
-        print(f"medfed simulate: {exc}", file=sys.stderr)
-        return 1
-    summary = RunFolder(result.run_dir).read_summary()
-    headline = summary.get("headline") or "no evaluation finished"
-    print(
-        f"\nmedfed simulate: {summary['rounds']} rounds x {args.sites} sites in {result.seconds:.0f} s. "
-        f"{headline[:1].upper()}{headline[1:]}.\n"
-        f"Results: {result.run_dir}"
-    )
-    privacy = summary.get("privacy") or {}
-    if privacy.get("epsilon") is not None:
-        print(f"Privacy: epsilon <= {privacy['epsilon']:.3f} at delta {privacy['delta']:.2g} ({privacy['accountant']}), "
-              f"per {privacy['unit']}, max over sites; {len(privacy.get('budget-refusals', {}))} site(s) hit their budget.")
-    if summary.get("stopped-early"):
-        print(f"Stopped early: {summary['stopped-early']}")
-    return 0
+        return importlib.metadata.version("medfed")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    try:
+        return str(tomllib.loads(pyproject.read_text())["project"]["version"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "unknown"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: print :func:`version_text` and exit 0 (the versions are read only when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print medfed's version (with Flower's and torch's) and exit", **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(version_text())
+        parser.exit(0)
+
+
+def _registration(spec: str) -> Callable[[Any], None]:
+    module, _, function = spec.partition(":")
+    return getattr(importlib.import_module(module), function)  # type: ignore[no-any-return]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``medfed`` argument parser with all subcommands."""
-    parser = argparse.ArgumentParser(prog="medfed", description="medfed: federated learning for hospital imaging")
+    """The ``medfed`` argument parser with every command of :data:`COMMANDS`."""
+    parser = MedfedParser(prog="medfed", description="medfed: federated learning for hospital imaging",
+                          epilog="'medfed COMMAND --help' describes a command.")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    _add_simulate(sub)
-    add_data_parser(sub)
-    add_predict_parser(sub)
-    add_privacy_parser(sub)
-    add_study_parser(sub)
-    add_audit_parser(sub)
+    for spec in COMMANDS:
+        _registration(spec)(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console-script entry point."""
+    """Console-script entry point: parse, run the command, map errors to exit codes (see the module doc)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(f"{exc.prog}: {exc} (see '{exc.prog} --help')", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    prog = f"medfed {getattr(args, COMMAND_ATTR, '')}".strip()
     try:
         return int(args.func(args))
-    except ConfigError as exc:
-        print(f"medfed: configuration error: {exc}", file=sys.stderr)
+    except UserError as exc:
+        print(f"{prog}: {_one_line(exc)}", file=sys.stderr)
         return 2
+    except SimulationError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's message on one line (a KeyError-based UserError would otherwise be quoted)."""
+    text = exc.args[0] if len(exc.args) == 1 and isinstance(exc.args[0], str) else str(exc)
+    return " ".join(text.split())
+

@@ -11,8 +11,11 @@ type (``flwr run . local --run-config ... --federation-config
 * the local SuperLink is started by us and stopped (its whole process group)
   when the run ends, fails or is interrupted;
 * Flower's runtime dependency installation, telemetry and update checks are
-  switched off (by default Flower 1.41 would ``uv sync`` the project's
-  dependencies into a per-run environment that shadows the venv).
+  switched off;
+* Flower's and Ray's whole output is streamed line by line to ``flower.log``
+  in the run's results folder (also when the run fails) and, optionally, to a
+  callback: ``medfed simulate`` shows only the lines meant for a person
+  (:mod:`simulation.display`), ``--verbose`` echoes everything.
 """
 
 from __future__ import annotations
@@ -26,14 +29,19 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from shared.config import PATH_KEYS, ConfigValue, parse_run_config
+from shared.config import PATH_KEYS, ConfigValue, RunConfig, parse_run_config
 from shared.results import RunFolder, resolve_results_dir
+from simulation.errors import SimulationError, SimulationPlanError
+from simulation.flower_output import strip_ansi
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +52,17 @@ FLOWER_ENV = {
 }
 
 
-class SimulationError(RuntimeError):
-    """The simulation could not be started or did not finish."""
+#: Simulations only: Ray would otherwise hold back lines that look alike across
+#: sites (e.g. each site's data line) and print them late as "[repeated 2x across cluster]".
+SIMULATION_ENV = {"RAY_DEDUP_LOGS": "0"}
+#: Run-config paths a simulation reads (checked before Flower starts) -> what '' means.
+INPUT_PATH_KEYS = {"init-weights": "random initial weights", "data-path": "the task's synthetic phantoms"}
+LOG_FILE = RunFolder.FLOWER_LOG
+SUPERLINK_LOG_FILE = "superlink.log"
+TAIL_LINES = 30
+"""Lines of Flower's output quoted in the error of a failed run."""
+
+LineSink = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,34 @@ class SimulationResult:
 
     run_dir: Path
     seconds: float
+    log_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class SimulationPlan:
+    """A validated simulation, before Flower starts.
+
+    Attributes
+    ----------
+    values:
+        The run-config overrides handed to ``flwr run`` (paths absolute,
+        ``run-name`` and ``results-dir`` set).
+    config:
+        The parsed, validated run config (task defaults applied).
+    run_dir:
+        The results folder the server will create.
+    sites, cpus_per_site:
+        Simulated SuperNodes and the CPUs Flower reserves for each.
+    cwd:
+        Folder ``flwr run`` is started from.
+    """
+
+    values: dict[str, ConfigValue]
+    config: RunConfig
+    run_dir: Path
+    sites: int
+    cpus_per_site: int
+    cwd: Path
 
 
 def app_dir() -> Path:
@@ -128,7 +173,7 @@ def wait_healthy(port: int, proc: subprocess.Popen[bytes], log_file: Path, timeo
     raise SimulationError(f"local SuperLink did not become ready within {timeout:.0f} s; see {log_file}")
 
 
-def stop_process_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+def stop_process_group(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
     """SIGTERM a process group, then SIGKILL what is left after ``grace`` seconds."""
     if proc.poll() is not None:
         return
@@ -144,17 +189,14 @@ def stop_process_group(proc: subprocess.Popen[bytes], grace: float = 10.0) -> No
     proc.wait(timeout=5)
 
 
-def simulate(
+def plan_simulation(
     overrides: Mapping[str, ConfigValue] | None = None,
     *,
     sites: int = 3,
     cpus_per_site: int = 1,
     cwd: Path | None = None,
-    log_path: Path | None = None,
-    echo: bool = True,
-    timeout: float | None = None,
-) -> SimulationResult:
-    """Run one federated simulation of ``sites`` simulated sites.
+) -> SimulationPlan:
+    """Validate a simulation and fix its results folder, without starting anything.
 
     Parameters
     ----------
@@ -167,24 +209,18 @@ def simulate(
         2-core machine at most 2 sites train at once.
     cwd:
         Folder that relative paths in ``overrides`` are taken against.
-    log_path:
-        Where to keep the full Flower output (default: inside the run folder).
-    echo:
-        Print Flower's streamed output as it arrives.
-    timeout:
-        Seconds before the run is abandoned (None = no limit).
 
     Raises
     ------
     ConfigError
-        For a bad run config (before anything starts).
-    SimulationError
-        When Flower fails or no results were written.
+        For a bad run config.
+    SimulationPlanError
+        (a :class:`SimulationError` and a :class:`~shared.errors.UserError`) for a plan that cannot run (sites, min-sites, existing results folder).
     """
     if sites < 1:
-        raise SimulationError(f"--sites must be >= 1, got {sites}")
+        raise SimulationPlanError(f"--sites must be >= 1, got {sites}")
     if cpus_per_site < 1:
-        raise SimulationError(f"cpus per site must be an integer >= 1, got {cpus_per_site}")
+        raise SimulationPlanError(f"cpus per site must be an integer >= 1, got {cpus_per_site}")
     cwd = cwd or Path.cwd()
     values = resolve_paths(dict(overrides or {}), cwd)
     values.setdefault("results-dir", str(resolve_results_dir("results") if cwd == Path.cwd() else cwd / "results"))
@@ -192,73 +228,219 @@ def simulate(
         values["run-name"] = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
     cfg = parse_run_config(values)  # fail fast, with the full message, before Flower starts
     if cfg.strategy.min_sites > sites:
-        raise SimulationError(
+        raise SimulationPlanError(
             f"min-sites is {cfg.strategy.min_sites} but only {sites} sites are simulated: "
             f"use --sites {cfg.strategy.min_sites} or --run-config \"min-sites={sites}\""
         )
+    for key in INPUT_PATH_KEYS:  # server and simulated sites share this machine: check now, not in round 1
+        path = values.get(key)
+        if isinstance(path, str) and path and not Path(path).exists():
+            raise SimulationPlanError(f"{key} '{path}' does not exist: give an existing path, or {key}='' for "
+                                      f"{INPUT_PATH_KEYS[key]}")
     if cfg.partition.kind == "natural":  # the sites come from the data: their number must match before Flower starts
         from shared.site_data import natural_site_count
         from shared.tasks import get_task
 
         found = natural_site_count(cfg, get_task(cfg.task))
         if found != sites:
-            raise SimulationError(
+            raise SimulationPlanError(
                 f"partition='natural': the manifest column '{cfg.partition.column}' has {found} distinct values "
                 f"but {sites} sites are simulated: use --sites {found}"
             )
     run_dir = Path(cfg.results_dir) / cfg.run_name
     if run_dir.exists():
-        raise SimulationError(f"results folder {run_dir} exists already: choose another run-name")
+        raise SimulationPlanError(f"results folder {run_dir} exists already: choose another run-name")
+    return SimulationPlan(values=values, config=cfg, run_dir=run_dir, sites=sites, cpus_per_site=cpus_per_site,
+                          cwd=cwd)
 
+
+def simulate(
+    overrides: Mapping[str, ConfigValue] | None = None,
+    *,
+    sites: int = 3,
+    cpus_per_site: int = 1,
+    cwd: Path | None = None,
+    log_path: Path | None = None,
+    echo: bool = False,
+    on_line: LineSink | None = None,
+    timeout: float | None = None,
+) -> SimulationResult:
+    """Run one federated simulation of ``sites`` simulated sites.
+
+    :func:`plan_simulation` followed by :func:`run_simulation`; see those
+    for the parameters.
+
+    Raises
+    ------
+    ConfigError
+        For a bad run config (before anything starts).
+    SimulationError
+        When the plan cannot run, Flower fails or no results were written.
+    """
+    plan = plan_simulation(overrides, sites=sites, cpus_per_site=cpus_per_site, cwd=cwd)
+    return run_simulation(plan, log_path=log_path, echo=echo, on_line=on_line, timeout=timeout)
+
+
+def run_simulation(
+    plan: SimulationPlan,
+    *,
+    log_path: Path | None = None,
+    echo: bool = False,
+    on_line: LineSink | None = None,
+    timeout: float | None = None,
+) -> SimulationResult:
+    """Run a planned simulation through ``flwr run . local --stream``.
+
+    Flower's and Ray's output is written to ``log_path`` line by line as it
+    arrives (never held in memory), also when the run fails or is
+    interrupted; a failed run keeps the SuperLink's log beside it as
+    ``superlink.log``.
+
+    Parameters
+    ----------
+    plan:
+        From :func:`plan_simulation`.
+    log_path:
+        Where to keep Flower's full output (default ``<run dir>/flower.log``;
+        the run folder is created for a run that failed before the server
+        made it).
+    echo:
+        Write Flower's raw output to stdout as it arrives (``--verbose``).
+    on_line:
+        Called with every raw output line as it arrives (e.g.
+        :meth:`simulation.display.RunDisplay.feed`).
+    timeout:
+        Seconds before the run is stopped and abandoned (None = no limit).
+
+    Raises
+    ------
+    SimulationError
+        When Flower fails, times out or writes no results; the message quotes
+        the last lines of Flower's output and names the full log.
+    """
+    log_target = log_path or plan.run_dir / LOG_FILE
     flwr_home = Path(tempfile.mkdtemp(prefix="medfed-flwr-"))
     (flwr_home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
     http_port = free_port()
     env = flower_env(flwr_home, http_port)
+    env.update(SIMULATION_ENV)
+    cfg = plan.config
     # Simulated sites keep their persistent state (privacy ledgers) beside the results, not in ~/.local.
     env.setdefault("MEDFED_STATE_DIR", str(Path(cfg.results_dir) / ".site-state" / cfg.run_name))
-    link_log = flwr_home / "superlink.log"
+    link_log = flwr_home / SUPERLINK_LOG_FILE
     superlink_cmd = [
         str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--simulation",
         "--isolation", "subprocess", "--disable-runtime-dependency-installation",
         "--host", "127.0.0.1", "--port", str(http_port), "--log-file", str(link_log),
     ]
-    fed = f"num-supernodes={sites} client-resources-num-cpus={cpus_per_site} client-resources-num-gpus=0.0"
+    fed = (f"num-supernodes={plan.sites} client-resources-num-cpus={plan.cpus_per_site} "
+           "client-resources-num-gpus=0.0")
     run_cmd = [
         str(Path(sys.executable).parent / "flwr"), "run", str(app_dir()), "local", "--stream",
-        "--run-config", to_run_config_arg(values), "--federation-config", fed,
+        "--run-config", to_run_config_arg(plan.values), "--federation-config", fed,
     ]
     t0 = time.time()
-    lines: list[str] = []
-    superlink = subprocess.Popen(superlink_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 start_new_session=True, cwd=str(flwr_home))
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    partial_log = flwr_home / LOG_FILE
+    timed_out = threading.Event()
+    returncode: int | None = None
+    superlink_down = ""
+    finished = False
+
+    def sink(line: str) -> None:
+        tail.append(line)
+        if echo:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        if on_line is not None:
+            on_line(line)
+
     try:
-        wait_healthy(http_port, superlink, link_log)
-        proc = subprocess.Popen(run_cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True, cwd=str(cwd), text=True, bufsize=1)
         try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.append(line)
-                if echo:
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-                if timeout is not None and time.time() - t0 > timeout:
-                    raise SimulationError(f"simulation exceeded its {timeout:.0f} s time limit")
-            proc.wait()
-        finally:
-            stop_process_group(proc)
-    finally:
-        stop_process_group(superlink)
-    folder = RunFolder(run_dir)
-    log_target = log_path or (folder.flower_log if run_dir.exists() else flwr_home / RunFolder.FLOWER_LOG)
-    log_target.write_text("".join(lines))
-    if not folder.summary_path.is_file():
-        tail = "".join(lines[-40:])
+            returncode = _run_flower(superlink_cmd, run_cmd, env, http_port, link_log, partial_log, plan.cwd,
+                                     sink, timeout, timed_out)
+        except _SuperLinkDown as exc:
+            superlink_down = str(exc)
+        finished = (returncode is not None and not timed_out.is_set()
+                    and RunFolder(plan.run_dir).summary_path.is_file())
+    finally:  # Flower's log goes to the results folder whatever happened
+        _keep_logs(partial_log, log_target, link_log if not finished else None)
+        shutil.rmtree(flwr_home, ignore_errors=True)
+    if superlink_down:
+        raise SimulationError(f"the local Flower SuperLink did not start: {superlink_down}; "
+                              f"its log: {log_target.parent / SUPERLINK_LOG_FILE}", log_file=log_target)
+    if not finished:
+        why = (f"exceeded its {timeout:.0f} s time limit and was stopped" if timed_out.is_set()
+               else f"did not finish: the server wrote no summary.json (flwr exit code {returncode})")
+        quoted = "".join(strip_ansi(line) for line in tail).rstrip("\n")
         raise SimulationError(
-            f"the simulation did not finish (flwr exit code {proc.returncode}); last output:\n{tail}\n"
-            f"full output: {log_target}; SuperLink log: {link_log}"
+            f"the simulation {why}. Last lines of Flower's output:\n{quoted}\n"
+            f"Full output: {log_target}"
+            + (f" (the SuperLink's log beside it: {SUPERLINK_LOG_FILE})"
+               if (log_target.parent / SUPERLINK_LOG_FILE).is_file() else ""),
+            log_file=log_target,
         )
-    shutil.rmtree(flwr_home, ignore_errors=True)
     # What the results folder cannot tell by itself (the number of sites): read by the membership audit.
-    folder.write_simulation(sites, cpus_per_site)
-    return SimulationResult(run_dir=run_dir, seconds=time.time() - t0)
+    RunFolder(plan.run_dir).write_simulation(plan.sites, plan.cpus_per_site)
+    return SimulationResult(run_dir=plan.run_dir, seconds=time.time() - t0, log_file=log_target)
+
+
+class _SuperLinkDown(RuntimeError):
+    """The local SuperLink exited or never answered (the reason, without its log's temporary path)."""
+
+
+def _run_flower(superlink_cmd: list[str], run_cmd: list[str], env: dict[str, str], http_port: int, link_log: Path,
+                log_file: Path, cwd: Path, sink: LineSink, timeout: float | None, timed_out: threading.Event) -> int:
+    """Start the SuperLink, run ``flwr run --stream``, write every output line to ``log_file`` and ``sink``.
+
+    Both process groups are stopped on return, on error and on interrupt.
+    Returns ``flwr run``'s exit code.
+    """
+    with open(log_file, "w", encoding="utf-8", buffering=1) as log:
+        superlink = subprocess.Popen(superlink_cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True, cwd=str(link_log.parent))
+        try:
+            try:
+                wait_healthy(http_port, superlink, link_log)
+            except SimulationError as exc:
+                raise _SuperLinkDown(str(exc).split("; see ")[0]) from None
+            proc = subprocess.Popen(run_cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    start_new_session=True, cwd=str(cwd), text=True, bufsize=1, errors="replace")
+            watchdog = _watchdog(proc, timeout, timed_out)
+            try:
+                assert proc.stdout is not None  # noqa: S101 - stdout=PIPE above
+                for line in proc.stdout:
+                    log.write(line)
+                    sink(line)
+                return proc.wait()
+            finally:
+                if watchdog is not None:
+                    watchdog.cancel()
+                stop_process_group(proc)
+        finally:
+            stop_process_group(superlink)
+
+
+def _watchdog(proc: subprocess.Popen[Any], timeout: float | None, fired: threading.Event) -> threading.Timer | None:
+    """Stop ``proc``'s process group after ``timeout`` seconds, even when it prints nothing."""
+    if timeout is None:
+        return None
+
+    def expire() -> None:
+        fired.set()
+        stop_process_group(proc)
+
+    timer = threading.Timer(timeout, expire)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def _keep_logs(partial_log: Path, target: Path, superlink_log: Path | None) -> None:
+    """Move the streamed Flower log (and, for a failed run, the SuperLink's) to their final place."""
+    if not partial_log.is_file():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(partial_log), str(target))
+    if superlink_log is not None and superlink_log.is_file():
+        shutil.move(str(superlink_log), str(target.parent / SUPERLINK_LOG_FILE))

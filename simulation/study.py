@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from shared.config import ConfigError, ConfigValue, parse_run_config
 from shared.atomic import write_json
+from shared.formatting import NA, fmt_metric
 from shared.results import RunFolder
 
 __all__ = [
@@ -300,6 +299,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _audit(run_dir: Path, sites: int) -> tuple[dict[str, float], str]:
     from shared.privacy.audit import audit_run, audit_summary
+    from shared.results import write_json
 
     try:
         audit = audit_run(run_dir, sites=sites)
@@ -307,10 +307,6 @@ def _audit(run_dir: Path, sites: int) -> tuple[dict[str, float], str]:
         return dict(audit_summary(None)), _first_line(exc)
     write_json(run_dir / AUDIT_FILE, audit.to_dict())
     return dict(audit_summary(audit)), ""
-
-
-def _fmt(v: float, digits: int = 3) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
 def run_study(plan: StudyPlan, *, simulate_fn: Callable[..., Any] | None = None, log: Log = print) -> StudyResult:
@@ -373,9 +369,9 @@ def _run_all(plan: StudyPlan, primary: str, runs: Sequence[tuple[float, int]], o
         outcome = RunOutcome(eps, seed, "ok", time.time() - t0, str(run_dir), audit_error=audit_error, metrics=metrics)
         outcomes.append(outcome)
         extra = f", audit failed: {audit_error}" if audit_error else (
-            f", MIA AUC {_fmt(metrics.get('mia-auc', math.nan))}" if plan.audit else "")
-        log(f"{tag}: done in {outcome.seconds:.0f} s: {primary} {_fmt(metrics[primary])}, "
-            f"achieved eps {_fmt(metrics['achieved-epsilon'], 2)}{extra} (study elapsed {time.time() - t_study:.0f} s)")
+            f", MIA AUC {fmt_metric(metrics.get('mia-auc', math.nan))}" if plan.audit else "")
+        log(f"{tag}: done in {outcome.seconds:.0f} s: {primary} {fmt_metric(metrics[primary])}, "
+            f"achieved eps {fmt_metric(metrics['achieved-epsilon'], 2)}{extra} (study elapsed {time.time() - t_study:.0f} s)")
 
 
 # ---------------------------------------------------------------------------
@@ -384,6 +380,8 @@ def _run_all(plan: StudyPlan, primary: str, runs: Sequence[tuple[float, int]], o
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    import numpy as np  # not at module level: ``medfed --help`` imports this module for its defaults
+
     v = np.asarray([x for x in values if not math.isnan(x)], dtype=np.float64)
     if v.size == 0:
         return math.nan, math.nan
@@ -445,13 +443,14 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], primary: str, *, audit: bo
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         def pm(k: str) -> str:
-            return _fmt(r[f"{k}-mean"]) + ("" if math.isnan(r[f"{k}-std"]) else f" ± {r[f'{k}-std']:.3f}")
-        delta = "n/a" if math.isnan(r["delta"]) else f"{r['delta']:.1e}"
-        rounds = "n/a" if math.isnan(r["rounds"]) else f"{r['rounds']:g}"
-        cells = [r["epsilon-target"], _fmt(r["achieved-epsilon"], 2), delta, _fmt(r["noise-multiplier"]), rounds,
-                 pm(primary), pm("accuracy"), _fmt(r[f"worst-site-{primary}"])]
+            std = fmt_metric(r[f"{k}-std"])
+            return fmt_metric(r[f"{k}-mean"]) + ("" if std == NA else f" ± {std}")
+        delta = fmt_metric(r["delta"], spec=".1e")
+        rounds = fmt_metric(r["rounds"], spec="g")
+        cells = [r["epsilon-target"], fmt_metric(r["achieved-epsilon"], 2), delta, fmt_metric(r["noise-multiplier"]), rounds,
+                 pm(primary), pm("accuracy"), fmt_metric(r[f"worst-site-{primary}"])]
         if audit:
-            cells += [_fmt(r["mia-auc"]), _fmt(r["mia-tpr@1%fpr"])]
+            cells += [fmt_metric(r["mia-auc"]), fmt_metric(r["mia-tpr@1%fpr"])]
         runs = f"{r['seeds-ok']} ok" + (f", {r['seeds-failed']} FAILED" if r["seeds-failed"] else "")
         cells.append(runs)
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -541,6 +540,8 @@ def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 def write_outputs(plan: StudyPlan, primary: str, rows: Sequence[Mapping[str, Any]], outcomes: Sequence[RunOutcome],
                   table: str) -> dict[str, Path]:
     """Write study.csv, study.json, runs.csv, study.md and the plot into ``plan.out_dir``."""
+    from shared.results import write_json  # imports torch: not at module level (``medfed --help`` imports this module)
+
     out = plan.out_dir
     out.mkdir(parents=True, exist_ok=True)
     files = {"csv": out / "study.csv", "json": out / "study.json", "runs": out / "runs.csv",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -14,7 +13,7 @@ import pytest
 
 from shared.data_check import DataCheckReport, check_dataset, format_report
 from shared.data.phantoms import make_chest_phantoms
-from simulation.data_cli import add_data_parser
+from simulation.cli import main as cli_main
 
 REAL_CXR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr-pneumonia"
 CLASSES = ("normal", "pneumonia")
@@ -48,11 +47,7 @@ def _class_tree(root: Path, per_class: dict[str, int], folder_names: dict[str, s
 
 
 def _run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    parser = argparse.ArgumentParser(prog="medfed")
-    sub = parser.add_subparsers(dest="command")
-    add_data_parser(sub)
-    args = parser.parse_args(argv)
-    code = args.func(args)
+    code = cli_main(argv)
     out, err = capsys.readouterr()
     return code, out, err
 

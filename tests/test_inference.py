@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
@@ -32,7 +31,7 @@ from shared.results import ModelCard, RunFolder
 from shared.tasks import get_task
 from shared.objectives import ClassificationObjective
 from shared.training import images_to_tensor, train_local
-from simulation.predict_cli import add_predict_parser
+from simulation.cli import main as cli_main
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DICOM_DIR = SHARED_DATA / "dicom"
@@ -41,11 +40,7 @@ CLASSES = ("normal", "pneumonia")
 
 
 def _run_cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="medfed")
-    sub = parser.add_subparsers(dest="command")
-    add_predict_parser(sub)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    return cli_main(argv)
 
 
 @pytest.fixture(scope="module")

@@ -11,23 +11,14 @@ import argparse
 import json
 import sys
 
-from shared.data_check import check_dataset, format_report
 from shared.limits import DEFAULT_MAX_PIXELS, MAX_PIXELS_LIMIT
-from shared.registry import UnknownNameError
-from shared.tasks import TASKS
+from simulation.commands.common import nonnegative_int, open_unit_interval
 
-__all__ = ["add_data_parser"]
+__all__ = ["register", "run_check"]
 
 
-def add_data_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add the ``data`` command (sub-command ``check``) to a CLI's subparsers.
-
-    Parameters
-    ----------
-    subparsers : argparse._SubParsersAction
-        What ``parser.add_subparsers()`` returned; ``args.func(args)`` then
-        runs the chosen sub-command and returns its exit code.
-    """
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``medfed data check`` to the ``medfed`` parser."""
     data = subparsers.add_parser(
         "data",
         help="inspect a site's data",
@@ -42,15 +33,16 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
             "Decode every image once and report counts per class, patients, sizes, bit depths, "
             "duplicates and quarantined files, with a verdict. The report holds no file paths, file "
             "names or patient ids, so it can be shared with the federation's coordinator. Exit code: "
-            "0 ready, 1 ready with warnings, 2 not ready."
+            "0 ready, 1 ready with warnings, 2 not ready (or bad arguments)."
         ),
     )
     check.add_argument("path", help="class-folder tree, folder with manifest.csv, or a manifest .csv")
     check.add_argument("--task", default="pneumonia-cxr",
-                       help=f"task to check against (default pneumonia-cxr; one of {', '.join(TASKS.names())})")
-    check.add_argument("--val-fraction", type=float, default=0.2,
+                       help="task to check against (default pneumonia-cxr; "
+                            "'medfed simulate --list-options' lists the tasks under 'task')")
+    check.add_argument("--val-fraction", type=open_unit_interval, default=0.2,
                        help="validation share of the site's own split (default 0.2)")
-    check.add_argument("--seed", type=int, default=0, help="seed of the site's split (default 0)")
+    check.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the site's split (default 0)")
     check.add_argument("--max-pixels", type=_pixels, default=DEFAULT_MAX_PIXELS, metavar="N",
                        help=f"largest width x height (x frames) an image header may state; larger files are "
                             f"quarantined as too-large without being decoded (default {DEFAULT_MAX_PIXELS}; "
@@ -59,7 +51,7 @@ def add_data_parser(subparsers: argparse._SubParsersAction) -> None:  # type: ig
                        help="read manifest rows and symlinks that lead outside the data folder (default: "
                             "quarantined as outside-data-root; as node-config allow-outside-data-root=true)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
-    check.set_defaults(func=_cmd_check)
+    check.set_defaults(func=run_check)
 
 
 def _pixels(text: str) -> int:
@@ -84,15 +76,12 @@ def _progress(done: int, total: int) -> None:
     print(f"{prefix}checking images: {done}/{total} ({pct}%)", end=end, file=sys.stderr, flush=True)
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
-    try:
-        report = check_dataset(
-            args.path, args.task, val_fraction=args.val_fraction, seed=args.seed, progress=_progress,
-            max_pixels=args.max_pixels, allow_outside_root=args.allow_outside_root,
-        )
-    except (UnknownNameError, ValueError) as exc:
-        print(f"medfed data check: {exc}", file=sys.stderr)
-        return 2
+def run_check(args: argparse.Namespace) -> int:
+    """Run ``medfed data check``; returns the report's exit code."""
+    from shared.data_check import check_dataset, format_report
+
+    report = check_dataset(args.path, args.task, val_fraction=args.val_fraction, seed=args.seed, progress=_progress,
+                           max_pixels=args.max_pixels, allow_outside_root=args.allow_outside_root)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from shared.privacy.accounting import ACCOUNTANTS, UNIT_NOTE, PrivacyPlanError, plan
+from shared.privacy.accounting import ACCOUNTANTS  # import-light: the accountants load when a plan is computed
+
+__all__ = ["register", "run_plan"]
 
 
-def add_privacy_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register ``medfed privacy plan``."""
-    p = sub.add_parser("privacy", help="privacy tools (planner)", description="Differential-privacy tools.")
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``medfed privacy plan`` to the ``medfed`` parser."""
+    p = subparsers.add_parser("privacy", help="privacy tools (planner)", description="Differential-privacy tools.")
     psub = p.add_subparsers(dest="privacy_command", metavar="SUBCOMMAND")
     psub.required = True
     pl = psub.add_parser(
@@ -26,6 +27,7 @@ def add_privacy_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
             "target epsilon over the whole plan. Same code as the sites' privacy ledger."
         ),
     )
+    # Sizes are plain ints: the planner's own messages explain what is wrong with a 0 or a batch > N.
     pl.add_argument("--dataset-size", type=int, required=True, help="training images at the site (N)")
     pl.add_argument("--batch-size", type=int, required=True, help="expected batch size (B)")
     pl.add_argument("--epochs-per-round", type=int, default=1, help="local epochs per round (default 1)")
@@ -36,26 +38,26 @@ def add_privacy_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
     g.add_argument("--target-epsilon", type=float, help="calibrate sigma so the whole plan spends at most this")
     pl.add_argument("--accountant", choices=ACCOUNTANTS, default="rdp", help="privacy accountant (default rdp)")
     pl.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    pl.set_defaults(func=_cmd_plan)
+    pl.set_defaults(func=run_plan)
 
 
-def _cmd_plan(args: argparse.Namespace) -> int:
-    try:
-        p = plan(dataset_size=args.dataset_size, batch_size=args.batch_size, epochs_per_round=args.epochs_per_round,
-                 rounds=args.rounds, delta=args.delta, noise_multiplier=args.noise_multiplier,
-                 target_epsilon=args.target_epsilon, accountant=args.accountant)
-    except PrivacyPlanError as exc:
-        print(f"medfed privacy plan: {exc}", file=sys.stderr)
-        return 2
+def run_plan(args: argparse.Namespace) -> int:
+    """Run ``medfed privacy plan``; 0 when the plan was printed."""
+    from shared.formatting import fmt_metric
+    from shared.privacy.accounting import UNIT_NOTE, plan
+
+    p = plan(dataset_size=args.dataset_size, batch_size=args.batch_size, epochs_per_round=args.epochs_per_round,
+             rounds=args.rounds, delta=args.delta, noise_multiplier=args.noise_multiplier,
+             target_epsilon=args.target_epsilon, accountant=args.accountant)
     if args.json:
         print(json.dumps(p.to_dict(), indent=2))
         return 0
     print(f"N={p.dataset_size} images, batch {p.batch_size} (sampling rate {p.sample_rate:.5g}), "
           f"{p.epochs_per_round} epoch(s)/round, {p.rounds} rounds, delta {p.delta:.3g}, {p.accountant.upper()} accountant")
     how = f"calibrated for epsilon {p.target_epsilon:g} over the whole plan" if p.target_epsilon else "given"
-    print(f"noise multiplier {p.noise_multiplier:.4f} ({how})")
+    print(f"noise multiplier {fmt_metric(p.noise_multiplier, 4)} ({how})")
     print(f"{'round':>6} {'steps':>7} {'total steps':>12} {'epsilon':>9}")
     for row in p.rows:
-        print(f"{row.round:>6} {row.steps:>7} {row.cumulative_steps:>12} {row.epsilon:>9.3f}")
+        print(f"{row.round:>6} {row.steps:>7} {row.cumulative_steps:>12} {fmt_metric(row.epsilon):>9}")
     print(f"epsilon is cumulative, {UNIT_NOTE}.")
     return 0
