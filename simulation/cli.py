@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_privacy_parser(sub)
     add_study_parser(sub)
     add_audit_parser(sub)
+    __import__("simulation.deploy_cli").deploy_cli.add_deploy_parser(sub)  # medfed deploy (one line: cli.py is being restructured)
     return parser
 
 
