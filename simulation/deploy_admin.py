@@ -127,9 +127,13 @@ def list_nodes(fed: Federation) -> list[RegisteredNode]:
     """
     from flwr.proto.control_pb2 import ListNodesRequest  # noqa: PLC0415 - Flower only where needed
     from flwr.supercore.control import ControlHttpClient  # noqa: PLC0415
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor  # noqa: PLC0415
 
     try:
-        client = ControlHttpClient.from_server_address(str(fed.superlink), False, str(fed.ca_cert))
+        client = ControlHttpClient.from_server_address(
+            str(fed.superlink), False, fed.ca_cert.read_bytes(),
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="medfed deploy")],
+        )
         try:
             res = client.ListNodes(ListNodesRequest())
         finally:
