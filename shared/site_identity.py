@@ -15,8 +15,10 @@ objects for the run's online nodes, each with ``node_id``, ``public_key``
 (PEM SubjectPublicKeyInfo bytes, as registered) and ``name`` (the
 ``--name`` given to ``flwr supernode register``); every reply carries
 ``message.metadata.src_node_id``, which the SuperLink checks against the
-instruction's destination node. :func:`identify_nodes` turns the first into
-a ``node_id -> site`` map; the server then looks up ``src_node_id``.
+instruction's destination node, except replies the SuperLink makes itself
+(``src_node_id`` 1, e.g. NODE_UNAVAILABLE for a node that went offline).
+:func:`identify_nodes` turns the first into a ``node_id -> site`` map;
+:func:`reply_node_id` gives the node a reply is about.
 
 Framework-free: no Flower import; ``cryptography`` does the key parsing.
 """
@@ -38,7 +40,12 @@ __all__ = [
     "identify_nodes",
     "key_fingerprint",
     "load_site_fingerprints",
+    "reply_node_id",
 ]
+
+SUPERLINK_NODE_ID = 1
+"""``src_node_id`` of replies the SuperLink makes itself (Flower 1.41 ``SUPERLINK_NODE_ID``), e.g. the
+NODE_UNAVAILABLE error for a message whose node went offline."""
 
 
 class RegistryError(UserError):
@@ -169,3 +176,35 @@ def identify_nodes(node_keys: Mapping[int, bytes | str], fingerprints: Mapping[s
         else:
             sites[int(node_id)] = name
     return NodeIdentities(sites=sites, unknown=unknown)
+
+
+def reply_node_id(src_node_id: int, reply_to_message_id: str, sent: Mapping[str, int]) -> int | None:
+    """The node a reply is about, for keying it by site.
+
+    Parameters
+    ----------
+    src_node_id : int
+        ``reply.metadata.src_node_id``.
+    reply_to_message_id : str
+        ``reply.metadata.reply_to_message_id``.
+    sent : Mapping[str, int]
+        ``message_id -> dst_node_id`` of the instructions sent this round
+        (Flower 1.41's grid sets ``message.metadata.message_id`` on each
+        message it pushes).
+
+    Returns
+    -------
+    int or None
+        The instruction's destination node. A node's own reply always comes
+        from it (the SuperLink refuses a reply whose source is not the
+        instruction's destination), but replies the SuperLink makes itself
+        carry ``src_node_id`` 1: those are attributed through
+        ``reply_to_message_id``. None for a reply to nothing sent here, or
+        one whose source contradicts the instruction.
+    """
+    dst = sent.get(reply_to_message_id)
+    if dst is None:
+        return None
+    if src_node_id not in (dst, SUPERLINK_NODE_ID):
+        return None
+    return int(dst)

@@ -30,7 +30,13 @@ from shared.provision import (
     record_node_id,
     revoke_site,
 )
-from shared.site_identity import RegistryError, identify_nodes, key_fingerprint, load_site_fingerprints
+from shared.site_identity import (
+    RegistryError,
+    identify_nodes,
+    key_fingerprint,
+    load_site_fingerprints,
+    reply_node_id,
+)
 from simulation.cli import main
 
 
@@ -289,6 +295,14 @@ def test_identify_nodes_by_authenticated_key(fed) -> None:  # noqa: ANN001
     assert ids.site_of(22) == "hospital-b" and ids.site_of(33) is None
     revoke_site(fed.root, "hospital-b")
     assert identify_nodes(keys, load_site_fingerprints(fed.registry)).site_of(22) is None
+
+
+def test_reply_node_id_attributes_superlink_made_errors_to_the_lost_node() -> None:
+    sent = {"m-a": 11, "m-c": 33}
+    assert reply_node_id(11, "m-a", sent) == 11  # the node's own reply
+    assert reply_node_id(1, "m-c", sent) == 33  # NODE_UNAVAILABLE made by the SuperLink for the lost node
+    assert reply_node_id(22, "m-a", sent) is None  # a source that contradicts the instruction
+    assert reply_node_id(11, "m-other-round", sent) is None
 
 
 def test_registry_errors(tmp_path: Path) -> None:
