@@ -53,6 +53,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import UserError
+from shared.kit_templates import FLWR_ENV, KIT_README, NODE_CONFIG, SUPERLINK_SCRIPT, SUPERNODE_SCRIPT
+from shared.pki import cert_fingerprint, make_ca, make_server_cert, node_key_pair, pem_private_key
 from shared.site_identity import key_fingerprint
 
 __all__ = [
@@ -79,8 +81,6 @@ FORMAT = "medfed-federation/1"
 REGISTRY_FORMAT = "medfed-sites/1"
 FEDERATION_FILE = "federation.json"
 REGISTRY_FILE = "sites.json"
-CA_DAYS = 3650
-SERVER_DAYS = 825
 LOOPBACK_SAN = "127.0.0.1"
 DATA_PATH_PLACEHOLDER = "/REPLACE/with/this/site/image/folder/or/manifest.csv"
 
@@ -231,106 +231,6 @@ def _iso(t: dt.datetime) -> str:
     return t.isoformat().replace("+00:00", "Z")
 
 
-# ---------------------------------------------------------------------------
-# Keys and certificates (cryptography)
-# ---------------------------------------------------------------------------
-
-
-def _ec_key() -> Any:
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    return ec.generate_private_key(ec.SECP384R1())
-
-
-def _pem_private(key: Any) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _cert_fingerprint(cert: Any) -> str:
-    from cryptography.hazmat.primitives import hashes
-
-    return "SHA256:" + cert.fingerprint(hashes.SHA256()).hex(":").upper()
-
-
-def _make_ca(name: str, now: dt.datetime) -> tuple[Any, Any]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import NameOID
-
-    key = _ec_key()
-    subject = x509.Name([
-        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "medfed federation"),
-        x509.NameAttribute(NameOID.COMMON_NAME, f"medfed {name} CA"),
-    ])
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=CA_DAYS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(ski, critical=False)
-        .sign(key, hashes.SHA384())
-    )
-    return key, cert
-
-
-def _make_server_cert(ca_key: Any, ca_cert: Any, names: Sequence[str], now: dt.datetime) -> tuple[Any, Any]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    key = _ec_key()
-    alt: list[x509.GeneralName] = []
-    for n in names:
-        try:
-            alt.append(x509.IPAddress(ipaddress.ip_address(n)))
-        except ValueError:
-            alt.append(x509.DNSName(n))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "medfed federation"),
-            x509.NameAttribute(NameOID.COMMON_NAME, names[0]),
-        ]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=SERVER_DAYS))
-        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=True, key_cert_sign=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA384())
-    )
-    return key, cert
-
-
-def _node_key_pair(site: str) -> tuple[bytes, str]:
-    """A P-384 node-authentication key: (OpenSSH private key bytes, OpenSSH public key line)."""
-    from cryptography.hazmat.primitives import serialization
-
-    key = _ec_key()
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return private, f"{public.decode('ascii')} medfed-site-{site}"
-
-
 def _load_site_public_key(path: Path) -> str:
     """An OpenSSH EC public key (NIST curve) a site generated itself; its private key stays at the site."""
     from cryptography.exceptions import UnsupportedAlgorithm
@@ -357,139 +257,6 @@ def _load_site_public_key(path: Path) -> str:
                              "on a NIST curve (P-256/384/521); create one with 'ssh-keygen -t ecdsa -b 384'")
     line = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode("ascii")
     return line
-
-
-# ---------------------------------------------------------------------------
-# Script and README templates
-# ---------------------------------------------------------------------------
-
-_FLWR_ENV = ("export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 FLWR_TELEMETRY_ENABLED=0 "
-             "FLWR_DISABLE_UPDATE_CHECK=1")
-
-_SUPERLINK_SCRIPT = """#!/bin/sh
-# medfed federation '{name}': start the coordinating SuperLink with TLS and SuperNode authentication.
-# Only SuperNodes whose public key was registered (medfed deploy add-site --register, or
-# 'flwr supernode register') are accepted. Registrations live in state/superlink.db.
-# Extra arguments are passed on to flower-superlink (e.g. --log-file superlink.log).
-# Bind address: MEDFED_BIND_HOST (default 0.0.0.0, all interfaces).
-set -eu
-HERE="$(cd "$(dirname "$0")" && pwd)"
-{env}
-mkdir -p "$HERE/state"
-exec flower-superlink \\
-    --ssl-ca-certfile "$HERE/ca.pem" \\
-    --ssl-certfile "$HERE/superlink.pem" \\
-    --ssl-keyfile "$HERE/superlink.key" \\
-    --enable-supernode-auth \\
-    --database "$HERE/state/superlink.db" \\
-    --isolation subprocess \\
-    --disable-runtime-dependency-installation \\
-    --host "${{MEDFED_BIND_HOST:-0.0.0.0}}" \\
-    --port {port} \\
-    "$@"
-"""
-
-_SUPERNODE_SCRIPT = """#!/bin/sh
-# medfed site kit '{site}' of federation '{name}': start this hospital's Flower SuperNode.
-# TLS: the SuperLink must present a certificate of the federation CA (ca.pem).
-# Authentication: every request is signed with node.key; the SuperLink accepts only registered keys.
-# Extra arguments are passed on to flower-supernode (e.g. --max-retries 5).
-# Runtime API port on this machine: MEDFED_RUNTIME_PORT (default 9094; one per SuperNode).
-set -eu
-KIT="$(cd "$(dirname "$0")" && pwd)"
-if grep -q '{placeholder}' "$KIT/node-config.toml"; then
-    echo "medfed: set data-path in $KIT/node-config.toml to this site's image folder or manifest first" >&2
-    exit 2
-fi
-if [ ! -f "$KIT/node.key" ]; then
-    echo "medfed: $KIT/node.key (this site's private authentication key) is missing" >&2
-    exit 2
-fi
-if [ -n "$(find "$KIT/node.key" -perm /077)" ]; then
-    echo "medfed: $KIT/node.key is readable by others; run: chmod 600 $KIT/node.key" >&2
-    exit 2
-fi
-{env}
-exec flower-supernode \\
-    --superlink {address} \\
-    --root-certificates "$KIT/ca.pem" \\
-    --auth-supernode-private-key "$KIT/node.key" \\
-    --node-config "$KIT/node-config.toml" \\
-    --port "${{MEDFED_RUNTIME_PORT:-9094}}" \\
-    "$@"
-"""
-
-_NODE_CONFIG = """# Node config of site '{site}' (read by start-supernode.sh via --node-config).
-# Only the site sets these; the server cannot override them. Unknown keys are refused.
-#   data-path  folder of class folders, or a CSV manifest (path,label[,patient_id,...])
-#   site-id    this site's name in the federation's reports (no patient data!)
-#   cache-dir  decoded, preprocessed image cache ("" = ~/.cache/medfed)
-#   state-dir  persistent site state: the DP privacy ledger ("" = ~/.local/state/medfed);
-#              back it up, never wipe it: deleting it forgets the privacy already spent
-data-path = "{placeholder}"
-site-id = "{site}"
-cache-dir = "/var/cache/medfed"
-state-dir = "/var/lib/medfed"
-"""
-
-_KIT_README = """# medfed site kit: {site}
-
-This folder lets the hospital '{site}' join the federated-learning federation
-'{name}' coordinated at `{address}`. Keep it on the machine that holds the
-site's images, readable only by the account that runs medfed (the folder is
-mode 0700, `node.key` is 0600).
-
-## What the kit holds
-
-| file | what it is | secret? |
-|---|---|---|
-| `node.key` | this site's private authentication key (ECDSA P-384, OpenSSH format) | **yes**: never copy it elsewhere, never send it |
-| `node.pub` | its public key, registered at the SuperLink (fingerprint `{fingerprint}`) | no |
-| `ca.pem` | the federation CA certificate: the SuperLink must present a certificate signed by it | no |
-| `node-config.toml` | site-only settings (image folder, site id, cache and state folders) | no (holds a local path) |
-| `start-supernode.sh` | starts the Flower SuperNode with TLS and authentication | no |
-
-## Start
-
-1. Install medfed (it brings Flower 1.41) and put its `bin` folder on `PATH`.
-2. Set `data-path` in `node-config.toml` to the site's image folder or CSV
-   manifest, and check the data: `medfed data check /path/to/images --task pneumonia-cxr`
-   (exit code 0 = ready).
-3. `./start-supernode.sh` (under systemd or similar, with a restart on failure:
-   a SuperNode restarted within about a minute of a crash is refused once and
-   succeeds on the next attempt, when the SuperLink has marked it offline).
-   Several SuperNodes on one machine need different `MEDFED_RUNTIME_PORT`s.
-
-The script refuses to start while `data-path` is not set or while `node.key`
-is readable by other accounts. No `--insecure` anywhere: the connection is
-TLS-encrypted, the SuperLink's certificate is checked against `ca.pem`, and
-every request is signed with `node.key`.
-
-## What leaves the site
-
-Model weights after local training, training-loss values, evaluation
-*counts* (confusion counts, score histograms), the number of images, the
-site id and timings. Never images, file paths, file names, patient ids or
-DICOM header values. Errors reach the server as an error type only; details
-stay in this machine's log.
-
-## Check that the connection is TLS + authenticated
-
-* The SuperNode log shows `SuperNode ID: <number>` after connecting; a
-  SuperNode whose key is not registered stops with `Failed to initialize the
-  connection to the SuperLink` instead.
-* The start command line (`ps -o args -C flower-supernode` or the script)
-  holds `--root-certificates` and `--auth-supernode-private-key` and no
-  `--insecure`.
-* `openssl s_client -connect {address} -CAfile ca.pem </dev/null` ends with
-  `Verify return code: 0 (ok)` (the SuperLink presents a certificate of the
-  federation CA).
-* The coordinator's `flwr supernode list` shows this site's node id as online.
-
-If this kit is lost or the key may have been copied, tell the coordinator:
-`medfed deploy revoke-site` makes the SuperLink refuse this key; you then get
-a new kit.
-"""
 
 
 # ---------------------------------------------------------------------------
@@ -588,26 +355,26 @@ def init_federation(root: str | Path, superlink: str, sans: Sequence[str] = (), 
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     os.chmod(staging, 0o700)
     try:
-        ca_key, ca_cert = _make_ca(name, now)
-        srv_key, srv_cert = _make_server_cert(ca_key, ca_cert, names, now)
+        ca_key, ca_cert = make_ca(name, now)
+        srv_key, srv_cert = make_server_cert(ca_key, ca_cert, names, now)
         from cryptography.hazmat.primitives import serialization
 
         ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
         for sub in ("ca", "superlink", "admin", "sites", "revoked"):
             _mkdir_private(staging / sub)
-        _write(staging / "ca" / "ca.key", _pem_private(ca_key), 0o600)
+        _write(staging / "ca" / "ca.key", pem_private_key(ca_key), 0o600)
         _write(staging / "ca" / "ca.pem", ca_pem)
-        _write(staging / "superlink" / "superlink.key", _pem_private(srv_key), 0o600)
+        _write(staging / "superlink" / "superlink.key", pem_private_key(srv_key), 0o600)
         _write(staging / "superlink" / "superlink.pem", srv_cert.public_bytes(serialization.Encoding.PEM))
         _write(staging / "superlink" / "ca.pem", ca_pem)
         _write_text(staging / "superlink" / "start-superlink.sh",
-                    _SUPERLINK_SCRIPT.format(name=name, env=_FLWR_ENV, port=address.port), 0o755)
+                    SUPERLINK_SCRIPT.format(name=name, env=FLWR_ENV, port=address.port), 0o755)
         _write_text(staging / "admin" / "config.toml", _connection_toml(name, address, root / "ca" / "ca.pem"))
         _write_json(staging / REGISTRY_FILE, {"format": REGISTRY_FORMAT, "federation": name, "sites": {},
                                               "revoked": []})
         _write_json(staging / FEDERATION_FILE, {
             "format": FORMAT, "name": name, "superlink": str(address), "sans": names,
-            "created-at": _iso(now), "ca-fingerprint": _cert_fingerprint(ca_cert),
+            "created-at": _iso(now), "ca-fingerprint": cert_fingerprint(ca_cert),
             "ca-not-after": _iso(ca_cert.not_valid_after_utc),
             "superlink-cert-not-after": _iso(srv_cert.not_valid_after_utc),
             "node-auth": "ecdsa-p384-openssh", "supernode-auth": True, "tls": True,
@@ -706,7 +473,7 @@ def add_site(root: str | Path, name: str, public_key: str | Path | None = None) 
             raise ProvisionError(f"kit folder {kit} exists but '{name}' is not in the registry: move the folder "
                                  "away, then try again")
         if site_pub is None:
-            private, pub_line = _node_key_pair(name)
+            private, pub_line = node_key_pair(name)
         else:
             private, pub_line = None, f"{site_pub} medfed-site-{name}"
         fp = key_fingerprint(pub_line)
@@ -720,11 +487,11 @@ def add_site(root: str | Path, name: str, public_key: str | Path | None = None) 
                 _write(staging / "node.key", private, 0o600)
             _write_text(staging / "node.pub", pub_line + "\n")
             _write(staging / "ca.pem", fed.ca_cert.read_bytes())
-            _write_text(staging / "node-config.toml", _NODE_CONFIG.format(site=name, placeholder=DATA_PATH_PLACEHOLDER))
-            _write_text(staging / "start-supernode.sh", _SUPERNODE_SCRIPT.format(
-                site=name, name=fed.name, address=shlex.quote(str(fed.superlink)), env=_FLWR_ENV,
+            _write_text(staging / "node-config.toml", NODE_CONFIG.format(site=name, placeholder=DATA_PATH_PLACEHOLDER))
+            _write_text(staging / "start-supernode.sh", SUPERNODE_SCRIPT.format(
+                site=name, name=fed.name, address=shlex.quote(str(fed.superlink)), env=FLWR_ENV,
                 placeholder=DATA_PATH_PLACEHOLDER), 0o755)
-            _write_text(staging / "README.md", _KIT_README.format(
+            _write_text(staging / "README.md", KIT_README.format(
                 site=name, name=fed.name, address=fed.superlink, fingerprint=fp))
             os.replace(staging, kit)
         except BaseException:
