@@ -42,6 +42,7 @@ COMMANDS: tuple[str, ...] = (
     "simulation.commands.privacy:register",
     "simulation.commands.study:register",
     "simulation.commands.audit:register",
+    "simulation.deploy_cli:add_deploy_parser",
 )
 """Every command as ``"module:function"``, in ``medfed --help`` order; the
 function is called with the subparsers object and adds the command's parser

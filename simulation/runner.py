@@ -26,6 +26,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -157,14 +158,19 @@ def flower_env(flwr_home: Path, http_port: int | None = None) -> dict[str, str]:
     return env
 
 
-def wait_healthy(port: int, proc: subprocess.Popen[bytes], log_file: Path, timeout: float = 60.0) -> None:
-    """Wait until a SuperLink answers on its HTTP health endpoint."""
+def wait_healthy(port: int, proc: subprocess.Popen[bytes], log_file: Path, timeout: float = 60.0,
+                 ca_file: Path | None = None) -> None:
+    """Wait until a SuperLink answers on its health endpoint (HTTPS checked against ``ca_file`` if given)."""
     deadline = time.monotonic() + timeout
+    scheme, context = "http", None
+    if ca_file is not None:
+        scheme, context = "https", ssl.create_default_context(cafile=str(ca_file))
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SimulationError(f"local SuperLink exited with code {proc.returncode}; see {log_file}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:  # noqa: S310 - loopback
+            with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=0.5,  # noqa: S310 - loopback
+                                        context=context) as r:
                 if r.status == 200:
                     return
         except OSError:
