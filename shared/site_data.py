@@ -211,7 +211,8 @@ def natural_site_count(cfg: RunConfig, task: TaskSpec) -> int:
     when the dataset has no such column; empty values are not counted (the
     partition itself rejects them).
     """
-    listing, _ = _load_listing(cfg.data.data_path, task)
+    simulated = SiteConfig(site_id="preflight", partition_id=0, num_partitions=1)  # the policy of simulated sites
+    listing, _ = _load_listing(cfg.data.data_path, task, simulated)
     values = _column_values(listing, cfg.partition.column)
     return len({str(v).strip() for v in values.tolist()} - {""})
 

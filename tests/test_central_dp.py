@@ -245,7 +245,8 @@ def _train_message(clipping: bool) -> Message:
 
 
 def _context(mode: str) -> Context:
-    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={"central-dp.mode": mode})
+    run_config = {"central-dp.mode": mode, **({"central-dp.noise-multiplier": 1.0} if mode != "none" else {})}
+    return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config)
 
 
 def _trained(msg: Message, ctx: Context) -> Message:

@@ -319,11 +319,6 @@ def test_live_display_draws_a_bar_and_keeps_the_lines() -> None:
     assert "Aggregated" not in text and "pid=" not in text and "FutureWarning" not in text
 
 
-def test_format_line_without_counter() -> None:
-    line = read_console_line("[medfed] round: warming up\n")
-    assert line is not None and format_line(line) == "[round] warming up"
-
-
 # ---------------------------------------------------------------------------
 # Real runs (Flower simulation)
 # ---------------------------------------------------------------------------

@@ -9,8 +9,8 @@ import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
+from shared.tasks import get_task
 from server.federation import aggregate_train_metrics, make_evaluate_aggregator
-from shared.metrics.federated import ThresholdRule
 from server.strategies import STRATEGIES, build_strategy
 from shared.config import STRATEGY_NAMES, parse_run_config
 from shared.metrics.classification import ClassificationCounts
@@ -71,7 +71,7 @@ def test_evaluate_aggregation_sums_counts_not_ratios() -> None:
         RecordDict({"metrics": MetricRecord({"num-examples": 180, "eval-loss": 0.1, **big.to_flat()})}),
         RecordDict({"metrics": MetricRecord({"num-examples": 2, "eval-loss": 2.0, **small.to_flat()})}),
     ]
-    pooled = make_evaluate_aggregator(ThresholdRule())(records, "num-examples")
+    pooled = make_evaluate_aggregator(get_task("pneumonia-cxr"))(records, "num-examples")  # Youden, positive class 1
     assert pooled["accuracy"] == pytest.approx(180 / 182)
     assert pooled["sensitivity"] == pytest.approx(90 / 91)
     assert pooled["eval-loss"] == pytest.approx((180 * 0.1 + 2 * 2.0) / 182)

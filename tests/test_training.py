@@ -102,7 +102,7 @@ def test_evaluate_returns_counts_only(data) -> None:
 def test_empty_site_data_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="no training images"):
         train_local(fresh_model(), torch.zeros((0, 1, 32, 32), dtype=torch.uint8), torch.zeros(0, dtype=torch.long),
-                    TrainConfig(), num_classes=2, seed=0)
+                    TrainConfig(), ClassificationObjective(2), seed=0)
 
 
 def test_non_finite_loss_stops_training_with_advice(data) -> None:

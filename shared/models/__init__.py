@@ -1,31 +1,20 @@
-"""Model registry: networks built by name, each entry carrying its output kind.
+"""Model registry: networks built by name, each entry carrying its output kind and input sizes.
 
 >>> model = build_model("small-cnn", in_channels=1, num_classes=2)
->>> model_names("segmentation")  # doctest: +SKIP
+>>> model_names("segmentation")
 ['attention-unet', 'unet']
+
+Importing this package (and reading the registry) imports no torch; the
+torch-side names (``build_model``, ``build_network``, ``load_init_weights``,
+``SmallCNN``, ...) are imported on first use.
 """
 
 from __future__ import annotations
 
-# Importing the modules registers their models.
-from shared.models import classifiers as _classifiers  # noqa: F401
-from shared.models import segmentation as _segmentation  # noqa: F401
-from shared.models import small_cnn as _small_cnn  # noqa: F401
-from shared.models.registry import (
-    MODELS,
-    ModelEntry,
-    ModelFactory,
-    ModelWeightsError,
-    WeightsLoadReport,
-    build_model,
-    count_parameters,
-    load_init_weights,
-    model_kind,
-    model_names,
-    register_model,
-)
-from shared.models.run import build_network
-from shared.models.small_cnn import SmallCNN
+import importlib
+from typing import Any
+
+from shared.models.registry import MODELS, ModelEntry, ModelFactory, model_kind, model_names, register_model
 
 __all__ = [
     "MODELS",
@@ -42,3 +31,20 @@ __all__ = [
     "model_names",
     "register_model",
 ]
+
+_LAZY = {
+    "ModelWeightsError": "shared.models.weights",
+    "WeightsLoadReport": "shared.models.weights",
+    "build_model": "shared.models.weights",
+    "count_parameters": "shared.models.weights",
+    "load_init_weights": "shared.models.weights",
+    "build_network": "shared.models.run",
+    "SmallCNN": "shared.models.small_cnn",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the torch-side names on first use (PEP 562)."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'shared.models' has no attribute {name!r}")

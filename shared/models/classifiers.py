@@ -13,16 +13,15 @@ from __future__ import annotations
 import timm
 from torch import nn
 
-from shared.models.registry import ModelFactory, register_model
+from shared.models.registry import ModelFactory
 
-#: medfed name -> (timm name, smallest input side in px that runs: DenseNet's and VGG's
-#: five 2x2 poolings need 32, the others run from 28).
-TIMM_MODELS: dict[str, tuple[str, int]] = {
-    "resnet18": ("resnet18", 28),
-    "resnet50": ("resnet50", 28),
-    "densenet121": ("densenet121", 32),
-    "efficientnet-b0": ("efficientnet_b0", 28),
-    "vgg16": ("vgg16", 32),
+#: medfed name -> timm name (registered in :mod:`shared.models.catalog` with their input sizes).
+TIMM_MODELS: dict[str, str] = {
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+    "densenet121": "densenet121",
+    "efficientnet-b0": "efficientnet_b0",
+    "vgg16": "vgg16",
 }
 
 
@@ -45,5 +44,8 @@ def timm_factory(timm_name: str) -> ModelFactory:
     return factory
 
 
-for _name, (_timm_name, _min_size) in TIMM_MODELS.items():
-    register_model(_name, min_input_size=_min_size)(timm_factory(_timm_name))
+resnet18 = timm_factory("resnet18")
+resnet50 = timm_factory("resnet50")
+densenet121 = timm_factory("densenet121")
+efficientnet_b0 = timm_factory("efficientnet_b0")
+vgg16 = timm_factory("vgg16")

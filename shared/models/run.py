@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from shared.models.registry import build_model
+from shared.models.weights import build_model
 
 
 def build_network(

@@ -1,6 +1,6 @@
 """2-D segmentation networks (MONAI U-Net and Attention U-Net).
 
-Both are registered in :data:`shared.models.registry.MODELS` with
+Both are registered in :mod:`shared.models.catalog` with
 ``kind="segmentation"`` and built like every other model, ``build_model(name, in_channels, num_classes)``; they
 return per-pixel logits ``(N, num_classes, H, W)`` (binary segmentation uses
 ``num_classes=2``: background, foreground). Input sides must be multiples of
@@ -25,8 +25,6 @@ from __future__ import annotations
 from monai.networks.nets import AttentionUnet, UNet
 from torch import nn
 
-from shared.kinds import SEGMENTATION
-from shared.models.registry import register_model
 
 __all__ = ["MIN_INPUT_SIZE", "SIZE_MULTIPLE"]
 
@@ -56,7 +54,6 @@ def _batchnorm_to_groupnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-@register_model("unet", kind=SEGMENTATION, min_input_size=MIN_INPUT_SIZE, size_multiple=SIZE_MULTIPLE)
 def unet(in_channels: int, num_classes: int) -> nn.Module:
     """MONAI 2-D residual U-Net, channels 16-256, 2 residual units, instance norm."""
     return UNet(
@@ -71,7 +68,6 @@ def unet(in_channels: int, num_classes: int) -> nn.Module:
     )
 
 
-@register_model("attention-unet", kind=SEGMENTATION, min_input_size=MIN_INPUT_SIZE, size_multiple=SIZE_MULTIPLE)
 def attention_unet(in_channels: int, num_classes: int) -> nn.Module:
     """MONAI 2-D Attention U-Net, channels 16-256, GroupNorm instead of BatchNorm."""
     model = AttentionUnet(

@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shared.models.registry import register_model
 
 #: Smallest input side the four 2x2 max-pools can reduce to 1 x 1.
 MIN_INPUT_SIZE = 16
@@ -98,7 +97,6 @@ class SmallCNN(nn.Module):
         return self.head(self.dropout(x))
 
 
-@register_model("small-cnn", min_input_size=MIN_INPUT_SIZE)
 def small_cnn(in_channels: int, num_classes: int) -> nn.Module:
     """Build :class:`SmallCNN` with its default widths."""
     return SmallCNN(in_channels, num_classes)
