@@ -68,6 +68,7 @@ class DataConfig:
     normalize: str = "fixed"
     dicom_window_fallback: str = "percentile"
     cache: bool = True
+    phantom_disparity: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,20 @@ class CentralDPConfig:
 
 
 @dataclass(frozen=True)
+class FairnessConfig:
+    """Patient-subgroup reporting: which columns, the age bands, small-cell suppression.
+
+    Strings are kept as given here and parsed by
+    :meth:`shared.metrics.subgroups.SubgroupSpec.from_strings` (validated in
+    :func:`parse_run_config`).
+    """
+
+    subgroup_columns: str = "sex,age,view"
+    min_cell: int = 10
+    age_bands: str = "0,18,40,60,80"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole run: one object parsed once, shared by server and clients."""
 
@@ -147,6 +162,7 @@ class RunConfig:
     strategy: StrategyConfig = dataclasses.field(default_factory=StrategyConfig)
     dp: DPConfig = dataclasses.field(default_factory=DPConfig)
     central_dp: CentralDPConfig = dataclasses.field(default_factory=CentralDPConfig)
+    fairness: FairnessConfig = dataclasses.field(default_factory=FairnessConfig)
 
     def to_flat(self) -> dict[str, ConfigValue]:
         """Return the flat kebab-case form (inverse of :func:`parse_run_config`)."""
@@ -264,6 +280,9 @@ _SPECS: tuple[KeySpec, ...] = (
     KeySpec("normalize", "data", "normalize", str, "intensity normalisation per batch", choices=("fixed", "minmax", "zscore")),
     KeySpec("dicom-window-fallback", "data", "dicom_window_fallback", str, "DICOM window when the file has none", choices=("percentile", "minmax")),
     KeySpec("cache", "data", "cache", bool, "cache decoded, preprocessed images on the site's disk"),
+    KeySpec("phantom-disparity", "data", "phantom_disparity", float,
+            "plant a known subgroup disparity in the phantoms: findings of female phantoms are this much fainter "
+            "(and smaller), 0 = none (pneumonia-cxr, pneumothorax-cxr, pneumothorax-seg)", 0, 0.95),
     KeySpec("partition", "partition", "kind", str, "how simulated sites split the data", choices=("iid", "dirichlet")),
     KeySpec("dirichlet-alpha", "partition", "dirichlet_alpha", float, "label-skew concentration (small = skewed)", 0, 1e6, low_open=True),
     KeySpec("min-partition-size", "partition", "min_partition_size", int, "minimum samples per simulated site", 1, 1_000_000),
@@ -291,6 +310,12 @@ _SPECS: tuple[KeySpec, ...] = (
     KeySpec("central-dp.clipping-norm", "central_dp", "clipping_norm", float, "L2 clipping norm of each site's update", 0, 1e6, low_open=True),
     KeySpec("central-dp.num-sites", "central_dp", "num_sites", int, "sites per round the noise is calibrated for (0 = min-sites)", 0, 100_000),
     KeySpec("central-dp.delta", "central_dp", "delta", float, "delta of the site-level guarantee", 0, 1, low_open=True),
+    KeySpec("subgroup-columns", "fairness", "subgroup_columns", str,
+            "patient subgroups reported per site and pooled: comma-separated of sex, age, view ('' = none)"),
+    KeySpec("fairness.min-cell", "fairness", "min_cell", int,
+            "a site sends no subgroup cell with fewer validation images (small-cell suppression)", 1, 1_000_000),
+    KeySpec("fairness.age-bands", "fairness", "age_bands", str,
+            "age band edges in years: '0,18,40,60,80' = 0-17, 18-39, 40-59, 60-79, 80+"),
 )
 
 RUN_KEYS: dict[str, KeySpec] = {s.key: s for s in _SPECS}
@@ -384,6 +409,7 @@ def parse_run_config(flat: Mapping[str, Any], *, fill_defaults: bool = True) -> 
 
     values: dict[str, dict[str, ConfigValue]] = {
         "": {}, "train": {}, "data": {}, "partition": {}, "strategy": {}, "dp": {}, "central_dp": {},
+        "fairness": {},
     }
     for key, raw in flat.items():
         spec = RUN_KEYS[key]
@@ -400,6 +426,7 @@ def parse_run_config(flat: Mapping[str, Any], *, fill_defaults: bool = True) -> 
         strategy=StrategyConfig(**values["strategy"]),  # type: ignore[arg-type]
         dp=DPConfig(**values["dp"]),  # type: ignore[arg-type]
         central_dp=CentralDPConfig(**values["central_dp"]),  # type: ignore[arg-type]
+        fairness=FairnessConfig(**values["fairness"]),  # type: ignore[arg-type]
     )
     cfg = _apply_task_defaults(cfg)
     _check_combinations(cfg)
@@ -423,6 +450,7 @@ def _check_combinations(cfg: RunConfig) -> None:
         raise ConfigError(
             f"run config 'image-size': expected 0 (the task's default) or 28..1024 pixels, got {cfg.data.image_size}."
         )
+    _check_fairness(cfg)
     s = cfg.strategy
     if s.name == "fedprox" and cfg.train.proximal_mu == 0.0:
         raise ConfigError(
@@ -472,6 +500,35 @@ def _check_combinations(cfg: RunConfig) -> None:
         )
 
 
+def _check_fairness(cfg: RunConfig) -> None:
+    """Subgroup settings parse; a planted phantom disparity needs phantoms of a task that supports it."""
+    from shared.metrics.subgroups import SubgroupError, parse_age_bands, parse_subgroup_columns
+
+    for key, parse, value in (("subgroup-columns", parse_subgroup_columns, cfg.fairness.subgroup_columns),
+                              ("fairness.age-bands", parse_age_bands, cfg.fairness.age_bands)):
+        try:
+            parse(value)
+        except SubgroupError as exc:
+            raise ConfigError(f"run config '{key}': {exc}") from None
+    if cfg.data.phantom_disparity > 0.0:
+        if cfg.data.data_path:
+            raise ConfigError(
+                f"run config: phantom-disparity={cfg.data.phantom_disparity} plants a disparity in synthetic phantoms, "
+                "but data-path is set (real images); set phantom-disparity=0 or data-path=''."
+            )
+        from shared.tasks import get_task  # lazy: tasks import the phantom generators
+
+        task = get_task(cfg.task)
+        if task.render_disparity_phantoms is None:
+            from shared.tasks import TASKS
+
+            able = [n for n in TASKS.names() if get_task(n).render_disparity_phantoms is not None]
+            raise ConfigError(
+                f"run config: phantom-disparity is not available for task '{cfg.task}' (its phantoms have no planted "
+                f"disparity); use one of {', '.join(able)}, or phantom-disparity=0."
+            )
+
+
 def parse_overrides(text: str) -> dict[str, ConfigValue]:
     """Parse ``"key=value key2='text'"`` (Flower's ``--run-config`` syntax).
 
@@ -505,7 +562,9 @@ def parse_overrides(text: str) -> dict[str, ConfigValue]:
 # ---------------------------------------------------------------------------
 
 NODE_KEYS = ("partition-id", "num-partitions", "data-path", "site-id", "cache-dir", "state-dir", "explain-dir",
-             "explain-samples")
+             "explain-samples", "min-cell")
+DEFAULT_SITE_MIN_CELL = 10
+"""A real site's own floor for subgroup cells when its node config sets no ``min-cell``."""
 DEFAULT_EXPLAIN_SAMPLES = 8
 
 
@@ -517,8 +576,9 @@ class SiteConfig:
     simulated site gets ``partition-id``/``num-partitions`` from Flower.
     ``explain-dir`` ('' = off) and ``explain-samples`` make the site write
     Grad-CAM overlays of a fixed sample of its validation images to a local
-    folder at every evaluate round (see :mod:`shared.site_explain`); they are
-    site-local settings the server cannot change.
+    folder at every evaluate round (see :mod:`shared.site_explain`). ``min-cell``
+    is the site's floor for patient-subgroup cells (see :attr:`min_cell_floor`).
+    These are site-local settings the server cannot change.
     """
 
     site_id: str
@@ -529,11 +589,34 @@ class SiteConfig:
     state_dir: str = ""  # persistent site state (privacy ledger); '' = $MEDFED_STATE_DIR or ~/.local/state/medfed
     explain_dir: str = ""
     explain_samples: int = DEFAULT_EXPLAIN_SAMPLES
+    min_cell: int = 0  # site's floor for subgroup cells; 0 = DEFAULT_SITE_MIN_CELL (real site) / none (simulated)
 
     @property
     def simulated(self) -> bool:
         """True when this site takes a partition of the run's dataset."""
         return not self.data_path
+
+    @property
+    def min_cell_floor(self) -> int | None:
+        """The smallest subgroup cell this site sends whatever the run config says (None: the run decides).
+
+        Small-cell suppression protects the site's patients, so a real site
+        keeps :data:`DEFAULT_SITE_MIN_CELL` unless its operator sets
+        ``min-cell`` in the node config; the server's ``fairness.min-cell``
+        can only raise it.
+        """
+        if self.min_cell:
+            return self.min_cell
+        return None if self.simulated else DEFAULT_SITE_MIN_CELL
+
+
+def _min_cell(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
+        raise ConfigError(
+            f"node config 'min-cell': expected an integer >= 1 (the smallest patient subgroup this site reports), "
+            f"got {value!r}; e.g. min-cell=10."
+        )
+    return value
 
 
 def _explain_samples(value: Any) -> int:
@@ -569,14 +652,15 @@ def parse_node_config(node_config: Mapping[str, Any], node_id: int | None = None
                      ("state-dir", state_dir), ("explain-dir", explain_dir)):
         if not isinstance(val, str):
             raise ConfigError(f"node config '{key}': expected a quoted string, got {val!r}.")
-    explain = {"explain_dir": explain_dir,
-               "explain_samples": _explain_samples(node_config.get("explain-samples", DEFAULT_EXPLAIN_SAMPLES))}
+    local = {"explain_dir": explain_dir,
+               "explain_samples": _explain_samples(node_config.get("explain-samples", DEFAULT_EXPLAIN_SAMPLES)),
+               "min_cell": _min_cell(node_config["min-cell"]) if "min-cell" in node_config else 0}
     pid = node_config.get("partition-id")
     nparts = node_config.get("num-partitions")
     if data_path:
         if not site_id:
             site_id = f"node-{node_id}" if node_id is not None else "site"
-        return SiteConfig(site_id=site_id, data_path=data_path, cache_dir=cache_dir, state_dir=state_dir, **explain)
+        return SiteConfig(site_id=site_id, data_path=data_path, cache_dir=cache_dir, state_dir=state_dir, **local)
     if pid is None or nparts is None:
         raise ConfigError(
             "node config: a site needs either data-path (a real site: "
@@ -589,4 +673,4 @@ def parse_node_config(node_config: Mapping[str, Any], node_id: int | None = None
     if nparts < 1 or not 0 <= pid < nparts:
         raise ConfigError(f"node config: expected 0 <= partition-id < num-partitions, got {pid} and {nparts}.")
     return SiteConfig(site_id=site_id or f"site-{pid}", partition_id=pid, num_partitions=nparts, cache_dir=cache_dir,
-                      state_dir=state_dir, **explain)
+                      state_dir=state_dir, **local)

@@ -26,6 +26,9 @@ from shared.registry import Registry
 #                             (images uint8, masks bool) for segmentation
 PhantomRenderer = Callable[[int, int, int, Sequence[int] | np.ndarray], tuple[np.ndarray, np.ndarray]]
 PhantomLabeler = Callable[[int, int], np.ndarray]
+# (n, size, seed, indices, disparity) -> as PhantomRenderer, with a planted subgroup disparity (run config
+# phantom-disparity; see shared.data.phantoms.make_chest_phantoms)
+DisparityRenderer = Callable[[int, int, int, Sequence[int] | np.ndarray, float], tuple[np.ndarray, np.ndarray]]
 
 CLASSIFICATION = "classification"
 SEGMENTATION = "segmentation"
@@ -82,6 +85,11 @@ class TaskSpec:
         :func:`shared.seg_training.seg_loss`). For small structures absent
         from many images (a per-image Dice rewards empty predictions there).
         DP-SGD keeps the per-image loss (each loss term may depend on one image only).
+    render_disparity_phantoms:
+        ``(n, size, seed, indices, disparity) -> (images, labels or masks)``:
+        the phantoms with findings fainter in one subgroup (female), for
+        testing subgroup reports (run config ``phantom-disparity``); ``None``
+        when the task's phantoms have no planted disparity.
     """
 
     name: str
@@ -99,6 +107,7 @@ class TaskSpec:
     label_column: str | None = None
     label_aliases: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     foreground_batch_dice: bool = False
+    render_disparity_phantoms: DisparityRenderer | None = None
 
     def __post_init__(self) -> None:
         if self.threshold_method not in THRESHOLD_METHODS:
@@ -146,6 +155,17 @@ def _first_two(fn: Callable[..., tuple[np.ndarray, ...]]) -> PhantomRenderer:
     return render
 
 
+def _with_disparity(fn: Callable[..., tuple[np.ndarray, ...]], *, masks: bool = False) -> DisparityRenderer:
+    """Adapt a phantom maker with a ``disparity`` argument: (images, labels) or, with ``masks``, (images, masks)."""
+
+    def render(n: int, size: int, seed: int, indices: Sequence[int] | np.ndarray,
+               disparity: float) -> tuple[np.ndarray, np.ndarray]:
+        out = fn(n, size=size, seed=seed, indices=indices, disparity=disparity)
+        return out[0], out[2 if masks else 1]
+
+    return render
+
+
 TASKS.add(
     "pneumonia-cxr",
     TaskSpec(
@@ -159,6 +179,7 @@ TASKS.add(
         default_image_size=64,
         phantom_labels=lambda n, seed: phantoms.phantom_labels(n, seed=seed),
         render_phantoms=_first_two(phantoms.make_chest_phantoms),
+        render_disparity_phantoms=_with_disparity(phantoms.make_chest_phantoms),
     ),
 )
 
@@ -194,6 +215,7 @@ TASKS.add(
         default_image_size=64,
         phantom_labels=lambda n, seed: phantoms_tasks.pneumothorax_labels(n, seed=seed),
         render_phantoms=_first_two(phantoms_tasks.make_pneumothorax_phantoms),
+        render_disparity_phantoms=_with_disparity(phantoms_tasks.make_pneumothorax_phantoms),
         threshold_method="target-sensitivity",
         target_sensitivity=0.9,
     ),
@@ -241,6 +263,8 @@ TASKS.add(
         phantom_labels=lambda n, seed: phantoms_tasks.pneumothorax_labels(n, seed=seed),
         # a clearly darker pleural space than the classification phantoms: the region must be delineable at 64 px
         render_phantoms=_images_and_masks(partial(phantoms_tasks.make_pneumothorax_phantoms, conspicuous=True)),
+        render_disparity_phantoms=_with_disparity(partial(phantoms_tasks.make_pneumothorax_phantoms, conspicuous=True),
+                                                  masks=True),
         foreground_batch_dice=True,  # ~5 % of the image, empty in half the images
     ),
 )
