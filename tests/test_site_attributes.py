@@ -14,6 +14,7 @@ from shared.config import ConfigError, SiteConfig, parse_node_config, parse_run_
 from shared.data.attributes import manifest_attributes
 from shared.data.phantoms import make_chest_phantoms, phantom_attributes
 from shared.data.splits import train_val_split
+from shared.metrics.subgroups import SubgroupSpec
 from shared.site_data import load_site_data
 from shared.tasks import get_task
 
@@ -140,3 +141,6 @@ def test_a_real_site_keeps_its_own_minimum_cell_floor() -> None:
     assert parse_node_config({"partition-id": 0, "num-partitions": 2}).min_cell_floor is None
     with pytest.raises(ConfigError, match="'min-cell'"):
         parse_node_config({"data-path": "/d", "min-cell": 0})
+    run = parse_run_config({"fairness.min-cell": 3, "subgroup-columns": "sex"}).fairness
+    assert SubgroupSpec.for_site(run, real.min_cell_floor) == SubgroupSpec(("sex",), 10, (0, 18, 40, 60, 80))
+    assert SubgroupSpec.for_site(run, None).min_cell == 3  # a simulated site: the run decides

@@ -38,10 +38,21 @@ are independent partitions of the same images; this rule protects each
 column against differencing with the site's totals, not every conceivable
 combination of several columns' marginal counts.)
 
+Limits: the age band edges come from the run config, i.e. the server. Two
+runs over the same validation images with overlapping bands (``80+`` in one,
+``85+`` in the other) would let the server subtract cells of different runs;
+suppression within one reply cannot prevent that. A ``min-cell`` floor at the
+site bounds only what each single reply reveals. The fine score histograms of
+a cell (1000 bins) are close to the list of (rounded score, label) pairs of
+its images, as for the site's overall counts.
+
 Flat key scheme (version 1)
 ---------------------------
-Everything is merged into the site's flat evaluation reply (a Flower
-``MetricRecord``: string keys, int/float or lists of them):
+A flat dict of string keys and int / lists of int (what Flower records hold).
+Its key set differs between sites (each sends the cells it has), so it must
+travel *beside* the evaluation ``MetricRecord``, not inside it: Flower's
+message strategies reject evaluate replies whose MetricRecords do not all
+have the same keys (a ``ConfigRecord`` of its own is not checked). Keys:
 
 * ``sg1/<column>/<cell>/<key>``: the cell's counts, ``<key>`` being each key
   of its ``to_flat()`` (``num-classes``, ``bins``, ``confusion``,
@@ -230,6 +241,24 @@ class SubgroupSpec:
     def from_strings(cls, columns: str, min_cell: int, age_bands: str) -> SubgroupSpec:
         """Build from the run-config strings (``subgroup-columns``, ``fairness.min-cell``, ``fairness.age-bands``)."""
         return cls(parse_subgroup_columns(columns), int(min_cell), parse_age_bands(age_bands))
+
+    @classmethod
+    def for_site(cls, fairness: object, site_floor: int | None) -> SubgroupSpec:
+        """The spec a site applies: the run's settings, with ``min_cell`` raised to the site's floor.
+
+        Parameters
+        ----------
+        fairness : shared.config.FairnessConfig
+            The run config's ``fairness`` section (``subgroup_columns``,
+            ``min_cell``, ``age_bands``).
+        site_floor : int or None
+            ``SiteConfig.min_cell_floor`` (None: the run decides).
+        """
+        return cls.from_strings(
+            fairness.subgroup_columns,  # type: ignore[attr-defined]
+            effective_min_cell(fairness.min_cell, site_floor),  # type: ignore[attr-defined]
+            fairness.age_bands,  # type: ignore[attr-defined]
+        )
 
 
 def effective_min_cell(run_min_cell: int, site_floor: int | None) -> int:
