@@ -379,10 +379,6 @@ def subgroup_cells(attributes: Mapping[str, np.ndarray] | None, spec: SubgroupSp
 # ---------------------------------------------------------------------------
 
 
-def _size(counts: Counts) -> int:
-    return counts.num_examples if isinstance(counts, ClassificationCounts) else counts.n_images
-
-
 @dataclass
 class SubgroupCounts:
     """Per-column, per-cell counts and the numbers of unsent cells; merge by adding.
