@@ -75,6 +75,7 @@ class DataConfig:
     cache: bool = True
     min_train_images: int = 20
     min_val_images: int = 10
+    phantom_disparity: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,20 @@ class CentralDPConfig:
 
 
 @dataclass(frozen=True)
+class FairnessConfig:
+    """Patient-subgroup reporting: which columns, the age bands, small-cell suppression.
+
+    Strings are kept as given here and parsed by
+    :meth:`shared.metrics.subgroups.SubgroupSpec.from_strings` (validated in
+    :func:`parse_run_config`).
+    """
+
+    subgroup_columns: str = "sex,age,view"
+    min_cell: int = 10
+    age_bands: str = "0,18,40,60,80"
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole run: one object parsed once, shared by server and clients."""
 
@@ -166,6 +181,7 @@ class RunConfig:
     strategy: StrategyConfig = dataclasses.field(default_factory=StrategyConfig)
     dp: DPConfig = dataclasses.field(default_factory=DPConfig)
     central_dp: CentralDPConfig = dataclasses.field(default_factory=CentralDPConfig)
+    fairness: FairnessConfig = dataclasses.field(default_factory=FairnessConfig)
 
     def to_flat(self) -> dict[str, ConfigValue]:
         """Return the flat kebab-case form (inverse of :func:`parse_run_config`)."""
@@ -294,6 +310,9 @@ _SPECS: tuple[KeySpec, ...] = (
             "a site with fewer training images logs a warning before round 1 (0 = never)", 0, 1_000_000),
     KeySpec("min-val-images", "data", "min_val_images", int,
             "a site with fewer validation images logs a warning before round 1 (0 = never)", 0, 1_000_000),
+    KeySpec("phantom-disparity", "data", "phantom_disparity", float,
+            "plant a known subgroup disparity in the phantoms: findings of female phantoms are this much fainter "
+            "(and smaller), 0 = none (pneumonia-cxr, pneumothorax-cxr, pneumothorax-seg)", 0, 0.95),
     KeySpec("partition", "partition", "kind", str,
             "how simulated sites split the data: iid, dirichlet (label skew), pathological (classes-per-site classes "
             "each), quantity (iid labels, skewed sizes), natural (one site per value of partition-column)",
@@ -335,6 +354,12 @@ _SPECS: tuple[KeySpec, ...] = (
     KeySpec("central-dp.clipping-norm", "central_dp", "clipping_norm", float, "L2 clipping norm of each site's update", 0, 1e6, low_open=True),
     KeySpec("central-dp.num-sites", "central_dp", "num_sites", int, "sites per round the noise is calibrated for (0 = min-sites)", 0, 100_000),
     KeySpec("central-dp.delta", "central_dp", "delta", float, "delta of the site-level guarantee", 0, 1, low_open=True),
+    KeySpec("subgroup-columns", "fairness", "subgroup_columns", str,
+            "patient subgroups reported per site and pooled: comma-separated of sex, age, view ('' = none)"),
+    KeySpec("fairness.min-cell", "fairness", "min_cell", int,
+            "a site sends no subgroup cell with fewer validation images (small-cell suppression)", 1, 1_000_000),
+    KeySpec("fairness.age-bands", "fairness", "age_bands", str,
+            "age band edges in years: '0,18,40,60,80' = 0-17, 18-39, 40-59, 60-79, 80+"),
 )
 
 RUN_KEYS: dict[str, KeySpec] = {s.key: s for s in _SPECS}
@@ -428,6 +453,7 @@ def parse_run_config(flat: Mapping[str, Any], *, fill_defaults: bool = True) -> 
 
     values: dict[str, dict[str, ConfigValue]] = {
         "": {}, "train": {}, "data": {}, "partition": {}, "strategy": {}, "dp": {}, "central_dp": {},
+        "fairness": {},
     }
     for key, raw in flat.items():
         spec = RUN_KEYS[key]
@@ -444,6 +470,7 @@ def parse_run_config(flat: Mapping[str, Any], *, fill_defaults: bool = True) -> 
         strategy=StrategyConfig(**values["strategy"]),  # type: ignore[arg-type]
         dp=DPConfig(**values["dp"]),  # type: ignore[arg-type]
         central_dp=CentralDPConfig(**values["central_dp"]),  # type: ignore[arg-type]
+        fairness=FairnessConfig(**values["fairness"]),  # type: ignore[arg-type]
     )
     cfg = _apply_task_defaults(cfg)
     _check_combinations(cfg)
@@ -525,6 +552,7 @@ def _check_combinations(cfg: RunConfig) -> None:
         )
     _check_model_fits_task(cfg)
     _check_partition(cfg)
+    _check_fairness(cfg)
     s = cfg.strategy
     if s.name == "fedprox" and cfg.train.proximal_mu == 0.0:
         raise ConfigError(
@@ -619,6 +647,35 @@ def _check_partition(cfg: RunConfig) -> None:
             )
 
 
+def _check_fairness(cfg: RunConfig) -> None:
+    """Subgroup settings parse; a planted phantom disparity needs phantoms of a task that supports it."""
+    from shared.metrics.subgroups import SubgroupError, parse_age_bands, parse_subgroup_columns
+
+    for key, parse, value in (("subgroup-columns", parse_subgroup_columns, cfg.fairness.subgroup_columns),
+                              ("fairness.age-bands", parse_age_bands, cfg.fairness.age_bands)):
+        try:
+            parse(value)
+        except SubgroupError as exc:
+            raise ConfigError(f"run config '{key}': {exc}") from None
+    if cfg.data.phantom_disparity > 0.0:
+        if cfg.data.data_path:
+            raise ConfigError(
+                f"run config: phantom-disparity={cfg.data.phantom_disparity} plants a disparity in synthetic phantoms, "
+                "but data-path is set (real images); set phantom-disparity=0 or data-path=''."
+            )
+        from shared.tasks import get_task  # lazy: tasks import the phantom generators
+
+        task = get_task(cfg.task)
+        if task.render_disparity_phantoms is None:
+            from shared.tasks import TASKS
+
+            able = [n for n in TASKS.names() if get_task(n).render_disparity_phantoms is not None]
+            raise ConfigError(
+                f"run config: phantom-disparity is not available for task '{cfg.task}' (its phantoms have no planted "
+                f"disparity); use one of {', '.join(able)}, or phantom-disparity=0."
+            )
+
+
 def parse_overrides(text: str) -> dict[str, ConfigValue]:
     """Parse ``"key=value key2='text'"`` (Flower's ``--run-config`` syntax).
 
@@ -652,7 +709,9 @@ def parse_overrides(text: str) -> dict[str, ConfigValue]:
 # ---------------------------------------------------------------------------
 
 NODE_KEYS = ("partition-id", "num-partitions", "data-path", "site-id", "cache-dir", "state-dir", "explain-dir",
-             "explain-samples", "max-image-pixels", "allow-outside-data-root")
+             "explain-samples", "max-image-pixels", "allow-outside-data-root", "min-cell")
+DEFAULT_SITE_MIN_CELL = 10
+"""A real site's own floor for subgroup cells when its node config sets no ``min-cell``."""
 DEFAULT_EXPLAIN_SAMPLES = 8
 
 
@@ -672,7 +731,8 @@ class SiteConfig:
     ``too-large``; default :data:`shared.limits.DEFAULT_MAX_PIXELS`, 50 MP).
     ``allow-outside-data-root`` (default false) lets manifest rows and
     symlinks lead outside the ``data-path`` folder; otherwise such files are
-    quarantined as ``outside-data-root``.
+    quarantined as ``outside-data-root``. ``min-cell`` is the site's floor for
+    patient-subgroup cells (see :attr:`min_cell_floor`).
     """
 
     site_id: str
@@ -685,11 +745,34 @@ class SiteConfig:
     explain_samples: int = DEFAULT_EXPLAIN_SAMPLES
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     allow_outside_data_root: bool = False
+    min_cell: int = 0  # site's floor for subgroup cells; 0 = DEFAULT_SITE_MIN_CELL (real site) / none (simulated)
 
     @property
     def simulated(self) -> bool:
         """True when this site takes a partition of the run's dataset."""
         return not self.data_path
+
+    @property
+    def min_cell_floor(self) -> int | None:
+        """The smallest subgroup cell this site sends whatever the run config says (None: the run decides).
+
+        Small-cell suppression protects the site's patients, so a real site
+        keeps :data:`DEFAULT_SITE_MIN_CELL` unless its operator sets
+        ``min-cell`` in the node config; the server's ``fairness.min-cell``
+        can only raise it.
+        """
+        if self.min_cell:
+            return self.min_cell
+        return None if self.simulated else DEFAULT_SITE_MIN_CELL
+
+
+def _min_cell(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
+        raise ConfigError(
+            f"node config 'min-cell': expected an integer >= 1 (the smallest patient subgroup this site reports), "
+            f"got {value!r}; e.g. min-cell=10."
+        )
+    return value
 
 
 def _explain_samples(value: Any) -> int:
@@ -743,16 +826,17 @@ def parse_node_config(node_config: Mapping[str, Any], node_id: int | None = None
                      ("state-dir", state_dir), ("explain-dir", explain_dir)):
         if not isinstance(val, str):
             raise ConfigError(f"node config '{key}': expected a quoted string, got {val!r}.")
-    explain = {"explain_dir": explain_dir,
-               "explain_samples": _explain_samples(node_config.get("explain-samples", DEFAULT_EXPLAIN_SAMPLES)),
-               "max_image_pixels": _max_image_pixels(node_config.get("max-image-pixels", DEFAULT_MAX_PIXELS)),
-               "allow_outside_data_root": _allow_outside(node_config.get("allow-outside-data-root", False))}
+    local = {"explain_dir": explain_dir,
+             "explain_samples": _explain_samples(node_config.get("explain-samples", DEFAULT_EXPLAIN_SAMPLES)),
+             "max_image_pixels": _max_image_pixels(node_config.get("max-image-pixels", DEFAULT_MAX_PIXELS)),
+             "allow_outside_data_root": _allow_outside(node_config.get("allow-outside-data-root", False)),
+             "min_cell": _min_cell(node_config["min-cell"]) if "min-cell" in node_config else 0}
     pid = node_config.get("partition-id")
     nparts = node_config.get("num-partitions")
     if data_path:
         if not site_id:
             site_id = f"node-{node_id}" if node_id is not None else "site"
-        return SiteConfig(site_id=site_id, data_path=data_path, cache_dir=cache_dir, state_dir=state_dir, **explain)
+        return SiteConfig(site_id=site_id, data_path=data_path, cache_dir=cache_dir, state_dir=state_dir, **local)
     if pid is None or nparts is None:
         raise ConfigError(
             "node config: a site needs either data-path (a real site: "
@@ -765,7 +849,7 @@ def parse_node_config(node_config: Mapping[str, Any], node_id: int | None = None
     if nparts < 1 or not 0 <= pid < nparts:
         raise ConfigError(f"node config: expected 0 <= partition-id < num-partitions, got {pid} and {nparts}.")
     return SiteConfig(site_id=site_id or f"site-{pid}", partition_id=pid, num_partitions=nparts, cache_dir=cache_dir,
-                      state_dir=state_dir, **explain)
+                      state_dir=state_dir, **local)
 
 
 def for_site(cfg: RunConfig, site: SiteConfig) -> RunConfig:

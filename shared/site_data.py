@@ -29,7 +29,11 @@ same function ``medfed data check`` uses, so that the check and the site
 agree on what is usable. A real site reads nothing the run config names
 (:func:`shared.config.for_site`).
 
-Only counts are logged here: never a file path or a patient id.
+Per-image patient attributes of the validation images (``sex``, ``age``,
+``view`` from a manifest; synthetic ``sex``/``age`` for phantoms) ride along
+in :attr:`SiteData.val_attributes` for subgroup reporting.
+
+Only counts are logged here: never a file path, a patient id or an attribute.
 """
 
 from __future__ import annotations
@@ -40,19 +44,22 @@ import json
 import logging
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from shared.config import ConfigError, RunConfig, SiteConfig, for_site
+from shared.data.attributes import manifest_attributes
 from shared.data.cache import SiteCache, build_or_load
 from shared.data.labels import task_labels
 from shared.data.partition import partition_indices
+from shared.data.phantoms import phantom_attributes
 from shared.data.phantoms_tasks import apply_profile, site_profile
 from shared.data.preprocess import preprocess
 from shared.data.seg_sources import SegRecord, discover_segmentation, model_spacings, read_record_mask
 from shared.data.reading import READER_VERSION, cache_root, input_policy, make_reader, resolve_path
-from shared.data.sources import DataSourceError, ImageListing, data_root, discover, pixel_limit
+from shared.data.sources import DataSourceError, ImageListing, ImageRecord, data_root, discover, pixel_limit
 from shared.data.splits import train_val_split
 from shared.data.usable import InputPolicy, bounded, usable_reader
 from shared.kinds import SEGMENTATION
@@ -77,6 +84,8 @@ class SiteData:
     val_masks: np.ndarray | None = None
     # segmentation: (row, column) mm spacing of each validation image at the model's size, None if unknown
     val_spacings: tuple[tuple[float, float] | None, ...] | None = None
+    # attribute (sex, age, view) -> one raw value per validation image; None when the source has none. Never log.
+    val_attributes: dict[str, np.ndarray] | None = None
 
     @property
     def train_targets(self) -> np.ndarray:
@@ -138,9 +147,23 @@ def _cache_extra(cfg: RunConfig, policy: InputPolicy) -> dict[str, object]:
             "max-pixels": policy.max_pixels, "allow-outside-root": policy.allow_outside_root}
 
 
-def _split(images: np.ndarray, labels: np.ndarray, groups: np.ndarray | None, cfg: RunConfig, salt: int) -> tuple[np.ndarray, ...]:
+def _split(images: np.ndarray, labels: np.ndarray, groups: np.ndarray | None, cfg: RunConfig, salt: int,
+           attributes: dict[str, np.ndarray] | None = None) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray] | None]:
+    """``(train images, train labels, val images, val labels)`` and the validation images' attributes."""
     tr, va = train_val_split(labels, cfg.data.val_fraction, seed=cfg.seed + salt, groups=groups)
-    return images[tr], labels[tr], images[va], labels[va]
+    return (images[tr], labels[tr], images[va], labels[va]), _take(attributes, va)
+
+
+def _take(attributes: dict[str, np.ndarray] | None, rows: np.ndarray) -> dict[str, np.ndarray] | None:
+    """The attributes of the images at ``rows`` (None stays None)."""
+    if attributes is None:
+        return None
+    return {name: np.asarray(values)[np.asarray(rows, dtype=np.int64)] for name, values in attributes.items()}
+
+
+def _listing_attributes(records: Sequence[ImageRecord] | Sequence[SegRecord], rows: np.ndarray) -> dict[str, np.ndarray] | None:
+    """Manifest attributes of the records at ``rows`` (patient ids of all records are kept out of them)."""
+    return manifest_attributes([records[int(i)].extra for i in rows], (r.patient_id for r in records))
 
 
 def _load_listing(path: str, task: TaskSpec, site: SiteConfig) -> tuple[ImageListing, np.ndarray]:
@@ -154,8 +177,9 @@ def _load_real_site(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> SiteDat
     images, labels, keep = _read_records(listing, np.arange(len(listing.records)), labels, cfg, task, site, skipped)
     groups = listing.groups()
     groups = groups[keep] if groups is not None else None
-    parts = _split(images, labels, groups, cfg, salt=0)
-    return SiteData(*parts, class_names=task.class_names, skipped=dict(skipped))
+    parts, val_attributes = _split(images, labels, groups, cfg, salt=0,
+                                   attributes=_listing_attributes(listing.records, keep))
+    return SiteData(*parts, class_names=task.class_names, skipped=dict(skipped), val_attributes=val_attributes)
 
 
 def _my_partition(
@@ -226,19 +250,31 @@ def _load_partition_of_dataset(cfg: RunConfig, site: SiteConfig, task: TaskSpec)
     images, site_labels, keep = _read_records(listing, mine, labels, cfg, task, site, skipped)
     images = _acquire(images, cfg, site)  # after the cache: it holds un-shifted pixels
     site_groups = groups[keep] if groups is not None else None
-    split = _split(images, site_labels, site_groups, cfg, salt=1 + int(site.partition_id or 0))
-    return SiteData(*split, class_names=task.class_names, skipped=dict(skipped))
+    split, val_attributes = _split(images, site_labels, site_groups, cfg, salt=1 + int(site.partition_id or 0),
+                                   attributes=_listing_attributes(listing.records, keep))
+    return SiteData(*split, class_names=task.class_names, skipped=dict(skipped), val_attributes=val_attributes)
 
 
 def _load_partition_of_phantoms(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> SiteData:
     n = cfg.data.phantom_count
     mine = _my_partition(cfg, site, task.phantom_labels(n, cfg.seed), None)
-    images, site_labels = task.render_phantoms(n, cfg.data.image_size, cfg.seed, mine)
+    images, site_labels = _render_phantoms(task, cfg, mine)
     images = _acquire(images, cfg, site)
     pcfg = task.preprocess_for(cfg)
     images = np.stack([preprocess(img, pcfg) for img in images])  # the same pipeline as real images
-    split = _split(images, site_labels, None, cfg, salt=1 + int(site.partition_id or 0))
-    return SiteData(*split, class_names=task.class_names)
+    split, val_attributes = _split(images, site_labels, None, cfg, salt=1 + int(site.partition_id or 0),
+                                   attributes=phantom_attributes(mine, cfg.seed))
+    return SiteData(*split, class_names=task.class_names, val_attributes=val_attributes)
+
+
+def _render_phantoms(task: TaskSpec, cfg: RunConfig, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The task's phantoms at ``indices``; with ``phantom-disparity``, the ones with a planted subgroup disparity."""
+    n, size, seed, d = cfg.data.phantom_count, cfg.data.image_size, cfg.seed, cfg.data.phantom_disparity
+    if d > 0.0:
+        if task.render_disparity_phantoms is None:
+            raise ConfigError(f"phantom-disparity is not available for task '{task.name}'; set phantom-disparity=0")
+        return task.render_disparity_phantoms(n, size, seed, indices, d)
+    return task.render_phantoms(n, size, seed, indices)
 
 
 def _acquire(images: np.ndarray, cfg: RunConfig, site: SiteConfig) -> np.ndarray:
@@ -261,12 +297,13 @@ def _load_segmentation(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> Site
     if site.simulated and not cfg.data.data_path:
         n = cfg.data.phantom_count
         mine = _my_partition(cfg, site, task.phantom_labels(n, cfg.seed), None)
-        images, masks = task.render_phantoms(n, cfg.data.image_size, cfg.seed, mine)
+        images, masks = _render_phantoms(task, cfg, mine)
         images = _acquire(images, cfg, site)
         images = np.stack([preprocess(img, pcfg) for img in images])
         masks = np.asarray(masks).astype(np.uint8)
         groups, skipped = None, Counter()
         kept: list[SegRecord] | None = None
+        attributes = phantom_attributes(mine, cfg.seed)
     else:
         policy = input_policy(site)
         path = resolve_path(cfg.data.data_path if site.simulated else site.data_path)
@@ -302,6 +339,7 @@ def _load_segmentation(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> Site
         masks = (np.array(msks.images)[[pos_m[k] for k in both]] > 127).astype(np.uint8)
         groups = all_groups[mine][both] if all_groups is not None else None
         kept = [recs[k] for k in both]
+        attributes = manifest_attributes([r.extra for r in kept], (r.patient_id for r in listing.records))
     tr, va = train_val_split(np.zeros(len(images), dtype=np.int64), cfg.data.val_fraction,
                              seed=cfg.seed + 1 + int(site.partition_id or 0), groups=groups)
     empty = np.zeros(0, dtype=np.int64)
@@ -309,7 +347,8 @@ def _load_segmentation(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> Site
         spacings = model_spacings([kept[int(i)] for i in va], pcfg) if kept is not None else []
     val_spacings = tuple(spacings) if any(s is not None for s in spacings) else None
     return SiteData(images[tr], empty, images[va], empty, task.class_names, dict(skipped),
-                    train_masks=masks[tr], val_masks=masks[va], val_spacings=val_spacings)
+                    train_masks=masks[tr], val_masks=masks[va], val_spacings=val_spacings,
+                    val_attributes=_take(attributes, va))
 
 
 def tiny_site_message(site_id: str, n_train: int, n_val: int, cfg: RunConfig) -> str | None:

@@ -42,6 +42,9 @@ if TYPE_CHECKING:  # pragma: no cover - torch-heavy, imported lazily by objectiv
 #                             (images uint8, masks bool) for segmentation
 PhantomRenderer = Callable[[int, int, int, Sequence[int] | np.ndarray], tuple[np.ndarray, np.ndarray]]
 PhantomLabeler = Callable[[int, int], np.ndarray]
+# (n, size, seed, indices, disparity) -> as PhantomRenderer, with a planted subgroup disparity (run config
+# phantom-disparity; see shared.data.phantoms.make_chest_phantoms)
+DisparityRenderer = Callable[[int, int, int, Sequence[int] | np.ndarray, float], tuple[np.ndarray, np.ndarray]]
 
 __all__ = ["ARGMAX", "CLASSIFICATION", "SEGMENTATION", "TASKS", "TaskSpec", "get_task"]
 
@@ -104,6 +107,11 @@ class TaskSpec:
     augment:
         Default training augmentation (``augment=false`` turns it off,
         ``hflip=true`` forces horizontal flips on).
+    render_disparity_phantoms:
+        ``(n, size, seed, indices, disparity) -> (images, labels or masks)``:
+        the phantoms with findings fainter in one subgroup (female), for
+        testing subgroup reports (run config ``phantom-disparity``); ``None``
+        when the task's phantoms have no planted disparity.
     """
 
     name: str
@@ -123,6 +131,7 @@ class TaskSpec:
     foreground_batch_dice: bool = False
     preprocess: PreprocessConfig = PreprocessConfig()
     augment: AugmentConfig = AugmentConfig()
+    render_disparity_phantoms: DisparityRenderer | None = None
 
     def __post_init__(self) -> None:
         if self.threshold_method not in THRESHOLD_METHODS:
@@ -252,6 +261,18 @@ PHOTO_AUGMENT = AugmentConfig(
     rotation_deg=15.0, hflip=True, vflip=True, scale=0.1, translate=0.05, brightness=0.1, contrast=0.15, color_jitter=0.1
 )
 
+
+def _with_disparity(fn: Callable[..., tuple[np.ndarray, ...]], *, masks: bool = False) -> DisparityRenderer:
+    """Adapt a phantom maker with a ``disparity`` argument: (images, labels) or, with ``masks``, (images, masks)."""
+
+    def render(n: int, size: int, seed: int, indices: Sequence[int] | np.ndarray,
+               disparity: float) -> tuple[np.ndarray, np.ndarray]:
+        out = fn(n, size=size, seed=seed, indices=indices, disparity=disparity)
+        return out[0], out[2 if masks else 1]
+
+    return render
+
+
 TASKS.add(
     "pneumonia-cxr",
     TaskSpec(
@@ -267,6 +288,7 @@ TASKS.add(
         render_phantoms=_first_two(phantoms.make_chest_phantoms),
         preprocess=RADIOGRAPH_PREPROCESS,
         augment=RADIOGRAPH_AUGMENT,
+        render_disparity_phantoms=_with_disparity(phantoms.make_chest_phantoms),
     ),
 )
 
@@ -304,6 +326,7 @@ TASKS.add(
         default_image_size=64,
         phantom_labels=lambda n, seed: phantoms_tasks.pneumothorax_labels(n, seed=seed),
         render_phantoms=_first_two(phantoms_tasks.make_pneumothorax_phantoms),
+        render_disparity_phantoms=_with_disparity(phantoms_tasks.make_pneumothorax_phantoms),
         threshold_method="target-sensitivity",
         target_sensitivity=0.9,
         preprocess=RADIOGRAPH_PREPROCESS,
@@ -356,6 +379,8 @@ TASKS.add(
         phantom_labels=lambda n, seed: phantoms_tasks.pneumothorax_labels(n, seed=seed),
         # a clearly darker pleural space than the classification phantoms: the region must be delineable at 64 px
         render_phantoms=_images_and_masks(partial(phantoms_tasks.make_pneumothorax_phantoms, conspicuous=True)),
+        render_disparity_phantoms=_with_disparity(partial(phantoms_tasks.make_pneumothorax_phantoms, conspicuous=True),
+                                                  masks=True),
         foreground_batch_dice=True,  # ~5 % of the image, empty in half the images
         preprocess=RADIOGRAPH_PREPROCESS,
         augment=RADIOGRAPH_AUGMENT,

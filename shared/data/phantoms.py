@@ -23,6 +23,16 @@ so ``render_chest_phantom(i, 0)`` and ``render_chest_phantom(i, 1)`` are the
 same patient and differ only where the opacity was added: a counterfactual pair
 for saliency (Grad-CAM) checks.
 
+Subgroups
+---------
+Every phantom index also has synthetic patient attributes, ``sex`` and
+``age`` (:func:`phantom_attributes`, from ``(seed, index)`` only and
+independent of the label), so subgroup reporting can be exercised on
+phantoms. ``make_chest_phantoms(..., disparity=d)`` plants a known disparity:
+the opacities of female phantoms are fainter and smaller, so a model's
+sensitivity drops in that subgroup; with ``d = 0`` (the default) nothing
+changes.
+
 Geometry is drawn in normalised coordinates (``[-1, 1]`` across the image, y
 pointing down; negative x is the image left = the patient's right), so the
 same index gives the same patient at every size. Sizes below 64 px are
@@ -35,13 +45,22 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import cv2
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHEST_CLASSES", "make_chest_phantoms", "phantom_labels", "render_chest_phantom"]
+__all__ = [
+    "CHEST_CLASSES",
+    "DISPARITY_SUBGROUP",
+    "PHANTOM_AGE_RANGE",
+    "make_chest_phantoms",
+    "phantom_attributes",
+    "phantom_labels",
+    "render_chest_phantom",
+]
 
 CHEST_CLASSES: tuple[str, ...] = ("normal", "pneumonia")
 
@@ -54,6 +73,14 @@ _ONE = float(1 << _SHIFT)
 # Independent random streams of one phantom (SeedSequence spawn keys).
 _STREAM_ANATOMY, _STREAM_NOISE, _STREAM_LESION = 0, 1, 2
 _LABEL_SALT = 0x50484E54_4D4C424C  # "PHNTMLBL"
+_SEX_SALT = 0x50484E54_53455846  # "PHNTSEXF"
+_AGE_SALT = 0x50484E54_41474559  # "PHNTAGEY"
+
+PHANTOM_AGE_RANGE: tuple[int, int] = (18, 90)
+"""Synthetic ages are whole years drawn uniformly in ``[low, high)`` (adults)."""
+
+DISPARITY_SUBGROUP: tuple[str, str] = ("sex", "F")
+"""The subgroup whose findings are fainter when a disparity is planted (``phantom-disparity``)."""
 
 # Intensities ("attenuation" before exposure, roughly 0..1).
 _BACKGROUND = 0.05
@@ -129,11 +156,73 @@ def phantom_labels(n: int, seed: int = 0, prevalence: float = 0.5) -> np.ndarray
     return _labels_of(np.arange(n, dtype=np.uint64), seed, p)
 
 
-def _labels_of(indices: np.ndarray, seed: int, prevalence: float) -> np.ndarray:
-    base = _splitmix64(np.asarray([seed ^ _LABEL_SALT], dtype=np.uint64))
+def _uniform_of(indices: np.ndarray, seed: int, salt: int) -> np.ndarray:
+    """A uniform number in [0, 1) per index from a counter-based hash of ``(seed, salt, index)``."""
+    base = _splitmix64(np.asarray([seed ^ salt], dtype=np.uint64))
     h = _splitmix64(base ^ _splitmix64(indices.astype(np.uint64)))
-    u = (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
-    return (u < prevalence).astype(np.int64)
+    return (h >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def _labels_of(indices: np.ndarray, seed: int, prevalence: float) -> np.ndarray:
+    return (_uniform_of(indices, seed, _LABEL_SALT) < prevalence).astype(np.int64)
+
+
+def phantom_attributes(indices: Sequence[int] | np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+    """Synthetic patient attributes of phantoms: ``sex`` and ``age``, as a manifest would give them.
+
+    Each depends only on ``(seed, index)`` (not on the task, the label or the
+    set size), from its own counter-based hash: sex is ``"F"`` or ``"M"``
+    with probability 1/2 each, age a whole number of years uniform in
+    :data:`PHANTOM_AGE_RANGE`, both independent of the label. The same index
+    of every phantom task shares them.
+
+    Parameters
+    ----------
+    indices : sequence of int or np.ndarray
+        Non-negative phantom indices (any order, repeats allowed).
+    seed : int, optional
+        Non-negative seed of the set.
+
+    Returns
+    -------
+    dict
+        ``{"sex": str array, "age": str array}`` (manifest-like strings), one
+        entry per index.
+
+    Raises
+    ------
+    ValueError
+        If an index or the seed is negative or not an integer.
+    """
+    seed = _check_int(seed, "seed", 0, 2**63 - 1)
+    idx = np.asarray(indices)
+    if idx.size == 0:
+        return {"sex": np.zeros(0, dtype="<U1"), "age": np.zeros(0, dtype="<U3")}
+    if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer) or int(idx.min()) < 0:
+        raise ValueError(f"indices must be a 1-D sequence of non-negative integers, got {idx!r}")
+    u = idx.astype(np.uint64)
+    sex = np.where(_uniform_of(u, seed, _SEX_SALT) < 0.5, "F", "M")
+    low, high = PHANTOM_AGE_RANGE
+    age = low + np.floor(_uniform_of(u, seed, _AGE_SALT) * (high - low)).astype(np.int64)
+    return {"sex": sex.astype("<U1"), "age": age.astype(str)}
+
+
+def _check_disparity(disparity: object) -> float:
+    try:
+        d = float(disparity)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"disparity must be a number in [0, 0.95], got {disparity!r}") from None
+    if not 0.0 <= d <= 0.95:
+        raise ValueError(f"disparity must be in [0, 0.95] (0 = none), got {d}")
+    return d
+
+
+def _faded(indices: np.ndarray, seed: int, disparity: float) -> np.ndarray:
+    """Per index: how much fainter its findings are (``disparity`` for the disadvantaged subgroup, else 0)."""
+    if disparity == 0.0 or indices.size == 0:
+        return np.zeros(indices.size, np.float64)
+    column, value = DISPARITY_SUBGROUP
+    return np.where(phantom_attributes(indices, seed)[column] == value, disparity, 0.0)
 
 
 def _stream(seed: int, index: int, stream: int) -> np.random.Generator:
@@ -450,8 +539,14 @@ def _distractors(g: _Grid, a: _Anatomy, lungs: np.ndarray, body: np.ndarray,
     return layer
 
 
-def _lesions(g: _Grid, a: _Anatomy, lungs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Opacities inside the lung fields: (added intensity, boolean region)."""
+def _lesions(g: _Grid, a: _Anatomy, lungs: np.ndarray, rng: np.random.Generator,
+             fade: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Opacities inside the lung fields: (added intensity, boolean region).
+
+    ``fade`` > 0 (a planted disparity) multiplies every opacity's intensity by
+    ``1 - fade`` and its radius by ``1 - fade / 2``, after the same random
+    draws: the positions and the rest of the image are unchanged.
+    """
     hard = rng.random() < _P_HARD
     count = int(rng.choice([1, 2, 3], p=[0.5, 0.35, 0.15]))
     layer = np.zeros((g.r, g.r), np.float32)
@@ -472,6 +567,8 @@ def _lesions(g: _Grid, a: _Anatomy, lungs: np.ndarray, rng: np.random.Generator)
         else:
             radius = float(np.exp(rng.uniform(np.log(0.18), np.log(0.5))))
             amp = rng.uniform(0.22, 0.42)
+        if fade:
+            radius, amp = radius * (1.0 - 0.5 * fade), amp * (1.0 - fade)
         shape = _blob_shape(g, rng, centre, radius)
         layer += amp * shape * lungs
         region |= (shape > 0.5) & (lungs > 0.5)
@@ -630,9 +727,10 @@ def render_chest_phantom(index: int, label: int, size: int = 64, seed: int = 0) 
     return _render(index, label, size, seed)
 
 
-def _render(index: int, label: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _render(index: int, label: int, size: int, seed: int, fade: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     r = max(size, _MIN_RENDER)
-    img, mask = _compose(r, index, label, seed)
+    findings = partial(_lesions, fade=fade) if fade and label == 1 else None
+    img, mask = _compose(r, index, label, seed, findings)
     if r != size:
         img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
         if label == 1:
@@ -649,6 +747,7 @@ def make_chest_phantoms(
     seed: int = 0,
     indices: Sequence[int] | np.ndarray | None = None,
     prevalence: float = 0.5,
+    disparity: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render phantoms of a set of ``n`` (all, or the given ``indices``).
 
@@ -665,6 +764,13 @@ def make_chest_phantoms(
         (repeats allowed, may be empty). Default: ``range(n)``.
     prevalence : float, optional
         Probability of "pneumonia", strictly between 0 and 1.
+    disparity : float, optional
+        In [0, 0.95]. Above 0 plants a known subgroup disparity: the
+        opacities of phantoms in :data:`DISPARITY_SUBGROUP` (female, see
+        :func:`phantom_attributes`) are ``disparity`` fainter and
+        ``disparity / 2`` smaller, so a model finds fewer of them. Every
+        other image (negatives, male phantoms) is byte-identical to
+        ``disparity=0``, which is the default rendering.
 
     Returns
     -------
@@ -685,10 +791,11 @@ def make_chest_phantoms(
     seed = _check_int(seed, "seed", 0, 2**63 - 1)
     p = _check_prevalence(prevalence)
     idx = _check_indices(indices, n)
+    fades = _faded(idx, seed, _check_disparity(disparity))
     labels = _labels_of(idx.astype(np.uint64), seed, p)
     images = np.empty((idx.size, size, size), np.uint8)
     for row, (i, y) in enumerate(zip(idx.tolist(), labels.tolist())):
-        images[row] = _render(i, y, size, seed)[0]
+        images[row] = _render(i, y, size, seed, float(fades[row]))[0]
     logger.debug("rendered %d chest phantoms (%d positive) at %d px", idx.size, int(labels.sum()), size)
     return images, labels
 

@@ -63,6 +63,7 @@ from shared.data.phantoms import (
     _blob_shape,
     _blur,
     _body,
+    _check_disparity,
     _check_indices,
     _check_int,
     _check_prevalence,
@@ -71,6 +72,7 @@ from shared.data.phantoms import (
     _distractors,
     _ellipse,
     _expose,
+    _faded,
     _Grid,
     _lesions,
     _low_freq,
@@ -218,11 +220,14 @@ def _skin_fold(g: _Grid, a: object, rng: np.random.Generator) -> np.ndarray:
 
 
 def _compose_chest(r: int, index: int, seed: int, task: int, ptx: bool,
-                   opacities: bool, conspicuous: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   opacities: bool, conspicuous: bool = False,
+                   fade: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Chest image in [0, 1], lung-field mask and pneumothorax mask (float), at render size ``r``.
 
     ``conspicuous`` darkens the pleural space by a further ``_CONSPICUOUS_LUCENCY`` (same random
     draws: masks, absent cases and pixels away from the pleural space are unchanged).
+    ``fade`` > 0 (a planted disparity) makes the pneumothorax signs (lucency, denser collapsed lung,
+    pleural line) ``1 - fade`` as strong, after the same random draws: masks are unchanged.
     """
     arng = _rng(seed, index, task, _STREAM_SCENE)
     nrng = _rng(seed, index, task, _STREAM_NOISE)
@@ -271,10 +276,11 @@ def _compose_chest(r: int, index: int, seed: int, task: int, ptx: bool,
     img += arng.uniform(0.01, 0.03) * _low_freq(nrng, r, 5) * body
 
     if ptx:
+        vis = 1.0 - fade  # exactly 1.0 without a planted disparity: x * 1.0 == x
         lucency = frng.uniform(0.03, 0.09) if frng.random() > _P_BORDERLINE else frng.uniform(0.01, 0.03)
-        img -= (lucency + (_CONSPICUOUS_LUCENCY if conspicuous else 0.0)) * gap
-        img += frng.uniform(0.02, 0.05) * collapsed * (1.0 - gap)  # the collapsed lung is denser
-        img += frng.uniform(0.08, 0.16) * pleura
+        img -= (lucency + (_CONSPICUOUS_LUCENCY if conspicuous else 0.0)) * vis * gap
+        img += frng.uniform(0.02, 0.05) * vis * collapsed * (1.0 - gap)  # the collapsed lung is denser
+        img += frng.uniform(0.08, 0.16) * vis * pleura
     if opacities and frng.random() < 0.35:
         lesion, _ = _lesions(g, a, lungs, frng)
         img += np.minimum(lesion, 0.9 * lung_depth)
@@ -347,9 +353,10 @@ def render_pneumothorax_phantom(index: int, label: int, size: int = 64,
     return _render_ptx(index, label, size, seed)
 
 
-def _render_ptx(index: int, label: int, size: int, seed: int,
-                conspicuous: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    img, lungs, gap = _compose_chest(max(size, _MIN_RENDER), index, seed, _TASK_PTX, bool(label), False, conspicuous)
+def _render_ptx(index: int, label: int, size: int, seed: int, conspicuous: bool = False,
+                fade: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    img, lungs, gap = _compose_chest(max(size, _MIN_RENDER), index, seed, _TASK_PTX, bool(label), False, conspicuous,
+                                     fade)
     ptx = _mask_out(gap, size, keep_peak=True) if label else np.zeros((size, size), bool)
     return _to_uint8(img, size), ptx, _mask_out(lungs, size, keep_peak=False)
 
@@ -361,6 +368,7 @@ def make_pneumothorax_phantoms(
     indices: Sequence[int] | np.ndarray | None = None,
     prevalence: float = 0.5,
     conspicuous: bool = False,
+    disparity: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render pneumothorax phantoms of a set of ``n`` (all, or the given ``indices``).
 
@@ -379,6 +387,10 @@ def make_pneumothorax_phantoms(
     conspicuous : bool, optional
         Render the pleural space clearly darker (for segmentation, where the region must be
         delineable at 64 px). Same patients, labels and masks; only positive images change.
+    disparity : float, optional
+        In [0, 0.95]. Above 0 plants a known subgroup disparity: in female phantoms
+        (:func:`shared.data.phantoms.phantom_attributes`) the pneumothorax signs are
+        ``1 - disparity`` as strong. Masks, labels and every other image are unchanged.
 
     Returns
     -------
@@ -395,11 +407,12 @@ def make_pneumothorax_phantoms(
         If an argument is out of range or ``indices`` is not a 1-D integer array within ``[0, n)``.
     """
     n, size, seed, idx, p = _validate_set(n, size, seed, indices, prevalence)
+    fades = _faded(idx, seed, _check_disparity(disparity))
     labels = _task_labels(idx.astype(np.uint64), seed, p, _TASK_PTX)
     images = np.empty((idx.size, size, size), np.uint8)
     masks = np.zeros((idx.size, size, size), bool)
     for row, (i, y) in enumerate(zip(idx.tolist(), labels.tolist())):
-        images[row], masks[row], _ = _render_ptx(i, y, size, seed, conspicuous)
+        images[row], masks[row], _ = _render_ptx(i, y, size, seed, conspicuous, float(fades[row]))
     logger.debug("rendered %d pneumothorax phantoms (%d positive) at %d px", idx.size, int(labels.sum()), size)
     return images, labels, masks
 

@@ -82,6 +82,8 @@ class SegRecord:
     ``mask`` is a mask image file, or for run-length masks a stand-in
     ``<csv>#<ImageId>`` (unique per record) with the runs in ``rle``.
     ``spacing`` is the manifest's ``spacing_mm`` (row, column), if given.
+    ``extra`` holds the manifest's other columns (e.g. ``sex``, ``age``,
+    ``view``), carried through unchanged; never log it.
     """
 
     image: Path
@@ -89,6 +91,7 @@ class SegRecord:
     patient_id: str | None = None
     spacing: Spacing | None = None
     rle: tuple[str, ...] | None = None
+    extra: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,8 @@ def _manifest_pairs(manifest: Path, root: Path | None) -> tuple[list[SegRecord],
         )
     col_pid = header.index("patient_id") if "patient_id" in header else None
     col_sp = header.index("spacing_mm") if "spacing_mm" in header else None
+    used = {col_image, col_mask, col_pid, col_sp}
+    extra_cols = [(i, rows[0][i].strip()) for i in range(len(header)) if i not in used and rows[0][i].strip()]
     base = manifest.parent
     records: list[SegRecord] = []
     skipped: Counter[str] = Counter()
@@ -140,7 +145,8 @@ def _manifest_pairs(manifest: Path, root: Path | None) -> tuple[list[SegRecord],
             pid = row[col_pid].strip() if col_pid is not None and len(row) > col_pid else ""
             text = row[col_sp].strip() if col_sp is not None and len(row) > col_sp else ""
             spacing = parse_spacing(text, f"'{manifest.name}' line {line}") if text else None
-            records.append(SegRecord(image, mask, pid or None, spacing))
+            extra = {name: row[i].strip() for i, name in extra_cols if i < len(row)}
+            records.append(SegRecord(image, mask, pid or None, spacing, extra=extra))
     return records, skipped
 
 
