@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from flwr.app import MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    QFedAvg,
+    Strategy,
+)
 
 from server.central_dp import WEIGHT_KEY, RoundNote, wrap_central_dp
 from shared.config import CentralDPConfig, StrategyConfig, TrainConfig
@@ -65,6 +79,64 @@ def _fedtrimmedavg(s: StrategyConfig, t: TrainConfig, aggr: dict) -> Strategy:
 @STRATEGIES.register("krum")
 def _krum(s: StrategyConfig, t: TrainConfig, aggr: dict) -> Strategy:
     return Krum(**_common(s, aggr), num_malicious_nodes=s.num_malicious)
+
+
+@STRATEGIES.register("multikrum")
+def _multikrum(s: StrategyConfig, t: TrainConfig, aggr: dict) -> Strategy:
+    return MultiKrum(**_common(s, aggr), num_malicious_nodes=s.num_malicious,
+                     num_nodes_to_select=s.multikrum_num_select())
+
+
+@STRATEGIES.register("bulyan")
+def _bulyan(s: StrategyConfig, t: TrainConfig, aggr: dict) -> Strategy:
+    return Bulyan(**_common(s, aggr), num_malicious_nodes=s.num_malicious)
+
+
+@STRATEGIES.register("fedavgm")
+def _fedavgm(s: StrategyConfig, t: TrainConfig, aggr: dict) -> Strategy:
+    return FedAvgM(**_common(s, aggr), server_learning_rate=s.fedavgm_server_lr, server_momentum=s.fedavgm_momentum)
+
+
+TRAIN_LOSS_KEY = "train-loss"
+
+
+class QFedAvgWithBuffers(QFedAvg):
+    """Flower's q-FedAvg, with integer buffers kept at the global model's value.
+
+    Flower's q-FFL arithmetic scales ``w - w_k`` by ``L = 1/client-lr`` in
+    place, which fails on BatchNorm's int64 ``num_batches_tracked``. Integer
+    buffers are counters, not weights: they take no part in the q-FFL update
+    and keep the value of the global model (as under central DP).
+    """
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate with the integer buffers handled as float, then restore them from the global model."""
+        replies = list(replies)
+        if self.current_arrays is None:
+            return super().aggregate_train(server_round, replies)
+        buffers = {k: a.numpy() for k, a in self.current_arrays.items()
+                   if not np.issubdtype(np.dtype(a.dtype), np.floating)}
+        for k, a in buffers.items():
+            self.current_arrays[k] = Array(a.astype(np.float64))
+        for m in replies:
+            if m.has_error():
+                continue
+            rec = m.content.array_records.get(self.arrayrecord_key)
+            for k in buffers:
+                if rec is not None and k in rec:
+                    rec[k] = Array(rec[k].numpy().astype(np.float64))
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is not None:
+            for k, a in buffers.items():
+                arrays[k] = Array(a.copy())
+        return arrays, metrics
+
+
+@STRATEGIES.register("qfedavg")
+def _qfedavg(s: StrategyConfig, t: TrainConfig, aggr: dict) -> Strategy:
+    return QFedAvgWithBuffers(client_learning_rate=s.qfedavg_client_lr or t.lr, q=s.qfedavg_q,
+                              train_loss_key=TRAIN_LOSS_KEY, **_common(s, aggr))
 
 
 def build_strategy(
