@@ -18,6 +18,7 @@ from shared.site_data import SiteData, load_site_data, resolve_augment
 from shared.models.run import build_for_run
 from shared.privacy.site_dp import DPRound, begin_round, open_ledger
 from shared.tasks import TaskSpec, get_task
+from shared.validation import VAL_EXAMPLES_KEY
 from shared.seg_training import evaluate_seg, train_local_seg
 from shared.site_explain import ExplainSettings, explain_round, resolve_explain
 from shared.training import EvalResult, TrainResult, evaluate_model, images_to_tensor, train_local
@@ -157,6 +158,8 @@ def train_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], server_r
         "train-images-per-s": res.images_per_second,
         "load-seconds": rt.data.load_seconds,
         "torch-threads": torch.get_num_threads(),
+        # the bound the server puts on this site's evaluation num-examples (shared.validation)
+        VAL_EXAMPLES_KEY: len(rt.val_x),
         **(dp_round.metrics() if dp_round is not None else {}),
     }
     if dp_round is not None:  # the training loss is not a DP statistic: it stays at the site
