@@ -60,7 +60,14 @@ A rejected reply is excluded exactly like a failed one; :func:`filter_round`
 keeps the accepted replies and says whether the round may proceed (at least
 ``min-sites`` accepted replies, otherwise it is refused and the global model
 stays as it was). :class:`ReplyScreen` holds what a run needs across rounds
-(the model spec, the policy, each site's announced validation size). No function here raises on malformed input: anything odd is
+(the model spec, the policy, each site's announced validation size). Use::
+
+    screen = ReplyScreen(model_spec(initial_arrays), ValidationPolicy.for_run(cfg))
+    # per batch of successful replies, keyed by a trusted node id:
+    replies = [SiteReply.from_records(label, array_records, metric_records) for ...]
+    verdicts = screen.train(node_ids, replies, global_arrays)  # or screen.evaluate(node_ids, replies)
+    decision = filter_round(messages, verdicts, screen.policy.min_sites)
+    # aggregate decision.accepted; when not decision.proceed it is empty and the model stays No function here raises on malformed input: anything odd is
 a rejection with a reason. The human ``detail`` of a verdict names keys,
 shapes, dtypes and the server's own limits, never a value the site sent.
 """
@@ -480,9 +487,9 @@ def _float_reference(global_arrays: Mapping[str, Any], spec: Mapping[str, Tensor
         if not s.is_float:
             continue
         a = _decode(global_arrays[k]) if k in global_arrays else None
-        if a is None or a.shape != s.shape:
+        if a is None or a.size != math.prod(s.shape):
             raise ValueError(f"the global model sent this round does not match the model spec at {k!r}")
-        ref[k] = a.astype(np.float64)
+        ref[k] = a.astype(np.float64).reshape(s.shape)  # e.g. a 0-d tensor an aggregator stored as (1,)
     return ref
 
 

@@ -462,3 +462,15 @@ def test_reply_screen_bounds_evaluation_by_the_first_announced_size() -> None:
     assert [v.reason for v in verdicts] == [Reason.BAD_NUM_EXAMPLES, Reason.OK, Reason.OK]  # 41 > 40; 99 unknown
     with pytest.raises(ValueError, match="2 keys for 3"):
         screen.evaluate([1, 2], [eval_reply(f"s{i}", flat) for i in range(3)])
+
+
+def test_global_model_with_a_reshaped_scalar_is_still_a_valid_reference() -> None:
+    """An aggregator may hand back a 0-d tensor as shape (1,); the server's own model is trusted, so it is reshaped."""
+    g = {"t": np.array(1.0, np.float32), "w": np.zeros(3, np.float32)}
+    spec = model_spec(g)
+    sent = {"t": np.array([1.0], np.float32), "w": g["w"]}
+    replies = [SiteReply(f"s{i}", {"t": np.array(1.0 + 0.01 * i, np.float32), "w": g["w"] + 0.01 * i},
+                         dict(TRAIN_METRICS)) for i in range(3)]
+    assert all(v.accepted for v in screen_train_round(replies, spec, sent, POLICY))
+    with pytest.raises(ValueError, match="does not match the model spec"):
+        screen_train_round(replies, spec, {"t": np.zeros(2, np.float32), "w": g["w"]}, POLICY)
