@@ -75,15 +75,39 @@ def test_honest_round_is_accepted() -> None:
     assert all(v.accepted and v.reason == Reason.OK for v in screen(honest_round(5)))
 
 
-# Honest update norms measured in 5-site phantom federations (benchmarks/norm_screen.py, small-cnn, 3 rounds,
-# IID / Dirichlet 0.5 / Dirichlet 0.1 / site-shift): the rounds with the largest spread. Filled in from the
-# benchmark's JSON; the screen must pass every one of them at the default threshold.
-MEASURED_HONEST_NORMS: list[list[float]] = []
+# Honest update norms measured in 5-site phantom federations: `python benchmarks/norm_screen.py` (small-cnn, 600
+# phantoms, 3 FedAvg rounds, 2026-12-01). Dirichlet(0.1) gives sites of 12..238 images; its largest update is up to
+# 4.6x the median, which a z-score of the raw norm would reject (z 4.1 and 5.2 in rounds 2 and 3).
+MEASURED_HONEST_NORMS = {
+    "iid r1": [4.852, 4.848, 4.869, 4.857, 4.808],
+    "iid r2": [3.705, 3.757, 3.703, 3.83, 3.608],
+    "iid r3": [2.866, 2.784, 2.923, 2.896, 2.839],
+    "dirichlet-0.5 r1": [4.811, 8.788, 3.374, 4.802, 7.802],
+    "dirichlet-0.5 r2": [3.218, 6.697, 2.259, 3.167, 5.579],
+    "dirichlet-0.5 r3": [2.275, 5.062, 1.655, 2.434, 4.442],
+    "dirichlet-0.1 r1": [1.816, 3.423, 11.803, 9.373, 1.801],
+    "dirichlet-0.1 r2": [1.157, 2.191, 8.681, 8.089, 1.125],
+    "dirichlet-0.1 r3": [0.882, 1.599, 6.797, 7.306, 0.86],
+    "site-shift r1": [4.852, 5.016, 4.901, 4.854, 4.908],
+    "site-shift r2": [3.715, 3.939, 3.727, 3.821, 3.735],
+    "site-shift r3": [2.852, 2.899, 2.948, 2.877, 2.939],
+}
 
 
-@pytest.mark.parametrize("norms", MEASURED_HONEST_NORMS or [[1.0, 1.1, 1.2, 1.5, 2.0]])
-def test_measured_honest_norms_pass_the_default_screen(norms: list[float]) -> None:
+@pytest.mark.parametrize("name", list(MEASURED_HONEST_NORMS))
+def test_measured_honest_norms_pass_the_default_screen(name: str) -> None:
+    norms = MEASURED_HONEST_NORMS[name]
     assert not any(norm_outliers(norms, POLICY.norm_z))
+    assert max(modified_z_scores(np.log(norms), 0.1)) < 2.0  # a wide margin below 3.5
+
+
+@pytest.mark.parametrize("name", ["iid r1", "iid r2", "iid r3", "site-shift r1", "site-shift r2", "site-shift r3",
+                                  "dirichlet-0.5 r1", "dirichlet-0.5 r2"])
+def test_measured_rounds_catch_a_tenfold_update(name: str) -> None:
+    """A 6th reply 10x the median honest norm is flagged. (Not with Dirichlet(0.1) sites, whose honest norms
+    already span 6-8x, nor in Dirichlet(0.5) round 3 (z 3.37): see benchmarks/norm_screen.py.)"""
+    norms = MEASURED_HONEST_NORMS[name]
+    assert norm_outliers([*norms, 10 * float(np.median(norms))], POLICY.norm_z) == [False] * 5 + [True]
 
 
 def test_sign_flipped_times_ten_update_is_a_norm_outlier() -> None:
