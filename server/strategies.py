@@ -101,41 +101,42 @@ TRAIN_LOSS_KEY = "train-loss"
 
 
 class QFedAvgWithBuffers(QFedAvg):
-    """Flower's q-FedAvg, with integer buffers kept at the global model's value.
+    """Flower's q-FedAvg, with integer buffers kept out of the q-FFL update.
 
-    Flower's q-FFL arithmetic scales ``w - w_k`` by ``L = 1/client-lr`` in
-    place, which fails on BatchNorm's int64 ``num_batches_tracked``. Integer
-    buffers are counters, not weights: they take no part in the q-FFL update
-    and keep the value of the global model (as under central DP).
+    Flower's q-FFL arithmetic scales ``w - w_k`` by ``L = 1/client_learning_rate`` in
+    place, which fails on BatchNorm's int64 ``num_batches_tracked``; converted
+    to float, the counters' differences would also enter ``|w - w_k|^2`` and
+    damp the step. Integer buffers are counters, not weights: they are taken
+    out of the global model and the replies before q-FFL runs, and the new
+    global model keeps the previous global values (as under central DP), in
+    the model's key order.
     """
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate with the integer buffers handled as float, then restore them from the global model."""
+        """Aggregate the floating-point tensors with q-FFL; integer buffers keep the global model's values."""
         replies = list(replies)
         if self.current_arrays is None:
             return super().aggregate_train(server_round, replies)
+        order = list(self.current_arrays.keys())
         buffers = {k: a.numpy() for k, a in self.current_arrays.items()
                    if not np.issubdtype(np.dtype(a.dtype), np.floating)}
-        for k, a in buffers.items():
-            self.current_arrays[k] = Array(a.astype(np.float64))
+        for k in buffers:
+            del self.current_arrays[k]
         for m in replies:
-            if m.has_error():
-                continue
-            rec = m.content.array_records.get(self.arrayrecord_key)
+            rec = None if m.has_error() else m.content.array_records.get(self.arrayrecord_key)
             for k in buffers:
                 if rec is not None and k in rec:
-                    rec[k] = Array(rec[k].numpy().astype(np.float64))
+                    del rec[k]
         arrays, metrics = super().aggregate_train(server_round, replies)
         if arrays is not None:
-            for k, a in buffers.items():
-                arrays[k] = Array(a.copy())
+            arrays = ArrayRecord({k: Array(buffers[k].copy()) if k in buffers else arrays[k] for k in order})
         return arrays, metrics
 
 
 @STRATEGIES.register("qfedavg")
 def _qfedavg(s: StrategyConfig, t: TrainConfig, aggr: dict) -> Strategy:
-    return QFedAvgWithBuffers(client_learning_rate=s.qfedavg_client_lr or t.lr, q=s.qfedavg_q,
+    return QFedAvgWithBuffers(client_learning_rate=1.0 / s.qfedavg_lipschitz, q=s.qfedavg_q,
                               train_loss_key=TRAIN_LOSS_KEY, **_common(s, aggr))
 
 

@@ -96,7 +96,7 @@ class StrategyConfig:
     num_malicious: int = 0
     multikrum_select: int = 0
     qfedavg_q: float = 0.1
-    qfedavg_client_lr: float = 0.0
+    qfedavg_lipschitz: float = 0.1
     fedavgm_server_lr: float = 0.1
     fedavgm_momentum: float = 0.9
 
@@ -302,8 +302,9 @@ _SPECS: tuple[KeySpec, ...] = (
     KeySpec("multikrum.num-select", "strategy", "multikrum_select", int,
             "updates multikrum averages (0 = min-sites - krum.num-malicious)", 0, 100_000),
     KeySpec("qfedavg.q", "strategy", "qfedavg_q", float, "q-FFL fairness exponent (0 = uniform mean of updates)", 0, 100),
-    KeySpec("qfedavg.client-lr", "strategy", "qfedavg_client_lr", float,
-            "local learning rate q-FedAvg assumes, L = 1/client-lr (0 = the run's lr)", 0, 100),
+    KeySpec("qfedavg.lipschitz", "strategy", "qfedavg_lipschitz", float,
+            "q-FedAvg's Lipschitz estimate L (damps its step; Flower's client_learning_rate = 1/L)", 0, 1e6,
+            low_open=True),
     KeySpec("fedavgm.server-lr", "strategy", "fedavgm_server_lr", float, "FedAvgM server learning rate", 0, 100, low_open=True),
     KeySpec("fedavgm.momentum", "strategy", "fedavgm_momentum", float, "FedAvgM server momentum", 0, 0.999),
     KeySpec("dp.enabled", "dp", "enabled", bool, "DP-SGD (Opacus) at every site, with a cumulative privacy ledger"),

@@ -13,8 +13,10 @@ mappings (a Flower ``ArrayRecord``/``MetricRecord`` is one) and gets back one
 Training replies (:func:`screen_train_round`)
     * exactly one ``arrays`` and one ``metrics`` record (Flower's strategies
       raise on anything else, ending the run);
-    * exactly the global model's keys, and per key its shape and dtype (taken
-      from the model the server built, :func:`model_spec`); every value finite;
+    * exactly the global model's keys, in the model's order (Bulyan,
+      Multi-Krum, FedAvgM and q-FedAvg pair tensors by position), and per key
+      its shape and dtype (taken from the model the server built,
+      :func:`model_spec`); every value finite;
     * ``num-examples`` an integer in ``[1, max-examples]``; the other training
       metrics the server computes with (``TRAIN_SCALARS``) finite numbers
       (``train-loss`` may be NaN: DP-SGD sites withhold it), every metric a
@@ -138,6 +140,7 @@ class Reason(StrEnum):
     UNEXPECTED_RECORD = "unexpected-record"
     MISSING_KEY = "missing-key"
     EXTRA_KEY = "extra-key"
+    KEY_ORDER = "key-order"
     UNDECODABLE = "undecodable"
     SHAPE_MISMATCH = "shape-mismatch"
     DTYPE_MISMATCH = "dtype-mismatch"
@@ -449,6 +452,10 @@ def _check_arrays(reply: SiteReply, spec: Mapping[str, TensorSpec],
     extra = [k for k in keys if k not in spec]
     if extra:
         return _no(site, Reason.EXTRA_KEY, f"unexpected tensor(s) {_names(extra)}"), math.nan
+    if keys != list(spec):  # Bulyan, Multi-Krum, FedAvgM and q-FedAvg pair tensors by position, not by name
+        first = next(i for i, (a, b) in enumerate(zip(keys, spec)) if a != b)
+        return _no(site, Reason.KEY_ORDER,
+                   f"tensors are not in the model's order (position {first} holds {_safe_name(keys[first])})"), math.nan
     sq = 0.0
     for k, s in spec.items():
         try:

@@ -9,7 +9,8 @@ will, aggregates the accepted replies with the strategy's own
 and equal (up to central-DP noise) to the aggregate of the honest replies
 alone, and that the malformed reply was rejected with the expected reason.
 The same replies aggregated *without* validation show what the check prevents
-(crash, NaN model, explosion, silent deviation). Both matrices are printed
+(crash, NaN model, explosion, or a silent deviation from the aggregate the
+uncorrupted copy of the reply would have given). Both matrices are printed
 (run with ``-s`` to see them).
 
 The evaluation half does the same for count reports: inflated, negative and
@@ -159,6 +160,14 @@ def _extra(arrays: dict, metrics: dict) -> tuple[dict, dict, dict]:
     return {**arrays, "backdoor.weight": np.zeros(5, np.float32)}, metrics, {}
 
 
+def _reordered(arrays: dict, metrics: dict) -> tuple[dict, dict, dict]:
+    """The right tensors, the two BatchNorm affine vectors swapped in order (same shape: no error anywhere)."""
+    keys = list(arrays)
+    i, j = keys.index("bn.weight"), keys.index("bn.bias")
+    keys[i], keys[j] = keys[j], keys[i]
+    return {k: arrays[k] for k in keys}, metrics, {}
+
+
 def _unreadable(arrays: dict, metrics: dict) -> tuple[dict, dict, dict]:
     a = arrays["fc.bias"]
     return {**arrays, "fc.bias": Array(dtype="float32", shape=a.shape, stype="torch.Tensor", data=a.tobytes())}, \
@@ -189,10 +198,11 @@ CASES = (
     Case("flip-x10", _flip, Reason.NORM_OUTLIER),
     Case("missing-key", _missing, Reason.MISSING_KEY),
     Case("extra-key", _extra, Reason.EXTRA_KEY),
+    Case("reordered", _reordered, Reason.KEY_ORDER),
     Case("transposed", _set("fc.weight", lambda a: np.ascontiguousarray(a.T)), Reason.SHAPE_MISMATCH),
     Case("extra-element", _set("fc.bias", lambda a: np.append(a, np.float32(0))), Reason.SHAPE_MISMATCH),
     Case("float64", _set("fc.weight", lambda a: a.astype(np.float64)), Reason.DTYPE_MISMATCH),
-    Case("int-as-float", _set("bn.num_batches_tracked", lambda a: a.astype(np.float32)), Reason.DTYPE_MISMATCH),
+    Case("float16", _set("conv.weight", lambda a: a.astype(np.float16)), Reason.DTYPE_MISMATCH),
     Case("n=0", _metric("num-examples", 0), Reason.BAD_NUM_EXAMPLES),
     Case("n=-1", _metric("num-examples", -1), Reason.BAD_NUM_EXAMPLES),
     Case("n=1e12", _metric("num-examples", 10**12), Reason.BAD_NUM_EXAMPLES),
@@ -251,7 +261,7 @@ def honest_count(cfg) -> int:  # noqa: ANN001
 def aggregate(column: str, messages: list[Message]) -> dict[str, np.ndarray] | None:
     _, strategy = fresh(column)
     arrays, _ = strategy.aggregate_train(1, messages)
-    return None if arrays is None else {k: np.asarray(v.numpy(), dtype=np.float64) for k, v in arrays.items()}
+    return None if arrays is None else {k: v.numpy() for k, v in arrays.items()}
 
 
 def tolerance(column: str) -> float:
@@ -271,10 +281,18 @@ def outcome(result: dict[str, np.ndarray] | None | BaseException, ref: dict[str,
         return "wrong-shape"
     if not all(np.isfinite(result[k]).all() for k in ref):
         return "NaN-model"
-    gap = max(float(np.max(np.abs(result[k] - ref[k]))) for k in ref if GLOBAL[k].dtype.kind == "f")
+    gap = _gap(result, ref)
     if gap > 1e3:
         return "exploded"
-    return "deviated" if gap > tol else "unchanged"
+    if gap > tol:
+        return "deviated"
+    return "dtype-changed" if any(result[k].dtype != ref[k].dtype for k in ref) else "unchanged"
+
+
+def _gap(result: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> float:
+    """Largest absolute difference over the floating-point tensors."""
+    return max(float(np.max(np.abs(result[k].astype(np.float64) - ref[k].astype(np.float64))))
+               for k in ref if GLOBAL[k].dtype.kind == "f")
 
 
 @dataclass
@@ -291,6 +309,17 @@ def reference(column: str) -> dict[str, np.ndarray]:
     cfg = parse_run_config(COLUMNS[column])
     ref = aggregate(column, [honest_message(i) for i in range(honest_count(cfg))])
     assert ref is not None, f"{column}: no honest aggregate"
+    return ref
+
+
+@functools.cache
+def reference_with_clean_copy(column: str) -> dict[str, np.ndarray]:
+    """The aggregate had the 5th reply been the uncorrupted copy: the baseline of the "without validation" row."""
+    cfg = parse_run_config(COLUMNS[column])
+    n = honest_count(cfg)
+    clean = Case("clean", lambda a, m: (a, m, {}), Reason.OK)
+    ref = aggregate(column, [honest_message(i) for i in range(n)] + [bad_message(clean, n + 1)])
+    assert ref is not None, f"{column}: no aggregate with the clean copy"
     return ref
 
 
@@ -329,8 +358,7 @@ def run_cell(column: str, case: Case) -> Cell:
             ok = got == "no-aggregate"  # the wrapper refuses a round with an unclipped update
         else:  # server-side clipping: the update counts with norm <= C, its share of the mean is <= C/m
             bound = DP_CLIP / (n + 1) * 2 + tol
-            ok = got in ("unchanged", "deviated") and isinstance(protected, dict) and max(
-                float(np.max(np.abs(protected[k] - ref[k]))) for k in ref) <= bound
+            ok = got in ("unchanged", "deviated") and isinstance(protected, dict) and _gap(protected, ref) <= bound
         if not ok:
             problems.append(f"central DP did not bound the flipped update: {got}")
     elif got != "unchanged":
@@ -340,7 +368,8 @@ def run_cell(column: str, case: Case) -> Cell:
             column, [honest_message(i) for i in range(n)] + [bad_message(case, n + 1)])
     except Exception as e:  # noqa: BLE001 - what happens without validation is the point
         unprotected = e
-    return Cell(str(bad.reason) if not bad.accepted else "accepted", got, outcome(unprotected, ref, tol), problems)
+    return Cell(str(bad.reason) if not bad.accepted else "accepted", got,
+                outcome(unprotected, reference_with_clean_copy(column), tol), problems)
 
 
 @functools.cache
@@ -373,7 +402,8 @@ def test_print_matrices() -> None:
     print("\n\nREJECTED REPLY -> REASON (strategy x malformation; 'accepted' = passed to the strategy)\n"
           + render("verdict"))
     print("WITH VALIDATION: global model vs the honest-only aggregate\n" + render("protected"))
-    print("WITHOUT VALIDATION: the same replies aggregated as they came\n" + render("unprotected"))
+    print("WITHOUT VALIDATION: the same replies aggregated as they came, vs the aggregate with the uncorrupted copy\n"
+          + render("unprotected"))
     assert all(not c.problems for c in cells.values())
     # the matrix is only meaningful if the unprotected runs show harm somewhere in every malformation row
     for case in CASES:

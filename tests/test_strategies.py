@@ -85,11 +85,11 @@ def test_new_strategy_options_reach_flower() -> None:
     cfg = parse_run_config({"strategy": "multikrum", "min-sites": 6, "krum.num-malicious": 1,
                             "multikrum.num-select": 2})
     assert build_strategy(cfg.strategy, cfg.train).num_nodes_to_select == 2
-    cfg = parse_run_config({"strategy": "qfedavg", "qfedavg.q": 2.0, "lr": 0.05})
+    cfg = parse_run_config({"strategy": "qfedavg", "qfedavg.q": 2.0})
     q = build_strategy(cfg.strategy, cfg.train)
-    assert (q.q, q.client_learning_rate, q.train_loss_key) == (2.0, 0.05, "train-loss")
-    cfg = parse_run_config({"strategy": "qfedavg", "qfedavg.client-lr": 0.5})
-    assert build_strategy(cfg.strategy, cfg.train).client_learning_rate == 0.5
+    assert (q.q, q.client_learning_rate, q.train_loss_key) == (2.0, 10.0, "train-loss")  # L = 0.1
+    cfg = parse_run_config({"strategy": "qfedavg", "qfedavg.lipschitz": 4.0})
+    assert build_strategy(cfg.strategy, cfg.train).client_learning_rate == 0.25
     cfg = parse_run_config({"strategy": "fedavgm", "fedavgm.server-lr": 0.5, "fedavgm.momentum": 0.8})
     m = build_strategy(cfg.strategy, cfg.train)
     assert (m.server_learning_rate, m.server_momentum) == (0.5, 0.8)
@@ -159,3 +159,21 @@ def test_every_strategy_aggregates_a_batchnorm_state_dict(name: str) -> None:
         assert metrics["num-examples"] in {sum(c) for c in itertools.combinations(sizes, n - 2)}
     else:
         assert metrics["num-examples"] == sum(sizes)
+
+
+@pytest.mark.usefixtures("server_identity", "no_flower_gc")
+def test_qfedavg_step_golden() -> None:
+    """Equal updates u and losses F: q-FFL moves by u / (1 + q L |u|^2 / F); L = qfedavg.lipschitz (default 0.1)."""
+    cfg = parse_run_config({"strategy": "qfedavg", "min-sites": 3})
+    strategy = build_strategy(cfg.strategy, cfg.train, train_metrics_aggr_fn=aggregate_train_metrics)
+    initial = ArrayRecord({"w": torch.ones(4), "n": torch.tensor(3, dtype=torch.int64)})
+    list(strategy.configure_train(1, initial, ConfigRecord(), FakeGrid(3)))
+    m = {"train-seconds": 1.0, "train-images-per-s": 10.0, "load-seconds": 0.0}
+    u = np.array([1.0, 1.0, 1.0, 1.0], dtype=np.float32)  # |u|^2 = 4
+    replies = [reply({"w": 1.0 + u, "n": np.array(9, dtype=np.int64)},
+                     {"num-examples": 10, "train-loss": 0.5, **m}, f"S{k}", node_id=k + 1) for k in range(3)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    state = arrays.to_torch_state_dict()
+    np.testing.assert_allclose(state["w"].numpy(), 1.0 + u / (1 + 0.1 * 0.1 * 4 / 0.5), rtol=1e-5)
+    assert int(state["n"]) == 3  # the global model's counter, not the sites'

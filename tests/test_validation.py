@@ -203,6 +203,7 @@ def drop(key: str) -> dict[str, np.ndarray]:
         (corrupt("conv.weight", lambda a: (a * np.float32(np.inf)).astype(a.dtype)), Reason.NON_FINITE, "'conv.weight'"),
         (drop("fc.bias"), Reason.MISSING_KEY, "'fc.bias'"),
         ({**honest_arrays(4), "backdoor": np.zeros(3, np.float32)}, Reason.EXTRA_KEY, "'backdoor'"),
+        (dict(reversed(list(honest_arrays(4).items()))), Reason.KEY_ORDER, "position 0 holds 'fc.bias'"),
         (corrupt("fc.weight", lambda a: np.ascontiguousarray(a.T)), Reason.SHAPE_MISMATCH, "(8, 3)"),
         (corrupt("fc.bias", lambda a: np.append(a, np.float32(0))), Reason.SHAPE_MISMATCH, "(4,)"),
         (corrupt("fc.weight", lambda a: a.astype(np.float64)), Reason.DTYPE_MISMATCH, "float64"),
@@ -213,7 +214,7 @@ def drop(key: str) -> dict[str, np.ndarray]:
         (corrupt("fc.bias", lambda a: Unreadable()), Reason.UNDECODABLE, "'fc.bias'"),
         (corrupt("fc.bias", lambda a: a.tolist()), Reason.UNDECODABLE, "'fc.bias'"),
     ],
-    ids=["nan", "inf", "missing-key", "extra-key", "transposed", "extra-element", "float64", "int-as-float",
+    ids=["nan", "inf", "missing-key", "extra-key", "reordered", "transposed", "extra-element", "float64", "int-as-float",
          "big-endian", "declared-shape", "declared-dtype", "unreadable", "plain-list"],
 )
 def test_array_rules(arrays: dict, reason: Reason, fragment: str) -> None:
