@@ -69,9 +69,13 @@ stays as it was). :class:`ReplyScreen` holds what a run needs across rounds
     replies = [SiteReply.from_records(label, array_records, metric_records) for ...]
     verdicts = screen.train(node_ids, replies, global_arrays)  # or screen.evaluate(node_ids, replies)
     decision = filter_round(messages, verdicts, screen.policy.min_sites)
-    # aggregate decision.accepted; when not decision.proceed it is empty and the model stays No function here raises on malformed input: anything odd is
-a rejection with a reason. The human ``detail`` of a verdict names keys,
-shapes, dtypes and the server's own limits, never a value the site sent.
+    # aggregate decision.accepted; when not decision.proceed it is empty and the model stays
+
+No function here raises on malformed site input: anything odd is a rejection
+with a reason (only the server's own inputs, the model spec and the global
+model, raise when inconsistent). The human ``detail`` of a verdict names
+tensor and metric keys, shapes, dtypes and the server's own limits, never a
+value the site sent.
 """
 
 from __future__ import annotations
