@@ -49,5 +49,7 @@ def central_dp_clipping_mod(msg: Message, context: Context, call_next: ClientApp
     if reply.has_error():
         return reply
     clipped = clip_update(_numpy(reply.content[protocol.ARRAYS]), ref, clipping_norm)
-    reply.content[protocol.ARRAYS] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in clipped.items()})
+    # np.require keeps 0-d arrays 0-d (np.ascontiguousarray would make BatchNorm's counter shape (1,), which the
+    # server's reply validation rejects as a shape mismatch)
+    reply.content[protocol.ARRAYS] = ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in clipped.items()})
     return reply

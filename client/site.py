@@ -161,8 +161,7 @@ def train_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], server_r
         **protocol.train_metrics(num_examples=res.num_examples, loss=res.loss, seconds=res.seconds,
                                  images_per_second=res.images_per_second, load_seconds=rt.data.load_seconds,
                                  torch_threads=torch.get_num_threads()),
-        **protocol.site_data_fields(train_images=len(rt.train_x), val_images=len(rt.val_x),
-                                    quarantined=rt.data.quarantined),
+        protocol.SITE_VAL_IMAGES: len(rt.val_x),  # bounds what this site's evaluation replies may count
         **(dp_round.metrics() if dp_round is not None else {}),
     }
     if dp_round is not None:  # the training loss is not a DP statistic: it stays at the site

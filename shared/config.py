@@ -114,6 +114,15 @@ class StrategyConfig:
     tau: float = 1e-3
     trim_beta: float = 0.2
     num_malicious: int = 0
+    multikrum_select: int = 0
+    qfedavg_q: float = 0.1
+    qfedavg_lipschitz: float = 0.1
+    fedavgm_server_lr: float = 0.1
+    fedavgm_momentum: float = 0.9
+
+    def multikrum_num_select(self) -> int:
+        """Updates MultiKrum averages: ``multikrum.num-select``, or ``min-sites - krum.num-malicious`` when 0."""
+        return self.multikrum_select or max(1, self.min_sites - self.num_malicious)
 
 
 @dataclass(frozen=True)
@@ -162,6 +171,15 @@ class FairnessConfig:
 
 
 @dataclass(frozen=True)
+class ValidationConfig:
+    """What the server checks in every site reply before aggregating it (:mod:`shared.validation`)."""
+
+    max_examples: int = 10_000_000
+    norm_z: float = 3.5
+    max_update_ratio: float = 1000.0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole run: one object parsed once, shared by server and clients."""
 
@@ -182,6 +200,7 @@ class RunConfig:
     dp: DPConfig = dataclasses.field(default_factory=DPConfig)
     central_dp: CentralDPConfig = dataclasses.field(default_factory=CentralDPConfig)
     fairness: FairnessConfig = dataclasses.field(default_factory=FairnessConfig)
+    validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
 
     def to_flat(self) -> dict[str, ConfigValue]:
         """Return the flat kebab-case form (inverse of :func:`parse_run_config`)."""
@@ -256,7 +275,8 @@ def _strategy_names() -> list[str]:
 # Run-config keys holding local file paths (resolved by the CLI; kept out of shared artifacts).
 # A real site ignores all of them (see for_site): only its node config names its paths.
 PATH_KEYS = ("data-path", "results-dir", "init-weights", "sim-explain-dir")
-STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum",
+                  "multikrum", "bulyan", "qfedavg", "fedavgm")
 CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox")
 """Strategies whose aggregate is the (uniform) mean of updates, as central DP's calibration assumes."""
 INF = math.inf
@@ -340,7 +360,16 @@ _SPECS: tuple[KeySpec, ...] = (
     KeySpec("fedopt.beta-2", "strategy", "beta_2", float, "FedOpt second-moment decay", 0, 1),
     KeySpec("fedopt.tau", "strategy", "tau", float, "FedOpt adaptivity (epsilon)", 0, 1, low_open=True),
     KeySpec("trimmed-avg.beta", "strategy", "trim_beta", float, "fraction trimmed at each end (fedtrimmedavg)", 0, 0.5),
-    KeySpec("krum.num-malicious", "strategy", "num_malicious", int, "assumed malicious sites (krum)", 0, 100_000),
+    KeySpec("krum.num-malicious", "strategy", "num_malicious", int,
+            "assumed malicious sites f (krum, multikrum, bulyan)", 0, 100_000),
+    KeySpec("multikrum.num-select", "strategy", "multikrum_select", int,
+            "updates multikrum averages (0 = min-sites - krum.num-malicious)", 0, 100_000),
+    KeySpec("qfedavg.q", "strategy", "qfedavg_q", float, "q-FFL fairness exponent (0 = uniform mean of updates)", 0, 100),
+    KeySpec("qfedavg.lipschitz", "strategy", "qfedavg_lipschitz", float,
+            "q-FedAvg's Lipschitz estimate L (damps its step; Flower's client_learning_rate = 1/L)", 0, 1e6,
+            low_open=True),
+    KeySpec("fedavgm.server-lr", "strategy", "fedavgm_server_lr", float, "FedAvgM server learning rate", 0, 100, low_open=True),
+    KeySpec("fedavgm.momentum", "strategy", "fedavgm_momentum", float, "FedAvgM server momentum", 0, 0.999),
     KeySpec("dp.enabled", "dp", "enabled", bool, "DP-SGD (Opacus) at every site, with a cumulative privacy ledger"),
     KeySpec("dp.noise-multiplier", "dp", "noise_multiplier", float, "DP-SGD noise multiplier (0 = calibrate from dp.target-epsilon)", 0, 1000),
     KeySpec("dp.target-epsilon", "dp", "target_epsilon", float, "epsilon the whole planned run may spend per site (0 = use dp.noise-multiplier)", 0, 1e6),
@@ -360,6 +389,12 @@ _SPECS: tuple[KeySpec, ...] = (
             "a site sends no subgroup cell with fewer validation images (small-cell suppression)", 1, 1_000_000),
     KeySpec("fairness.age-bands", "fairness", "age_bands", str,
             "age band edges in years: '0,18,40,60,80' = 0-17, 18-39, 40-59, 60-79, 80+"),
+    KeySpec("validation.max-examples", "validation", "max_examples", int,
+            "largest num-examples a site may report (it weighs the site's update)", 1, 10**12),
+    KeySpec("validation.norm-z", "validation", "norm_z", float,
+            "reject an update whose norm's robust z-score exceeds this among >= 3 replies (0 = off)", 0, 1000),
+    KeySpec("validation.max-update-ratio", "validation", "max_update_ratio", float,
+            "reject an update larger than this times the global model's norm (0 = off)", 0, 1e12),
 )
 
 RUN_KEYS: dict[str, KeySpec] = {s.key: s for s in _SPECS}
@@ -454,6 +489,7 @@ def parse_run_config(flat: Mapping[str, Any], *, fill_defaults: bool = True) -> 
     values: dict[str, dict[str, ConfigValue]] = {
         "": {}, "train": {}, "data": {}, "partition": {}, "strategy": {}, "dp": {}, "central_dp": {},
         "fairness": {},
+        "validation": {},
     }
     for key, raw in flat.items():
         spec = RUN_KEYS[key]
@@ -471,6 +507,7 @@ def parse_run_config(flat: Mapping[str, Any], *, fill_defaults: bool = True) -> 
         dp=DPConfig(**values["dp"]),  # type: ignore[arg-type]
         central_dp=CentralDPConfig(**values["central_dp"]),  # type: ignore[arg-type]
         fairness=FairnessConfig(**values["fairness"]),  # type: ignore[arg-type]
+        validation=ValidationConfig(**values["validation"]),  # type: ignore[arg-type]
     )
     cfg = _apply_task_defaults(cfg)
     _check_combinations(cfg)
@@ -594,11 +631,45 @@ def _check_combinations(cfg: RunConfig) -> None:
             f"with fewer sites than the noise is calibrated for and would be refused; set min-sites={c.num_sites} "
             "or central-dp.num-sites=0 (= min-sites)."
         )
-    if s.name == "krum" and s.min_sites < 2 * s.num_malicious + 3:
+    _check_robust_strategies(s)
+    if s.name == "qfedavg" and dp.enabled:
         raise ConfigError(
-            f"run config: krum with 'krum.num-malicious'={s.num_malicious} needs at least "
-            f"{2 * s.num_malicious + 3} sites per round (2f+3); 'min-sites' is {s.min_sites}. "
+            "run config: strategy 'qfedavg' weighs each site's update by its training loss, but with "
+            "dp.enabled=true sites withhold the loss (it is not a DP statistic); use strategy 'fedavg' or "
+            "'fedavgm', or dp.enabled=false."
+        )
+    v = cfg.validation
+    if 0.0 < v.norm_z < 2.0:
+        raise ConfigError(
+            f"run config 'validation.norm-z': expected 0 (off) or >= 2, got {v.norm_z}; below 2 the screen "
+            "rejects honest sites routinely. 3.5 is the usual robust-outlier threshold."
+        )
+
+
+def _check_robust_strategies(s: StrategyConfig) -> None:
+    """Krum, MultiKrum and Bulyan tolerate f malicious sites only with enough sites per round."""
+    f = s.num_malicious
+    if s.name in ("krum", "multikrum") and s.min_sites < 2 * f + 3:
+        raise ConfigError(
+            f"run config: {s.name} with 'krum.num-malicious'={f} needs at least "
+            f"{2 * f + 3} sites per round (2f+3); 'min-sites' is {s.min_sites}. "
             "Raise min-sites or lower krum.num-malicious."
+        )
+    if s.name == "multikrum" and s.multikrum_select > s.min_sites - f:
+        raise ConfigError(
+            f"run config: 'multikrum.num-select'={s.multikrum_select} exceeds min-sites - krum.num-malicious = "
+            f"{s.min_sites - f}: a round with min-sites replies would have to average a malicious update. "
+            "Lower multikrum.num-select, raise min-sites, or set multikrum.num-select=0 (= min-sites - f)."
+        )
+    if s.name == "bulyan" and f < 1:
+        raise ConfigError(
+            "run config: bulyan with 'krum.num-malicious'=0 is a plain unweighted mean of all updates; "
+            "set krum.num-malicious >= 1 (Bulyan then needs min-sites >= 4f+3 = 7), or use strategy 'fedavg'."
+        )
+    if s.name == "bulyan" and s.min_sites < 4 * f + 3:
+        raise ConfigError(
+            f"run config: bulyan with 'krum.num-malicious'={f} needs at least {4 * f + 3} sites per round "
+            f"(4f+3); 'min-sites' is {s.min_sites}. Raise min-sites or lower krum.num-malicious."
         )
 
 

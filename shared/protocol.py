@@ -44,6 +44,7 @@ __all__ = [
     "SITE_TRAIN_IMAGES",
     "SITE_VAL_IMAGES",
     "TORCH_THREADS",
+    "REQUIRED_TRAIN_FIELDS",
     "TRAIN_FIELDS",
     "TRAIN_IMAGES_PER_S",
     "TRAIN_LOSS",
@@ -74,14 +75,17 @@ TRAIN_IMAGES_PER_S = "train-images-per-s"
 LOAD_SECONDS = "load-seconds"
 TORCH_THREADS = "torch-threads"
 EVAL_LOSS = "eval-loss"
-SITE_TRAIN_IMAGES = "site-train-images"
-"""Size of the site's training split (sent with every training reply: the server reports sites once)."""
-SITE_VAL_IMAGES = "site-val-images"
-"""Size of the site's validation split (bounds what its evaluation replies may count)."""
-SITE_QUARANTINED = "site-quarantined"
-"""Files the site could not use (counted, never named)."""
+SITE_TRAIN_IMAGES = "num-train-examples"
+"""Size of the site's training split (roll call)."""
+SITE_VAL_IMAGES = "num-val-examples"
+"""Size of the site's validation split (roll call and every training reply: it bounds what the site's
+evaluation replies may count, :mod:`shared.validation`)."""
+SITE_QUARANTINED = "quarantined-files"
+"""Files the site could not use (roll call; counted, never named)."""
 
 TRAIN_FIELDS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_SECONDS, TRAIN_IMAGES_PER_S, LOAD_SECONDS, TORCH_THREADS)
+REQUIRED_TRAIN_FIELDS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_SECONDS, TRAIN_IMAGES_PER_S, LOAD_SECONDS)
+"""The training-reply fields the server computes with (they must be present and finite)."""
 DATA_FIELDS = (SITE_TRAIN_IMAGES, SITE_VAL_IMAGES, SITE_QUARANTINED)
 
 # Flower error code of a site's structured "over budget" refusal (Flower's own codes are < 100).

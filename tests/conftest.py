@@ -30,3 +30,26 @@ def shared_data() -> Path:
             pytest.fail(f"CI=true but the real-data folder {SHARED_DATA} is missing")
         pytest.skip(f"real-data folder {SHARED_DATA} not found (it sits beside the checkout in CI)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let tests build instruction Messages (``strategy.configure_train``) outside a running ServerApp."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+
+@pytest.fixture
+def no_flower_gc(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skip the ``gc.collect()`` Flower runs after every ``to_numpy_ndarrays(keep_input=False)``.
+
+    It only frees memory early (about 1 s per call once torch is imported); the
+    arrays and results are the same. Used by tests that aggregate many times.
+    """
+    import types
+
+    import flwr.app.message.arrayrecord as arrayrecord
+
+    monkeypatch.setattr(arrayrecord, "gc", types.SimpleNamespace(collect=lambda *a: 0))

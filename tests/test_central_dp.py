@@ -265,6 +265,7 @@ def test_client_mod_clips_in_client_fixed_mode() -> None:
     state = out.content["arrays"].to_torch_state_dict()
     assert state["w"].tolist() == pytest.approx([0.6, 0.8, 0.0, 0.0])
     assert int(state["n"]) == 0
+    assert state["n"].shape == ()  # 0-d stays 0-d: the server's reply validation compares shapes exactly
 
 
 def test_client_mod_errors_without_the_servers_clipping_norm() -> None:

@@ -69,6 +69,20 @@ def test_round_trip_and_coercion() -> None:
         ({"optimizer": "adamw"}, ["'optimizer'", "'adam'", "'sgd'"]),
         ({"strategy": "fedprox"}, ["fedprox", "proximal-mu", "> 0"]),
         ({"strategy": "krum", "krum.num-malicious": 1, "min-sites": 3}, ["krum", "min-sites", "5"]),
+        ({"strategy": "multikrum", "krum.num-malicious": 1, "min-sites": 4}, ["multikrum", "min-sites", "5 sites"]),
+        ({"strategy": "multikrum", "min-sites": 5, "krum.num-malicious": 1, "multikrum.num-select": 5},
+         ["multikrum.num-select", "5", "min-sites - krum.num-malicious = 4"]),
+        ({"strategy": "bulyan", "min-sites": 7}, ["bulyan", "krum.num-malicious'=0", "plain", "mean"]),
+        ({"strategy": "bulyan", "krum.num-malicious": 1, "min-sites": 6}, ["bulyan", "7 sites", "4f+3", "6"]),
+        ({"strategy": "bulyan", "krum.num-malicious": 2, "min-sites": 10}, ["bulyan", "11 sites"]),
+        ({"strategy": "qfedavg", "dp.enabled": True, "dp.noise-multiplier": 1.0}, ["qfedavg", "training loss",
+                                                                                  "dp.enabled"]),
+        ({"strategy": "fedavgm", "central-dp.mode": "server-fixed", "central-dp.noise-multiplier": 1.0},
+         ["fedavgm", "central-dp.mode"]),
+        ({"fedavgm.momentum": 1.0}, ["'fedavgm.momentum'", "0.999"]),
+        ({"validation.norm-z": 1.0}, ["'validation.norm-z'", "0 (off) or >= 2", "1.0"]),
+        ({"validation.max-examples": 0}, ["'validation.max-examples'", "0"]),
+        ({"validation.max-update-ratio": -1}, ["'validation.max-update-ratio'"]),
     ],
 )
 def test_rejections_name_key_value_and_allowed(flat: dict, fragments: list[str]) -> None:
@@ -77,6 +91,14 @@ def test_rejections_name_key_value_and_allowed(flat: dict, fragments: list[str])
     msg = str(err.value)
     for frag in fragments:
         assert frag in msg, f"{frag!r} not in {msg!r}"
+
+
+def test_robust_strategies_accept_their_minimum() -> None:
+    assert parse_run_config({"strategy": "bulyan", "krum.num-malicious": 1, "min-sites": 7}).strategy.num_malicious == 1
+    assert parse_run_config({"strategy": "multikrum", "krum.num-malicious": 1, "min-sites": 5,
+                             "multikrum.num-select": 4}).strategy.multikrum_num_select() == 4
+    assert parse_run_config({"strategy": "multikrum", "min-sites": 5}).strategy.multikrum_num_select() == 5
+    assert parse_run_config({"validation.norm-z": 0}).validation.norm_z == 0.0  # off
 
 
 def test_fill_defaults_false_requires_every_key() -> None:

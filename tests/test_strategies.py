@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import itertools
+import time
+
 import numpy as np
 import pytest
 import torch
-import time
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    QFedAvg,
+)
 
 from shared.tasks import get_task
 from server.federation import aggregate_train_metrics, make_evaluate_aggregator
@@ -34,14 +49,52 @@ def test_registry_matches_config_names() -> None:
         STRATEGIES.get("fedavgg")
 
 
+# The run config each strategy needs to be valid (Krum family: n >= 2f+3, Bulyan: f >= 1 and n >= 4f+3).
+NEEDS: dict[str, dict] = {
+    "fedprox": {"proximal-mu": 0.1},
+    "krum": {"min-sites": 3},
+    "multikrum": {"min-sites": 3},
+    "bulyan": {"krum.num-malicious": 1, "min-sites": 7},
+}
+FLOWER_CLASS = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi, "fedmedian": FedMedian,
+                "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "multikrum": MultiKrum, "bulyan": Bulyan,
+                "qfedavg": QFedAvg, "fedavgm": FedAvgM}
+
+
+class FakeGrid:
+    """Just enough of a Grid for ``configure_train`` (node sampling)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, self.n + 1))
+
+
 @pytest.mark.parametrize("name", STRATEGY_NAMES)
 def test_every_strategy_builds_from_config(name: str) -> None:
-    extra = {"proximal-mu": 0.1} if name == "fedprox" else {}
-    if name == "krum":
-        extra = {"min-sites": 3}
-    cfg = parse_run_config({"strategy": name, **extra})
+    cfg = parse_run_config({"strategy": name, **NEEDS.get(name, {})})
     strategy = build_strategy(cfg.strategy, cfg.train)
-    assert type(strategy).__name__.lower() == name
+    assert type(strategy) is FLOWER_CLASS[name] or (name == "qfedavg" and isinstance(strategy, QFedAvg))
+
+
+def test_new_strategy_options_reach_flower() -> None:
+    cfg = parse_run_config({"strategy": "multikrum", "min-sites": 6, "krum.num-malicious": 1})
+    mk = build_strategy(cfg.strategy, cfg.train)
+    assert (mk.num_malicious_nodes, mk.num_nodes_to_select) == (1, 5)  # 0 = min-sites - f
+    cfg = parse_run_config({"strategy": "multikrum", "min-sites": 6, "krum.num-malicious": 1,
+                            "multikrum.num-select": 2})
+    assert build_strategy(cfg.strategy, cfg.train).num_nodes_to_select == 2
+    cfg = parse_run_config({"strategy": "qfedavg", "qfedavg.q": 2.0})
+    q = build_strategy(cfg.strategy, cfg.train)
+    assert (q.q, q.client_learning_rate, q.train_loss_key) == (2.0, 10.0, "train-loss")  # L = 0.1
+    cfg = parse_run_config({"strategy": "qfedavg", "qfedavg.lipschitz": 4.0})
+    assert build_strategy(cfg.strategy, cfg.train).client_learning_rate == 0.25
+    cfg = parse_run_config({"strategy": "fedavgm", "fedavgm.server-lr": 0.5, "fedavgm.momentum": 0.8})
+    m = build_strategy(cfg.strategy, cfg.train)
+    assert (m.server_learning_rate, m.server_momentum) == (0.5, 0.8)
+    cfg = parse_run_config({"strategy": "bulyan", "krum.num-malicious": 1, "min-sites": 7})
+    assert build_strategy(cfg.strategy, cfg.train).num_malicious_nodes == 1
 
 
 def test_fedavg_golden_weighted_average() -> None:
@@ -77,26 +130,50 @@ def test_evaluate_aggregation_sums_counts_not_ratios() -> None:
     assert pooled["eval-loss"] == pytest.approx((180 * 0.1 + 2 * 2.0) / 182)
 
 
+@pytest.mark.usefixtures("server_identity", "no_flower_gc")
 @pytest.mark.parametrize("name", STRATEGY_NAMES)
 def test_every_strategy_aggregates_a_batchnorm_state_dict(name: str) -> None:
     """Float weights and BatchNorm's int64 counter survive every strategy's aggregation."""
-    extra = {"proximal-mu": 0.1} if name == "fedprox" else {}
-    cfg = parse_run_config({"strategy": name, "min-sites": 3, **extra})
+    cfg = parse_run_config({"strategy": name, "min-sites": 3, **NEEDS.get(name, {})})
     strategy = build_strategy(cfg.strategy, cfg.train, train_metrics_aggr_fn=aggregate_train_metrics)
-    if hasattr(strategy, "current_arrays"):  # FedOpt family keeps the previous global model
-        strategy.current_arrays = {"w": np.zeros((2, 2), dtype=np.float32), "n": np.array(0, dtype=np.int64)}
+    n = cfg.strategy.min_sites
+    initial = ArrayRecord({"w": torch.zeros((2, 2)), "n": torch.tensor(0, dtype=torch.int64)})
+    list(strategy.configure_train(1, initial, ConfigRecord(), FakeGrid(n)))  # stateful ones remember the model
     m = {"train-seconds": 1.0, "train-images-per-s": 10.0, "load-seconds": 0.0}
     replies = [
-        reply({"w": np.full((2, 2), float(k), dtype=np.float32), "n": np.array(5 + k, dtype=np.int64)},
-              {"num-examples": 10 * (k + 1), "train-loss": 1.0, **m}, f"S{k}", node_id=k + 1)
-        for k in range(3)
+        reply({"w": np.full((2, 2), 0.1 * k, dtype=np.float32), "n": np.array(5 + k, dtype=np.int64)},
+              {"num-examples": 10 * (k + 1), "train-loss": 1.0 + 0.1 * k, **m}, f"S{k}", node_id=k + 1)
+        for k in range(n)
     ]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert arrays is not None, name
     state = arrays.to_torch_state_dict()
-    assert torch.isfinite(state["w"].float()).all()
-    assert state["w"].shape == (2, 2)
+    assert torch.isfinite(state["w"].float()).all() and torch.isfinite(state["n"].double()).all()
+    assert state["w"].shape == (2, 2) and state["n"].shape == ()
+    assert 0.0 <= float(state["w"].min()) and float(state["w"].max()) <= 0.1 * (n - 1) + 1e-6  # within the updates
     assert metrics is not None
-    # Krum keeps the one selected update and that site's metrics; the others pool all three
-    expected = {10.0, 20.0, 30.0} if name == "krum" else {60.0}
-    assert metrics["num-examples"] in expected
+    sizes = [10 * (k + 1) for k in range(n)]
+    if name == "krum":  # Krum keeps the one selected update and that site's metrics
+        assert metrics["num-examples"] in sizes
+    elif name == "bulyan":  # metrics of the n - 2f updates Multi-Krum selected
+        assert metrics["num-examples"] in {sum(c) for c in itertools.combinations(sizes, n - 2)}
+    else:
+        assert metrics["num-examples"] == sum(sizes)
+
+
+@pytest.mark.usefixtures("server_identity", "no_flower_gc")
+def test_qfedavg_step_golden() -> None:
+    """Equal updates u and losses F: q-FFL moves by u / (1 + q L |u|^2 / F); L = qfedavg.lipschitz (default 0.1)."""
+    cfg = parse_run_config({"strategy": "qfedavg", "min-sites": 3})
+    strategy = build_strategy(cfg.strategy, cfg.train, train_metrics_aggr_fn=aggregate_train_metrics)
+    initial = ArrayRecord({"w": torch.ones(4), "n": torch.tensor(3, dtype=torch.int64)})
+    list(strategy.configure_train(1, initial, ConfigRecord(), FakeGrid(3)))
+    m = {"train-seconds": 1.0, "train-images-per-s": 10.0, "load-seconds": 0.0}
+    u = np.array([1.0, 1.0, 1.0, 1.0], dtype=np.float32)  # |u|^2 = 4
+    replies = [reply({"w": 1.0 + u, "n": np.array(9, dtype=np.int64)},
+                     {"num-examples": 10, "train-loss": 0.5, **m}, f"S{k}", node_id=k + 1) for k in range(3)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None
+    state = arrays.to_torch_state_dict()
+    np.testing.assert_allclose(state["w"].numpy(), 1.0 + u / (1 + 0.1 * 0.1 * 4 / 0.5), rtol=1e-5)
+    assert int(state["n"]) == 3  # the global model's counter, not the sites'
