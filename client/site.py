@@ -23,8 +23,9 @@ from shared.config import (
     parse_run_config,
 )
 from shared.data.preprocess import AugmentConfig
-from shared.privacy.site_dp import DPRound, begin_round, open_ledger
+from shared.privacy.site_dp import DPRound, begin_round, open_ledger, state_root
 from shared.site_data import SiteData, load_site_data
+from shared.site_policy import PolicyRefusal, SitePolicy, check_budget, check_run, epsilon_spent_elsewhere, policy_for
 from shared.site_explain import ExplainSettings, explain_round, resolve_explain
 from shared.tasks import TaskSpec, get_task
 from shared.training import images_to_tensor, train_local
@@ -73,6 +74,7 @@ class SiteRuntime:
     val_x: torch.Tensor
     val_t: torch.Tensor
     augment: AugmentConfig | None
+    policy: SitePolicy = SitePolicy()
 
     def new_model(self, state_dict: Mapping[str, torch.Tensor]) -> torch.nn.Module:
         """Build the run's model and load the global weights into it."""
@@ -119,7 +121,7 @@ def site_runtime(run_config: Mapping[str, Any], node_config: Mapping[str, Any], 
             cfg, site, task, data,
             images_to_tensor(data.train_images), _targets(data.train_targets),
             images_to_tensor(data.val_images), _targets(data.val_targets),
-            task.augment_for(cfg),
+            task.augment_for(cfg), policy_for(site, cfg),
         )
         while len(_RUNTIMES) > _RUNTIMES_MAX:
             _RUNTIMES.popitem(last=False)
@@ -127,9 +129,41 @@ def site_runtime(run_config: Mapping[str, Any], node_config: Mapping[str, Any], 
 
 
 def begin_dp_round(rt: SiteRuntime, server_round: int, run_key: str) -> DPRound:
-    """Open this run's privacy ledger at the site and record the round (or raise BudgetRefusal)."""
+    """Open this run's privacy ledger at the site and record the round (or refuse: run budget, site budget)."""
     ledger, settings = open_ledger(rt.cfg, rt.site.site_id, rt.site.state_dir, run_key, len(rt.train_x))
-    return begin_round(ledger, settings, server_round, rt.site.site_id)
+    check = None
+    if rt.policy.max_epsilon:
+        elsewhere = epsilon_spent_elsewhere(ledger.path.parent, run_key)
+
+        def check(epsilon_after: float) -> None:
+            check_budget(rt.policy, rt.site.site_id, elsewhere, epsilon_after)
+
+    return begin_round(ledger, settings, server_round, rt.site.site_id, check)
+
+
+def check_policy(rt: SiteRuntime, training: bool) -> None:
+    """Refuse what this site's own policy forbids (:class:`PolicyRefusal`): the run's settings, or training at a holdout."""
+    check_run(rt.policy, rt.cfg, rt.site.site_id)
+    if training and rt.policy.holdout:
+        raise PolicyRefusal(rt.site.site_id, "role", "this site is a holdout site: it evaluates, it never trains")
+
+
+def _fedbn_norms(rt: SiteRuntime) -> set[str]:
+    from shared.fedbn import norm_state_keys
+
+    model, _ = rt.task.build_model(rt.cfg)
+    return norm_state_keys(model)
+
+
+def _with_local_norms(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], run_key: str) -> dict[str, torch.Tensor]:
+    """FedBN: the global weights with this site's own normalisation tensors (from its last round)."""
+    from shared.fedbn import load_local_norms
+
+    state = dict(state_dict)
+    local = load_local_norms(state_root(rt.site.state_dir), rt.site.site_id, run_key)
+    if local:
+        state.update({k: v for k, v in local.items() if k in state})
+    return state
 
 
 def train_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], server_round: int,
@@ -137,13 +171,18 @@ def train_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], server_r
     """One round of local training; returns new weights and the metrics to send.
 
     Every task kind and DP on or off go through the one loop,
-    :func:`shared.training.train_local`, with the task's objective. With
+    :func:`shared.training.train_local`, with the task's objective. The
+    site's own policy is checked first (:func:`check_policy`). With
     ``dp.enabled`` the round is first recorded in the site's privacy ledger
-    for ``run_key`` (Flower's run id); a round over budget raises
-    :class:`shared.privacy.site_dp.BudgetRefusal` before any image is used,
+    for ``run_key`` (the run's stable name, sent by the server); a round over
+    the run's or the site's own budget is refused before any image is used,
     and the steps are DP-SGD's (:class:`shared.privacy.dpsgd.DPSGDSteps`).
+    With ``strategy='fedbn'`` the site trains with its own normalisation
+    layers and never sends them (:mod:`shared.fedbn`).
     """
-    dp_round = begin_dp_round(rt, server_round, run_key or "default") if rt.cfg.dp.enabled else None
+    check_policy(rt, training=True)
+    run_key = run_key or "default"
+    dp_round = begin_dp_round(rt, server_round, run_key) if rt.cfg.dp.enabled else None
     engine = None
     if dp_round is not None:
         from shared.privacy.dpsgd import DPSGDSpec, DPSGDSteps  # Opacus only when DP is on
@@ -152,7 +191,8 @@ def train_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], server_r
         engine = DPSGDSteps(DPSGDSpec(noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
                                       sample_rate=s.sample_rate, steps=dp_round.steps,
                                       grad_sample_mode=rt.cfg.dp.grad_sample_mode))
-    model = rt.new_model(state_dict)
+    fedbn = rt.cfg.strategy.name == "fedbn"
+    model = rt.new_model(_with_local_norms(rt, state_dict, run_key) if fedbn else state_dict)
     res = train_local(model, rt.train_x, rt.train_t, rt.cfg.train, rt.task.objective(),
                       seed=rt.round_seed(server_round), augment=rt.augment, normalize=rt.cfg.data.normalize,
                       proximal_mu=proximal_mu, engine=engine)
@@ -170,30 +210,69 @@ def train_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], server_r
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if state.keys() != state_dict.keys():  # e.g. Opacus's "_module." prefix must never reach the server
         raise RuntimeError(f"trained weights have other keys than the global model: {sorted(set(state) ^ set(state_dict))[:5]}")
+    if fedbn:
+        from shared.fedbn import save_local_norms, split_norms
+
+        state, norms = split_norms(state, _fedbn_norms(rt))
+        save_local_norms(state_root(rt.site.state_dir), rt.site.site_id, run_key, norms)
     return state, metrics
 
 
-def evaluate_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor],
-                  server_round: int = 0) -> dict[str, int | float | list[int]]:
-    """Evaluate the global model on this site's validation split; counts only.
+def roll_call(rt: SiteRuntime) -> tuple[dict[str, str], dict[str, int]]:
+    """What the site answers before round 1: its id and role, and its data sizes (counts only).
 
+    Raises :class:`PolicyRefusal` when its own policy forbids the run.
+    """
+    check_policy(rt, training=False)
+    return ({protocol.SITE_ID: rt.site.site_id, protocol.SITE_ROLE: rt.policy.role},
+            protocol.site_data_fields(train_images=len(rt.train_x), val_images=len(rt.val_x),
+                                      quarantined=rt.data.quarantined))
+
+
+def evaluate_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], server_round: int = 0,
+                  run_key: str = "") -> tuple[dict[str, int | float | list[int]], dict[str, int | float | list[int]]]:
+    """Evaluate the global model at this site; counts only. Returns ``(metrics, subgroup counts)``.
+
+    A training site scores its validation split and also reports
+    patient-subgroup counts (small cells suppressed,
+    :mod:`shared.metrics.subgroups`); a holdout site scores all its images.
     When the site has an explain folder and the task's objective is
     explainable (classifiers), Grad-CAM overlays of a fixed validation sample
-    are then written there; they stay at the site and do not change the
-    returned metrics.
+    are then written there; they stay at the site and do not change what is
+    returned.
     """
+    check_policy(rt, training=False)
+    if rt.cfg.strategy.name == "fedbn":
+        state_dict = _with_local_norms(rt, state_dict, run_key or "default")
     model = rt.new_model(state_dict)
     objective = rt.task.objective()
-    res = objective.evaluate(model, rt.val_x, rt.val_t, batch_size=objective.eval_batch_size(rt.cfg.train.batch_size),
+    holdout = rt.policy.holdout
+    images = torch.cat([rt.train_x, rt.val_x]) if holdout else rt.val_x
+    targets = torch.cat([rt.train_t, rt.val_t]) if holdout else rt.val_t
+    spacings = None if holdout else rt.data.val_spacings
+    res = objective.evaluate(model, images, targets, batch_size=objective.eval_batch_size(rt.cfg.train.batch_size),
                              precision=rt.cfg.train.precision, normalize=rt.cfg.data.normalize,
-                             spacings=rt.data.val_spacings)
+                             spacings=spacings, keep_predictions=not holdout)
     metrics: dict[str, int | float | list[int]] = {
         protocol.NUM_EXAMPLES: res.counts.num_examples, protocol.EVAL_LOSS: res.loss, **res.counts.to_flat()}
+    subgroups = {} if holdout else _subgroup_counts(rt, res.predictions)
     if rt.explain is not None and not objective.explainable:
         if server_round <= 1:
             logger.info("explain-dir is set but Grad-CAM overlays are written for classifier tasks only")
-        return metrics
-    explain_round(rt.explain, model, rt.cfg.model, rt.val_x, rt.val_t, server_round=server_round,
-                  seed=rt.cfg.seed, site_id=rt.site.site_id, class_names=rt.task.class_names,
-                  normalize=rt.cfg.data.normalize)
-    return metrics
+    elif not holdout:
+        explain_round(rt.explain, model, rt.cfg.model, rt.val_x, rt.val_t, server_round=server_round,
+                      seed=rt.cfg.seed, site_id=rt.site.site_id, class_names=rt.task.class_names,
+                      normalize=rt.cfg.data.normalize)
+    return metrics, subgroups
+
+
+def _subgroup_counts(rt: SiteRuntime, predictions: Any) -> dict[str, int | float | list[int]]:
+    """This site's patient-subgroup counts of its validation split (cells below ``min-cell`` suppressed)."""
+    from shared.metrics.subgroups import SubgroupSpec
+
+    spec = SubgroupSpec.for_site(rt.cfg.fairness, rt.site.min_cell_floor)
+    if not spec.columns or rt.data.val_attributes is None or predictions is None:
+        return {}
+    sub = rt.task.objective().subgroup_counts(predictions, rt.val_t.numpy(), rt.data.val_attributes, spec,
+                                              spacings=rt.data.val_spacings)
+    return sub.to_flat()

@@ -36,7 +36,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from server.recorder import site_id_of
+from server.gate import declared_site_id
 from shared.config import CentralDPConfig, ConfigError
 from shared.privacy.central import (
     CentralDPAccount,
@@ -63,7 +63,7 @@ def _to_numpy(rec: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in arrays.items()})
 
 
 class _StrictCentralDP:
@@ -175,7 +175,7 @@ class ServerFixedClipping(_StrictCentralDP, DifferentialPrivacyServerSideFixedCl
             try:
                 m.content[key] = _to_record(clip_update(_to_numpy(m.content[key]), ref, self.clipping_norm))
             except (KeyError, ValueError) as e:
-                return f"site {site_id_of(m)} sent an update that does not match the global model ({e})"
+                return f"site {(declared_site_id(m) or f'node-{m.metadata.src_node_id}')} sent an update that does not match the global model ({e})"
         return None
 
 
@@ -206,9 +206,9 @@ class ClientFixedClipping(_StrictCentralDP, DifferentialPrivacyClientSideFixedCl
             try:
                 norm = update_norm(_to_numpy(m.content[self.strategy.arrayrecord_key]), self._global)
             except (KeyError, ValueError) as e:
-                return f"site {site_id_of(m)} sent an update that does not match the global model ({e})"
+                return f"site {(declared_site_id(m) or f'node-{m.metadata.src_node_id}')} sent an update that does not match the global model ({e})"
             if norm > limit:
-                return (f"site {site_id_of(m)} sent an update of norm {norm:.4g} > clipping norm "
+                return (f"site {(declared_site_id(m) or f'node-{m.metadata.src_node_id}')} sent an update of norm {norm:.4g} > clipping norm "
                         f"{self.clipping_norm:g}: it did not clip (does its run config say "
                         "central-dp.mode='client-fixed'?)")
         return None

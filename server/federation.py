@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import logging
 import platform
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from server.central_dp import central_dp_summary
-from server.recorder import FederationStopped, RecordingGrid, RoundRecorder
+from server.checkpoint import restore_rng, restore_strategy, rng_state, strategy_state
+from server.gate import ReplyGate, SiteDirectory
+from server.recorder import FederationStopped, RoundRecorder
+from server.rounds import RoundLoop
 from server.strategies import build_strategy
 from shared import protocol
-from shared.config import RunConfig
+from shared.config import ConfigError, RunConfig
 from shared.console import console_line
 from shared.metrics.federated import SiteEvaluation, pool_evaluations, pool_training
 from shared.privacy.report import privacy_statement
-from shared.results import RunFolder
+from shared.results import RunFolder, RunFolderError
 from shared.tasks import TaskSpec, get_task
+from shared.validation import ReplyScreen, ValidationPolicy, model_spec
 
 logger = logging.getLogger(__name__)
 
@@ -44,20 +50,66 @@ def make_evaluate_aggregator(task: TaskSpec):  # noqa: ANN201
     return aggregate
 
 
-def run_federation(grid: Grid, cfg: RunConfig) -> RunFolder:
-    """Run ``cfg.num_server_rounds`` rounds and write the results folder."""
+def _to_numpy(rec: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v.numpy()) for k, v in rec.items()}
+
+
+def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in arrays.items()})
+
+
+def _open_folder(cfg: RunConfig, task: TaskSpec) -> tuple[RunFolder, bool]:
+    """A new results folder, or the one ``resume-from`` names (then True)."""
+    if cfg.resume_from:
+        try:
+            folder = RunFolder.open(Path(cfg.resume_from))
+        except RunFolderError as exc:
+            raise ConfigError(f"run config 'resume-from': {exc}") from None
+        folder.columns = task.view.columns
+        return folder, True
+    folder = RunFolder.create(cfg.results_dir, cfg.run_name, tag=f"{cfg.task}-{cfg.model}-{cfg.strategy.name}",
+                              columns=task.view.columns)
+    return folder, False
+
+
+def _test_fn(cfg: RunConfig, task: TaskSpec):  # noqa: ANN202
+    """The server's evaluation of the global model on ``test-path`` (None without it)."""
+    if not cfg.test_path:
+        return None
+    from shared.site_data import load_test_data
+
+    test = load_test_data(cfg, task)
+    logger.info(console_line("header", f"test set: {test.size} images from test-path (never partitioned, never "
+                                       "trained on), scored each round at the threshold chosen on validation"))
+    objective = task.objective()
+
+    def evaluate(server_round: int, arrays: ArrayRecord, threshold: float | None) -> dict[str, Any]:
+        model, _ = task.build_model(cfg)
+        model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+        res = objective.evaluate(model, test.images, test.targets,
+                                 batch_size=objective.eval_batch_size(cfg.train.batch_size),
+                                 precision=cfg.train.precision, normalize=cfg.data.normalize, spacings=test.spacings)
+        report = SiteEvaluation("test", res.counts, res.loss)
+        return pool_evaluations([report], task.threshold_rule, threshold=threshold).pooled
+
+    return evaluate
+
+
+def run_federation(grid: Any, cfg: RunConfig) -> RunFolder:
+    """Run (or resume) ``cfg.num_server_rounds`` rounds and write the results folder."""
     import flwr
 
     task = get_task(cfg.task)
     torch.manual_seed(cfg.seed)
     model, dp_changes = task.build_model(cfg, cfg.init_weights or None)
-    folder = RunFolder.create(cfg.results_dir, cfg.run_name, tag=f"{cfg.task}-{cfg.model}-{cfg.strategy.name}",
-                              columns=task.view.columns)
-    folder.write_config(
-        cfg.to_flat(),
-        {"versions": {"torch": torch.__version__, "flwr": flwr.__version__, "python": platform.python_version()},
-         "class-names": list(task.class_names), "positive-class": task.positive_class, **task.pipeline(cfg)},
-    )
+    initial = ArrayRecord(model.state_dict())
+    folder, resuming = _open_folder(cfg, task)
+    if not resuming:
+        folder.write_config(
+            cfg.to_flat(),
+            {"versions": {"torch": torch.__version__, "flwr": flwr.__version__, "python": platform.python_version()},
+             "class-names": list(task.class_names), "positive-class": task.positive_class, **task.pipeline(cfg)},
+        )
     logger.info(console_line("header", f"{cfg.task} with {cfg.model} at {cfg.data.image_size} px, "
                                        f"{cfg.strategy.name}, {cfg.num_server_rounds} rounds; results -> {folder.path}"))
     if cfg.dp.enabled:
@@ -71,30 +123,60 @@ def run_federation(grid: Grid, cfg: RunConfig) -> RunFolder:
         evaluate_metrics_aggr_fn=make_evaluate_aggregator(task),
         central_dp=cfg.central_dp, on_round=recorder.note,
     )
-    recording = RecordingGrid(grid, recorder)
+    spec = model_spec(_to_numpy(initial))
+    if cfg.strategy.name == "fedbn":
+        from shared.fedbn import norm_state_keys
+
+        norm = norm_state_keys(model)
+        spec = {k: v for k, v in spec.items() if k not in norm}  # FedBN sites never send normalisation layers
+    gate = ReplyGate(SiteDirectory(cfg.site_registry), ReplyScreen(spec, ValidationPolicy.for_run(cfg)),
+                     cfg.strategy.min_sites)
+
+    arrays, start = initial, 1
+    if resuming:
+        done, saved, tensors, state = folder.read_checkpoint()
+        arrays = _to_record(saved)
+        restore_strategy(strategy, tensors, state.get("strategy", {}))
+        restore_rng(state.get("rng", {}))
+        recorder.restore(state.get("recorder", {}), folder.read_rounds()[:done])
+        start = done + 1
+        logger.info(console_line("header", f"resuming after round {done} of {cfg.num_server_rounds} "
+                                           f"(checkpoint in {folder.path})"))
+
+    def checkpoint(server_round: int, current: ArrayRecord) -> None:
+        tensors, plain = strategy_state(strategy)
+        folder.write_checkpoint(server_round, _to_numpy(current), tensors,
+                                {"strategy": plain, "rng": rng_state(), "recorder": recorder.state()})
+
+    loop = RoundLoop(grid, strategy, gate, recorder, cfg.num_server_rounds, cfg.round_timeout,
+                     run_key=folder.path.name, checkpoint=checkpoint, test_fn=_test_fn(cfg, task))
     stopped = ""
     try:
-        result = strategy.start(
-            grid=recording,  # type: ignore[arg-type]
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=cfg.num_server_rounds,
-            timeout=cfg.round_timeout,
-            train_config=ConfigRecord(),
-            evaluate_config=ConfigRecord(),
-        )
-        final = result.arrays if len(result.arrays) else ArrayRecord(model.state_dict())
+        final = loop.run(arrays, start)
     except FederationStopped as exc:  # e.g. privacy budgets spent: keep the last global model
         stopped = str(exc)
         logger.warning(console_line("warning", f"run stopped early: {stopped}"))
-        final = recording.last_train_arrays or ArrayRecord(model.state_dict())
+        final = _to_record(folder.read_checkpoint()[1]) if (folder.path / RunFolder.CHECKPOINT).is_file() else arrays
     folder.write_model(final.to_torch_state_dict(), task.model_card(cfg, threshold=recorder.last_threshold()))
     extra: dict = {"results-dir": str(folder.path), "task": task.name, "view": task.view.name,
                    "primary-metric": task.view.primary, **central_dp_summary(strategy)}
     if cfg.dp.enabled:
         extra["privacy"] = privacy_statement(recorder.privacy, recorder.refusals, cfg.dp.accountant)
+    if recorder.policy_refusals:
+        extra["policy-refusals"] = recorder.policy_refusals
+    if recorder.fairness:
+        extra["fairness"] = recorder.fairness
+    last = folder.rounds[-1] if folder.rounds else {}
+    for key in ("holdout", "holdout-sites", "test"):
+        if last.get(key):
+            extra[f"final-{key}"] = last[key]
     if stopped:
         extra["stopped-early"] = stopped
     headline = task.view.headline(folder.final_evaluation())
+    if last.get("test"):
+        headline += f"; test {task.view.headline(last['test'])}"
+    if last.get("holdout"):
+        headline += f"; holdout sites {task.view.headline(last['holdout'])}"
     summary = folder.write_summary({**extra, "headline": f"final pooled validation {headline}"})
     logger.info(console_line("summary", f"finished {summary['rounds']} rounds in {summary['wall-seconds']:.0f} s; "
                                         f"final pooled validation {headline}"))

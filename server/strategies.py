@@ -51,6 +51,12 @@ def _fedavg(s: StrategyConfig, t: TrainConfig, aggr: dict) -> Strategy:
     return FedAvg(**_common(s, aggr))
 
 
+@STRATEGIES.register("fedbn")
+def _fedbn(s: StrategyConfig, t: TrainConfig, aggr: dict) -> Strategy:
+    """FedAvg over everything but the normalisation layers, which the sites keep (:mod:`shared.fedbn`)."""
+    return FedAvg(**_common(s, aggr))
+
+
 @STRATEGIES.register("fedprox")
 def _fedprox(s: StrategyConfig, t: TrainConfig, aggr: dict) -> Strategy:
     return FedProx(**_common(s, aggr), proximal_mu=t.proximal_mu)

@@ -193,6 +193,10 @@ class RunConfig:
     seed: int = 0
     sim_explain_dir: str = ""
     sim_explain_samples: int = 8
+    resume_from: str = ""
+    site_registry: str = ""
+    test_path: str = ""
+    holdout_sites: int = 0
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     partition: PartitionConfig = dataclasses.field(default_factory=PartitionConfig)
@@ -274,9 +278,9 @@ def _strategy_names() -> list[str]:
 
 # Run-config keys holding local file paths (resolved by the CLI; kept out of shared artifacts).
 # A real site ignores all of them (see for_site): only its node config names its paths.
-PATH_KEYS = ("data-path", "results-dir", "init-weights", "sim-explain-dir")
+PATH_KEYS = ("data-path", "results-dir", "init-weights", "sim-explain-dir", "resume-from", "site-registry", "test-path")
 STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum",
-                  "multikrum", "bulyan", "qfedavg", "fedavgm")
+                  "multikrum", "bulyan", "qfedavg", "fedavgm", "fedbn")
 CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox")
 """Strategies whose aggregate is the (uniform) mean of updates, as central DP's calibration assumes."""
 INF = math.inf
@@ -300,6 +304,16 @@ _SPECS: tuple[KeySpec, ...] = (
             "simulated sites write Grad-CAM overlays under DIR/<site-id>/ ('' = off; real sites use node config explain-dir)"),
     KeySpec("sim-explain-samples", "", "sim_explain_samples", int,
             "validation images per simulated site explained each round", 1, MAX_EXPLAIN_SAMPLES),
+    KeySpec("resume-from", "", "resume_from", str,
+            "results folder of a stopped run to continue from its last checkpoint ('' = a new run)"),
+    KeySpec("site-registry", "", "site_registry", str,
+            "the federation's sites.json (medfed deploy): sites are identified by their authenticated keys "
+            "('' = by the ids they declare; simulations)"),
+    KeySpec("test-path", "", "test_path", str,
+            "labelled dataset the server scores the global model on after every round (never partitioned, never "
+            "trained on; '' = none)"),
+    KeySpec("holdout-sites", "", "holdout_sites", int,
+            "simulated sites (the last K partitions) that never train and only test the global model", 0, 10_000),
     KeySpec("local-epochs", "train", "local_epochs", int, "local epochs per round", 1, 1000),
     KeySpec("batch-size", "train", "batch_size", int, "local batch size", 1, 4096),
     KeySpec("lr", "train", "lr", float, "local learning rate", 0, 10, low_open=True),
@@ -780,7 +794,9 @@ def parse_overrides(text: str) -> dict[str, ConfigValue]:
 # ---------------------------------------------------------------------------
 
 NODE_KEYS = ("partition-id", "num-partitions", "data-path", "site-id", "cache-dir", "state-dir", "explain-dir",
-             "explain-samples", "max-image-pixels", "allow-outside-data-root", "min-cell")
+             "explain-samples", "max-image-pixels", "allow-outside-data-root", "min-cell",
+             "require-dp", "max-epsilon", "min-sites-per-round", "allowed-tasks", "role")
+SITE_ROLES = ("train", "holdout")
 DEFAULT_SITE_MIN_CELL = 10
 """A real site's own floor for subgroup cells when its node config sets no ``min-cell``."""
 DEFAULT_EXPLAIN_SAMPLES = 8
@@ -817,6 +833,12 @@ class SiteConfig:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     allow_outside_data_root: bool = False
     min_cell: int = 0  # site's floor for subgroup cells; 0 = DEFAULT_SITE_MIN_CELL (real site) / none (simulated)
+    # the site's own policy (shared.site_policy): the server cannot override it
+    require_dp: bool = False
+    max_epsilon: float = 0.0
+    min_sites_per_round: int = 0
+    allowed_tasks: tuple[str, ...] = ()
+    role: str = "train"
 
     @property
     def simulated(self) -> bool:
@@ -835,6 +857,48 @@ class SiteConfig:
         if self.min_cell:
             return self.min_cell
         return None if self.simulated else DEFAULT_SITE_MIN_CELL
+
+
+def _policy(node_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The site-policy keys of a node config (see :mod:`shared.site_policy`), checked."""
+    out: dict[str, Any] = {}
+    if "require-dp" in node_config:
+        v = node_config["require-dp"]
+        if not isinstance(v, bool):
+            raise ConfigError(f"node config 'require-dp': expected true or false, got {v!r}.")
+        out["require_dp"] = v
+    if "max-epsilon" in node_config:
+        v = node_config["max-epsilon"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < float(v) < 1e6:
+            raise ConfigError(f"node config 'max-epsilon': expected this site's privacy budget over all runs, a "
+                              f"number > 0 (e.g. max-epsilon=8.0), got {v!r}.")
+        out["max_epsilon"] = float(v)
+    if "min-sites-per-round" in node_config:
+        v = node_config["min-sites-per-round"]
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 100_000:
+            raise ConfigError(f"node config 'min-sites-per-round': expected an integer >= 1 (the fewest sites a round "
+                              f"must aggregate), got {v!r}.")
+        out["min_sites_per_round"] = v
+    if "allowed-tasks" in node_config:
+        v = node_config["allowed-tasks"]
+        if not isinstance(v, str):
+            raise ConfigError(f"node config 'allowed-tasks': expected task names separated by commas "
+                              f"(e.g. allowed-tasks='pneumonia-cxr'), got {v!r}.")
+        names = tuple(t.strip() for t in v.split(",") if t.strip())
+        from shared.tasks import TASKS  # lazy: tasks import the phantom generators
+
+        unknown = [t for t in names if t not in TASKS]
+        if unknown:
+            raise ConfigError(f"node config 'allowed-tasks': unknown task(s) {unknown}; valid tasks: "
+                              f"{', '.join(TASKS.names())}.{did_you_mean(unknown[0], TASKS.names())}")
+        out["allowed_tasks"] = names
+    if "role" in node_config:
+        v = node_config["role"]
+        if v not in SITE_ROLES:
+            raise ConfigError(f"node config 'role': expected one of {', '.join(map(repr, SITE_ROLES))} (holdout = "
+                              f"evaluate only, never train), got {v!r}.")
+        out["role"] = v
+    return out
 
 
 def _min_cell(value: Any) -> int:
@@ -901,7 +965,8 @@ def parse_node_config(node_config: Mapping[str, Any], node_id: int | None = None
              "explain_samples": _explain_samples(node_config.get("explain-samples", DEFAULT_EXPLAIN_SAMPLES)),
              "max_image_pixels": _max_image_pixels(node_config.get("max-image-pixels", DEFAULT_MAX_PIXELS)),
              "allow_outside_data_root": _allow_outside(node_config.get("allow-outside-data-root", False)),
-             "min_cell": _min_cell(node_config["min-cell"]) if "min-cell" in node_config else 0}
+             "min_cell": _min_cell(node_config["min-cell"]) if "min-cell" in node_config else 0,
+             **_policy(node_config)}
     pid = node_config.get("partition-id")
     nparts = node_config.get("num-partitions")
     if data_path:

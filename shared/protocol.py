@@ -9,6 +9,11 @@ message from the server holds::
     CONFIG  round settings (ConfigRecord): SERVER_ROUND, PROXIMAL_MU (FedProx),
             the central-DP clipping norm (client-side clipping)
 
+Before round 1 (and for any site that connects later) the server sends a
+QUERY message (the *roll call*); the site answers with SITE (its id and
+role) and METRICS (its data sizes), or refuses the run under its own policy
+(error code :data:`SITE_POLICY_ERROR_CODE`).
+
 A site's reply holds::
 
     ARRAYS   the trained weights (train only; same keys, shapes and dtypes)
@@ -32,6 +37,7 @@ __all__ = [
     "CONFIG",
     "DATA_FIELDS",
     "DP_BUDGET_ERROR_CODE",
+    "SITE_POLICY_ERROR_CODE",
     "EVAL_LOSS",
     "LOAD_SECONDS",
     "METRICS",
@@ -39,7 +45,10 @@ __all__ = [
     "PROXIMAL_MU",
     "SERVER_ROUND",
     "SITE",
+    "RUN_KEY",
     "SITE_ID",
+    "SITE_ROLE",
+    "SUBGROUPS",
     "SITE_QUARANTINED",
     "SITE_TRAIN_IMAGES",
     "SITE_VAL_IMAGES",
@@ -62,9 +71,17 @@ SITE = "site"
 # ConfigRecord keys from the server (SERVER_ROUND and PROXIMAL_MU are Flower's own names).
 SERVER_ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"
+RUN_KEY = "run-key"
+"""The run's stable name (its results folder's name): a resumed run keeps it, so a site's privacy ledger
+continues instead of starting again."""
 
-# ConfigRecord key of a site.
+# ConfigRecord keys of a site.
 SITE_ID = "site-id"
+SITE_ROLE = "role"
+"""``train`` or ``holdout`` (roll call)."""
+SUBGROUPS = "subgroups"
+"""ConfigRecord of an evaluation reply holding the site's patient-subgroup counts (small cells suppressed).
+A separate record: its keys differ from site to site, which Flower refuses within a MetricRecord."""
 
 # MetricRecord fields of a site's replies.
 NUM_EXAMPLES = "num-examples"
@@ -90,6 +107,8 @@ DATA_FIELDS = (SITE_TRAIN_IMAGES, SITE_VAL_IMAGES, SITE_QUARANTINED)
 
 # Flower error code of a site's structured "over budget" refusal (Flower's own codes are < 100).
 DP_BUDGET_ERROR_CODE = 4201
+SITE_POLICY_ERROR_CODE = 4202
+"""A site refuses the run (or a round) under its own node-config policy (:mod:`shared.site_policy`)."""
 
 
 def train_metrics(*, num_examples: int, loss: float, seconds: float, images_per_second: float,

@@ -219,6 +219,9 @@ class RunFolder:
     SUMMARY = "summary.json"
     FLOWER_LOG = "flower.log"
     SIMULATION = "simulation.json"
+    FAIRNESS_CSV = "fairness.csv"
+    CHECKPOINT = "checkpoint.json"
+    CHECKPOINT_DIR = "checkpoints"
 
     def __init__(self, path: Path, columns: Sequence[str] = DEFAULT_COLUMNS) -> None:
         self.path = Path(path)
@@ -329,9 +332,75 @@ class RunFolder:
         write_json(self.summary_path, summary)
         return summary
 
+    def write_fairness(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Write ``fairness.csv``: one row per subgroup column and subgroup (its header from the first row)."""
+        if not rows:
+            return
+        fields = list(rows[0])
+        self._write_csv(self.FAIRNESS_CSV, [fields, *([_fmt(r.get(f)) for f in fields] for r in rows)])
+
     def write_simulation(self, sites: int, cpus_per_site: int) -> None:
         """Write ``simulation.json``: what the folder cannot tell by itself (the number of simulated sites)."""
         write_json(self.simulation_path, {"sites": sites, "cpus-per-site": cpus_per_site})
+
+    def write_checkpoint(self, server_round: int, arrays: Mapping[str, Any],
+                         tensors: Mapping[str, Mapping[str, Any]], state: Mapping[str, Any]) -> Path:
+        """Save everything needed to continue after ``server_round``; atomic as a whole.
+
+        ``arrays`` is the global model (name -> numpy array), ``tensors`` named
+        groups of further arrays (e.g. a server optimiser's moments), ``state``
+        JSON-ready state (round history, RNG states, counters). The files go to
+        ``checkpoints/round-<NNNN>/`` and ``checkpoint.json`` is replaced last to
+        point at them, so a crash at any moment leaves the previous checkpoint
+        intact and readable. Arrays are stored as ``.npz`` without pickles.
+        """
+        import numpy as np
+
+        folder = self.path / self.CHECKPOINT_DIR / f"round-{server_round:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        groups = {"global": dict(arrays), **{k: dict(v) for k, v in tensors.items()}}
+        files = {}
+        for name, group in groups.items():
+            file = folder / f"{name}.npz"
+            with atomic_open(file, "wb") as fh:
+                np.savez(fh, **{f"a{i}": np.asarray(v) for i, v in enumerate(group.values())})
+            files[name] = {"file": file.name, "keys": list(group)}
+        write_json(folder / "state.json", {"round": server_round, "state": dict(state), "tensors": files})
+        write_json(self.path / self.CHECKPOINT, {"round": server_round, "folder": str(folder.relative_to(self.path))})
+        for old in sorted((self.path / self.CHECKPOINT_DIR).glob("round-*")):  # keep the latest one only
+            if old != folder:
+                for f in old.iterdir():
+                    f.unlink(missing_ok=True)
+                old.rmdir()
+        return folder
+
+    def read_checkpoint(self) -> tuple[int, dict[str, Any], dict[str, dict[str, Any]], dict[str, Any]]:
+        """``(round, global arrays, tensor groups, state)`` of the latest checkpoint.
+
+        Raises
+        ------
+        RunFolderError
+            No checkpoint, or one that cannot be read (the message says which file).
+        """
+        import numpy as np
+
+        pointer = _read_json(self.path / self.CHECKPOINT)
+        if not pointer:
+            raise RunFolderError(f"'{self.path}' has no {self.CHECKPOINT}: the run never finished a round, "
+                                 "so there is nothing to resume (start it again)")
+        folder = self.path / str(pointer.get("folder", ""))
+        meta = _read_json(folder / "state.json")
+        if not meta or meta.get("round") != pointer.get("round"):
+            raise RunFolderError(f"checkpoint in '{folder}' is incomplete or does not match {self.CHECKPOINT}")
+        groups: dict[str, dict[str, Any]] = {}
+        for name, info in meta.get("tensors", {}).items():
+            try:
+                with np.load(folder / info["file"], allow_pickle=False) as npz:
+                    groups[name] = {k: npz[f"a{i}"] for i, k in enumerate(info["keys"])}
+            except (OSError, ValueError, KeyError) as exc:
+                raise RunFolderError(f"cannot read checkpoint file {info.get('file')} in '{folder}': {exc}") from None
+        arrays = groups.pop("global", {})
+        return int(meta["round"]), arrays, groups, dict(meta.get("state", {}))
 
     # -- readers ----------------------------------------------------------------
     def read_config(self) -> dict[str, Any]:

@@ -46,6 +46,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -410,3 +411,38 @@ def load_site_data(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> SiteData
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)
     return data
+
+
+@dataclass(frozen=True)
+class TestData:
+    """A labelled test set the server scores the global model on (``test-path``): every image, no split."""
+
+    images: Any  # uint8 tensor (N, C, H, W)
+    targets: Any  # labels (N,) or masks (N, H, W)
+    spacings: None = None
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        """Images in the test set."""
+        return len(self.images)
+
+
+def load_test_data(cfg: RunConfig, task: TaskSpec) -> TestData:
+    """Read ``test-path`` through the same pipeline as the sites (all images; it is never partitioned).
+
+    The test set is read like a real site's folder (same readers, quarantine
+    rules and preprocessing; files may sit outside its folder since the
+    operator names it), and both of that site's splits are used: nothing of it
+    trains.
+    """
+    import torch
+
+    from shared.training import images_to_tensor
+
+    site = SiteConfig(site_id="test-set", data_path=cfg.test_path, allow_outside_data_root=True)
+    data = load_site_data(cfg, site, task)
+    images = images_to_tensor(np.concatenate([data.train_images, data.val_images]))
+    targets = np.concatenate([data.train_targets, data.val_targets])
+    t = torch.from_numpy(targets).long() if targets.ndim == 1 else torch.from_numpy(targets)
+    return TestData(images=images, targets=t, skipped=dict(data.skipped))

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.config import RunConfig
+from shared.config import RunConfig, SiteConfig
 
 __all__ = [
     "HOLDOUT",
@@ -49,6 +49,7 @@ __all__ = [
     "check_run",
     "epsilon_spent_elsewhere",
     "parse_policy_refusal",
+    "policy_for",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,6 +80,16 @@ class SitePolicy:
         return {"require-dp": self.require_dp, "max-epsilon": self.max_epsilon,
                 "min-sites-per-round": self.min_sites_per_round, "allowed-tasks": ",".join(self.allowed_tasks),
                 "role": self.role}
+
+
+def policy_for(site: SiteConfig, cfg: RunConfig) -> SitePolicy:
+    """A site's policy from its node config; a simulated site is a holdout when it is one of the run's last
+    ``holdout-sites`` partitions."""
+    role = site.role
+    if site.simulated and cfg.holdout_sites and site.partition_id is not None and site.num_partitions is not None:
+        role = HOLDOUT if site.partition_id >= site.num_partitions - cfg.holdout_sites else TRAIN
+    return SitePolicy(require_dp=site.require_dp, max_epsilon=site.max_epsilon,
+                      min_sites_per_round=site.min_sites_per_round, allowed_tasks=site.allowed_tasks, role=role)
 
 
 class PolicyRefusal(RuntimeError):

@@ -59,10 +59,16 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Counts and mean loss of one evaluation pass (only counts leave a site)."""
+    """Counts and mean loss of one evaluation pass (only counts leave a site).
+
+    ``predictions`` (probabilities ``(N, C)`` or predicted foreground masks
+    ``(N, H, W)``) is filled only when asked for, for computations that stay
+    at the site (patient-subgroup counts); it is never sent.
+    """
 
     counts: ClassificationCounts | SegmentationCounts
     loss: float
+    predictions: np.ndarray | None = None
 
     @property
     def num_examples(self) -> int:

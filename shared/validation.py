@@ -91,6 +91,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import numpy as np
 
 from shared import protocol
+from shared.kinds import SEGMENTATION
 from shared.metrics.classification import DEFAULT_BINS, ClassificationCounts
 from shared.metrics.segmentation import SegmentationCounts
 
@@ -271,7 +272,7 @@ class ValidationPolicy:
             max_update_ratio=v.max_update_ratio,
             min_sites=cfg.strategy.min_sites,
             require_train_loss=cfg.strategy.name in LOSS_WEIGHTED_STRATEGIES,
-            num_classes=None if task.is_segmentation else task.num_classes,
+            num_classes=None if task.kind == SEGMENTATION else task.num_classes,  # None: segmentation sums
             bins=DEFAULT_BINS,
             image_size=cfg.data.image_size or None,
         )
@@ -796,6 +797,11 @@ class ReplyScreen:
             if size is not None:
                 self.val_examples.setdefault(key, size)
         return verdicts
+
+    def announce(self, key: Hashable, val_examples: int) -> None:
+        """Record the evaluation size a site announced at the roll call: its bound for the run (it cannot raise it later)."""
+        if isinstance(val_examples, int) and not isinstance(val_examples, bool) and val_examples >= 0:
+            self.val_examples.setdefault(key, val_examples)
 
     def evaluate(self, keys: Sequence[Hashable], replies: Sequence[SiteReply]) -> list[Verdict]:
         """Verdicts on an evaluation round (:func:`screen_evaluate_round`), bounded by the announced sizes."""

@@ -96,14 +96,14 @@ def test_site_table_from_pooled_evaluations_uses_auroc_or_dice() -> None:
         p1 = 1 / (1 + np.exp(-logit))
         reports.append(SiteEvaluation(f"s{s}", ClassificationCounts.from_predictions(np.stack([1 - p1, p1], 1), y), 0.5))
     ev = pool_evaluations(reports)
-    out = across_sites_from_metrics(ev.pooled, ev.per_site)
+    out = across_sites_from_metrics(ev.pooled, ev.per_site, "auroc")
     assert out["metric"] == "auroc" and out["worst-site"] == "s1" and out["best-site"] == "s0"
     assert out["sites"][0]["value"] == pytest.approx(ev.per_site["s0"]["auroc"])
     assert out["pooled"] == pytest.approx(ev.pooled["auroc"])
     seg = SegmentationCounts(n_images=4, dice_sum=3.0, iou_sum=2.0)
     seg2 = SegmentationCounts(n_images=2, dice_sum=1.0, iou_sum=0.5)
     ev2 = pool_evaluations([SiteEvaluation("x", seg, 0.1), SiteEvaluation("y", seg2, 0.2)])
-    out2 = across_sites_from_metrics(ev2.pooled, ev2.per_site)
+    out2 = across_sites_from_metrics(ev2.pooled, ev2.per_site, "dice")
     assert out2["metric"] == "dice" and out2["worst"] == 0.5 and out2["best"] == 0.75
     assert out2["pooled"] == pytest.approx(4 / 6) and [r["n"] for r in out2["sites"]] == [4, 2]
 
@@ -260,7 +260,7 @@ def test_pooled_subgroup_metrics_equal_pooled_predictions_and_fairlearn() -> Non
         overall = ClassificationCounts.from_predictions(s["probs"], s["y"])
         flat = {"eval-loss": 0.5, "num-examples": len(s["y"]), **overall.to_flat(), **sub.to_flat()}
         flats.append(flat)
-        reports.append(SiteEvaluation.from_flat(f"site-{i}", flat))
+        reports.append(SiteEvaluation.from_flat(f"site-{i}", flat, ClassificationCounts.from_flat))
     ev = pool_evaluations(reports)
     thr = ev.pooled["threshold"]
     merged = merge_subgroup_reports(flats)
@@ -391,9 +391,9 @@ def test_fairness_summary_bundles_sites_and_subgroups() -> None:
         sub = classification_subgroup_counts(s["probs"], s["y"], {"sex": s["sex"]}, SubgroupSpec())
         flat = {"eval-loss": 0.4, **ClassificationCounts.from_predictions(s["probs"], s["y"]).to_flat(), **sub.to_flat()}
         flats.append(flat)
-        reports.append(SiteEvaluation.from_flat(f"site-{i}", flat))
+        reports.append(SiteEvaluation.from_flat(f"site-{i}", flat, ClassificationCounts.from_flat))
     ev = pool_evaluations(reports)
-    out = fairness_summary(ev.pooled, ev.per_site, merge_subgroup_reports(flats))
+    out = fairness_summary(ev.pooled, ev.per_site, merge_subgroup_reports(flats), metric="auroc")
     assert out["sites"]["metric"] == "auroc" and out["sites"]["num-sites"] == 3
     assert out["subgroups"]["threshold"] == ev.pooled["threshold"]
     json.dumps(out, allow_nan=False)

@@ -30,8 +30,8 @@ from shared.metrics.classification import ClassificationCounts
 from shared.metrics.fairness import subgroup_report
 from shared.metrics.subgroups import SubgroupSpec, classification_subgroup_counts, merge_subgroup_reports
 from shared.models import build_model
-from shared.site_data import resolve_preprocess
 from shared.tasks import get_task
+from shared.objectives import ClassificationObjective
 from shared.training import images_to_tensor, predict_proba, train_local
 
 SEED, N_TRAIN, N_EVAL, DISPARITY = 1, 600, 1600, 0.8
@@ -45,7 +45,7 @@ def _train_and_predict(train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndar
     torch.manual_seed(0)
     model = build_model("small-cnn", 1, 2)
     train_local(model, images_to_tensor(train_x), torch.as_tensor(train_y),
-                TrainConfig(local_epochs=8, lr=2e-3), num_classes=2, seed=0, augment=None)
+                TrainConfig(local_epochs=8, lr=2e-3), ClassificationObjective(2), seed=0, augment=None)
     probs = predict_proba(model, images_to_tensor(eval_x), precision="fp32", device=torch.device("cpu"))
     return probs.numpy().astype(np.float64)
 
@@ -65,7 +65,7 @@ def _sex_gap(probs: np.ndarray, y: np.ndarray, sex: np.ndarray) -> tuple[dict, f
 @pytest.mark.timeout(1800)  # about a minute on 2 idle cores; 15 min were measured on a heavily shared machine
 def test_planted_disparity_is_found_and_no_gap_without_it() -> None:
     cfg = parse_run_config({"task": "pneumonia-cxr", "image-size": 64})
-    pcfg = resolve_preprocess(cfg, get_task("pneumonia-cxr"))
+    pcfg = get_task("pneumonia-cxr").preprocess_for(cfg)
     n = N_TRAIN + N_EVAL
     base, labels = make_chest_phantoms(n, 64, seed=SEED)
     sex = phantom_attributes(np.arange(n), SEED)["sex"]

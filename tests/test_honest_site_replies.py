@@ -9,7 +9,6 @@ from flwr.app import ArrayRecord, MetricRecord
 import client.site as site_mod
 from client.site import evaluate_site, site_runtime, train_site
 from shared.config import parse_run_config
-from shared.models.run import build_for_run
 from shared.tasks import get_task
 from shared.validation import (
     VAL_EXAMPLES_KEY,
@@ -34,7 +33,7 @@ def test_three_real_sites_pass_training_and_evaluation_checks(run: dict, tmp_pat
     cfg = parse_run_config(flat)
     task = get_task(cfg.task)
     torch.manual_seed(0)
-    model, _ = build_for_run(cfg, task.in_channels, task.num_classes)
+    model, _ = task.build_model(cfg)
     initial = ArrayRecord(model.state_dict())
     policy = ValidationPolicy.for_run(cfg)
     site_mod._RUNTIMES.clear()
@@ -46,7 +45,7 @@ def test_three_real_sites_pass_training_and_evaluation_checks(run: dict, tmp_pat
         train_replies.append(SiteReply.from_records(f"site-{p}", {"arrays": ArrayRecord(state)},
                                                     {"metrics": MetricRecord(metrics)}))
         val_sizes.append(claimed_val_examples(metrics))
-        ev = evaluate_site(rt, state, 1)
+        ev, _ = evaluate_site(rt, state, 1)
         eval_replies.append(SiteReply.from_records(f"site-{p}", {}, {"metrics": MetricRecord(ev)}))
     verdicts = screen_train_round(train_replies, model_spec(initial), initial, policy)
     assert all(v.accepted for v in verdicts), verdicts

@@ -31,11 +31,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
 from server.federation import aggregate_train_metrics, make_evaluate_aggregator
-from server.recorder import site_id_of
+from server.gate import declared_site_id
 from server.strategies import build_strategy
 from shared.config import STRATEGY_NAMES, parse_run_config
 from shared.metrics.classification import ClassificationCounts
 from shared.metrics.federated import SiteEvaluation, ThresholdRule, pool_evaluations
+from shared.tasks import get_task
 from shared.validation import (
     Reason,
     ReplyScreen,
@@ -113,10 +114,10 @@ def honest_message(i: int) -> Message:
 
 def screen_messages(screen: ReplyScreen, messages: list[Message],
                     global_arrays: ArrayRecord | None = None) -> RoundDecision[Message]:
-    """The server glue, as ``RecordingGrid.send_and_receive`` should run it on each batch of replies."""
+    """The validation step of the server's reply gate (:mod:`server.gate`), on one batch of replies."""
     ok = [m for m in messages if not m.has_error()]
     keys = [m.metadata.src_node_id for m in ok]  # trusted: assigned by the SuperLink, not declared by the site
-    replies = [SiteReply.from_records(site_id_of(m), m.content.array_records, m.content.metric_records) for m in ok]
+    replies = [SiteReply.from_records(declared_site_id(m), m.content.array_records, m.content.metric_records) for m in ok]
     is_train = bool(ok) and ok[0].metadata.message_type.split(".")[0] == "train"
     verdicts = screen.train(keys, replies, global_arrays) if is_train else screen.evaluate(keys, replies)
     return filter_round(ok, verdicts, screen.policy.min_sites)
@@ -474,9 +475,10 @@ EVAL_CASES = {
 def pooled(messages: list[Message]) -> dict[str, float]:
     """What the recorder (pool_evaluations) and the strategy (evaluate aggregator) make of the replies."""
     rule = ThresholdRule()
-    reports = [SiteEvaluation.from_flat(site_id_of(m), m.content["metrics"]) for m in messages]
+    reports = [SiteEvaluation.from_flat(declared_site_id(m), m.content["metrics"], ClassificationCounts.from_flat)
+               for m in messages]
     ev = pool_evaluations(reports, rule).pooled
-    via_strategy = make_evaluate_aggregator(rule)([m.content for m in messages], "num-examples")
+    via_strategy = make_evaluate_aggregator(get_task("pneumonia-cxr"))([m.content for m in messages], "num-examples")
     assert via_strategy["auroc"] == ev["auroc"]
     return {"auroc": ev["auroc"], "threshold": ev["threshold"]}
 
@@ -518,7 +520,7 @@ def test_torch_state_dict_replies_pass() -> None:
                 p.add_(0.01 * (i + 1) * torch.randn_like(p))
         m = message(f"s{i}", i + 1, {"arrays": ArrayRecord(model.state_dict()),
                                      "metrics": MetricRecord(honest_metrics(i))})
-        replies.append(SiteReply.from_records(site_id_of(m), m.content.array_records, m.content.metric_records))
+        replies.append(SiteReply.from_records(declared_site_id(m), m.content.array_records, m.content.metric_records))
     verdicts = screen_train_round(replies, spec, ArrayRecord(state), ValidationPolicy())
     assert all(v.accepted for v in verdicts), verdicts
 

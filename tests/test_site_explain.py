@@ -148,7 +148,7 @@ def test_segmentation_tasks_write_nothing(tmp_path: Path) -> None:
     run = {**RUN, "task": "lung-seg", "phantom-count": 40}
     rt = site_runtime(run, {"partition-id": 0, "num-partitions": 2, "explain-dir": str(tmp_path / "cams")})
     assert rt.val_t.ndim == 3  # masks (N, H, W): a segmentation site
-    metrics = evaluate_site(rt, build_model(rt.cfg.model, rt.task.in_channels, rt.task.num_classes).state_dict(), 1)
+    metrics, _ = evaluate_site(rt, build_model(rt.cfg.model, rt.task.in_channels, rt.task.num_classes).state_dict(), 1)
     assert metrics["num-examples"] > 0 and "dice" in str(sorted(metrics))
     assert not (tmp_path / "cams").exists()
 

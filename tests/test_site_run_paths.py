@@ -106,7 +106,7 @@ def _one_exchange(run_config: dict[str, object], node_config: dict[str, object])
     rt = site_runtime(run_config, node_config)
     initial = rt.new_model(rt.task.build_model(rt.cfg)[0].state_dict()).state_dict()  # "the message"
     state, train_metrics = train_site(rt, initial, server_round=1, proximal_mu=None)
-    eval_metrics = evaluate_site(rt, state, server_round=1)
+    eval_metrics, _ = evaluate_site(rt, state, server_round=1)
     return rt, train_metrics, eval_metrics
 
 

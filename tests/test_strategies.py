@@ -58,7 +58,7 @@ NEEDS: dict[str, dict] = {
 }
 FLOWER_CLASS = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi, "fedmedian": FedMedian,
                 "fedtrimmedavg": FedTrimmedAvg, "krum": Krum, "multikrum": MultiKrum, "bulyan": Bulyan,
-                "qfedavg": QFedAvg, "fedavgm": FedAvgM}
+                "qfedavg": QFedAvg, "fedavgm": FedAvgM, "fedbn": FedAvg}  # fedbn: FedAvg; the sites keep their norms
 
 
 class FakeGrid:

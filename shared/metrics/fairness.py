@@ -62,7 +62,6 @@ __all__ = [
     "fairness_csv_rows",
     "fairness_summary",
     "jain_index",
-    "primary_metric",
     "subgroup_report",
     "wilson_interval",
 ]
@@ -113,11 +112,6 @@ def jain_index(values: Sequence[float]) -> float:
     if x.size == 0 or sq == 0.0:
         return _NAN
     return float(np.sum(x)) ** 2 / (x.size * sq)
-
-
-def primary_metric(metrics: Mapping[str, object]) -> str:
-    """``"auroc"`` for classification metrics, ``"dice"`` for segmentation."""
-    return "dice" if "dice" in metrics and "auroc" not in metrics else "auroc"
 
 
 def across_sites(values: Mapping[str, float], sizes: Mapping[str, int], pooled: float, *, metric: str) -> dict[str, Any]:
@@ -173,13 +167,13 @@ def across_sites(values: Mapping[str, float], sizes: Mapping[str, int], pooled: 
 
 
 def across_sites_from_metrics(pooled: Mapping[str, float], per_site: Mapping[str, Mapping[str, float]],
-                              metric: str | None = None) -> dict[str, Any]:
+                              metric: str) -> dict[str, Any]:
     """:func:`across_sites` on the output of ``pool_evaluations`` (``.pooled``, ``.per_site``).
 
-    ``metric`` defaults to :func:`primary_metric` of the pooled metrics;
-    sizes are each site's ``num-examples``.
+    ``metric`` is the task's primary metric (its view's ``primary``); sizes
+    are each site's ``num-examples``.
     """
-    name = metric or primary_metric(pooled)
+    name = metric
     values = {s: float(m.get(name, _NAN)) for s, m in per_site.items()}
     sizes = {s: int(m.get("num-examples", 0)) for s, m in per_site.items()}
     return across_sites(values, sizes, float(pooled.get(name, _NAN)), metric=name)
@@ -415,7 +409,7 @@ def fairness_csv_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def fairness_summary(pooled: Mapping[str, float], per_site: Mapping[str, Mapping[str, float]],
-                     subgroups: SubgroupCounts | None, *, positive_class: int | None = 1) -> dict[str, Any]:
+                     subgroups: SubgroupCounts | None, *, metric: str, positive_class: int | None = 1) -> dict[str, Any]:
     """The ``fairness`` block of ``summary.json``: across sites and across subgroups.
 
     Parameters
@@ -426,6 +420,8 @@ def fairness_summary(pooled: Mapping[str, float], per_site: Mapping[str, Mapping
         threshold is ``pooled["threshold"]`` when present.
     subgroups : SubgroupCounts or None
         The merged subgroup counts of the same round's replies.
+    metric : str
+        The task's primary metric (``auroc`` or ``dice``: its view's ``primary``).
     positive_class : int or None
         The task's positive class (binary tasks).
 
@@ -436,7 +432,7 @@ def fairness_summary(pooled: Mapping[str, float], per_site: Mapping[str, Mapping
     """
     thr = pooled.get("threshold")
     return {
-        "sites": across_sites_from_metrics(pooled, per_site),
+        "sites": across_sites_from_metrics(pooled, per_site, metric),
         "subgroups": subgroup_report(subgroups, threshold=None if thr is None else float(thr),
                                      positive_class=positive_class),
     }

@@ -75,8 +75,13 @@ class RoundEvaluation:
     per_site: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def pool_evaluations(reports: list[SiteEvaluation], rule: ThresholdRule | None = None) -> RoundEvaluation:
+def pool_evaluations(reports: list[SiteEvaluation], rule: ThresholdRule | None = None, *,
+                     threshold: float | None = None) -> RoundEvaluation:
     """Pooled metrics from summed counts, plus each site's own metrics.
+
+    With ``threshold`` given (e.g. the one chosen on the validation sites),
+    the counts are scored at it instead of choosing one on them: the honest
+    way to score held-out sites and test sets.
 
     The pooled ``eval-loss`` is the example-weighted mean of site losses. For
     binary classification the threshold chosen on the pooled counts is also
@@ -91,7 +96,8 @@ def pool_evaluations(reports: list[SiteEvaluation], rule: ThresholdRule | None =
     total = reports[0].counts
     for r in reports[1:]:
         total = total.merge(r.counts)  # type: ignore[arg-type]
-    threshold = total.operating_threshold(rule)
+    if threshold is None:
+        threshold = total.operating_threshold(rule)
     pooled = total.report(threshold, rule.positive_class)
     n = sum(r.counts.num_examples for r in reports)
     pooled["eval-loss"] = sum(r.loss * r.counts.num_examples for r in reports) / n if n else math.nan

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -14,6 +16,9 @@ from shared.data.preprocess import AugmentConfig, augment_batch, normalize_batch
 from shared.kinds import CLASSIFICATION
 from shared.metrics.classification import ClassificationCounts
 from shared.training import EvalResult, class_weights, predict_proba, to_float01
+
+if TYPE_CHECKING:  # pragma: no cover
+    from shared.metrics.subgroups import SubgroupCounts, SubgroupSpec
 
 __all__ = ["ClassificationObjective", "evaluate_model"]
 
@@ -70,6 +75,13 @@ class ClassificationObjective:
         """All-zero labels ``(n,)`` (engine probes; never site data)."""
         return torch.zeros((n,), dtype=torch.long, device=device)
 
+    def subgroup_counts(self, predictions: np.ndarray, targets: np.ndarray, attributes: Mapping[str, np.ndarray],
+                        spec: SubgroupSpec, *, spacings: object = None) -> SubgroupCounts:
+        """Per-subgroup counts of evaluation probabilities (small cells suppressed; stays a site's own computation)."""
+        from shared.metrics.subgroups import classification_subgroup_counts
+
+        return classification_subgroup_counts(predictions, targets, attributes, spec)
+
     @staticmethod
     def eval_batch_size(train_batch_size: int) -> int:
         """Evaluation batch size for a site training with ``train_batch_size``."""
@@ -78,11 +90,12 @@ class ClassificationObjective:
     def evaluate(
         self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 128,
         precision: str = "auto", normalize: str = "fixed", device: torch.device | None = None,
-        spacings: Sequence[object] | None = None,
+        spacings: Sequence[object] | None = None, keep_predictions: bool = False,
     ) -> EvalResult:
         """Confusion counts, score histograms and mean loss (``spacings`` do not apply)."""
         return evaluate_model(model, images, targets, num_classes=self.num_classes, batch_size=batch_size,
-                              precision=precision, normalize=normalize, device=device)
+                              precision=precision, normalize=normalize, device=device,
+                              keep_predictions=keep_predictions)
 
 
 def evaluate_model(
@@ -95,10 +108,12 @@ def evaluate_model(
     precision: str = "auto",
     normalize: str = "fixed",
     device: torch.device | None = None,
+    keep_predictions: bool = False,
 ) -> EvalResult:
     """Evaluate a classifier: confusion counts, score histograms and mean loss.
 
-    Only counts leave this function, never per-image scores.
+    Only counts leave a site; ``keep_predictions`` also returns the
+    probabilities for computations that stay at the site.
     """
     if len(images) == 0:
         raise ValueError("no validation images at this site")
@@ -108,4 +123,5 @@ def evaluate_model(
     counts = ClassificationCounts.from_predictions(probs.numpy().astype(np.float64), lab.numpy())
     if counts.num_classes != num_classes:
         raise ValueError(f"model outputs {counts.num_classes} classes, task has {num_classes}")
-    return EvalResult(counts=counts, loss=loss)
+    return EvalResult(counts=counts, loss=loss,
+                      predictions=probs.numpy().astype(np.float64) if keep_predictions else None)

@@ -9,9 +9,11 @@ never per-image masks or scores.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +35,9 @@ from shared.training import (
     select_device,
     to_float01,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from shared.metrics.subgroups import SubgroupCounts, SubgroupSpec
 
 __all__ = [
     "SegmentationObjective",
@@ -226,6 +231,13 @@ class SegmentationObjective:
         """All-zero masks ``(n, H, W)`` (engine probes; never site data)."""
         return torch.zeros((n, *spatial), dtype=torch.long, device=device)
 
+    def subgroup_counts(self, predictions: np.ndarray, targets: np.ndarray, attributes: Mapping[str, np.ndarray],
+                        spec: SubgroupSpec, *, spacings: object = None) -> SubgroupCounts:
+        """Per-subgroup Dice/IoU/HD95 sums of predicted foreground masks (small cells suppressed)."""
+        from shared.metrics.subgroups import segmentation_subgroup_counts
+
+        return segmentation_subgroup_counts(predictions, targets != 0, attributes, spec, spacings=spacings)
+
     @staticmethod
     def eval_batch_size(train_batch_size: int) -> int:
         """Evaluation batch size for a site training with ``train_batch_size``."""
@@ -234,12 +246,14 @@ class SegmentationObjective:
     def evaluate(
         self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, batch_size: int = 32,
         precision: str = "auto", normalize: str = "fixed", device: torch.device | None = None,
-        spacings: Spacing | Sequence[Spacing | None] | None = None,
+        spacings: Spacing | Sequence[Spacing | None] | None = None, keep_predictions: bool = False,
     ) -> EvalResult:
         """Dice/IoU/HD95 sums and mean Dice+CE loss (``hd95-mm`` where ``spacings`` are known)."""
+        preds: list[np.ndarray] | None = [] if keep_predictions else None
         counts, loss = evaluate_seg(model, images, targets, batch_size=batch_size, precision=precision,
-                                    normalize=normalize, spacings=spacings, device=device)
-        return EvalResult(counts=counts, loss=loss)
+                                    normalize=normalize, spacings=spacings, device=device, predictions=preds)
+        return EvalResult(counts=counts, loss=loss,
+                          predictions=np.concatenate(preds) if preds else None)
 
 
 def _batch_spacings(
@@ -266,6 +280,7 @@ def evaluate_seg(
     normalize: str = "fixed",
     spacings: Spacing | Sequence[Spacing | None] | None = None,
     device: torch.device | None = None,
+    predictions: list[np.ndarray] | None = None,
 ) -> tuple[SegmentationCounts, float]:
     """Evaluate a segmentation model: metric sums and mean Dice+CE loss.
 
@@ -308,5 +323,8 @@ def evaluate_seg(
         logits = logits.float()
         total_loss += float(loss_fn(logits, y.unsqueeze(1))) * len(idx)
         pred = logits.argmax(dim=1)
-        counts.update((pred != 0).cpu().numpy(), (y != 0).cpu().numpy(), _batch_spacings(spacings, idx, n))
+        fg = (pred != 0).cpu().numpy()
+        counts.update(fg, (y != 0).cpu().numpy(), _batch_spacings(spacings, idx, n))
+        if predictions is not None:  # stays at the site (patient-subgroup counts)
+            predictions.append(fg)
     return counts, total_loss / n

@@ -14,6 +14,7 @@ The site decides every round, before it touches an image:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 import json
 import logging
 import os
@@ -146,9 +147,12 @@ def open_ledger(cfg: RunConfig, site_id: str, state_dir: str, run_key: str, data
     return PrivacyLedger.open(path, settings.header()), settings
 
 
-def begin_round(ledger: PrivacyLedger, settings: SiteDPSettings, server_round: int, site_id: str) -> DPRound:
+def begin_round(ledger: PrivacyLedger, settings: SiteDPSettings, server_round: int, site_id: str,
+                check: Callable[[float], None] | None = None) -> DPRound:
     """Decide and record this round's DP-SGD steps, or raise :class:`BudgetRefusal`.
 
+    ``check(epsilon_after)`` may refuse too (the site's own cross-run budget,
+    :func:`shared.site_policy.check_budget`), before anything is recorded.
     The ledger entry is saved before training starts.
     """
     site_round = ledger.rounds_trained + 1
@@ -166,5 +170,7 @@ def begin_round(ledger: PrivacyLedger, settings: SiteDPSettings, server_round: i
         logger.warning("site %s refuses round %d: epsilon would reach %.3f > budget %.3f (spent %.3f, delta %.2g)",
                        site_id, server_round, after, settings.max_epsilon, before, settings.delta)
         raise BudgetRefusal(info)
+    if check is not None:
+        check(after)
     ledger.record(server_round, step, after)
     return DPRound(int(server_round), site_round, steps, before, after, settings)
