@@ -110,8 +110,9 @@ def run_federation(grid: Any, cfg: RunConfig) -> RunFolder:
             {"versions": {"torch": torch.__version__, "flwr": flwr.__version__, "python": platform.python_version()},
              "class-names": list(task.class_names), "positive-class": task.positive_class, **task.pipeline(cfg)},
         )
-    logger.info(console_line("header", f"{cfg.task} with {cfg.model} at {cfg.data.image_size} px, "
-                                       f"{cfg.strategy.name}, {cfg.num_server_rounds} rounds; results -> {folder.path}"))
+    # for the server's log; medfed simulate prints its own header from the same config
+    logger.info("medfed: %s with %s at %d px, %s, %d rounds; results -> %s", cfg.task, cfg.model,
+                cfg.data.image_size, cfg.strategy.name, cfg.num_server_rounds, folder.path)
     if cfg.dp.enabled:
         logger.info(console_line("header", f"DP-SGD at every site ({cfg.dp.accountant} accountant); model made "
                                            f"Opacus-compatible: {'; '.join(dp_changes) or 'no changes needed'}"))

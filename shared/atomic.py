@@ -19,17 +19,20 @@ __all__ = ["atomic_open", "json_safe", "write_json", "write_text"]
 
 
 @contextmanager
-def atomic_open(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
+def atomic_open(path: Path, mode: str = "w", *, permissions: int | None = None, **kwargs: Any) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``path``; on success it is flushed, fsynced and renamed onto ``path``.
 
     On an exception the temporary file is removed and ``path`` is untouched.
-    ``mode`` is ``"w"`` (text) or ``"wb"`` (binary).
+    ``mode`` is ``"w"`` (text) or ``"wb"`` (binary). ``permissions`` (e.g.
+    ``0o600`` for a private key) are set from creation on; by default the
+    usual ``0o666`` less the umask.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, (0o666 & ~_umask()) if permissions is None else permissions)  # mkstemp makes 0600
     try:
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh
@@ -39,6 +42,12 @@ def atomic_open(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def json_safe(obj: Any) -> Any:

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.atomic import atomic_open
 from shared.errors import UserError
 from shared.kit_templates import FLWR_ENV, KIT_README, NODE_CONFIG, SUPERLINK_SCRIPT, SUPERNODE_SCRIPT
 from shared.pki import cert_fingerprint, make_ca, make_server_cert, node_key_pair, pem_private_key
@@ -184,19 +185,9 @@ def _parse_san(value: str) -> str:
 
 
 def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` atomically (temp file + ``os.replace``) with ``mode`` from creation on."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` atomically (temp file + fsync + ``os.replace``) with ``mode`` from creation on."""
+    with atomic_open(path, "wb", permissions=mode) as f:
+        f.write(data)
 
 
 def _write_text(path: Path, text: str, mode: int = 0o644) -> None:
