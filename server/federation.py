@@ -66,6 +66,12 @@ def _open_folder(cfg: RunConfig, task: TaskSpec) -> tuple[RunFolder, bool]:
         except RunFolderError as exc:
             raise ConfigError(f"run config 'resume-from': {exc}") from None
         folder.columns = task.view.columns
+        recorded, now = folder.run_config(), cfg.to_flat()
+        allowed = ("num-server-rounds", "round-timeout", "resume-from", "results-dir", "run-name")
+        changed = sorted(k for k in now if k not in allowed and k in recorded and recorded[k] != now[k])
+        if changed:
+            raise ConfigError(f"run config 'resume-from': a resumed run keeps its own settings; only "
+                              f"num-server-rounds and round-timeout may change, got other values for {', '.join(changed)}")
         return folder, True
     folder = RunFolder.create(cfg.results_dir, cfg.run_name, tag=f"{cfg.task}-{cfg.model}-{cfg.strategy.name}",
                               columns=task.view.columns)

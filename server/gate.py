@@ -172,7 +172,7 @@ class ReplyGate:
     def _decide(self, ok: list[tuple[str, Message]], failed: list[tuple[str, Message]], rejected: list[dict[str, Any]],
                 verdicts: list[Verdict], min_sites: int) -> GateResult:
         decision = filter_round(ok, verdicts, min_sites)
-        rejected = rejected + [{"site": v.site, "reason": str(v.reason), "detail": v.detail} for v in decision.rejected]
+        rejected = rejected + [{"site": v.site_id, "reason": str(v.reason), "detail": v.detail} for v in decision.rejected]
         for r in rejected:
             logger.warning(console_line("warning", f"reply of {r['site']} rejected ({r['reason']}): {r['detail']}"))
         return GateResult(decision.accepted, failed, rejected, None if decision.proceed else decision.refusal)

@@ -229,6 +229,8 @@ def plan_simulation(
         raise SimulationPlanError(f"cpus per site must be an integer >= 1, got {cpus_per_site}")
     cwd = cwd or Path.cwd()
     values = resolve_paths(dict(overrides or {}), cwd)
+    if values.get("resume-from"):
+        return _plan_resume(values, sites=sites, cpus_per_site=cpus_per_site, cwd=cwd)
     values.setdefault("results-dir", str(resolve_results_dir("results") if cwd == Path.cwd() else cwd / "results"))
     if not values.get("run-name"):
         values["run-name"] = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
@@ -257,6 +259,37 @@ def plan_simulation(
     if run_dir.exists():
         raise SimulationPlanError(f"results folder {run_dir} exists already: choose another run-name")
     return SimulationPlan(values=values, config=cfg, run_dir=run_dir, sites=sites, cpus_per_site=cpus_per_site,
+                          cwd=cwd)
+
+
+RESUMABLE_KEYS = ("num-server-rounds", "round-timeout")
+"""Run-config keys a resumed run may change; every other setting is the stopped run's own."""
+
+
+def _plan_resume(values: dict[str, ConfigValue], *, sites: int, cpus_per_site: int, cwd: Path) -> SimulationPlan:
+    """Continue a stopped run in its own results folder, with its own settings (only RESUMABLE_KEYS may change)."""
+    from shared.results import RunFolderError
+
+    path = Path(str(values["resume-from"]))
+    try:
+        folder = RunFolder.open(path)
+        if not (folder.path / RunFolder.CHECKPOINT).is_file():
+            raise RunFolderError(f"'{folder.path}' has no checkpoint: the run never finished a round; start it again")
+    except RunFolderError as exc:
+        raise SimulationPlanError(f"cannot resume: {exc}") from None
+    recorded = folder.run_config()
+    changed = sorted(k for k, v in values.items()
+                     if k not in (*RESUMABLE_KEYS, "resume-from", "results-dir", "run-name") and recorded.get(k) != v)
+    if changed:
+        raise SimulationPlanError(f"a resumed run keeps its own settings; only {', '.join(RESUMABLE_KEYS)} may change, "
+                                  f"got other values for {', '.join(changed)}")
+    ran = folder.read_simulation().get("sites")
+    if isinstance(ran, int) and ran != sites:
+        raise SimulationPlanError(f"the run to resume simulated {ran} sites, not {sites}: use --sites {ran}")
+    merged = {**recorded, **{k: values[k] for k in RESUMABLE_KEYS if k in values}, "resume-from": str(folder.path),
+              "results-dir": str(folder.path.parent), "run-name": folder.path.name}
+    cfg = parse_run_config(merged)
+    return SimulationPlan(values=merged, config=cfg, run_dir=folder.path, sites=sites, cpus_per_site=cpus_per_site,
                           cwd=cwd)
 
 
@@ -325,6 +358,10 @@ def run_simulation(
         the last lines of Flower's output and names the full log.
     """
     log_target = log_path or plan.run_dir / LOG_FILE
+    if plan.config.resume_from and log_path is None:  # keep the stopped run's log: number the resumed ones
+        k = 1
+        while (log_target := plan.run_dir / f"flower.resumed-{k}.log").exists():
+            k += 1
     flwr_home = Path(tempfile.mkdtemp(prefix="medfed-flwr-"))
     (flwr_home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
     http_port = free_port()

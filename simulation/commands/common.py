@@ -29,6 +29,7 @@ FLAG_KEYS: dict[str, tuple[str, str]] = {
     "results_dir": ("results-dir", "--results-dir"),
     "explain_dir": ("sim-explain-dir", "--explain-dir"),
     "explain_samples": ("sim-explain-samples", "--explain-samples"),
+    "resume": ("resume-from", "--resume"),
 }
 
 

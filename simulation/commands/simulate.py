@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     add_simulation_options(p, run_config_help=(
         "run-config overrides in Flower's syntax, e.g. \"model='resnet18' lr=0.01\"; repeatable"))
     p.add_argument("--results-dir", default=None, help="parent folder of the run's results folder (default ./results)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue a stopped run from its last checkpoint, in its own folder and with its own settings "
+                        "(give the same --sites; --rounds may raise the number of rounds)")
     p.add_argument("--explain-dir", default=None, metavar="DIR",
                    help="each simulated site writes Grad-CAM overlays of a fixed validation sample to "
                         "DIR/<site-id>/round-<NNN>/ every round (sets sim-explain-dir; classifier tasks)")

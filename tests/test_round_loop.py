@@ -1,0 +1,249 @@
+"""The server's round loop and reply gate, in-process: identity, validation, min-sites, holdout, waiting.
+
+A fake Grid plays the sites (each a small function answering the roll call,
+training and evaluation), so these tests run the real loop, gate, strategy
+and recorder without Flower processes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from uuid import uuid4
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from server.federation import aggregate_train_metrics, make_evaluate_aggregator
+from server.gate import ReplyGate, SiteDirectory
+from server.recorder import RoundRecorder
+from server.rounds import RoundLoop
+from server.strategies import build_strategy
+from shared import protocol
+from shared.config import parse_run_config
+from shared.metrics.classification import ClassificationCounts
+from shared.results import RunFolder
+from shared.site_policy import PolicyRefusal
+from shared.tasks import get_task
+from shared.validation import ReplyScreen, ValidationPolicy, model_spec
+
+pytestmark = pytest.mark.usefixtures("server_identity", "no_flower_gc")
+
+GLOBAL = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
+
+
+def _record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in arrays.items()})
+
+
+def _counts(seed: int, n: int = 40) -> ClassificationCounts:
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 2
+    p1 = 1 / (1 + np.exp(-rng.normal(2.0 * y - 1.0, 1.0)))
+    return ClassificationCounts.from_predictions(np.stack([1 - p1, p1], 1), y)
+
+
+class Site:
+    """A well-behaved site: answers the roll call, trains (adds ``delta``), evaluates (counts of ``seed``)."""
+
+    def __init__(self, name: str, delta: float, seed: int, *, role: str = "train", n_train: int = 80) -> None:
+        self.name, self.delta, self.seed, self.role, self.n_train = name, delta, seed, role, n_train
+        self.trained_rounds: list[int] = []
+        self.declared = name  # what it writes into its replies
+
+    def query(self, msg: Message) -> Message:
+        sizes = protocol.site_data_fields(train_images=self.n_train, val_images=40, quarantined=0)
+        return Message(content=RecordDict({protocol.SITE: ConfigRecord({protocol.SITE_ID: self.name,
+                                                                         protocol.SITE_ROLE: self.role}),
+                                           protocol.METRICS: MetricRecord(sizes)}), reply_to=msg)
+
+    def train(self, msg: Message) -> Message:
+        self.trained_rounds.append(int(msg.content[protocol.CONFIG][protocol.SERVER_ROUND]))
+        arrays = {k: np.asarray(v.numpy()) + self.delta for k, v in msg.content[protocol.ARRAYS].items()}
+        metrics = {**protocol.train_metrics(num_examples=self.n_train, loss=0.5, seconds=1.0, images_per_second=80.0,
+                                            load_seconds=0.1, torch_threads=1), protocol.SITE_VAL_IMAGES: 40}
+        return self._reply(msg, metrics, _record(arrays))
+
+    def evaluate(self, msg: Message) -> Message:
+        counts = _counts(self.seed)
+        return self._reply(msg, {protocol.NUM_EXAMPLES: counts.num_examples, protocol.EVAL_LOSS: 0.4,
+                                 **counts.to_flat()})
+
+    def _reply(self, msg: Message, metrics: dict, arrays: ArrayRecord | None = None) -> Message:
+        content = RecordDict({protocol.METRICS: MetricRecord(metrics),
+                              protocol.SITE: ConfigRecord({protocol.SITE_ID: self.declared})})
+        if arrays is not None:
+            content[protocol.ARRAYS] = arrays
+        return Message(content=content, reply_to=msg)
+
+
+class FakeGrid:
+    """Delivers each message to the site behind its node id; a site returning None lost the message."""
+
+    def __init__(self, sites: dict[int, Site]) -> None:
+        self.sites = sites
+        self.sent: list[tuple[str, int]] = []
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.sites)
+
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            kind = msg.metadata.message_type.split(".")[0]
+            self.sent.append((kind, msg.metadata.dst_node_id))
+            reply = getattr(self.sites[msg.metadata.dst_node_id], kind)(msg)
+            if reply is not None:
+                replies.append(reply)
+        return replies
+
+
+def _loop(tmp_path: Path, grid: FakeGrid, *, min_sites: int = 3, rounds: int = 1, timeout: float = 0.3,
+          **run: object) -> tuple[RoundLoop, RunFolder]:
+    cfg = parse_run_config({"min-sites": min_sites, "num-server-rounds": rounds, "round-timeout": timeout, **run})
+    task = get_task(cfg.task)
+    folder = RunFolder.create(str(tmp_path), "run", columns=task.view.columns)
+    recorder = RoundRecorder(folder, rounds, task, min_sites=min_sites, cfg=cfg)
+    strategy = build_strategy(cfg.strategy, cfg.train, train_metrics_aggr_fn=aggregate_train_metrics,
+                              evaluate_metrics_aggr_fn=make_evaluate_aggregator(task))
+    gate = ReplyGate(SiteDirectory(), ReplyScreen(model_spec(GLOBAL), ValidationPolicy.for_run(cfg)), min_sites)
+    loop = RoundLoop(grid, strategy, gate, recorder, rounds, timeout, run_key="run", checkpoint=lambda r, a: None,
+                     poll_seconds=0.05)
+    return loop, folder
+
+
+def _numpy(rec: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v.numpy()) for k, v in rec.items()}
+
+
+def test_honest_round_averages_by_examples_and_records_every_site(tmp_path: Path) -> None:
+    grid = FakeGrid({1: Site("site-a", 1.0, 0), 2: Site("site-b", 2.0, 1), 3: Site("site-c", 3.0, 2, n_train=160)})
+    loop, folder = _loop(tmp_path, grid)
+    out = _numpy(loop.run(_record(GLOBAL)))
+    np.testing.assert_allclose(out["w"], (80 * 1 + 80 * 2 + 160 * 3) / 320)  # FedAvg weights by num-examples
+    r = folder.rounds[0]
+    assert set(r["train-sites"]) == set(r["evaluate-sites"]) == {"site-a", "site-b", "site-c"}
+    assert r["evaluate"]["num-examples"] == 120 and "train-rejected" not in r
+
+
+def test_a_reply_claiming_another_site_is_rejected_as_impostor(tmp_path: Path) -> None:
+    sites = {1: Site("site-a", 1.0, 0), 2: Site("site-b", 1.0, 1), 3: Site("site-c", 1.0, 2), 4: Site("site-d", 99.0, 3)}
+    sites[4].declared = "site-a"  # joined as site-d, then writes site-a into its replies
+    grid = FakeGrid(sites)
+    loop, folder = _loop(tmp_path, grid)
+    out = _numpy(loop.run(_record(GLOBAL)))
+    np.testing.assert_allclose(out["w"], 1.0)  # the impostor's update (99) was never aggregated
+    r = folder.rounds[0]
+    assert {"site": "site-d", "reason": "impostor", "detail": "the reply claims to come from site 'site-a'"} \
+        in r["train-rejected"]
+    assert set(r["train-sites"]) == {"site-a", "site-b", "site-c"}
+    assert "site-d" not in r["evaluate-sites"]
+
+
+def test_a_second_node_claiming_a_taken_site_name_never_takes_part(tmp_path: Path) -> None:
+    grid = FakeGrid({1: Site("site-a", 1.0, 0), 2: Site("site-b", 1.0, 1), 3: Site("site-c", 1.0, 2),
+                     4: Site("site-a", 50.0, 3)})
+    loop, folder = _loop(tmp_path, grid)
+    out = _numpy(loop.run(_record(GLOBAL)))
+    np.testing.assert_allclose(out["w"], 1.0)
+    assert ("train", 4) not in grid.sent and ("evaluate", 4) not in grid.sent  # refused at the roll call
+
+
+def test_min_sites_is_enforced_on_valid_replies_and_a_refused_round_keeps_the_model(tmp_path: Path) -> None:
+    sites = {1: Site("site-a", 1.0, 0), 2: Site("site-b", 1.0, 1), 3: Site("site-c", 1.0, 2)}
+
+    def fail(msg: Message) -> Message:
+        return Message(error=Error(code=0, reason="ClientAppException"), reply_to=msg)
+
+    sites[2].train = fail  # type: ignore[method-assign]
+    sites[3].train = fail  # type: ignore[method-assign]
+    grid = FakeGrid(sites)
+    loop, folder = _loop(tmp_path, grid, min_sites=3)
+    out = _numpy(loop.run(_record(GLOBAL)))
+    np.testing.assert_array_equal(out["w"], GLOBAL["w"])  # the survivor's weights were NOT released
+    r = folder.rounds[0]
+    assert r["train-refused"] == "only 1 of 1 replies passed validation, min-sites is 3"
+    assert r["train-failures"] == 2
+
+
+def test_inflated_and_negative_evaluation_counts_are_excluded(tmp_path: Path) -> None:
+    sites = {1: Site("site-a", 1.0, 0), 2: Site("site-b", 1.0, 1), 3: Site("site-c", 1.0, 2), 4: Site("site-d", 1.0, 3)}
+    honest = Site("site-d", 1.0, 3).evaluate
+
+    def inflate(msg: Message) -> Message:
+        reply = honest(msg)
+        m = reply.content[protocol.METRICS]
+        m["confusion"] = [v * 1_000_000 for v in m["confusion"]]
+        m["histogram-count"] = [v * 1_000_000 for v in m["histogram-count"]]
+        m[protocol.NUM_EXAMPLES] = int(m[protocol.NUM_EXAMPLES]) * 1_000_000
+        return reply
+
+    def negative(msg: Message) -> Message:
+        reply = Site("site-c", 1.0, 2).evaluate(msg)
+        m = reply.content[protocol.METRICS]
+        m["confusion"] = [-v for v in m["confusion"]]
+        return reply
+
+    sites[4].evaluate = inflate  # type: ignore[method-assign]
+    sites[3].evaluate = negative  # type: ignore[method-assign]
+    grid = FakeGrid(sites)
+    loop, folder = _loop(tmp_path, grid, min_sites=2)
+    loop.run(_record(GLOBAL))
+    r = folder.rounds[0]
+    reasons = {x["site"]: x["reason"] for x in r["evaluate-rejected"]}
+    assert reasons == {"site-d": "bad-num-examples", "site-c": "bad-counts"}
+    honest_only = _counts(0).merge(_counts(1))
+    assert r["evaluate"]["num-examples"] == honest_only.num_examples
+    assert r["evaluate"]["auroc"] == pytest.approx(honest_only.metrics()["auroc"])
+
+
+def test_holdout_sites_never_train_and_are_scored_at_the_validation_threshold(tmp_path: Path) -> None:
+    grid = FakeGrid({1: Site("site-a", 1.0, 0), 2: Site("site-b", 1.0, 1), 3: Site("site-h", 5.0, 7, role="holdout")})
+    loop, folder = _loop(tmp_path, grid, min_sites=2, rounds=2)
+    loop.run(_record(GLOBAL))
+    assert not [n for kind, n in grid.sent if kind == "train" and n == 3]
+    assert grid.sites[3].trained_rounds == []
+    for r in folder.rounds:
+        assert set(r["train-sites"]) == {"site-a", "site-b"} and set(r["evaluate-sites"]) == {"site-a", "site-b"}
+        assert set(r["holdout-sites"]) == {"site-h"}
+        assert r["holdout"]["threshold"] == r["evaluate"]["threshold"]  # chosen on validation, applied to the holdout
+
+
+def test_too_few_connected_sites_wait_at_most_the_timeout_then_refuse(tmp_path: Path) -> None:
+    grid = FakeGrid({1: Site("site-a", 1.0, 0), 2: Site("site-b", 1.0, 1)})
+    loop, folder = _loop(tmp_path, grid, min_sites=3, timeout=0.2)
+    out = _numpy(loop.run(_record(GLOBAL)))
+    np.testing.assert_array_equal(out["w"], GLOBAL["w"])
+    r = folder.rounds[0]
+    assert "only 2 training site(s) connected" in r["train-refused"]
+    assert not [kind for kind, _ in grid.sent if kind == "train"]
+
+
+def test_a_site_refusing_under_its_own_policy_is_recorded_and_left_out(tmp_path: Path) -> None:
+    sites = {1: Site("site-a", 1.0, 0), 2: Site("site-b", 1.0, 1), 3: Site("site-c", 1.0, 2)}
+
+    def refuse(msg: Message) -> Message:
+        reason = str(PolicyRefusal("site-c", "require-dp", "this site trains only with DP-SGD"))
+        return Message(error=Error(code=protocol.SITE_POLICY_ERROR_CODE, reason=reason), reply_to=msg)
+
+    sites[3].query = refuse  # type: ignore[method-assign]
+    grid = FakeGrid(sites)
+    loop, folder = _loop(tmp_path, grid, min_sites=2)
+    loop.run(_record(GLOBAL))
+    assert loop.recorder.policy_refusals["site-c"]["rule"] == "require-dp"
+    assert set(folder.rounds[0]["train-sites"]) == {"site-a", "site-b"}
+    assert ("train", 3) not in grid.sent
+
+
+def test_checkpoint_is_atomic_and_reads_back(tmp_path: Path) -> None:
+    folder = RunFolder.create(str(tmp_path), "ck")
+    folder.write_checkpoint(1, GLOBAL, {"outer.m_t": {"w": np.ones((2, 3))}}, {"rng": [1, 2]})
+    folder.write_checkpoint(2, {k: v + 1 for k, v in GLOBAL.items()}, {}, {"recorder": {"x": 1}})
+    done, arrays, tensors, state = folder.read_checkpoint()
+    assert done == 2 and state == {"recorder": {"x": 1}} and tensors == {}
+    np.testing.assert_array_equal(arrays["w"], GLOBAL["w"] + 1)
+    assert [p.name for p in (folder.path / "checkpoints").iterdir()] == ["round-0002"]  # older ones removed
+    assert json.loads((folder.path / "checkpoint.json").read_text())["round"] == 2
