@@ -65,7 +65,7 @@ def _open_folder(cfg: RunConfig, task: TaskSpec) -> tuple[RunFolder, bool]:
             folder = RunFolder.open(Path(cfg.resume_from))
         except RunFolderError as exc:
             raise ConfigError(f"run config 'resume-from': {exc}") from None
-        folder.columns = task.view.columns
+        folder.columns, folder.primary = task.view.columns, task.view.primary
         recorded, now = folder.run_config(), cfg.to_flat()
         allowed = ("num-server-rounds", "round-timeout", "resume-from", "results-dir", "run-name")
         changed = sorted(k for k in now if k not in allowed and k in recorded and recorded[k] != now[k])
@@ -74,7 +74,7 @@ def _open_folder(cfg: RunConfig, task: TaskSpec) -> tuple[RunFolder, bool]:
                               f"num-server-rounds and round-timeout may change, got other values for {', '.join(changed)}")
         return folder, True
     folder = RunFolder.create(cfg.results_dir, cfg.run_name, tag=f"{cfg.task}-{cfg.model}-{cfg.strategy.name}",
-                              columns=task.view.columns)
+                              columns=task.view.columns, primary=task.view.primary)
     return folder, False
 
 

@@ -996,6 +996,7 @@ def for_site(cfg: RunConfig, site: SiteConfig) -> RunConfig:
     partition and ``sim-explain-dir`` stands in for node configs Flower does
     not give. A real site gets the run config with :data:`PATH_KEYS` blanked
     (``data-path``, ``results-dir``, ``init-weights``, ``sim-explain-dir``
+    and the server's own ``resume-from``, ``site-registry``, ``test-path``
     all ``''``): it reads only its node config's ``data-path``, writes only to
     its node config's ``cache-dir``/``state-dir``/``explain-dir``, and takes
     the initial weights from the server's message, never from a file the
@@ -1016,7 +1017,8 @@ def for_site(cfg: RunConfig, site: SiteConfig) -> RunConfig:
     if site.simulated:
         return cfg
     return dataclasses.replace(
-        cfg, init_weights="", results_dir="", sim_explain_dir="", data=dataclasses.replace(cfg.data, data_path="")
+        cfg, init_weights="", results_dir="", sim_explain_dir="", resume_from="", site_registry="", test_path="",
+        data=dataclasses.replace(cfg.data, data_path=""),
     )
 
 

@@ -223,16 +223,17 @@ class RunFolder:
     CHECKPOINT = "checkpoint.json"
     CHECKPOINT_DIR = "checkpoints"
 
-    def __init__(self, path: Path, columns: Sequence[str] = DEFAULT_COLUMNS) -> None:
+    def __init__(self, path: Path, columns: Sequence[str] = DEFAULT_COLUMNS, primary: str = "auroc") -> None:
         self.path = Path(path)
         self.columns = tuple(columns)
+        self.primary = primary
         self.rounds: list[dict[str, Any]] = []
         self.t0 = time.time()
 
     # -- creating and opening ------------------------------------------------
     @classmethod
     def create(cls, results_dir: str, run_name: str = "", *, tag: str = "",
-               columns: Sequence[str] = DEFAULT_COLUMNS) -> RunFolder:
+               columns: Sequence[str] = DEFAULT_COLUMNS, primary: str = "auroc") -> RunFolder:
         """A fresh run folder; never reuses (and so never overwrites) an existing one."""
         base = resolve_results_dir(results_dir)
         name = run_name or time.strftime("%Y%m%d-%H%M%S") + (f"-{tag}" if tag else "")
@@ -241,7 +242,7 @@ class RunFolder:
             k += 1
             candidate = base / f"{name}-{k}"
         candidate.mkdir(parents=True)
-        return cls(candidate, columns)
+        return cls(candidate, columns, primary)
 
     @classmethod
     def open(cls, path: Path) -> RunFolder:
@@ -449,26 +450,36 @@ class RunFolder:
             fh.write(buf.getvalue())
 
     def _round_rows(self) -> list[list[str]]:
-        rows = [["round", "elapsed-s", "round-s", "num-sites", "train-loss", *self.columns, "dp-epsilon", "dp-delta"]]
+        p = self.primary
+        rows = [["round", "elapsed-s", "round-s", "num-sites", "train-loss", *self.columns, f"holdout-{p}", f"test-{p}",
+                 "rejected-replies", "dp-epsilon", "dp-delta"]]
         for r in self.rounds:
             ev, tr, dp = r.get("evaluate", {}), r.get("train", {}), r.get("dp", {})
+            rejected = len(r.get("train-rejected", [])) + len(r.get("evaluate-rejected", []))
             rows.append([r["round"], _fmt(r.get("elapsed-s")), _fmt(r.get("round-s")), _fmt(ev.get("num-sites")),
                          _fmt(tr.get("train-loss")), *(_fmt(ev.get(c)) for c in self.columns),
+                         _fmt(r.get("holdout", {}).get(p)), _fmt(r.get("test", {}).get(p)), str(rejected),
                          _fmt(dp.get("epsilon")), _fmt(dp.get("delta"))])
         return rows
 
     def _site_rows(self) -> list[list[str]]:
-        rows = [["round", "site-id", "num-train", "train-loss", "train-s", "train-img-per-s", "num-val",
-                 *self.columns, "dp-epsilon", "dp-refused"]]
+        rows = [["round", "site-id", "role", "num-train", "train-loss", "train-s", "train-img-per-s", "num-val",
+                 *self.columns, "gap-to-pooled", "dp-epsilon", "dp-refused", "rejected"]]
         for r in self.rounds:
-            sites = sorted(set(r.get("train-sites", {})) | set(r.get("evaluate-sites", {})) | set(r.get("dp-refusals", {})))
+            holdout = r.get("holdout-sites", {})
+            gaps = {e["site"]: e.get("gap-to-pooled") for e in (r.get("fairness") or {}).get("sites", {}).get("sites", [])}
+            rejected = {x["site"]: x["reason"] for x in r.get("train-rejected", []) + r.get("evaluate-rejected", [])}
+            sites = sorted(set(r.get("train-sites", {})) | set(r.get("evaluate-sites", {})) | set(holdout)
+                           | set(r.get("dp-refusals", {})) | set(rejected))
             for s in sites:
                 tr = r.get("train-sites", {}).get(s, {})
-                ev = r.get("evaluate-sites", {}).get(s, {})
-                rows.append([r["round"], s, _fmt(tr.get("num-examples")), _fmt(tr.get("train-loss")),
-                             _fmt(tr.get("train-seconds")), _fmt(tr.get("train-images-per-s")),
-                             _fmt(ev.get("num-examples")), *(_fmt(ev.get(c)) for c in self.columns),
-                             _fmt(tr.get("dp-epsilon")), "1" if s in r.get("dp-refusals", {}) else ""])
+                ev = r.get("evaluate-sites", {}).get(s) or holdout.get(s, {})
+                rows.append([r["round"], s, "holdout" if s in holdout else "train", _fmt(tr.get("num-examples")),
+                             _fmt(tr.get("train-loss")), _fmt(tr.get("train-seconds")),
+                             _fmt(tr.get("train-images-per-s")), _fmt(ev.get("num-examples")),
+                             *(_fmt(ev.get(c)) for c in self.columns), _fmt(gaps.get(s)),
+                             _fmt(tr.get("dp-epsilon")), "1" if s in r.get("dp-refusals", {}) else "",
+                             rejected.get(s, "")])
         return rows
 
 

@@ -97,6 +97,8 @@ def server_paths(tmp_path: Path) -> tuple[Path, dict[str, object]]:
         "min-partition-size": 4,
         "data-path": str(sentinel / "data"), "init-weights": str(sentinel / "init.pt"),
         "sim-explain-dir": str(sentinel / "explain"), "results-dir": str(sentinel / "results"),
+        "resume-from": str(sentinel / "results"), "site-registry": str(sentinel / "sites.json"),
+        "test-path": str(sentinel / "data"),
     }
     assert {k for k in run_config if k in PATH_KEYS} == set(PATH_KEYS)
     return sentinel, run_config
