@@ -11,7 +11,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: venv demo test test-fast benchmark benchmark-privacy clean
+.PHONY: venv demo test lint test-fast benchmark benchmark-privacy clean
 
 venv: $(STAMP)
 
@@ -25,8 +25,12 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/medfed simulate --sites 3 --rounds 3 --run-config "local-epochs=5"
 
-test: venv
+# Lint and import order first (ruff, configured in pyproject.toml), then every test.
+test: venv lint
 	$(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check .
 
 # Unit tests only (no Flower processes, no real data): seconds.
 test-fast: venv

@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.config import ConfigError, RunConfig, SiteConfig, for_site
+from shared.settings import ConfigError, RunConfig, SiteConfig, for_site
 from shared.data.attributes import manifest_attributes
 from shared.data.cache import SiteCache, build_or_load
 from shared.data.labels import task_labels

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.config import RunConfig, SiteConfig
+from shared.settings import RunConfig, SiteConfig
 from shared.data.preprocess import normalize_batch
 from shared.training import model_in_channels, predict_proba, to_float01
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shared.config import RunConfig, SiteConfig
+from shared.settings import RunConfig, SiteConfig
 
 __all__ = [
     "HOLDOUT",

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from shared.config import PATH_KEYS, RunConfig
+from shared.settings import PATH_KEYS, RunConfig
 from shared.data import phantoms, phantoms_pneumonia, phantoms_tasks
 from shared.data.preprocess import AugmentConfig, PreprocessConfig
 from shared.kinds import CLASSIFICATION, SEGMENTATION

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.config import TrainConfig
+from shared.settings import TrainConfig
 from shared.data.preprocess import AugmentConfig, normalize_batch
 from shared.metrics.classification import ClassificationCounts
 from shared.metrics.segmentation import SegmentationCounts

@@ -96,7 +96,7 @@ from shared.metrics.classification import DEFAULT_BINS, ClassificationCounts
 from shared.metrics.segmentation import SegmentationCounts
 
 if TYPE_CHECKING:
-    from shared.config import RunConfig
+    from shared.settings import RunConfig
 
 __all__ = [
     "ARRAYS_KEY",

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from shared.config import ConfigError
+from shared.settings import ConfigError
 from shared.data.sources import ImageReadError
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from shared.config import RunConfig, SiteConfig
+from shared.settings import RunConfig, SiteConfig
 from shared.data.dicom import DicomOptions, read_dicom
 from shared.data.sources import read_raw
 from shared.data.usable import InputPolicy

@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from shared.models import catalog as _catalog  # noqa: F401  (registers the built-in networks: metadata only)
 from shared.models.registry import MODELS, ModelEntry, ModelFactory, model_kind, model_names, register_model
 
 __all__ = [

@@ -112,7 +112,3 @@ def model_names(kind: str | None = None) -> list[str]:
 
 #: Wrapper prefixes stripped from checkpoint keys: DataParallel/DDP, Opacus'
 #: GradSampleModule, Lightning-style ``model.``.
-
-
-# The built-in networks: metadata only, their modules are imported when a model is built.
-from shared.models import catalog as _catalog  # noqa: E402, F401  (registers the built-in entries)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.config import TrainConfig
+from shared.settings import TrainConfig
 from shared.data.preprocess import AugmentConfig, augment_batch, normalize_batch
 from shared.kinds import CLASSIFICATION
 from shared.metrics.classification import ClassificationCounts

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
-from shared.config import TrainConfig
+from shared.settings import TrainConfig
 from shared.data.preprocess import AugmentConfig, affine_theta, augment_batch, normalize_batch
 from shared.kinds import SEGMENTATION
 from shared.metrics.segmentation import SegmentationCounts

@@ -52,7 +52,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from torch import nn
 
-from shared.config import TrainConfig
+from shared.settings import TrainConfig
 from shared.training import Objective, make_optimizer, model_in_channels, snapshot_params
 
 __all__ = ["GRAD_SAMPLE_MODES", "DPSGDSpec", "DPSGDSteps"]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from shared import protocol
-from shared.config import DPConfig, RunConfig
+from shared.settings import DPConfig, RunConfig
 from shared.privacy.accounting import (
     PRIVACY_UNIT,
     default_delta,
