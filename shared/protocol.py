@@ -30,7 +30,9 @@ value.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from typing import Any
 
 __all__ = [
     "ARRAYS",
@@ -59,6 +61,7 @@ __all__ = [
     "TRAIN_LOSS",
     "TRAIN_SECONDS",
     "site_data_fields",
+    "structured_reason",
     "train_metrics",
 ]
 
@@ -127,6 +130,22 @@ def train_metrics(*, num_examples: int, loss: float, seconds: float, images_per_
 def site_data_fields(*, train_images: int, val_images: int, quarantined: int) -> dict[str, int]:
     """The site's data sizes, sent with training replies (counts only)."""
     return {SITE_TRAIN_IMAGES: int(train_images), SITE_VAL_IMAGES: int(val_images), SITE_QUARANTINED: int(quarantined)}
+
+
+def structured_reason(reason: str | None, kind: str) -> dict[str, Any] | None:
+    """The JSON object of a site's structured refusal of ``kind`` in a Flower error reason, or None.
+
+    Sites refuse with a JSON reason (``{"kind": ..., "site-id": ..., ...}``): a
+    DP budget refusal (:data:`DP_BUDGET_ERROR_CODE`) or a policy refusal
+    (:data:`SITE_POLICY_ERROR_CODE`).
+    """
+    if not reason:
+        return None
+    try:
+        info = json.loads(reason)
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) and info.get("kind") == kind else None
 
 
 def data_sizes(metrics: Mapping[str, object]) -> tuple[int, int, int] | None:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared import protocol
 from shared.settings import RunConfig, SiteConfig
 
 __all__ = [
@@ -102,13 +103,7 @@ class PolicyRefusal(RuntimeError):
 
 def parse_policy_refusal(reason: str | None) -> dict[str, Any] | None:
     """The refusal info in a Flower error reason, or None when it is not a policy refusal."""
-    if not reason:
-        return None
-    try:
-        info = json.loads(reason)
-    except ValueError:
-        return None
-    return info if isinstance(info, dict) and info.get("kind") == POLICY_REFUSAL_KIND else None
+    return protocol.structured_reason(reason, POLICY_REFUSAL_KIND)
 
 
 def check_run(policy: SitePolicy, cfg: RunConfig, site_id: str) -> None:

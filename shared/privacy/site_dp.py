@@ -109,13 +109,7 @@ class BudgetRefusal(RuntimeError):
 
 def parse_refusal(reason: str | None) -> dict[str, Any] | None:
     """The refusal info in a Flower error reason, or None if it is not a budget refusal."""
-    if not reason:
-        return None
-    try:
-        info = json.loads(reason)
-    except ValueError:
-        return None
-    return info if isinstance(info, dict) and info.get("kind") == REFUSAL_KIND else None
+    return protocol.structured_reason(reason, REFUSAL_KIND)
 
 
 @dataclass(frozen=True)
