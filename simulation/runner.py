@@ -553,7 +553,45 @@ def _run_flower(superlink_cmd: list[str], run_cmd: list[str], env: dict[str, str
                     watchdog.cancel()
                 stop_process_group(proc)
         finally:
+            tree = process_tree(superlink.pid)  # SuperExec, flwr-simulation, Ray: other sessions, same ancestry
             stop_process_group(superlink)
+            stop_processes(tree)
+
+
+def process_tree(pid: int) -> list[Any]:
+    """Every live descendant of ``pid`` (``psutil.Process`` objects), read before ``pid`` is stopped.
+
+    The SuperLink starts its SuperExec in a new session, and that starts
+    ``flwr-simulation`` and, through it, Ray's processes: stopping the
+    SuperLink's process group leaves them to notice their parent's death (a
+    run stopped early, e.g. a pruned trial, would go on training for a while).
+    """
+    import psutil
+
+    try:
+        return list(psutil.Process(pid).children(recursive=True))
+    except psutil.Error:
+        return []
+
+
+def stop_processes(procs: list[Any], grace: float = 10.0) -> None:
+    """SIGTERM each live process of ``procs`` (from :func:`process_tree`); SIGKILL what is left after ``grace`` s."""
+    import psutil
+
+    alive = []
+    for p in procs:
+        try:
+            p.terminate()
+            alive.append(p)
+        except psutil.Error:
+            continue
+    _, left = psutil.wait_procs(alive, timeout=grace)
+    for p in left:
+        try:
+            p.kill()
+        except psutil.Error:
+            continue
+    psutil.wait_procs(left, timeout=5)
 
 
 def _watchdog(proc: subprocess.Popen[Any], timeout: float | None, fired: threading.Event) -> threading.Timer | None:
