@@ -612,7 +612,8 @@ def _write_outputs(study: Any, plan: TunePlan, label: str, primary: str, *, plot
 # ---------------------------------------------------------------------------
 
 
-def _trial_line(o: TrialOutcome, done: int, total: int, label_short: str, best: TrialOutcome | None) -> str:
+def _trial_line(o: TrialOutcome, done: int, total: int, label_short: str, best: TrialOutcome | None,
+                elapsed: float) -> str:
     if o.state == "complete":
         result = f"{label_short} {fmt_metric(o.value)}"
     elif o.state == "pruned":
@@ -621,8 +622,9 @@ def _trial_line(o: TrialOutcome, done: int, total: int, label_short: str, best: 
         result = f"FAILED: {o.error}"
     best_txt = f" | best {fmt_metric(best.value)} (trial {best.number})" if best is not None else ""
     tag = " [baseline]" if o.baseline else ""
-    secs = f" | {o.seconds:.0f} s" if o.seconds is not None else ""
-    return f"[trial {o.number}, {done}/{total}]{tag} {_params_text(o.params)} -> {result}{best_txt}{secs}"
+    secs = f" | {o.seconds:.0f} s" if o.seconds is not None else " |"
+    return (f"[trial {o.number}, {done}/{total}]{tag} {_params_text(o.params)} -> {result}{best_txt}{secs}, "
+            f"elapsed {elapsed / 60:.1f} min")
 
 
 def run_tune(plan: TunePlan, *, simulate_fn: Callable[..., Any] | None = None, log: Log = print) -> TuneResult:
@@ -674,7 +676,7 @@ def run_tune(plan: TunePlan, *, simulate_fn: Callable[..., Any] | None = None, l
                 done = _counted(study)
                 result = _write_outputs(study, plan, label, primary, plots=False)
                 last = next(o for o in result.outcomes if o.number == number)
-                log(_trial_line(last, done, plan.trials, label_short, result.best))
+                log(_trial_line(last, done, plan.trials, label_short, result.best, time.time() - t_start))
         finally:  # an interrupted study still writes what it has
             result = _write_outputs(study, plan, label, primary, plots=True)
     return result

@@ -304,3 +304,28 @@ def test_bad_plans_fail_before_any_trial(tmp_path: Path) -> None:
         run_tune(plan(tmp_path, base={**BASE, "lr": -1.0}, space=tuple(parse_space(["seed=int(0,2)"]))),
                  simulate_fn=fake, log=lambda _: None)
     assert fake.calls == [] and not (tmp_path / "study" / "study.db").exists()
+
+
+def test_verbose_shows_each_trials_round_lines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_tune(plan(tmp_path, trials=1, show_rounds=True), simulate_fn=FakeSimulate(), log=print)
+    out = capsys.readouterr().out
+    assert "    [round 1/3] stand-in" in out and "    [round 3/3] stand-in" in out and "[trial 0, 1/1]" in out
+
+
+def test_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import simulation.runner
+    from simulation.cli import main
+
+    fake = FakeSimulate()
+    monkeypatch.setattr(simulation.runner, "simulate", fake)
+    out = tmp_path / "cli-study"
+    argv = ["tune", "--sites", "2", "--rounds", "2", "--trials", "3", "--out", str(out), "--prune-after", "1",
+            "--run-config", "image-size=32", "--param", "lr=loguniform(1e-6,3e-2)", "--param", "local-epochs=int(1,4)"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert text.count("\n[trial ") == 3 and "Best pooled validation AUROC" in text and "baseline (trial 0)" in text
+    assert f"Best config: medfed simulate --sites 2 {(out / 'best.txt').read_text().strip()}" in text
+    assert len(fake.calls) == 3 and all(c["num-server-rounds"] == 2 for c in fake.calls)
+    assert main(["tune", "--param", "lerning-rate=uniform(0.1,0.2)", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medfed tune: search space: unknown run-config key 'lerning-rate'") and err.count("\n") == 1
