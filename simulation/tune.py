@@ -681,7 +681,3 @@ def run_tune(plan: TunePlan, *, simulate_fn: Callable[..., Any] | None = None, l
             result = _write_outputs(study, plan, label, primary, plots=True)
     return result
 
-
-def describe_space(space: Sequence[ParamSpec]) -> str:
-    """The space in the command-line syntax, space-separated."""
-    return " ".join(s.describe() for s in space)
