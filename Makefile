@@ -11,7 +11,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: venv demo test lint test-fast benchmark benchmark-privacy clean
+.PHONY: venv demo test lint test-fast benchmark benchmark-privacy benchmark-scale clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,10 @@ benchmark: venv
 # Privacy/accuracy study on PneumoniaMNIST from ../shared/data (about 20 min on 2 cores).
 benchmark-privacy: venv
 	$(BIN)/python benchmarks/privacy_study.py
+
+# 100 simulated phantom sites on this machine: peak memory of the process tree, per-round overhead (10-20 min).
+benchmark-scale: venv
+	$(BIN)/python benchmarks/scale.py --sites 100 --rounds 2
 
 clean:
 	rm -rf results .pytest_cache

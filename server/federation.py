@@ -24,6 +24,7 @@ from shared.metrics.federated import SiteEvaluation, pool_evaluations, pool_trai
 from shared.privacy.report import privacy_statement
 from shared.results import RunFolder, RunFolderError
 from shared.tasks import TaskSpec, get_task
+from shared.tracking import make_tracker
 from shared.validation import ReplyScreen, ValidationPolicy, model_spec
 
 logger = logging.getLogger(__name__)
@@ -123,7 +124,10 @@ def run_federation(grid: Any, cfg: RunConfig) -> RunFolder:
         logger.info(console_line("header", f"DP-SGD at every site ({cfg.dp.accountant} accountant); model made "
                                            f"Opacus-compatible: {'; '.join(dp_changes) or 'no changes needed'}"))
 
-    recorder = RoundRecorder(folder, cfg.num_server_rounds, task, min_sites=cfg.strategy.min_sites, cfg=cfg)
+    tracker = make_tracker(cfg.tracking, mlflow_store=folder.mlflow_store, tensorboard_dir=folder.tensorboard_dir,
+                           run_name=folder.path.name)
+    recorder = RoundRecorder(folder, cfg.num_server_rounds, task, min_sites=cfg.strategy.min_sites, cfg=cfg,
+                             tracker=tracker)
     strategy = build_strategy(
         cfg.strategy, cfg.train,
         train_metrics_aggr_fn=aggregate_train_metrics,
@@ -157,6 +161,7 @@ def run_federation(grid: Any, cfg: RunConfig) -> RunFolder:
 
     loop = RoundLoop(grid, strategy, gate, recorder, cfg.num_server_rounds, cfg.round_timeout,
                      run_key=folder.path.name, checkpoint=checkpoint, test_fn=_test_fn(cfg, task))
+    tracker.start(cfg.to_flat(), resumed=resuming, first_round=start)
     stopped = ""
     try:
         final = loop.run(arrays, start)
@@ -164,7 +169,12 @@ def run_federation(grid: Any, cfg: RunConfig) -> RunFolder:
         stopped = str(exc)
         logger.warning(console_line("warning", f"run stopped early: {stopped}"))
         final = _to_record(folder.read_checkpoint()[1]) if (folder.path / RunFolder.CHECKPOINT).is_file() else arrays
-    folder.write_model(final.to_torch_state_dict(), task.model_card(cfg, threshold=recorder.last_threshold()))
+    except BaseException:
+        tracker.finish(None, status="FAILED")
+        raise
+    card = task.model_card(cfg, threshold=recorder.last_threshold())
+    folder.write_model(final.to_torch_state_dict(), card)
+    tracker.finish(card.to_meta())
     extra: dict = {"results-dir": str(folder.path), "task": task.name, "view": task.view.name,
                    "primary-metric": task.view.primary, **central_dp_summary(strategy)}
     if cfg.dp.enabled:

@@ -31,6 +31,7 @@ from shared.results import RunFolder
 from shared.site_data import tiny_site_message
 from shared.site_policy import parse_policy_refusal
 from shared.tasks import TaskSpec
+from shared.tracking import NullTracker, Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +47,13 @@ class RoundRecorder:
 
     ``min_sites``: when sites refuse rounds for their privacy budget and fewer
     than this many still train, :class:`FederationStopped` ends the run.
+    ``tracker`` (:mod:`shared.tracking`) receives every finished round's record.
     """
 
     def __init__(self, folder: RunFolder, num_rounds: int, task: TaskSpec, min_sites: int = 1,
-                 cfg: RunConfig | None = None) -> None:
+                 cfg: RunConfig | None = None, tracker: Tracker | None = None) -> None:
         self.folder = folder
+        self.tracker: Tracker = tracker if tracker is not None else NullTracker()
         self.cfg = cfg
         self.num_rounds = num_rounds
         self.task = task
@@ -237,6 +240,7 @@ class RoundRecorder:
         self.folder.add_round(r)
         if r.get("fairness"):
             self.folder.write_fairness(fairness_csv_rows(r["fairness"]["subgroups"]))
+        self.tracker.log_round(r)
         logger.info(console_line("round", progress_line(r, self.task), round=r["round"], num_rounds=self.num_rounds))
 
 

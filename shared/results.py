@@ -11,6 +11,8 @@
         summary.json     final pooled metrics, headline, wall time, where things are
         flower.log       Flower's full output (simulations)
         simulation.json  number of simulated sites (``medfed simulate``)
+        mlruns/          MLflow file store (run config ``tracking='mlflow'``)
+        tensorboard/     TensorBoard event files (``tracking='tensorboard'``)
 
 :class:`RunFolder` holds every path, writer and reader of these files; the
 server, inference, the audit, studies and the CLI go through it. Every file
@@ -222,6 +224,8 @@ class RunFolder:
     FAIRNESS_CSV = "fairness.csv"
     CHECKPOINT = "checkpoint.json"
     CHECKPOINT_DIR = "checkpoints"
+    MLFLOW_DIR = "mlruns"
+    TENSORBOARD_DIR = "tensorboard"
 
     def __init__(self, path: Path, columns: Sequence[str] = DEFAULT_COLUMNS, primary: str = "auroc") -> None:
         self.path = Path(path)
@@ -290,6 +294,21 @@ class RunFolder:
     def simulation_path(self) -> Path:
         """``simulation.json``."""
         return self.path / self.SIMULATION
+
+    @property
+    def mlflow_store(self) -> Path:
+        """``mlruns/``: the MLflow file store of ``tracking='mlflow'`` (written by MLflow itself)."""
+        return self.path / self.MLFLOW_DIR
+
+    @property
+    def mlflow_uri(self) -> str:
+        """The MLflow tracking URI of :attr:`mlflow_store` (``file:///.../mlruns``)."""
+        return self.mlflow_store.resolve().as_uri()
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """``tensorboard/``: the event files of ``tracking='tensorboard'`` (written by TensorBoard's writer)."""
+        return self.path / self.TENSORBOARD_DIR
 
     # -- writers ----------------------------------------------------------------
     def write_config(self, flat_config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> None:

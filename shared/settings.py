@@ -190,6 +190,7 @@ class RunConfig:
     site_registry: str = ""
     test_path: str = ""
     holdout_sites: int = 0
+    tracking: str = "none"
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     partition: PartitionConfig = dataclasses.field(default_factory=PartitionConfig)
@@ -273,6 +274,8 @@ PARTITION_KINDS = ("iid", "dirichlet", "pathological", "quantity", "natural")
 """As :data:`shared.data.partition.PARTITION_KINDS` (not imported: shared.data loads pydicom)."""
 SIZE_SKEWS = ("auto", "none", "dirichlet", "power-law")
 """As :data:`shared.data.site_sizes.SIZE_SKEWS`."""
+TRACKING_BACKENDS = ("none", "mlflow", "tensorboard")
+"""As :data:`shared.tracking.BACKENDS` (not imported: config checks stay light)."""
 #: Upper bound of ``explain-samples`` / ``sim-explain-samples`` (Grad-CAM per round costs time).
 MAX_EXPLAIN_SAMPLES = 256
 
@@ -299,6 +302,10 @@ _SPECS: tuple[KeySpec, ...] = (
             "trained on; '' = none)"),
     KeySpec("holdout-sites", "", "holdout_sites", int,
             "simulated sites (the last K partitions) that never train and only test the global model", 0, 10_000),
+    KeySpec("tracking", "", "tracking", str,
+            "experiment tracking of the server: config, per-round metrics, model card, kept in the results folder "
+            "(mlflow: mlruns/ file store; tensorboard: tensorboard/ event files; none = off)",
+            choices=TRACKING_BACKENDS),
     KeySpec("local-epochs", "train", "local_epochs", int, "local epochs per round", 1, 1000),
     KeySpec("batch-size", "train", "batch_size", int, "local batch size", 1, 4096),
     KeySpec("lr", "train", "lr", float, "local learning rate", 0, 10, low_open=True),

@@ -41,6 +41,7 @@ COMMANDS: tuple[str, ...] = (
     "simulation.commands.evaluate:register",
     "simulation.commands.privacy:register",
     "simulation.commands.study:register",
+    "simulation.commands.tune:register",
     "simulation.commands.audit:register",
     "simulation.deploy_cli:add_deploy_parser",
 )

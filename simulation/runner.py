@@ -15,13 +15,33 @@ type (``flwr run . local --run-config ... --federation-config
 * Flower's and Ray's whole output is streamed line by line to ``flower.log``
   in the run's results folder (also when the run fails) and, optionally, to a
   callback: ``medfed simulate`` shows only the lines meant for a person
-  (:mod:`simulation.display`), ``--verbose`` echoes everything.
+  (:mod:`simulation.display`), ``--verbose`` echoes everything;
+* the simulated sites run on a private local Ray instance, or on an existing
+  Ray cluster when a Ray address is given (see :func:`ray_env`).
+
+How Flower 1.41 reaches Ray
+---------------------------
+The SuperLink's SuperExec starts ``flwr-simulation``, whose Ray backend
+(``flwr.server.superlink.fleet.vce.backend.raybackend.RayBackend.init_ray``)
+calls ``ray.init(runtime_env={"env_vars": {"PYTHONPATH": ...}}, **init_args)``
+with ``init_args`` from the federation config (only ``num-cpus``,
+``num-gpus``, ``logging-level``, ``log-to-driver``: no address). Ray then
+resolves the address itself: the ``RAY_ADDRESS`` environment variable, else
+the cluster last started with ``ray start`` on this machine
+(``/tmp/ray/ray_current_cluster``), else a new local instance. The
+environment reaches ``flwr-simulation`` unchanged (SuperLink -> SuperExec
+-> flwr-simulation inherit it), so :func:`ray_env` sets ``RAY_ADDRESS``: the
+given cluster address, or ``local`` (always a new private instance, never
+somebody else's ``ray start`` cluster on a shared machine).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -64,6 +84,11 @@ TAIL_LINES = 30
 """Lines of Flower's output quoted in the error of a failed run."""
 
 LineSink = Callable[[str], None]
+RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Ray's variable for a driver's job config (``ray job submit`` sets it): ``ray.init`` merges its runtime env."""
+FORWARDED_ENV_PREFIX = "MEDFED_"
+"""Environment variables the simulated sites read (state, cache, data root): forwarded to a cluster's workers."""
+_RAY_ADDRESS = re.compile(r"^(auto|(ray://)?[A-Za-z0-9_.\-]+:\d{1,5}|(ray://)?\[[0-9A-Fa-f:]+\]:\d{1,5})$")
 
 
 @dataclass(frozen=True)
@@ -92,6 +117,9 @@ class SimulationPlan:
         Simulated SuperNodes and the CPUs Flower reserves for each.
     cwd:
         Folder ``flwr run`` is started from.
+    ray_address:
+        The existing Ray cluster the sites run on (``''`` = a private local
+        Ray instance); see :func:`ray_env`.
     """
 
     values: dict[str, ConfigValue]
@@ -100,6 +128,61 @@ class SimulationPlan:
     sites: int
     cpus_per_site: int
     cwd: Path
+    ray_address: str = ""
+
+
+def check_ray_address(address: str) -> str:
+    """``address`` if it names a Ray cluster (``host:port``, ``ray://host:port`` or ``auto``).
+
+    Raises
+    ------
+    SimulationPlanError
+        For anything else (the message shows the accepted forms).
+    """
+    address = address.strip()
+    if not _RAY_ADDRESS.match(address):
+        raise SimulationPlanError(
+            f"--ray-address: expected the address of a running Ray cluster's head (GCS), e.g. '10.0.0.5:6379' "
+            f"(what 'ray start --head' prints), 'ray://10.0.0.5:10001' (Ray Client) or 'auto' (the cluster "
+            f"started last on this machine), got {address!r}"
+        )
+    return address
+
+
+def ray_env(plan: SimulationPlan, env: Mapping[str, str]) -> dict[str, str]:
+    """The environment variables that point Flower's Ray backend at its Ray instance.
+
+    Without a cluster address: ``RAY_ADDRESS=local``, a new private Ray
+    instance for this run (Ray would otherwise join a cluster somebody
+    started on this machine with ``ray start``). With one: ``RAY_ADDRESS``
+    is that address, and the ``MEDFED_*`` variables of ``env`` (the sites'
+    state folder of this run, the cache, ...) are added to the job's runtime
+    environment through ``RAY_JOB_CONFIG_JSON_ENV_VAR`` (as ``ray job
+    submit`` does; an existing job config there is kept and merged), because
+    a cluster's workers get the environment of ``ray start``, not this one's.
+
+    Parameters
+    ----------
+    plan:
+        The planned simulation (its ``ray_address`` and run name).
+    env:
+        The environment Flower's processes will get.
+    """
+    if not plan.ray_address:
+        return {"RAY_ADDRESS": "local"}
+    job: dict[str, Any] = {}
+    if env.get(RAY_JOB_CONFIG_ENV):
+        try:
+            job = dict(json.loads(env[RAY_JOB_CONFIG_ENV]))
+        except (ValueError, TypeError):
+            job = {}
+    runtime_env = dict(job.get("runtime_env") or {})
+    env_vars = dict(runtime_env.get("env_vars") or {})
+    env_vars.update({k: v for k, v in env.items() if k.startswith(FORWARDED_ENV_PREFIX)})
+    runtime_env["env_vars"] = env_vars
+    job["runtime_env"] = runtime_env
+    job["metadata"] = {**dict(job.get("metadata") or {}), "medfed-run": plan.config.run_name}
+    return {"RAY_ADDRESS": plan.ray_address, RAY_JOB_CONFIG_ENV: json.dumps(job)}
 
 
 def app_dir() -> Path:
@@ -201,6 +284,7 @@ def plan_simulation(
     sites: int = 3,
     cpus_per_site: int = 1,
     cwd: Path | None = None,
+    ray_address: str | None = None,
 ) -> SimulationPlan:
     """Validate a simulation and fix its results folder, without starting anything.
 
@@ -215,6 +299,10 @@ def plan_simulation(
         2-core machine at most 2 sites train at once.
     cwd:
         Folder that relative paths in ``overrides`` are taken against.
+    ray_address:
+        Run the sites on this existing Ray cluster (``host:port`` of its
+        head, ``ray://host:port`` or ``auto``); None or ``''`` = a private
+        local Ray instance (see :func:`ray_env`).
 
     Raises
     ------
@@ -228,9 +316,11 @@ def plan_simulation(
     if cpus_per_site < 1:
         raise SimulationPlanError(f"cpus per site must be an integer >= 1, got {cpus_per_site}")
     cwd = cwd or Path.cwd()
+    address = check_ray_address(ray_address) if ray_address else ""
     values = resolve_paths(dict(overrides or {}), cwd)
     if values.get("resume-from"):
-        return _plan_resume(values, sites=sites, cpus_per_site=cpus_per_site, cwd=cwd)
+        return dataclasses.replace(_plan_resume(values, sites=sites, cpus_per_site=cpus_per_site, cwd=cwd),
+                                   ray_address=address)
     values.setdefault("results-dir", str(resolve_results_dir("results") if cwd == Path.cwd() else cwd / "results"))
     if not values.get("run-name"):
         values["run-name"] = time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
@@ -259,7 +349,7 @@ def plan_simulation(
     if run_dir.exists():
         raise SimulationPlanError(f"results folder {run_dir} exists already: choose another run-name")
     return SimulationPlan(values=values, config=cfg, run_dir=run_dir, sites=sites, cpus_per_site=cpus_per_site,
-                          cwd=cwd)
+                          cwd=cwd, ray_address=address)
 
 
 RESUMABLE_KEYS = ("num-server-rounds", "round-timeout")
@@ -303,6 +393,7 @@ def simulate(
     echo: bool = False,
     on_line: LineSink | None = None,
     timeout: float | None = None,
+    ray_address: str | None = None,
 ) -> SimulationResult:
     """Run one federated simulation of ``sites`` simulated sites.
 
@@ -316,7 +407,7 @@ def simulate(
     SimulationError
         When the plan cannot run, Flower fails or no results were written.
     """
-    plan = plan_simulation(overrides, sites=sites, cpus_per_site=cpus_per_site, cwd=cwd)
+    plan = plan_simulation(overrides, sites=sites, cpus_per_site=cpus_per_site, cwd=cwd, ray_address=ray_address)
     return run_simulation(plan, log_path=log_path, echo=echo, on_line=on_line, timeout=timeout)
 
 
@@ -370,6 +461,7 @@ def run_simulation(
     cfg = plan.config
     # Simulated sites keep their persistent state (privacy ledgers) beside the results, not in ~/.local.
     env.setdefault("MEDFED_STATE_DIR", str(Path(cfg.results_dir) / ".site-state" / cfg.run_name))
+    env.update(ray_env(plan, env))
     link_log = flwr_home / SUPERLINK_LOG_FILE
     superlink_cmd = [
         str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--simulation",
@@ -461,7 +553,45 @@ def _run_flower(superlink_cmd: list[str], run_cmd: list[str], env: dict[str, str
                     watchdog.cancel()
                 stop_process_group(proc)
         finally:
+            tree = process_tree(superlink.pid)  # SuperExec, flwr-simulation, Ray: other sessions, same ancestry
             stop_process_group(superlink)
+            stop_processes(tree)
+
+
+def process_tree(pid: int) -> list[Any]:
+    """Every live descendant of ``pid`` (``psutil.Process`` objects), read before ``pid`` is stopped.
+
+    The SuperLink starts its SuperExec in a new session, and that starts
+    ``flwr-simulation`` and, through it, Ray's processes: stopping the
+    SuperLink's process group leaves them to notice their parent's death (a
+    run stopped early, e.g. a pruned trial, would go on training for a while).
+    """
+    import psutil
+
+    try:
+        return list(psutil.Process(pid).children(recursive=True))
+    except psutil.Error:
+        return []
+
+
+def stop_processes(procs: list[Any], grace: float = 10.0) -> None:
+    """SIGTERM each live process of ``procs`` (from :func:`process_tree`); SIGKILL what is left after ``grace`` s."""
+    import psutil
+
+    alive = []
+    for p in procs:
+        try:
+            p.terminate()
+            alive.append(p)
+        except psutil.Error:
+            continue
+    _, left = psutil.wait_procs(alive, timeout=grace)
+    for p in left:
+        try:
+            p.kill()
+        except psutil.Error:
+            continue
+    psutil.wait_procs(left, timeout=5)
 
 
 def _watchdog(proc: subprocess.Popen[Any], timeout: float | None, fired: threading.Event) -> threading.Timer | None:

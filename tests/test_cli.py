@@ -29,7 +29,7 @@ from simulation.flower_output import read_console_line, strip_ansi
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(__file__).parent / "data" / "flower_stream_2sites_1round.log"
 HEAVY = ("torch", "torchvision", "monai", "timm", "opacus", "flwr", "ray", "matplotlib", "cv2", "pydicom",
-         "sklearn")
+         "sklearn", "optuna", "mlflow", "tensorboard", "sqlalchemy")
 
 
 # ---------------------------------------------------------------------------

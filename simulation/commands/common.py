@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from shared.config import ConfigError, ConfigValue, parse_overrides
 
 __all__ = [
+    "add_ray_option",
     "add_simulation_options",
     "collect_overrides",
     "nonnegative_int",
@@ -81,6 +82,16 @@ def add_simulation_options(parser: argparse.ArgumentParser, *, run_config_help: 
                         help=run_config_help)
     parser.add_argument("--cpus-per-site", type=positive_int, default=1,
                         help="CPUs reserved per simulated site (default 1)")
+
+
+def add_ray_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--ray-address``: run the simulated sites on an existing Ray cluster (checked when the command runs)."""
+    parser.add_argument(
+        "--ray-address", default=None, metavar="ADDR",
+        help="run the simulated sites on an existing Ray cluster: its head's address as 'ray start --head' prints "
+             "it (e.g. 10.0.0.5:6379; run medfed on a node of that cluster), 'ray://HOST:10001' (Ray Client) or "
+             "'auto'; every node needs this Python environment with medfed installed. Default: a private local "
+             "Ray instance per run (RAY_ADDRESS in the environment is not used)")
 
 
 def collect_overrides(run_config: Sequence[str], flags: Mapping[str, ConfigValue | None] | None = None,

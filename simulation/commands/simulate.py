@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from simulation.commands.common import add_simulation_options, run_config_overrides
+from simulation.commands.common import add_ray_option, add_simulation_options, run_config_overrides
 
 __all__ = ["header_lines", "register", "run", "summary_lines"]
 
@@ -35,6 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     add_simulation_options(p, run_config_help=(
         "run-config overrides in Flower's syntax, e.g. \"model='resnet18' lr=0.01\"; repeatable"))
     p.add_argument("--results-dir", default=None, help="parent folder of the run's results folder (default ./results)")
+    add_ray_option(p)
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue a stopped run from its last checkpoint, in its own folder and with its own settings "
                         "(give the same --sites; --rounds may raise the number of rounds)")
@@ -60,8 +61,10 @@ def run(args: argparse.Namespace) -> int:
     from simulation.display import RunDisplay
     from simulation.runner import plan_simulation, run_simulation
 
-    plan = plan_simulation(run_config_overrides(args), sites=args.sites, cpus_per_site=args.cpus_per_site)
-    for line in header_lines(plan.config, plan.sites, plan.run_dir, verbose=args.verbose):
+    plan = plan_simulation(run_config_overrides(args), sites=args.sites, cpus_per_site=args.cpus_per_site,
+                           ray_address=args.ray_address)
+    for line in header_lines(plan.config, plan.sites, plan.run_dir, verbose=args.verbose,
+                             ray_address=plan.ray_address):
         print(line, flush=True)
     if args.verbose:
         result = run_simulation(plan, echo=True)
@@ -87,7 +90,7 @@ def _list_options() -> int:
     return 0
 
 
-def header_lines(cfg: Any, sites: int, run_dir: Path, *, verbose: bool = False) -> list[str]:
+def header_lines(cfg: Any, sites: int, run_dir: Path, *, verbose: bool = False, ray_address: str = "") -> list[str]:
     """What the run will do, from its validated config (printed before Flower starts).
 
     Parameters
@@ -100,6 +103,8 @@ def header_lines(cfg: Any, sites: int, run_dir: Path, *, verbose: bool = False) 
         The results folder the run will write.
     verbose:
         Whether Flower's output is shown live (changes the last line).
+    ray_address:
+        The Ray cluster the sites run on (``''`` = a private local Ray instance: no line).
     """
     rounds = cfg.num_server_rounds
     data = (f"{cfg.data.phantom_count} synthetic phantoms" if not cfg.data.data_path
@@ -110,12 +115,17 @@ def header_lines(cfg: Any, sites: int, run_dir: Path, *, verbose: bool = False) 
     else:
         dp = "no DP"
     where = "shown below" if verbose else "flower.log in the results folder (--verbose shows it live)"
+    ray = [f"  sites run on the Ray cluster at {ray_address}"] if ray_address else []
+    tracking = ([f"  tracking: {cfg.tracking} ({'mlruns' if cfg.tracking == 'mlflow' else 'tensorboard'}/ in the "
+                 "results folder)"] if cfg.tracking != "none" else [])
     return [
         f"medfed simulate: {cfg.task} with {cfg.model} at {cfg.data.image_size} px, {cfg.strategy.name}, "
         f"{sites} sites x {rounds} round{'s' if rounds != 1 else ''}",
         f"  data: {data}, {cfg.partition.kind} partition; {cfg.train.local_epochs} local "
         f"epoch{'s' if cfg.train.local_epochs != 1 else ''} per round; {dp}",
+        *ray,
         f"  results: {run_dir}",
+        *tracking,
         f"  Flower's own output: {where}",
     ]
 
