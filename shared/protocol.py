@@ -50,6 +50,8 @@ __all__ = [
     "SITE_ROLE",
     "SUBGROUPS",
     "SITE_QUARANTINED",
+    "SITE_TRAIN_CLASSES",
+    "SITE_VAL_CLASSES",
     "SITE_TRAIN_IMAGES",
     "SITE_VAL_IMAGES",
     "TORCH_THREADS",
@@ -99,6 +101,10 @@ SITE_VAL_IMAGES = "num-val-examples"
 evaluation replies may count, :mod:`shared.validation`)."""
 SITE_QUARANTINED = "quarantined-files"
 """Files the site could not use (roll call; counted, never named)."""
+SITE_TRAIN_CLASSES = "train-class-counts"
+"""Training images per class, in the task's class order (roll call, classification tasks; a list of ints)."""
+SITE_VAL_CLASSES = "val-class-counts"
+"""Validation images per class, in the task's class order (roll call, classification tasks; a list of ints)."""
 
 TRAIN_FIELDS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_SECONDS, TRAIN_IMAGES_PER_S, LOAD_SECONDS, TORCH_THREADS)
 REQUIRED_TRAIN_FIELDS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_SECONDS, TRAIN_IMAGES_PER_S, LOAD_SECONDS)
@@ -124,9 +130,16 @@ def train_metrics(*, num_examples: int, loss: float, seconds: float, images_per_
     }
 
 
-def site_data_fields(*, train_images: int, val_images: int, quarantined: int) -> dict[str, int]:
-    """The site's data sizes, sent with training replies (counts only)."""
-    return {SITE_TRAIN_IMAGES: int(train_images), SITE_VAL_IMAGES: int(val_images), SITE_QUARANTINED: int(quarantined)}
+def site_data_fields(*, train_images: int, val_images: int, quarantined: int,
+                     train_classes: list[int] | None = None,
+                     val_classes: list[int] | None = None) -> dict[str, int | list[int]]:
+    """The site's data sizes for the roll call (counts only); images per class when the task has classes."""
+    out: dict[str, int | list[int]] = {SITE_TRAIN_IMAGES: int(train_images), SITE_VAL_IMAGES: int(val_images),
+                                       SITE_QUARANTINED: int(quarantined)}
+    if train_classes is not None and val_classes is not None:
+        out[SITE_TRAIN_CLASSES] = [int(v) for v in train_classes]
+        out[SITE_VAL_CLASSES] = [int(v) for v in val_classes]
+    return out
 
 
 def data_sizes(metrics: Mapping[str, object]) -> tuple[int, int, int] | None:
