@@ -229,7 +229,8 @@ def roll_call(rt: SiteRuntime) -> tuple[dict[str, str], dict[str, int | list[int
             protocol.site_data_fields(train_images=len(rt.train_x), val_images=len(rt.val_x),
                                       quarantined=rt.data.quarantined,
                                       train_classes=objective.class_counts(rt.train_t),
-                                      val_classes=objective.class_counts(rt.val_t)))
+                                      val_classes=objective.class_counts(rt.val_t), simulated=rt.site.simulated,
+                                      phantoms=rt.site.simulated and not rt.cfg.data.data_path))
 
 
 def evaluate_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], server_round: int = 0,

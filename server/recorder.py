@@ -98,6 +98,9 @@ class RoundRecorder:
             per_class = self._class_list(sizes.get(key), total)
             if per_class is not None:
                 self.sites[site][field] = per_class
+        for key, field in ((protocol.SITE_SIMULATED, "simulated"), (protocol.SITE_PHANTOMS, "phantoms")):
+            if sizes.get(key) in (0, 1):  # a flag, or nothing from an untrusted reply
+                self.sites[site][field] = bool(sizes[key])
         what = (f"holdout site, {train + val} images to test on (never trains)" if role == "holdout"
                 else f"{train} training and {val} validation images")
         logger.info(console_line("site", f"{site}: {what}" + (f", {quarantined} files quarantined" if quarantined else "")))

@@ -135,7 +135,7 @@ def build_model_card(data: RunData, *, generated: str | None = None) -> dict[str
         source = (f"synthetic phantoms generated from seed {rc.get('seed')} (phantom-count {rc.get('phantom-count')}), "
                   "partitioned across simulated sites: no patient data")
         hashes: Any = "not applicable: synthetic phantoms are generated, not read from files"
-    elif data.simulation:
+    elif data.simulated:
         source = "a real dataset partitioned across simulated sites (data-path of the simulation; path not recorded here)"
         hashes = NOT_AT_SERVER
     else:
@@ -163,7 +163,9 @@ def build_model_card(data: RunData, *, generated: str | None = None) -> dict[str
             "classes": names, "positive-class": names[data.positive_class] if data.positive_class is not None else None,
             "image-size": rc.get("image-size"), "in-channels": task.in_channels,
             "operating-threshold": data.threshold,
-            "threshold-rule": (task.threshold_method if data.positive_class is not None else "argmax (no threshold)"),
+            "threshold-rule": (task.threshold_method if data.positive_class is not None else
+                               "per-pixel most probable class (no threshold)" if data.view.name == "segmentation"
+                               else "most probable class (no threshold)"),
             "model-file": "model.pt", "model-file-sha256": data.model_sha256(),
         },
         "intended-use": (f"Research and method development: {task.description}. Not a medical device and not "
@@ -173,7 +175,9 @@ def build_model_card(data: RunData, *, generated: str | None = None) -> dict[str
             "federation": {"strategy": rc.get("strategy"), "rounds": len(data.rounds),
                            "rounds-planned": rc.get("num-server-rounds"), "local-epochs": rc.get("local-epochs"),
                            "batch-size": rc.get("batch-size"), "optimizer": rc.get("optimizer"), "lr": rc.get("lr"),
-                           "seed": rc.get("seed"), "simulated-sites": data.simulation.get("sites")},
+                           "seed": rc.get("seed"),
+                           "simulated-sites": (data.simulation.get("sites") or len(data.site_data))
+                           if data.simulated else None},
             "data-source": source,
             "sites": per_site,
             "total-training-images": sum(int(s.get("training-images") or 0) for s in train_sites),

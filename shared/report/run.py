@@ -78,8 +78,8 @@ class RunData:
 
     @property
     def positive_class(self) -> int | None:
-        """The positive class of a binary task (None otherwise)."""
-        return self.task.positive_class if len(self.class_names) == 2 else None
+        """The positive class of a binary classification task (None otherwise: argmax or segmentation)."""
+        return self.task.positive_class if self.view.name == "binary" else None
 
     @property
     def evaluated(self) -> list[dict[str, Any]]:
@@ -123,8 +123,19 @@ class RunData:
 
     @property
     def phantoms(self) -> bool:
-        """Whether the run trained on synthetic phantoms (a simulation without ``data-path``)."""
+        """Whether every site said (roll call) that its images are synthetic phantoms.
+
+        Runs recorded before sites said so: a simulation without ``data-path``.
+        """
+        flags = [v.get("phantoms") for v in self.site_data.values()]
+        if flags and all(f is not None for f in flags):
+            return all(flags)
         return bool(self.simulation) and not self.run_config.get("data-path")
+
+    @property
+    def simulated(self) -> bool:
+        """Whether the sites were simulated (they said so at the roll call, or ``simulation.json`` says so)."""
+        return bool(self.simulation) or any(v.get("simulated") for v in self.site_data.values())
 
     def model_sha256(self) -> str | None:
         """SHA-256 of ``model.pt`` (identifies exactly which weights a document is about), None without it."""

@@ -68,7 +68,7 @@ def _run_section(data: RunData) -> Section:
     holdout = sorted(s for s, v in sites.items() if v.get("role") == "holdout")
     if data.phantoms:
         source = f"synthetic phantoms ({rc.get('phantom-count')} images, seed {rc.get('seed')}), no patient data"
-    elif data.simulation:
+    elif data.simulated:
         source = "a real dataset split across simulated sites (its path is in config.json, not in this report)"
     else:
         source = "each hospital's own images (the server never sees them; counts below come from the sites)"
@@ -85,7 +85,7 @@ def _run_section(data: RunData) -> Section:
                                                                    f"({', '.join(holdout)})" if holdout else "")),
         ("data", source),
         ("partition", f"{rc.get('partition')}, validation fraction {rc.get('val-fraction')}"
-                      if data.simulation else "each site's own data, its own train/validation split"),
+                      if data.simulated else "each site's own data, its own train/validation split"),
         ("test set", "yes (server-side test-path, scored each round)" if data.last.get("test") else "none"),
         ("differential privacy", dp + ("" if central == "none" else f"; central DP: {central}")),
         ("seed", rc.get("seed")),
