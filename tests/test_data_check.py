@@ -243,7 +243,8 @@ def test_segmentation_manifests_are_checked_like_training_reads_them(tmp_path: P
     (root / "masks" / "small.png").unlink()
     report = check_dataset(root, "lung-seg")
     assert report.num_usable == 25 and report.duplicates == 1
-    assert report.duplicate_files[0]["file"].startswith("images/") and report.duplicate_files[0]["file"].endswith(".png")
+    first = report.duplicate_files[0]["file"]
+    assert first.startswith("images/") and first.endswith(".png")
 
 
 def test_all_empty_masks_are_not_ready(tmp_path: Path) -> None:

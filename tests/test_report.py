@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from headless import parse_sections, remote_references
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from shared.metrics.bootstrap import bootstrap_interval, classification_intervals, mean_intervals
@@ -25,8 +26,6 @@ from shared.metrics.subgroups import SubgroupSpec, classification_subgroup_count
 from shared.report import SECTION_IDS, build_run_report, write_run_report
 from shared.results import RunFolder
 from simulation.cli import main as cli_main
-
-from headless import parse_sections, remote_references
 
 BINS = 1000
 
@@ -174,10 +173,12 @@ def _fake_run(tmp_path: Path, *, dp: bool = False) -> Path:
         merged = subgroup_parts[0].merge(subgroup_parts[1])
         record = {
             "round": rnd, "train": {"train-loss": 0.8 - 0.1 * rnd, "num-examples": 360.0},
-            "train-sites": {"site-0": {"num-examples": 200, "train-loss": 0.7, **({"dp-epsilon": 0.5 * rnd} if dp else {})},
+            "train-sites": {"site-0": {"num-examples": 200, "train-loss": 0.7,
+                                       **({"dp-epsilon": 0.5 * rnd} if dp else {})},
                             "site-1": {"num-examples": 160, "train-loss": 0.72,
                                        **({"dp-epsilon": 0.6 * rnd} if dp else {})}},
-            "evaluate": ev.pooled, "evaluate-sites": ev.per_site, "holdout": hold.pooled, "holdout-sites": hold.per_site,
+            "evaluate": ev.pooled, "evaluate-sites": ev.per_site,
+            "holdout": hold.pooled, "holdout-sites": hold.per_site,
             "fairness": fairness_summary(ev.pooled, ev.per_site, merged, metric="auroc"),
             "site-data": site_data, "round-s": 2.0,
         }
@@ -189,7 +190,8 @@ def _fake_run(tmp_path: Path, *, dp: bool = False) -> Path:
     summary = {"headline": "final pooled validation AUROC 0.8", "task": "pneumonia-cxr"}
     if dp:
         summary["privacy"] = {"mechanism": "DP-SGD", "accountant": "rdp", "epsilon": 1.8, "delta": 1e-5,
-                              "unit": "image", "meaning": "per image", "per-site-epsilon": {"site-0": 1.5, "site-1": 1.8},
+                              "unit": "image", "meaning": "per image",
+                              "per-site-epsilon": {"site-0": 1.5, "site-1": 1.8},
                               "budget-refusals": {}}
     folder.write_summary(summary)
     return folder.path
@@ -218,7 +220,8 @@ def test_report_of_a_results_folder_has_every_section_and_no_remote_reference(re
     assert remote_references(html) == []
     assert all(link.startswith(("data:image/png;base64,", "#")) for link in page.links)
     text = page.text
-    assert "holdout sites" in text["classification"] and "validation (pooled over training sites)" in text["classification"]
+    assert "holdout sites" in text["classification"]
+    assert "validation (pooled over training sites)" in text["classification"]
     assert "100 / 100" in text["run"] and "holdout (never trains)" in text["run"]
     assert "Differential privacy: none" in text["privacy"]
     assert "F" in text["fairness"] and "sensitivity [95% CI]" in text["fairness"]
@@ -240,6 +243,30 @@ def test_dp_run_report_plots_epsilon_per_site(tmp_path: Path) -> None:
     page = parse_sections(html)
     assert page.images["privacy"] == 1 and "epsilon <= 1.800" in page.text["privacy"]
     assert card["privacy"]["dp-sgd"]["epsilon"] == 1.8
+
+
+def test_three_class_report_draws_one_vs_rest_curves(tmp_path: Path) -> None:
+    folder = RunFolder.create(str(tmp_path), "mc")
+    folder.write_config({"task": "pneumonia-cxr-3class", "model": "small-cnn", "strategy": "fedavg",
+                         "dp.enabled": False}, {"class-names": ["normal", "bacterial", "viral"]})
+    rng = np.random.default_rng(0)
+    reports = []
+    for site in ("site-0", "site-1"):
+        y = rng.integers(0, 3, 60)
+        logits = rng.normal(size=(60, 3)) + 1.5 * np.eye(3)[y]
+        probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        reports.append(SiteEvaluation(site, ClassificationCounts.from_predictions(probs, y), 0.9))
+    ev = pool_evaluations(reports, ThresholdRule("argmax", positive_class=None))
+    folder.add_round({"round": 1, "evaluate": ev.pooled, "evaluate-sites": ev.per_site,
+                      "fairness": fairness_summary(ev.pooled, ev.per_site, None, metric="auroc", positive_class=None),
+                      "train": {"train-loss": 1.0}})
+    folder.write_counts(1, {"validation": ev.counts.to_flat()})
+    html, card = build_run_report(folder.path)
+    page = parse_sections(html)
+    assert "classification" in page.text and page.images["classification"] == 5  # curves, 3 reliability, confusion
+    assert "bacterial vs rest" not in page.text["classification"]  # (legend text is inside the figure)
+    assert card["model"]["threshold-rule"] == "most probable class (no threshold)"
+    assert card["model"]["positive-class"] is None and remote_references(html) == []
 
 
 def test_medfed_report_refuses_what_is_not_a_results_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -103,6 +103,10 @@ def _finite(v: object) -> float | None:
     return float(v) if isinstance(v, (int, float)) and math.isfinite(float(v)) else None
 
 
+def _bullets(items: Sequence[str]) -> str:
+    return "<ul class=\"tight\">" + "".join(f"<li>{esc(x)}</li>" for x in items) + "</ul>"
+
+
 def _footer() -> str:
     return f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by medfed evaluate."
 
@@ -160,7 +164,8 @@ def classification_page(info: Mapping[str, Any], counts: ClassificationCounts, m
             fpr, tpr, _ = roc_points(pos, neg)
             rec, prec, _ = pr_points(pos, neg)
             curves.append(figures.Curve(f"{cname} vs rest", fpr.tolist(), tpr.tolist(), rec.tolist(), prec.tolist(),
-                                        auroc=_finite(metrics.get(f"auroc-{j}")), auprc=_finite(metrics.get(f"auprc-{j}"))))
+                                        auroc=_finite(metrics.get(f"auroc-{j}")),
+                                        auprc=_finite(metrics.get(f"auprc-{j}"))))
         sections.append(Section("curves", "ROC and precision-recall (one-vs-rest)", figure(
             figures.roc_pr(curves), "one-vs-rest curves", "One curve per class against the others.")))
         cal = []
@@ -173,14 +178,14 @@ def classification_page(info: Mapping[str, Any], counts: ClassificationCounts, m
     sections.append(Section("confusion", "Confusion matrix", figure(
         figures.confusion_matrix(m, names, title), "confusion matrix", "Rows: true class; columns: decision.")))
     sections.append(_subgroup_section(uncertainty["subgroups"], segmentation=False))
-    sections.append(Section("notes", "How to read this", "<ul class=\"tight\">" + "".join(f"<li>{esc(x)}</li>" for x in (
+    sections.append(Section("notes", "How to read this", _bullets((
         "The operating threshold comes with the model: the federation chose it on its sites' validation data. "
         "Scored here on images the model never saw, the figures at that threshold are an unbiased check of it "
         "for this hospital's population.",
         "AUROC, the curves and the calibration come from the predicted probabilities binned to 1000 bins, "
         "exactly as the federation computes them (within about 1e-3 of the unbinned values).",
         "Intervals treat images as independent; with several images per patient they are somewhat too narrow.",
-    )) + "</ul>"))
+    ))))
     return page("medfed local validation", f"{info.get('model', '')} on {info.get('images scored', '')} images",
                 sections, _footer())
 
@@ -195,10 +200,10 @@ def segmentation_page(info: Mapping[str, Any], metrics: Mapping[str, Any], uncer
         f"{fmt_metric(metrics.get('hd95'), 2)} px, {fmt_metric(metrics.get('hd95-mm'), 2)} mm where the pixel "
         "spacing is known).")))
     sections.append(_subgroup_section(uncertainty["subgroups"], segmentation=True))
-    sections.append(Section("notes", "How to read this", "<ul class=\"tight\">" + "".join(f"<li>{esc(x)}</li>" for x in (
+    sections.append(Section("notes", "How to read this", _bullets((
         "Dice and IoU of an image where both masks are empty count as 1; HD95 leaves such images out.",
         "HD95 is in pixels of the model's input size; hd95-mm only for images with a known pixel spacing.",
         "Intervals treat images as independent; with several images per patient they are somewhat too narrow.",
-    )) + "</ul>"))
-    return page("medfed local validation", f"{info.get('model', '')} on {info.get('images scored', '')} image/mask pairs",
-                sections, _footer())
+    ))))
+    what = f"{info.get('model', '')} on {info.get('images scored', '')} image/mask pairs"
+    return page("medfed local validation", what, sections, _footer())

@@ -93,7 +93,7 @@ def _finite(values: Sequence[float]) -> bool:
 def line_panels(panels: Sequence[Panel], *, width: float = 10.0, height: float = 3.6) -> bytes:
     """Side-by-side line charts (e.g. a metric and the training loss over rounds)."""
     fig, axes = _new(width, height, len(panels))
-    for ax, panel in zip(axes, panels):
+    for ax, panel in zip(axes, panels, strict=True):
         shown = 0
         for s in panel.series:
             y = np.array([math.nan if v is None else float(v) for v in s.y], dtype=np.float64)
@@ -157,8 +157,9 @@ def reliability_diagram(bins: Mapping[str, np.ndarray], ece: float | None, title
     conf, obs = np.asarray(bins["confidence"]), np.asarray(bins["observed"])
     ax.plot([0, 1], [0, 1], color="#999999", linestyle=":", linewidth=1, label="perfect calibration")
     ok = n > 0
-    ax.plot(conf[ok], obs[ok], marker="o", linewidth=2, label="this model" + (f" (ECE {ece:.3f})" if ece is not None else ""))
-    for c, o in zip(conf[ok], obs[ok]):
+    label = "this model" + (f" (ECE {ece:.3f})" if ece is not None else "")
+    ax.plot(conf[ok], obs[ok], marker="o", linewidth=2, label=label)
+    for c, o in zip(conf[ok], obs[ok], strict=True):
         ax.plot([c, c], [c, o], color="#d9534f", linewidth=1, alpha=0.7)
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="mean predicted probability", ylabel="observed frequency", title=title)
     ax.set_aspect("equal")
@@ -206,11 +207,12 @@ def bar_chart(labels: Sequence[str], values: Sequence[float | None], *, ylabel: 
         ok = np.isfinite(lo) & np.isfinite(hi) & np.isfinite(y)
         ax.errorbar(x[ok], y[ok], yerr=[y[ok] - lo[ok], hi[ok] - y[ok]], fmt="none", ecolor="black", capsize=4,
                     label="95% interval")
-    for xi, yi in zip(x, y):
+    for xi, yi in zip(x, y, strict=True):
         ax.text(xi, (0 if not math.isfinite(yi) else yi) + 0.01, "n/a" if not math.isfinite(yi) else f"{yi:.3f}",
                 ha="center", va="bottom", fontsize=8)
     if reference is not None and math.isfinite(reference):
-        ax.axhline(reference, color="#d9534f", linestyle="--", linewidth=1.2, label=f"{reference_label} {reference:.3f}")
+        ax.axhline(reference, color="#d9534f", linestyle="--", linewidth=1.2,
+                   label=f"{reference_label} {reference:.3f}")
     ax.set_xticks(x, list(labels), rotation=20 if len(labels) > 4 else 0)
     ax.set(ylabel=ylabel, title=title)
     if ylim is not None:

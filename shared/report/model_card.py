@@ -94,7 +94,8 @@ def _privacy(data: RunData) -> dict[str, Any]:
         p = summary.get("privacy") or {}
         out["dp-sgd"] = {
             "statement": (f"(epsilon {fmt_metric(p.get('epsilon'))}, delta {fmt_metric(p.get('delta'), spec='.1e')}) "
-                          f"per {p.get('unit', 'image')}, maximum over sites ({p.get('accountant', rc.get('dp.accountant'))} "
+                          f"per {p.get('unit', 'image')}, maximum over sites "
+                          f"({p.get('accountant', rc.get('dp.accountant'))} "
                           "accountant)") if p else "DP-SGD was on, but no round finished training",
             **{k: v for k, v in p.items() if k in ("epsilon", "delta", "unit", "accountant", "meaning",
                                                    "per-site-epsilon", "budget-refusals")},
@@ -128,7 +129,7 @@ def build_model_card(data: RunData, *, generated: str | None = None) -> dict[str
         for key, field in (("train-classes", "training-images-per-class"),
                            ("validation-classes", "validation-images-per-class")):
             if info.get(key) is not None and data.view.name != "segmentation":
-                row[field] = dict(zip(names, info[key]))
+                row[field] = dict(zip(names, info[key], strict=False))
         per_site.append(row)
     train_sites = [s for s in per_site if s["role"] != "holdout"]
     if data.phantoms:
@@ -136,7 +137,8 @@ def build_model_card(data: RunData, *, generated: str | None = None) -> dict[str
                   "partitioned across simulated sites: no patient data")
         hashes: Any = "not applicable: synthetic phantoms are generated, not read from files"
     elif data.simulated:
-        source = "a real dataset partitioned across simulated sites (data-path of the simulation; path not recorded here)"
+        source = ("a real dataset partitioned across simulated sites (data-path of the simulation; path not "
+                  "recorded here)")
         hashes = NOT_AT_SERVER
     else:
         source = "each hospital site's own images (never seen by the server)"

@@ -147,7 +147,7 @@ def _curves_section(data: RunData) -> Section:
     x = [r["round"] for r in rounds]
     label = view.primary_label
     metric = [figures.Series(x, _series(rounds, lambda r: r.get("evaluate", {}).get(p)),
-                             f"validation, pooled", bold=True)]
+                             "validation, pooled", bold=True)]
     site_names = sorted({s for r in rounds for s in r.get("evaluate-sites", {})})
     for s in site_names:
         metric.append(figures.Series(x, _series(rounds, lambda r, s=s: r.get("evaluate-sites", {}).get(s, {}).get(p)),
@@ -331,8 +331,9 @@ def _segmentation_section(data: RunData) -> Section:
     for key, label, ylim in (("dice", "Dice", (0.0, 1.0)), ("hd95", "HD95 (px)", None)):
         series = [figures.Series(x, _series(rounds, lambda r, key=key: r.get("evaluate", {}).get(key)),
                                  "validation, pooled", bold=True)]
-        series += [figures.Series(x, _series(rounds, lambda r, s=s, key=key: r.get("evaluate-sites", {}).get(s, {}).get(key)),
-                                  f"validation, {s}") for s in sites]
+        series += [figures.Series(x, _series(rounds, lambda r, s=s, key=key:
+                                             r.get("evaluate-sites", {}).get(s, {}).get(key)), f"validation, {s}")
+                   for s in sites]
         if any(r.get("holdout") for r in rounds):
             series.append(figures.Series(x, _series(rounds, lambda r, key=key: r.get("holdout", {}).get(key)),
                                          "holdout sites", dashed=True, bold=True))
@@ -393,7 +394,8 @@ def _fairness_section(data: RunData) -> Section:
                               ("Jain's fairness index (1 = equal)", fmt_metric(sites.get("jain-index")))]))
         names = [e["site"] for e in sites["sites"]]
         body.append(figure(figures.bar_chart(names, [e.get("value") for e in sites["sites"]], ylabel=label,
-                                             title=f"{label} per site (validation)", reference=_finite(sites.get("pooled"))),
+                                             title=f"{label} per site (validation)",
+                                             reference=_finite(sites.get("pooled"))),
                            f"{label} per site", "Each site's own validation figure; the line is the pooled figure."))
     else:
         body.append(note("No per-site figures (no evaluated round)."))
@@ -414,8 +416,8 @@ def _fairness_section(data: RunData) -> Section:
                              f"{col.get('withheld-cells', 0)} withheld)."))
             continue
         if seg:
-            rows = [[e["subgroup"], e["n"], e.get("sites"), num(e.get("dice")), num(e.get("iou")), num(e.get("hd95"), 2)]
-                    for e in entries]
+            rows = [[e["subgroup"], e["n"], e.get("sites"), num(e.get("dice")), num(e.get("iou")),
+                     num(e.get("hd95"), 2)] for e in entries]
             body.append(table(["subgroup", "images", "sites", "mean Dice", "mean IoU", "mean HD95 (px)"], rows,
                               caption=caption, numeric=[False, True, True, True, True, True]))
         else:
@@ -513,7 +515,7 @@ def _thumbnail(path: Path) -> bytes | None:
 
 
 def _last_round_folders(explain_dir: Path) -> list[tuple[str, Path]]:
-    """``(site, folder)`` of the latest round under a simulation's ``DIR/<site>/round-NNN`` or a site's ``DIR/round-NNN``."""
+    """``(site, folder)`` of the latest round: a simulation's ``DIR/<site>/round-NNN``, a site's ``DIR/round-NNN``."""
     out = []
     own = sorted(explain_dir.glob("round-*"))
     if own:
@@ -583,7 +585,8 @@ def _card_section(card: Mapping[str, Any]) -> Section:
     body = [kv_table([
         ("model", f"{m['name']} ({m['kind']}), {m['image-size']} px, {m['in-channels']} channel(s)"),
         ("task", f"{m['task']}: {m['description']}"),
-        ("classes", ", ".join(m["classes"]) + (f"; positive: {m['positive-class']}" if m.get("positive-class") else "")),
+        ("classes", ", ".join(m["classes"])
+         + (f"; positive: {m['positive-class']}" if m.get("positive-class") else "")),
         ("operating threshold", f"{fmt_metric(m.get('operating-threshold'))} ({m['threshold-rule']})"
          if m.get("operating-threshold") is not None else m["threshold-rule"]),
         ("model file", f"{m['model-file']}, SHA-256 {m.get('model-file-sha256') or 'n/a (no model file)'}"),

@@ -51,7 +51,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def run(args: argparse.Namespace) -> int:
     """Run ``medfed evaluate``; 0 when the metrics and the page were written."""
     from shared.inference import load_trained
-
     from shared.kinds import SEGMENTATION
 
     trained = load_trained(args.model)
@@ -102,7 +101,8 @@ def _info(trained: Any, args: argparse.Namespace, n: int, skipped: dict[str, int
         "model file": f"{trained.path.name}, SHA-256 {_sha256(trained.path)}",
         "trained": (f"federated, {rc.get('strategy')} over {rc.get('num-server-rounds')} round(s) at "
                     f"{trained.preprocess.size} px" + (", DP-SGD" if rc.get("dp.enabled") else "")),
-        "operating threshold": (f"{trained.meta.get('threshold')} ({(trained.meta.get('threshold-rule') or {}).get('method')}, "
+        "operating threshold": (f"{trained.meta.get('threshold')} "
+                                f"({(trained.meta.get('threshold-rule') or {}).get('method')}, "
                                 "chosen by the federation on its validation data)"
                                 if trained.meta.get("threshold") is not None else "none (most probable class)"),
         "data": f"a labelled dataset ({layout}); path not recorded",
@@ -131,7 +131,7 @@ def _evaluate_classifier(trained: Any, args: argparse.Namespace) -> int:
     out = _write(Path(args.out), report)
     info = _info(trained, args, n, result.skipped)
     per_class = result.counts.label_totals()
-    info["images per class"] = ", ".join(f"{c} {v}" for c, v in zip(trained.class_names, per_class))
+    info["images per class"] = ", ".join(f"{c} {v}" for c, v in zip(trained.class_names, per_class, strict=True))
     page = _write_page(args, classification_page(info, result.counts, result.metrics, unc, trained.class_names,
                                                  trained.positive_class, thr))
     m = result.metrics
