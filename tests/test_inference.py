@@ -173,6 +173,11 @@ def test_evaluate_cli_writes_metrics(run_dir: Path, labelled_pngs: Path, tmp_pat
     auroc = report["metrics"]["auroc"]
     assert isinstance(auroc, float) and 0.0 <= auroc <= 1.0
     assert str(labelled_pngs) not in out.read_text()  # no paths in the report
+    ci = report["intervals"]["auroc"]
+    assert ci["estimate"] == pytest.approx(auroc) and ci["low"] <= auroc <= ci["high"] and ci["replicates"] == 1000
+    assert "95% CI" in printed and report["subgroups"]["columns"] == {}  # class folders carry no sex/age/view
+    page = (tmp_path / "evaluate.html").read_text(encoding="utf-8")
+    assert 'id="intervals"' in page and 'id="curves"' in page and str(labelled_pngs) not in page
 
 
 def test_bogus_model_files_give_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -327,6 +332,10 @@ def test_evaluate_segmentation_model_on_image_mask_pairs(
     report = json.loads(out.read_text())
     assert report["num-images"] == 8 and report["skipped"] == {"mask-size-mismatch": 1}
     assert report["metrics"]["dice"] > 0.6, report
+    ci = report["intervals"]["dice"]
+    assert ci["estimate"] == pytest.approx(report["metrics"]["dice"], abs=1e-6) and ci["low"] <= ci["high"]
+    page = (tmp_path / "evaluate.html").read_text(encoding="utf-8")
+    assert 'id="distribution"' in page and 'id="subgroups"' in page and str(data) not in page
     assert "dice" in capsys.readouterr().out
 
 

@@ -51,12 +51,16 @@ def browser() -> str:
 
 @pytest.fixture(scope="module")
 def classification_run(tmp_path_factory: pytest.TempPathFactory, browser: str) -> Path:
-    """The demo's task in miniature, through ``medfed simulate --explain-dir`` (adds the Grad-CAM gallery)."""
+    """The demo's task in miniature, through ``medfed simulate --explain-dir`` (adds the Grad-CAM gallery).
+
+Subgroup cells of 5 images are sent (``fairness.min-cell=5``) so that the tiny sites' phantom sex/age
+subgroups reach the report."""
     base = tmp_path_factory.mktemp("cls")
     code = cli_main([
         "simulate", "--sites", "2", "--rounds", "2", "--results-dir", str(base / "results"),
         "--explain-dir", str(base / "cams"), "--explain-samples", "3",
-        "--run-config", "phantom-count=240 image-size=32 local-epochs=3 min-partition-size=5 run-name='cls'",
+        "--run-config", "phantom-count=240 image-size=32 local-epochs=3 min-partition-size=5 run-name='cls' "
+                        "fairness.min-cell=5",
     ])
     assert code == 0
     return base / "results" / "cls"
@@ -97,6 +101,7 @@ def test_every_section_renders_with_content(which: str, request: pytest.FixtureR
     assert "validation" in text["learning-curves"]
     if which == "classification":
         assert "operating" in text["classification"] and "ECE" in text["classification"]
+        assert "sensitivity [95% CI]" in text["fairness"] and page.images["fairness"] >= 2  # subgroups of phantoms
         assert "site-0, round-002" in text["gradcam"]
         card = json.loads((run / "model-card.json").read_text())
         assert card["training"]["total-training-images"] > 0 and card["model"]["model-file-sha256"]
