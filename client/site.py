@@ -218,15 +218,19 @@ def train_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], server_r
     return state, metrics
 
 
-def roll_call(rt: SiteRuntime) -> tuple[dict[str, str], dict[str, int]]:
-    """What the site answers before round 1: its id and role, and its data sizes (counts only).
+def roll_call(rt: SiteRuntime) -> tuple[dict[str, str], dict[str, int | list[int]]]:
+    """What the site answers before round 1: its id and role, and its data sizes (counts only; per class too).
 
     Raises :class:`PolicyRefusal` when its own policy forbids the run.
     """
     check_policy(rt, training=False)
+    objective = rt.task.objective()
     return ({protocol.SITE_ID: rt.site.site_id, protocol.SITE_ROLE: rt.policy.role},
             protocol.site_data_fields(train_images=len(rt.train_x), val_images=len(rt.val_x),
-                                      quarantined=rt.data.quarantined))
+                                      quarantined=rt.data.quarantined,
+                                      train_classes=objective.class_counts(rt.train_t),
+                                      val_classes=objective.class_counts(rt.val_t), simulated=rt.site.simulated,
+                                      phantoms=rt.site.simulated and not rt.cfg.data.data_path))
 
 
 def evaluate_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], server_round: int = 0,

@@ -20,7 +20,7 @@ from server.strategies import build_strategy
 from shared import protocol
 from shared.config import ConfigError, RunConfig
 from shared.console import console_line
-from shared.metrics.federated import SiteEvaluation, pool_evaluations, pool_training
+from shared.metrics.federated import RoundEvaluation, SiteEvaluation, pool_evaluations, pool_training
 from shared.privacy.report import privacy_statement
 from shared.results import RunFolder, RunFolderError
 from shared.tasks import TaskSpec, get_task
@@ -59,6 +59,16 @@ def _to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in arrays.items()})
 
 
+def _medfed_version() -> str:
+    """medfed's installed version (``unknown`` when run from a checkout that was never installed)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("medfed")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def _open_folder(cfg: RunConfig, task: TaskSpec) -> tuple[RunFolder, bool]:
     """A new results folder, or the one ``resume-from`` names (then True)."""
     if cfg.resume_from:
@@ -90,14 +100,14 @@ def _test_fn(cfg: RunConfig, task: TaskSpec):  # noqa: ANN202
                                        "trained on), scored each round at the threshold chosen on validation"))
     objective = task.objective()
 
-    def evaluate(server_round: int, arrays: ArrayRecord, threshold: float | None) -> dict[str, Any]:
+    def evaluate(server_round: int, arrays: ArrayRecord, threshold: float | None) -> RoundEvaluation:
         model, _ = task.build_model(cfg)
         model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
         res = objective.evaluate(model, test.images, test.targets,
                                  batch_size=objective.eval_batch_size(cfg.train.batch_size),
                                  precision=cfg.train.precision, normalize=cfg.data.normalize, spacings=test.spacings)
         report = SiteEvaluation("test", res.counts, res.loss)
-        return pool_evaluations([report], task.threshold_rule, threshold=threshold).pooled
+        return pool_evaluations([report], task.threshold_rule, threshold=threshold)
 
     return evaluate
 
@@ -114,7 +124,8 @@ def run_federation(grid: Any, cfg: RunConfig) -> RunFolder:
     if not resuming:
         folder.write_config(
             cfg.to_flat(),
-            {"versions": {"torch": torch.__version__, "flwr": flwr.__version__, "python": platform.python_version()},
+            {"versions": {"medfed": _medfed_version(), "torch": torch.__version__, "flwr": flwr.__version__,
+                          "python": platform.python_version()},
              "class-names": list(task.class_names), "positive-class": task.positive_class, **task.pipeline(cfg)},
         )
     # for the server's log; medfed simulate prints its own header from the same config
@@ -195,6 +206,18 @@ def run_federation(grid: Any, cfg: RunConfig) -> RunFolder:
     if last.get("holdout"):
         headline += f"; holdout sites {task.view.headline(last['holdout'])}"
     summary = folder.write_summary({**extra, "headline": f"final pooled validation {headline}"})
+    _write_report(folder)
     logger.info(console_line("summary", f"finished {summary['rounds']} rounds in {summary['wall-seconds']:.0f} s; "
                                         f"final pooled validation {headline}"))
     return folder
+
+
+def _write_report(folder: RunFolder) -> None:
+    """``report.html`` and ``model-card.json`` of the finished run; a failure here never fails the run."""
+    try:
+        from shared.report import write_run_report
+
+        write_run_report(folder.path)
+    except Exception as exc:  # noqa: BLE001 - the results are written; the report is a reading aid
+        logger.warning(console_line("warning", f"the run report could not be written ({type(exc).__name__}: "
+                                               f"{str(exc)[:200]}); 'medfed report {folder.path}' tries again"))

@@ -4,7 +4,11 @@ The round loop (:mod:`server.rounds`) hands the recorder what passed the
 gate, per site: training metrics, evaluation counts (validation sites and
 holdout sites apart), rejected replies and refused rounds, privacy spend and
 refusals, the server's own test-set figures. Replies carry counts and site
-ids only. What a person sees is logged as :mod:`shared.console` lines: each
+ids only. Each round record carries the sites' data sizes from the roll call
+(``site-data``: role, training and validation images, per class where the
+task has classes, quarantined files), and the last evaluated round's merged
+counts go to ``counts.json`` (:meth:`shared.results.RunFolder.write_counts`)
+for the run report's curves. What a person sees is logged as :mod:`shared.console` lines: each
 site's data once per run (before round 1, from the roll call), one progress
 line per round, warnings for failed, refusing or rejected sites.
 """
@@ -61,6 +65,7 @@ class RoundRecorder:
         self.min_sites = min_sites
         self.t0 = time.time()
         self._round: dict[str, Any] = {}
+        self._counts: dict[str, Any] = {}  # this round's merged counts (validation, holdout, test)
         self.privacy: dict[str, Any] = {}  # latest federation privacy statement
         self.refusals: dict[str, dict[str, Any]] = {}  # site -> first budget refusal
         self.policy_refusals: dict[str, dict[str, Any]] = {}  # site -> its policy refusal
@@ -91,6 +96,14 @@ class RoundRecorder:
         val = int(sizes.get(protocol.SITE_VAL_IMAGES, 0))
         quarantined = int(sizes.get(protocol.SITE_QUARANTINED, 0))
         self.sites[site] = {"role": role, "train": train, "validation": val, "quarantined": quarantined}
+        for key, field, total in ((protocol.SITE_TRAIN_CLASSES, "train-classes", train),
+                                  (protocol.SITE_VAL_CLASSES, "validation-classes", val)):
+            per_class = self._class_list(sizes.get(key), total)
+            if per_class is not None:
+                self.sites[site][field] = per_class
+        for key, field in ((protocol.SITE_SIMULATED, "simulated"), (protocol.SITE_PHANTOMS, "phantoms")):
+            if sizes.get(key) in (0, 1):  # a flag, or nothing from an untrusted reply
+                self.sites[site][field] = bool(sizes[key])
         what = (f"holdout site, {train + val} images to test on (never trains)" if role == "holdout"
                 else f"{train} training and {val} validation images")
         logger.info(console_line("site", f"{site}: {what}" + (f", {quarantined} files quarantined" if quarantined else "")))
@@ -100,6 +113,15 @@ class RoundRecorder:
         tiny = tiny_site_message(site, train, val, self.cfg) if self.cfg is not None and role != "holdout" else None
         if tiny is not None:
             logger.warning(console_line("warning", tiny))
+
+    def _class_list(self, value: Any, total: int) -> list[int] | None:
+        """A site's images per class if they are plausible (one non-negative count per class, summing to
+        the size it stated); anything else from an untrusted reply is dropped."""
+        if not isinstance(value, (list, tuple)) or len(value) != self.task.num_classes:
+            return None
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value) or sum(value) != total:
+            return None
+        return [int(v) for v in value]
 
     def on_policy_refusal(self, site: str, info: dict[str, Any]) -> None:
         """A site refuses the run under its own node-config policy."""
@@ -111,6 +133,7 @@ class RoundRecorder:
     def begin_round(self, server_round: int) -> None:
         """Start the record of ``server_round``."""
         self._round = {"round": server_round}
+        self._counts = {}
 
     def refuse(self, server_round: int, phase: str, reason: str) -> None:
         """A phase of the round did not happen (too few sites): the global model is unchanged."""
@@ -175,11 +198,23 @@ class RoundRecorder:
                 r["evaluate"], r["evaluate-sites"] = ev.pooled, ev.per_site
                 threshold = ev.pooled.get("threshold")
                 self._fairness(r, validation.accepted, ev.pooled, ev.per_site)
+                self._keep_counts("validation", ev.counts)
         if holdout is not None and holdout.accepted:
             if holdout.rejected:
                 r["holdout-rejected"] = holdout.rejected
             ev = self._pool(holdout.accepted, threshold)
             r["holdout"], r["holdout-sites"] = ev.pooled, ev.per_site
+            self._keep_counts("holdout", ev.counts)
+
+    def _keep_counts(self, name: str, counts: Any) -> None:
+        """Keep the round's merged counts of ``name`` (validation, holdout, test) for ``counts.json``.
+
+        These are the sums the pooled metrics come from, already at the server:
+        the run report draws its ROC, precision-recall and calibration curves
+        and its confusion matrix from them.
+        """
+        if counts is not None:
+            self._counts[name] = counts.to_flat()
 
     def _pool(self, accepted: list[tuple[str, Message]], threshold: float | None) -> Any:
         reports = [SiteEvaluation.from_flat(site, m.content[protocol.METRICS], self.task.view.counts_from_flat)
@@ -195,9 +230,10 @@ class RoundRecorder:
         r["fairness"] = block
         self.fairness = block
 
-    def on_test(self, server_round: int, metrics: dict[str, Any]) -> None:
-        """The server's own evaluation of the global model on the test set (``test-path``)."""
+    def on_test(self, server_round: int, metrics: dict[str, Any], counts: Any = None) -> None:
+        """The server's own evaluation of the global model on the test set (``test-path``), and its counts."""
         self._round["test"] = metrics
+        self._keep_counts("test", counts)
 
     def _record_privacy(self, r: dict[str, Any], sites: dict[str, dict[str, Any]], refused: dict[str, Any]) -> None:
         """Cumulative epsilon per site (DP-SGD) and any budget refusals of this round."""
@@ -237,7 +273,11 @@ class RoundRecorder:
         tr = r.get("train", {})
         if "max-train-seconds" in tr:
             r["overhead-s"] = r.get("train-phase-s", 0.0) - tr["max-train-seconds"]
+        if self.sites:
+            r["site-data"] = {site: dict(info) for site, info in sorted(self.sites.items())}
         self.folder.add_round(r)
+        if self._counts:
+            self.folder.write_counts(r["round"], self._counts)
         if r.get("fairness"):
             self.folder.write_fairness(fairness_csv_rows(r["fairness"]["subgroups"]))
         self.tracker.log_round(r)

@@ -33,13 +33,15 @@ from server.gate import ReplyGate, declared_site_id
 from server.recorder import RoundRecorder
 from shared import protocol
 from shared.console import console_line
+from shared.metrics.federated import RoundEvaluation
 from shared.site_policy import HOLDOUT, TRAIN, parse_policy_refusal
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["PinnedGrid", "RoundLoop"]
 
-TestFn = Callable[[int, ArrayRecord, "float | None"], "dict[str, Any] | None"]
+TestFn = Callable[[int, ArrayRecord, "float | None"], "RoundEvaluation | None"]
+"""``(round, global model, validation threshold) -> the test set's pooled metrics and counts`` (or None)."""
 
 
 class PinnedGrid:
@@ -180,7 +182,7 @@ class RoundLoop:
         if self.test_fn is not None:
             test = self.test_fn(rnd, arrays, self.recorder.round_threshold())
             if test is not None:
-                self.recorder.on_test(rnd, test)
+                self.recorder.on_test(rnd, test.pooled, test.counts)
 
     def _site_of_reply(self, reply: Message, messages: Iterable[Message]) -> str | None:
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}

@@ -2,10 +2,12 @@
 
 :func:`check_dataset` looks at a site's data the way training will see it
 (:func:`~shared.data.sources.discover`, the task's classes, the site's own
-train/validation split) and decodes every image once, so that problems show up
+train/validation split; for segmentation tasks the image/mask pairs of
+:func:`~shared.data.seg_sources.discover_segmentation`, in every layout
+training reads) and decodes every image once, so that problems show up
 before a round does: unreadable or corrupt files, missing classes, class
-imbalance, duplicated images (and duplicates filed under different classes),
-missing patient ids, odd sizes and bit depths.
+imbalance, empty masks, duplicated images (and duplicates filed under
+different classes), missing patient ids, odd sizes and bit depths.
 
 Each file is judged by :func:`shared.data.usable.read_usable`, the function
 the training loader uses too, under the same input policy (pixel cap
@@ -13,11 +15,16 @@ the training loader uses too, under the same input policy (pixel cap
 folder, ``--allow-outside-root`` / ``allow-outside-data-root``): the check's
 usable and quarantine counts are the site's.
 
-The result, :class:`DataCheckReport`, holds counts only. It is meant to be
-shown to the operator and may be shared with the federation's coordinator, so
-it never contains a file path or file name, a patient id, or anything read
-from an image header: only counts, class names, the task name and the values
-of a few known categorical manifest columns (view, sex, age in decades, ...).
+The result, :class:`DataCheckReport`, holds counts, class names, the task
+name and the values of a few known categorical manifest columns (view, sex,
+age in decades, ...); never an absolute path, a patient id or anything read
+from an image header. So that the operator can find and remove them, it names
+each duplicate image by its manifest row or its path relative to the data
+folder (:attr:`DataCheckReport.duplicate_files`); those names may contain file
+names, so the shareable form (``to_dict(shareable=True)``,
+``format_report(..., shareable=True)``, ``medfed data check --shareable``)
+leaves them out and is counts only, fit to send to the federation's
+coordinator.
 
 No Flower import here.
 """
@@ -29,6 +36,7 @@ import importlib
 import importlib.util
 import logging
 import math
+import os
 import re
 import statistics
 from collections import Counter
@@ -45,12 +53,14 @@ from shared.data.sources import (
     DataSourceError,
     ImageListing,
     ImageReadError,
+    data_root,
     discover,
     read_raw,
 )
 from shared.data.splits import train_val_split
-from shared.data.usable import InputPolicy, quarantine_reason, read_usable
+from shared.data.usable import InputPolicy, bounded, quarantine_reason, read_usable
 from shared.limits import DEFAULT_MAX_PIXELS
+from shared.kinds import SEGMENTATION
 from shared.tasks import TaskSpec, get_task
 
 logger = logging.getLogger(__name__)
@@ -142,6 +152,18 @@ class DataCheckReport:
         Reason -> files not used (decoding failures and discovery skips).
     patient_overlap_train_val : int
         Patients in both train and validation of the site's own split.
+    duplicate_files : list[dict]
+        Each duplicate image, named so the site can find it: ``file`` (its
+        manifest row, ``"manifest row 17"``, or its path relative to the data
+        folder, ``"NORMAL/x.jpeg"``), ``same-as`` (the earlier copy, named
+        alike) and ``other-class`` (labelled differently). Never an absolute
+        path; left out of :meth:`to_dict` / :func:`format_report` with
+        ``shareable=True``, since relative paths may hold file names.
+    kind : str
+        ``"classification"`` (labelled images) or ``"segmentation"``
+        (image/mask pairs; ``per_class`` is empty then).
+    masks_with_foreground, empty_masks : int or None
+        Segmentation: usable pairs whose mask has / has no foreground pixel.
     warnings, errors : list[str]
         Human-readable findings (no paths, no ids).
     verdict : str
@@ -162,6 +184,10 @@ class DataCheckReport:
     duplicate_across_classes: int = 0
     quarantined: dict[str, int] = field(default_factory=dict)
     patient_overlap_train_val: int = 0
+    duplicate_files: list[dict[str, Any]] = field(default_factory=list)
+    kind: str = "classification"
+    masks_with_foreground: int | None = None
+    empty_masks: int | None = None
     warnings: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     verdict: str = VERDICT_NOT_READY
@@ -170,10 +196,16 @@ class DataCheckReport:
         """Return 0 for "ready", 1 for "ready with warnings", 2 for "not ready"."""
         return _EXIT_CODES[self.verdict]
 
-    def to_dict(self) -> dict[str, Any]:
-        """Return the report as JSON-serialisable plain data (with ``exit_code``)."""
+    def to_dict(self, *, shareable: bool = False) -> dict[str, Any]:
+        """Return the report as JSON-serialisable plain data (with ``exit_code``).
+
+        ``shareable`` leaves out :attr:`duplicate_files` (relative paths may
+        hold file names): what remains is counts only, for the coordinator.
+        """
         d = asdict(self)
         d["exit_code"] = self.exit_code()
+        if shareable:
+            d.pop("duplicate_files")
         return d
 
 
@@ -277,21 +309,21 @@ def _age_bin(value: str) -> str:
     return f"{decade}-{decade + 9}"
 
 
-def _column_counts(listing: ImageListing, usable: Sequence[int]) -> dict[str, dict[str, int]]:
-    """Value counts of the known categorical manifest columns over the usable images."""
+def _column_counts(records: Sequence[Any], usable: Sequence[int]) -> dict[str, dict[str, int]]:
+    """Value counts of the known categorical manifest columns over the usable images (or pairs)."""
     if not usable:
         return {}
     columns: dict[str, str] = {}  # original key -> report name
-    for key in listing.records[usable[0]].extra:
+    for key in records[usable[0]].extra:
         report_name = REPORTED_COLUMNS.get(_normalise_column(key))
         if report_name is not None and report_name not in columns.values():
             columns[key] = report_name
-    patient_ids = {r.patient_id for r in listing.records if r.patient_id}
+    patient_ids = {r.patient_id for r in records if r.patient_id}
     out: dict[str, dict[str, int]] = {}
     for key, report_name in columns.items():
         counts: Counter[str] = Counter()
         for i in usable:
-            raw = str(listing.records[i].extra.get(key, "")).strip()
+            raw = str(records[i].extra.get(key, "")).strip()
             if not raw:
                 value = "missing"
             elif report_name in _AGE_COLUMNS:
@@ -332,6 +364,10 @@ def _fmt_counts(d: Mapping[str, int | float]) -> str:
 # ---------------------------------------------------------------------------
 
 
+MAX_LISTED_DUPLICATES = 200
+"""Duplicates named one by one in a report; more are counted only."""
+
+
 @dataclass
 class _Scan:
     usable: list[int] = field(default_factory=list)
@@ -340,19 +376,21 @@ class _Scan:
     depths: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0
     cross_class: int = 0
+    pairs: list[tuple[int, int]] = field(default_factory=list)  # (duplicate, earlier copy), record indices
+    with_foreground: int = 0
 
 
-def _scan_images(listing: ImageListing, labels: np.ndarray, progress: ProgressFn | None, policy: InputPolicy) -> _Scan:
+def _scan(total: int, read: Callable[[int], np.ndarray], labels: np.ndarray, progress: ProgressFn | None) -> _Scan:
+    """Read every record once with ``read(i)`` (the loader's rules; raises ImageReadError to quarantine)."""
     scan = _Scan()
-    first_label: dict[bytes, int] = {}
-    total = len(listing.records)
+    first: dict[bytes, int] = {}
     step = max(1, math.ceil(total / _PROGRESS_STEPS))
     if progress is not None:
         progress(0, total)
-    for i, record in enumerate(listing.records):
+    for i in range(total):
         img: np.ndarray | None
-        try:  # the loader's own decision (size cap, containment, decode errors, content)
-            img = read_usable(record.path, read_raw, policy=policy, root=listing.root)
+        try:
+            img = read(i)
         except ImageReadError as exc:
             scan.quarantined[quarantine_reason(exc)] += 1
             img = None
@@ -361,17 +399,40 @@ def _scan_images(listing: ImageListing, labels: np.ndarray, progress: ProgressFn
             scan.sizes[f"{img.shape[0]}x{img.shape[1]}"] += 1
             scan.depths[_depth_name(img)] += 1
             digest = _pixel_hash(img)
-            label = int(labels[i])
-            if digest in first_label:
+            if digest in first:
                 scan.duplicates += 1
-                if first_label[digest] != label:
+                scan.pairs.append((i, first[digest]))
+                if int(labels[first[digest]]) != int(labels[i]):
                     scan.cross_class += 1
             else:
-                first_label[digest] = label
+                first[digest] = i
         done = i + 1
         if progress is not None and (done % step == 0 or done == total):
             progress(done, total)
     return scan
+
+
+def _scan_images(listing: ImageListing, labels: np.ndarray, progress: ProgressFn | None, policy: InputPolicy) -> _Scan:
+    records = listing.records
+    return _scan(len(records), lambda i: read_usable(records[i].path, read_raw, policy=policy, root=listing.root),
+                 labels, progress)
+
+
+def _location(path: Path, row: int | None, root: Path | None) -> str:
+    """How a site finds a file: its manifest row, else its path relative to the data folder (never absolute)."""
+    if row is not None:
+        return f"manifest row {row}"
+    if root is not None:
+        try:
+            return Path(os.path.relpath(path, root)).as_posix()
+        except ValueError:  # another drive
+            pass
+    return path.name
+
+
+def _duplicate_files(scan: _Scan, where: Callable[[int], str], labels: np.ndarray) -> list[dict[str, Any]]:
+    return [{"file": where(i), "same-as": where(j), "other-class": bool(int(labels[i]) != int(labels[j]))}
+            for i, j in scan.pairs[:MAX_LISTED_DUPLICATES]]
 
 
 # ---------------------------------------------------------------------------
@@ -379,9 +440,9 @@ def _scan_images(listing: ImageListing, labels: np.ndarray, progress: ProgressFn
 # ---------------------------------------------------------------------------
 
 
-def _patients(listing: ImageListing, usable: Sequence[int], report: DataCheckReport) -> np.ndarray | None:
+def _patients(records: Sequence[Any], usable: Sequence[int], report: DataCheckReport) -> np.ndarray | None:
     """Fill the patient counts; return the usable images' groups for the split."""
-    ids = [listing.records[i].patient_id for i in usable]
+    ids = [records[i].patient_id for i in usable]
     if not any(pid is not None for pid in ids):
         if report.source != "manifest":
             # Class folders cannot carry ids: the text report notes it, the verdict does not suffer.
@@ -460,7 +521,8 @@ def _other_findings(report: DataCheckReport) -> None:
     if report.duplicates:
         report.warnings.append(
             f"{report.duplicates} image(s) have pixels identical to an earlier image: duplicates inflate "
-            "their weight and can leak between train and validation. Remove them."
+            "their weight and can leak between train and validation. Remove them (each is named under "
+            "'Duplicate files' by its manifest row or its path in the data folder)."
         )
     if report.duplicate_across_classes:
         report.warnings.append(
@@ -549,6 +611,8 @@ def check_dataset(
     policy = InputPolicy(max_pixels=max_pixels, allow_outside_root=allow_outside_root)
     _load_optional_readers()
     root = Path(path).expanduser()
+    if spec.kind == SEGMENTATION:  # image/mask pairs, listed as the training loader lists them
+        return _check_segmentation(root, spec, val_fraction, seed, progress, policy)
     report = DataCheckReport(task=spec.name, source=_source_kind(root))
     report.per_class = {c: 0 for c in spec.class_names}
 
@@ -584,7 +648,10 @@ def check_dataset(
     report.bit_depths = dict(sorted(scan.depths.items(), key=lambda kv: (-kv[1], kv[0])))
     report.duplicates = scan.duplicates
     report.duplicate_across_classes = scan.cross_class
-    report.per_column = _column_counts(listing, scan.usable)
+    records = listing.records
+    report.duplicate_files = _duplicate_files(
+        scan, lambda i: _location(records[i].path, records[i].row, listing.root or data_root(root)), labels)
+    report.per_column = _column_counts(records, scan.usable)
 
     if not scan.usable:
         report.errors.append(
@@ -593,7 +660,7 @@ def check_dataset(
         )
     else:
         _class_findings(report, spec)
-        groups = _patients(listing, scan.usable, report)
+        groups = _patients(listing.records, scan.usable, report)
         _split_overlap(usable_labels, groups, val_fraction, seed, report)
     _other_findings(report)
     report.verdict = _verdict(report)
@@ -605,29 +672,96 @@ def check_dataset(
     return report
 
 
-def format_report(report: DataCheckReport) -> str:
-    """Render a report as plain text for the operator (counts only).
+def _check_segmentation(root: Path, spec: TaskSpec, val_fraction: float, seed: int, progress: ProgressFn | None,
+                        policy: InputPolicy) -> DataCheckReport:
+    """:func:`check_dataset` for a segmentation task: the pairs of
+    :func:`~shared.data.seg_sources.discover_segmentation`, each image read as
+    training reads it and its mask checked (readable, same size)."""
+    from shared.data.seg_sources import discover_segmentation, read_record_mask
+
+    source = "manifest" if (root.is_file() or (root / MANIFEST_NAME).is_file()) else "folders or run-length CSV"
+    report = DataCheckReport(task=spec.name, source=source, kind="segmentation")
+    try:
+        listing = discover_segmentation(root, allow_outside_root=policy.allow_outside_root)
+    except DataSourceError as exc:
+        report.errors.append(_redact(str(exc), root))
+        report.verdict = _verdict(report)
+        return report
+    records = listing.records
+    base = data_root(root)
+    report.num_files = len(records) + sum(listing.skipped.values())
+    zeros = np.zeros(len(records), dtype=np.int64)
+    foreground: dict[int, bool] = {}
+
+    def read(i: int) -> np.ndarray:
+        img = read_usable(records[i].image, read_raw, policy=policy, root=base)
+        with bounded(policy):
+            foreground[i] = bool(np.any(read_record_mask(records[i]) > 0))
+        return img
+
+    scan = _scan(len(records), read, zeros, progress)
+    quarantined = Counter(dict(listing.skipped))
+    quarantined.update(scan.quarantined)
+    report.quarantined = dict(sorted(quarantined.items()))
+    report.num_usable = len(scan.usable)
+    report.per_class = {}
+    report.sizes = _top(scan.sizes, _MAX_SIZES)
+    report.bit_depths = dict(sorted(scan.depths.items(), key=lambda kv: (-kv[1], kv[0])))
+    report.duplicates = scan.duplicates
+    report.duplicate_files = _duplicate_files(scan, lambda i: _location(records[i].image, records[i].row, base), zeros)
+    report.per_column = _column_counts(records, scan.usable)
+    report.masks_with_foreground = sum(1 for i in scan.usable if foreground.get(i))
+    report.empty_masks = report.num_usable - report.masks_with_foreground
+    if not scan.usable:
+        report.errors.append(f"none of the {len(records)} image/mask pairs could be used "
+                             f"({_fmt_counts(report.quarantined)}): nothing to train on.")
+    else:
+        if report.masks_with_foreground == 0:
+            report.errors.append("every usable mask is empty (no foreground pixel): there is nothing to learn to "
+                                 "segment. Check that the masks are the right files and use non-zero foreground.")
+        elif report.num_usable < MIN_IMAGES_PER_CLASS:
+            report.warnings.append(f"only {report.num_usable} usable image/mask pairs: validation figures will be "
+                                   "very noisy.")
+        groups = _patients(records, scan.usable, report)
+        _split_overlap(zeros[np.asarray(scan.usable, dtype=np.int64)], groups, val_fraction, seed, report)
+    _other_findings(report)
+    report.verdict = _verdict(report)
+    logger.info("data check (%s): %d of %d pairs usable, %d quarantined, %d duplicates; verdict %s", spec.name,
+                report.num_usable, report.num_files, sum(report.quarantined.values()), report.duplicates,
+                report.verdict)
+    return report
+
+
+def format_report(report: DataCheckReport, *, shareable: bool = False) -> str:
+    """Render a report as plain text for the operator.
 
     Parameters
     ----------
     report : DataCheckReport
         The result of :func:`check_dataset`.
+    shareable : bool
+        Leave out the duplicate files' names (manifest rows, relative paths):
+        counts only, for the coordinator.
 
     Returns
     -------
     str
         A multi-line report ending with a newline.
     """
+    what = "image/mask pairs" if report.kind == "segmentation" else "files"
     lines = [
         f"medfed data check: task '{report.task}', data read from {report.source}",
         f"Verdict: {report.verdict.upper()} (exit code {report.exit_code()})",
         "",
-        f"Files:          {report.num_files} listed, {report.num_usable} usable, "
+        f"Files:          {report.num_files} {what} listed, {report.num_usable} usable, "
         f"{sum(report.quarantined.values())} quarantined",
     ]
     if report.quarantined:
         lines.append(f"  quarantined:  {_fmt_counts(report.quarantined)}")
-    lines.append(f"Classes:        {_fmt_counts(report.per_class)}")
+    if report.kind == "segmentation":
+        lines.append(f"Masks:          {report.masks_with_foreground} with foreground, {report.empty_masks} empty")
+    else:
+        lines.append(f"Classes:        {_fmt_counts(report.per_class)}")
     if report.num_patients is None:
         lines.append(
             "Patients:       no patient ids: the split cannot be by patient "
@@ -646,7 +780,14 @@ def format_report(report: DataCheckReport) -> str:
         lines.append(f"Image sizes:    {_fmt_counts(report.sizes)}")
     if report.bit_depths:
         lines.append(f"Bit depths:     {_fmt_counts(report.bit_depths)}")
-    lines.append(f"Duplicates:     {report.duplicates} ({report.duplicate_across_classes} across classes)")
+    lines.append(f"Duplicates:     {report.duplicates}" + ("" if report.kind == "segmentation" else
+                                                           f" ({report.duplicate_across_classes} across classes)"))
+    if report.duplicate_files and not shareable:
+        lines.append("Duplicate files (local names: leave them out when sharing, --shareable):")
+        lines.extend(f"  - {d['file']} has the pixels of {d['same-as']}"
+                     + (" (labelled as another class)" if d["other-class"] else "") for d in report.duplicate_files)
+        if report.duplicates > len(report.duplicate_files):
+            lines.append(f"  ... and {report.duplicates - len(report.duplicate_files)} more")
     for title, items in (("Errors", report.errors), ("Warnings", report.warnings)):
         if items:
             lines.append("")

@@ -21,6 +21,7 @@ import csv
 import dataclasses
 import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from shared.config import ConfigError, RunConfig, parse_recorded_run_config
+from shared.data.attributes import manifest_attributes
 from shared.data.preprocess import PreprocessConfig, content_box, model_spacing, normalize_batch, preprocess
 from shared.data.labels import class_mapping, task_labels
 from shared.data.reading import make_reader
@@ -52,10 +54,13 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "MODEL_FILE",
     "EvaluationResult",
+    "SegmentationEvaluation",
     "ModelFileError",
     "NotSupportedError",
     "TrainedModel",
     "collect_inputs",
+    "collect_named_inputs",
+    "output_stem",
     "evaluate_dataset",
     "evaluate_segmentation",
     "model_threshold",
@@ -63,6 +68,7 @@ __all__ = [
     "mask_at_input_size",
     "predict_files",
     "predict_masks",
+    "score_segmentation",
     "SEGMENTATION_COLUMNS",
     "write_predictions_csv",
     "write_rows_csv",
@@ -221,7 +227,7 @@ def _is_hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _manifest_paths(manifest: Path) -> list[Path]:
+def _manifest_paths(manifest: Path) -> list[tuple[Path, str]]:
     try:
         with manifest.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
@@ -239,12 +245,36 @@ def _manifest_paths(manifest: Path) -> list[Path]:
     out = []
     for row in rows:
         if len(row) > i and row[i].strip():
-            out.append((manifest.parent / row[i].strip().replace("\\", "/")).absolute())
+            written = row[i].strip().replace("\\", "/")
+            path = (manifest.parent / written).absolute()
+            out.append((path, _relative_name(path, manifest.parent)))
     return out
 
 
+def _relative_name(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` with ``/`` separators; the file name alone when it lies elsewhere."""
+    try:
+        rel = os.path.relpath(path, root.absolute())
+    except ValueError:  # another drive (Windows)
+        return path.name
+    return path.name if rel.startswith("..") else Path(rel).as_posix()
+
+
 def collect_inputs(inputs: Sequence[Path]) -> list[Path]:
-    """Expand inputs into a list of image files, in order, without duplicates.
+    """The image files of :func:`collect_named_inputs`, without their names."""
+    return [path for path, _ in collect_named_inputs(inputs)]
+
+
+def collect_named_inputs(inputs: Sequence[Path]) -> list[tuple[Path, str]]:
+    """Expand inputs into image files, in order, without duplicates, each with the name its rows carry.
+
+    A file's name is its path relative to the input it was found through,
+    with ``/`` separators: ``NORMAL/x.jpeg`` for a folder input, the row's
+    path for a manifest (relative to the manifest's folder; the file name
+    when it lies outside), the file name for a file given directly. So two
+    ``x.jpeg`` in different folders are told apart. When two inputs yield
+    the same name, the later one is prefixed with its input's own name
+    (``batch2/NORMAL/x.jpeg``), then numbered (``#2``) if that still clashes.
 
     Parameters
     ----------
@@ -261,26 +291,35 @@ def collect_inputs(inputs: Sequence[Path]) -> list[Path]:
         An input does not exist, or a manifest has no ``path`` column.
     """
     suffixes = set(registered_suffixes())
-    out: list[Path] = []
+    out: list[tuple[Path, str]] = []
     seen: set[Path] = set()
+    names: set[str] = set()
 
-    def add(p: Path) -> None:
+    def add(p: Path, name: str, root_name: str) -> None:
         key = p.absolute()
-        if key not in seen:
-            seen.add(key)
-            out.append(p)
+        if key in seen:
+            return
+        seen.add(key)
+        if name in names and root_name:
+            name = f"{root_name}/{name}"
+        base, k = name, 1
+        while name in names:
+            k += 1
+            name = f"{base}#{k}"
+        names.add(name)
+        out.append((p, name))
 
     for raw in inputs:
         p = Path(raw).expanduser()
         if p.is_dir():
             for f in sorted(p.rglob("*")):
                 if f.is_file() and f.suffix.lower() in suffixes and not _is_hidden(f, p):
-                    add(f)
+                    add(f, f.relative_to(p).as_posix(), p.absolute().name)
         elif p.is_file() and p.suffix.lower() == ".csv":
-            for f in _manifest_paths(p):
-                add(f)
+            for f, name in _manifest_paths(p):
+                add(f, name, p.stem)
         elif p.is_file():
-            add(p)
+            add(p, p.name, "")
         else:
             raise DataSourceError(f"input '{p}' does not exist: expected image files, folders or manifest .csv files.")
     return out
@@ -357,6 +396,7 @@ def predict_files(
     threshold: float | None = None,
     heatmap_dir: Path | None = None,
     batch_size: int = 32,
+    names: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Predict each file with the model's own training pipeline.
 
@@ -373,19 +413,25 @@ def predict_files(
         the file has none). Multi-class models:
         must be ``None`` (argmax).
     heatmap_dir : Path, optional
-        Write a Grad-CAM overlay per readable file here, as
-        ``<stem>_gradcam.png`` (``<stem>-2_gradcam.png`` ... on name clashes):
-        the decoded image at its own aspect ratio (long side at most
-        :data:`HEATMAP_MAX_SIDE`) with the heatmap of the positive class
-        (binary) or of the predicted class (multi-class).
+        Write a Grad-CAM overlay per readable file here, named after the
+        file's row (:func:`output_stem`: ``NORMAL/x.jpeg`` ->
+        ``NORMAL__x_gradcam.png``; ``-2`` ... on clashes): the decoded image
+        at its own aspect ratio (long side at most :data:`HEATMAP_MAX_SIDE`)
+        with the heatmap of the positive class (binary) or of the predicted
+        class (multi-class).
     batch_size : int
         Images per forward pass.
+    names : sequence of str, optional
+        The name of each file's row (:func:`collect_named_inputs`); default
+        the file name.
 
     Returns
     -------
     list of dict
-        One row per file, in order: ``input`` (file name only),
-        ``prob-<class>`` per class, ``predicted`` (class name), ``error``
+        One row per file, in order: ``input`` (its name), ``prob-<class>``
+        per class, ``predicted`` (class name), ``threshold`` (the probability
+        of the positive class from which it is predicted; None for
+        multi-class models, which take the most probable class), ``error``
         (empty, or why the file could not be used; its probabilities and
         prediction are then empty), and ``heatmap`` (file name or empty).
 
@@ -407,7 +453,12 @@ def predict_files(
             raise ValueError(f"threshold must be a probability in [0, 1], got {threshold!r}")
     thr = model_threshold(trained) if threshold is None else float(threshold)
     pos = trained.positive_class
-    names = trained.class_names
+    classes = trained.class_names
+    files = list(files)
+    row_names = list(names) if names is not None else [Path(f).name for f in files]
+    if len(row_names) != len(files):
+        raise ValueError(f"names must give one name per file: {len(row_names)} names for {len(files)} files")
+    name_of = dict(zip(range(len(files)), row_names))
     reader = make_reader(trained.run_config)
     if heatmap_dir is not None:
         heatmap_dir = Path(heatmap_dir)
@@ -415,9 +466,12 @@ def predict_files(
     used_names: Counter[str] = Counter()
     rows: list[dict[str, Any]] = []
     errors = 0
-    for chunk in _chunks(list(files), batch_size):
+    position = 0
+    for chunk in _chunks(files, batch_size):
         decoded: list[_Decoded] = []
         raws: list[np.ndarray | None] = []
+        chunk_names = [name_of[position + i] for i in range(len(chunk))]
+        position += len(chunk)
         for path in chunk:
             d, raw = _decode(Path(path), reader, trained.preprocess)
             decoded.append(d)
@@ -435,22 +489,23 @@ def predict_files(
                 maps = gradcam(trained.model, trained.model_name, x, target_class=target)
         k_of = {i: k for k, i in enumerate(ok)}
         for i, d in enumerate(decoded):
-            row: dict[str, Any] = {"input": d.path.name}
+            row: dict[str, Any] = {"input": chunk_names[i]}
             if i not in k_of:
                 errors += 1
-                row.update({f"prob-{c}": None for c in names})
-                row.update(predicted="", error=d.error, heatmap="")
+                row.update({f"prob-{c}": None for c in classes})
+                row.update(predicted="", threshold=thr if binary else None, error=d.error, heatmap="")
                 rows.append(row)
                 continue
             p = probs[k_of[i]]
-            row.update({f"prob-{c}": float(p[j]) for j, c in enumerate(names)})
+            row.update({f"prob-{c}": float(p[j]) for j, c in enumerate(classes)})
             if binary:
-                predicted = names[pos] if p[pos] >= thr else names[1 - pos]
+                predicted = classes[pos] if p[pos] >= thr else classes[1 - pos]
             else:
-                predicted = names[int(np.argmax(p))]
-            row.update(predicted=predicted, error="", heatmap="")
+                predicted = classes[int(np.argmax(p))]
+            row.update(predicted=predicted, threshold=thr if binary else None, error="", heatmap="")
             if maps is not None and heatmap_dir is not None:
-                row["heatmap"] = _write_heatmap(heatmap_dir, d, raws[i], maps[k_of[i]], trained.preprocess, used_names)
+                row["heatmap"] = _write_heatmap(heatmap_dir, d, raws[i], maps[k_of[i]], trained.preprocess, used_names,
+                                                output_stem(chunk_names[i]))
             rows.append(row)
     logger.info("predicted %d file(s), %d unreadable", len(rows) - errors, errors)
     return rows
@@ -488,12 +543,27 @@ def _unique_stem(stem: str, used: Counter[str]) -> str:
     return stem if n == 1 else f"{stem}-{n}"
 
 
+def output_stem(name: str) -> str:
+    """The stem of the files written for a row named ``name``: the relative path without its suffix, ``/`` as ``__``.
+
+    ``NORMAL/x.jpeg`` -> ``NORMAL__x``; ``x.png`` -> ``x``. Heatmaps and masks
+    are ``<stem>_gradcam.png`` / ``<stem>_mask.png``, so a file can be found
+    from its row (the row also names it).
+    """
+    parts = [p for p in name.replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    if not parts:
+        return "image"
+    parts[-1] = Path(parts[-1]).stem or parts[-1]
+    return "__".join(parts)
+
+
 def _unique_name(stem: str, used: Counter[str]) -> str:
     return f"{_unique_stem(stem, used)}_gradcam.png"
 
 
 def _write_heatmap(
-    out_dir: Path, d: _Decoded, raw: np.ndarray | None, heat: np.ndarray, pcfg: PreprocessConfig, used: Counter[str]
+    out_dir: Path, d: _Decoded, raw: np.ndarray | None, heat: np.ndarray, pcfg: PreprocessConfig, used: Counter[str],
+    stem: str,
 ) -> str:
     from shared.explain import overlay
 
@@ -507,7 +577,7 @@ def _write_heatmap(
     if scale < 1.0:
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         base = cv2.resize(base, size, interpolation=cv2.INTER_AREA)
-    name = _unique_name(d.path.stem, used)
+    name = _unique_name(stem, used)
     image = overlay(base, heat, rgb=True)
     if not cv2.imwrite(str(out_dir / name), image):
         logger.warning("could not write a heatmap overlay")
@@ -520,7 +590,7 @@ def _write_heatmap(
 # ---------------------------------------------------------------------------
 
 #: Columns of a segmentation model's ``predictions.csv``.
-SEGMENTATION_COLUMNS = ("input", "foreground-percent", "foreground-pixels", "mask", "overlay", "error")
+SEGMENTATION_COLUMNS = ("input", "foreground-percent", "foreground-pixels", "threshold", "mask", "overlay", "error")
 #: BGR colour of the mask contour in overlays (yellow: visible on gray radiographs and on skin).
 CONTOUR_BGR = (0, 255, 255)
 
@@ -583,6 +653,7 @@ def predict_masks(
     threshold: float | None = None,
     overlay_dir: Path | None = None,
     batch_size: int = 8,
+    names: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Segment each file with the model's own training pipeline and write its mask.
 
@@ -593,8 +664,9 @@ def predict_masks(
     files : list of Path
         Image files (see :func:`collect_inputs`).
     mask_dir : Path
-        Where ``<stem>_mask.png`` is written per readable file (``<stem>-2_mask.png``
-        ... on name clashes): 0/255 at the input's own height and width
+        Where ``<stem>_mask.png`` is written per readable file, ``<stem>``
+        named after its row (:func:`output_stem`; ``-2`` ... on clashes):
+        0/255 at the input's own height and width
         (letterbox padding cropped off, squash undone), foreground where the
         probability of "not background" is ``>= threshold``.
     threshold : float, optional
@@ -604,15 +676,19 @@ def predict_masks(
         outline in yellow (long side at most :data:`HEATMAP_MAX_SIDE`).
     batch_size : int
         Images per forward pass.
+    names : sequence of str, optional
+        The name of each file's row (:func:`collect_named_inputs`); default
+        the file name.
 
     Returns
     -------
     list of dict
         One row per file, in order, with the keys of
-        :data:`SEGMENTATION_COLUMNS`: ``input`` (file name only),
+        :data:`SEGMENTATION_COLUMNS`: ``input`` (its name),
         ``foreground-percent`` (mask area in % of the image),
-        ``foreground-pixels``, ``mask`` and ``overlay`` (file names or
-        empty), ``error`` (empty, or why the file could not be used).
+        ``foreground-pixels``, ``threshold`` (the pixel probability
+        threshold used), ``mask`` and ``overlay`` (file names or empty),
+        ``error`` (empty, or why the file could not be used).
 
     Raises
     ------
@@ -628,6 +704,10 @@ def predict_masks(
     if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
         raise ValueError(f"threshold must be a probability in [0, 1], got {threshold!r}")
     thr = 0.5 if threshold is None else float(threshold)
+    files = list(files)
+    row_names = list(names) if names is not None else [Path(f).name for f in files]
+    if len(row_names) != len(files):
+        raise ValueError(f"names must give one name per file: {len(row_names)} names for {len(files)} files")
     reader = make_reader(trained.run_config)
     mask_dir = Path(mask_dir)
     mask_dir.mkdir(parents=True, exist_ok=True)
@@ -637,7 +717,10 @@ def predict_masks(
     used: Counter[str] = Counter()
     rows: list[dict[str, Any]] = []
     errors = 0
-    for chunk in _chunks(list(files), batch_size):
+    position = 0
+    for chunk in _chunks(files, batch_size):
+        chunk_names = row_names[position : position + len(chunk)]
+        position += len(chunk)
         decoded = [_decode(Path(path), reader, trained.preprocess) for path in chunk]
         ok = [i for i, (d, _) in enumerate(decoded) if d.image is not None]
         probs = np.zeros((0, 1, 1), np.float32)
@@ -645,15 +728,15 @@ def predict_masks(
             probs = _foreground_probability(trained, _model_input(trained, np.stack([decoded[i][0].image for i in ok])))  # type: ignore[misc]
         k_of = {i: k for k, i in enumerate(ok)}
         for i, (d, raw) in enumerate(decoded):
-            row: dict[str, Any] = {"input": d.path.name, "foreground-percent": None, "foreground-pixels": None,
-                                   "mask": "", "overlay": "", "error": d.error}
+            row: dict[str, Any] = {"input": chunk_names[i], "foreground-percent": None, "foreground-pixels": None,
+                                   "threshold": thr, "mask": "", "overlay": "", "error": d.error}
             rows.append(row)
             if i not in k_of or d.shape is None or raw is None:
                 errors += 1
                 continue
             mask = mask_at_input_size(probs[k_of[i]], d.shape, trained.preprocess, thr)
             pixels = int(np.count_nonzero(mask))
-            stem = _unique_stem(d.path.stem, used)
+            stem = _unique_stem(output_stem(chunk_names[i]), used)
             row.update({"foreground-percent": 100.0 * pixels / mask.size, "foreground-pixels": pixels})
             if cv2.imwrite(str(mask_dir / f"{stem}_mask.png"), mask.astype(np.uint8) * 255):
                 row["mask"] = f"{stem}_mask.png"
@@ -665,9 +748,17 @@ def predict_masks(
     return rows
 
 
-def write_predictions_csv(rows: Sequence[Mapping[str, Any]], path: Path, class_names: Sequence[str]) -> Path:
-    """Write a classifier's ``predictions.csv``: ``input, prob-<class>..., predicted, error``."""
-    return write_rows_csv(rows, path, ["input", *(f"prob-{c}" for c in class_names), "predicted", "error"])
+def write_predictions_csv(rows: Sequence[Mapping[str, Any]], path: Path, class_names: Sequence[str], *,
+                          heatmaps: bool = False) -> Path:
+    """Write a classifier's ``predictions.csv``: ``input, prob-<class>..., predicted, threshold[, heatmap], error``.
+
+    ``threshold`` is the one each row was predicted with (empty for
+    multi-class models: the most probable class); ``heatmap`` names the
+    row's Grad-CAM file (with ``heatmaps``).
+    """
+    cols = ["input", *(f"prob-{c}" for c in class_names), "predicted", "threshold",
+            *(["heatmap"] if heatmaps else []), "error"]
+    return write_rows_csv(rows, path, cols)
 
 
 def write_rows_csv(rows: Sequence[Mapping[str, Any]], path: Path, cols: Sequence[str]) -> Path:
@@ -689,13 +780,23 @@ def write_rows_csv(rows: Sequence[Mapping[str, Any]], path: Path, cols: Sequence
 
 @dataclass(frozen=True)
 class EvaluationResult:
-    """Metrics of a model on a labelled dataset (counts-derived)."""
+    """Metrics of a model on a labelled dataset (counts-derived).
+
+    ``probs``, ``labels`` and ``attributes`` are the per-image probabilities,
+    labels and manifest attributes (``sex``, ``age``, ``view``) of the images
+    scored, in the same order: they stay on the machine that evaluates (for
+    bootstrap intervals and subgroup figures, :mod:`shared.local_eval`) and
+    are never part of :meth:`to_dict`.
+    """
 
     metrics: dict[str, float]
     counts: ClassificationCounts
     class_names: tuple[str, ...]
     positive_class: int | None
     skipped: dict[str, int] = field(default_factory=dict)
+    probs: np.ndarray | None = field(default=None, repr=False, compare=False)
+    labels: np.ndarray | None = field(default=None, repr=False, compare=False)
+    attributes: dict[str, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self, trained: TrainedModel | None = None) -> dict[str, Any]:
         """JSON-ready: metrics, per-class counts, what was skipped (no paths)."""
@@ -745,6 +846,8 @@ def evaluate_dataset(trained: TrainedModel, data: Path, *, batch_size: int = 32)
     skipped: Counter[str] = Counter(listing.skipped)
     counts = ClassificationCounts.empty(trained.num_classes)
     records = listing.records
+    kept: list[int] = []
+    all_probs: list[np.ndarray] = []
     for start in range(0, len(records), batch_size):
         imgs, labs = [], []
         for j in range(start, min(start + batch_size, len(records))):
@@ -754,9 +857,11 @@ def evaluate_dataset(trained: TrainedModel, data: Path, *, batch_size: int = 32)
                 continue
             imgs.append(d.image)
             labs.append(int(labels_all[j]))
+            kept.append(j)
         if imgs:
             probs = _probabilities(trained, _model_input(trained, np.stack(imgs)))
             counts.update(probs, np.asarray(labs, dtype=np.int64))
+            all_probs.append(probs)
     if counts.num_examples == 0:
         raise DataSourceError(f"none of the {len(records)} images could be read (skipped: {dict(skipped)})")
     pos = trained.positive_class
@@ -766,7 +871,33 @@ def evaluate_dataset(trained: TrainedModel, data: Path, *, batch_size: int = 32)
     else:
         metrics = counts.metrics()
     logger.info("evaluated %d images (%d skipped)", counts.num_examples, sum(skipped.values()))
-    return EvaluationResult(metrics, counts, trained.class_names, pos, dict(skipped))
+    attributes = manifest_attributes([records[j].extra for j in kept], (r.patient_id for r in records))
+    return EvaluationResult(metrics, counts, trained.class_names, pos, dict(skipped),
+                            probs=np.concatenate(all_probs), labels=np.asarray(labels_all)[kept].astype(np.int64),
+                            attributes=attributes)
+
+
+@dataclass(frozen=True)
+class SegmentationEvaluation:
+    """A segmentation model scored on image/mask pairs.
+
+    ``per_image`` holds one :class:`~shared.metrics.segmentation.SegmentationCounts`
+    per scored pair (their merge is ``counts``) and ``attributes`` the pairs'
+    manifest attributes: local only (bootstrap intervals and subgroups,
+    :mod:`shared.local_eval`), never in :meth:`to_dict`.
+    """
+
+    task: str
+    model: str
+    counts: Any
+    per_image: list[Any]
+    skipped: dict[str, int]
+    attributes: dict[str, np.ndarray] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: means over images, the image count, what was skipped (no paths)."""
+        return {"task": self.task, "model": self.model, "num-images": self.counts.n_images,
+                "metrics": self.counts.metrics(), "skipped": dict(self.skipped)}
 
 
 def evaluate_segmentation(trained: TrainedModel, data: Path, *, batch_size: int = 8) -> dict[str, Any]:
@@ -786,8 +917,20 @@ def evaluate_segmentation(trained: TrainedModel, data: Path, *, batch_size: int 
     DataSourceError
         The dataset cannot be listed or no pair could be read.
     """
+    return score_segmentation(trained, data, batch_size=batch_size).to_dict()
+
+
+def score_segmentation(trained: TrainedModel, data: Path, *, batch_size: int = 8) -> SegmentationEvaluation:
+    """:func:`evaluate_segmentation` keeping the per-image counts and attributes (local use only).
+
+    Raises
+    ------
+    DataSourceError
+        The dataset cannot be listed or no pair could be read.
+    """
     from shared.data.seg_sources import discover_segmentation, read_record_mask, record_spacing
     from shared.metrics.segmentation import SegmentationCounts
+    from shared.metrics.subgroups import per_image_segmentation_counts
 
     if trained.kind != SEGMENTATION:
         raise NotSupportedError(f"'{trained.model_name}' is a classifier: use evaluate_dataset")
@@ -797,9 +940,11 @@ def evaluate_segmentation(trained: TrainedModel, data: Path, *, batch_size: int 
     skipped: Counter[str] = Counter(listing.skipped)
     counts = SegmentationCounts.empty()
     recs = listing.records
+    per_image: list[SegmentationCounts] = []
+    kept: list[int] = []
     for start in range(0, len(recs), batch_size):
         imgs, masks, spacings = [], [], []
-        for r in recs[start : start + batch_size]:
+        for k, r in enumerate(recs[start : start + batch_size], start=start):
             try:
                 raw = reader(r.image)
                 img = preprocess(raw, trained.preprocess)
@@ -808,6 +953,7 @@ def evaluate_segmentation(trained: TrainedModel, data: Path, *, batch_size: int 
                 skipped[str(getattr(exc, "reason", "") or "unreadable")] += 1
                 continue
             sp = record_spacing(r)
+            kept.append(k)
             imgs.append(img)
             masks.append(mask)
             spacings.append(None if sp is None else model_spacing(sp, raw.shape[:2], trained.preprocess))
@@ -815,9 +961,11 @@ def evaluate_segmentation(trained: TrainedModel, data: Path, *, batch_size: int 
             with torch.no_grad():
                 trained.model.eval()
                 pred = trained.model(_model_input(trained, np.stack(imgs))).argmax(dim=1).numpy() > 0
-            counts.update(pred, np.stack(masks), spacings)
+            for c in per_image_segmentation_counts(pred, np.stack(masks), spacings):
+                per_image.append(c)
+                counts = counts.merge(c)
     if counts.n_images == 0:
         raise DataSourceError(f"none of the {len(recs)} image/mask pairs could be read (skipped: {dict(skipped)})")
     logger.info("evaluated %d image/mask pairs (%d skipped)", counts.n_images, sum(skipped.values()))
-    return {"task": trained.task, "model": trained.model_name, "num-images": counts.n_images,
-            "metrics": counts.metrics(), "skipped": dict(skipped)}
+    attributes = manifest_attributes([recs[k].extra for k in kept], (r.patient_id for r in recs))
+    return SegmentationEvaluation(trained.task, trained.model_name, counts, per_image, dict(skipped), attributes)

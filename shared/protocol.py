@@ -52,6 +52,10 @@ __all__ = [
     "SITE_ROLE",
     "SUBGROUPS",
     "SITE_QUARANTINED",
+    "SITE_TRAIN_CLASSES",
+    "SITE_VAL_CLASSES",
+    "SITE_SIMULATED",
+    "SITE_PHANTOMS",
     "SITE_TRAIN_IMAGES",
     "SITE_VAL_IMAGES",
     "TORCH_THREADS",
@@ -102,6 +106,14 @@ SITE_VAL_IMAGES = "num-val-examples"
 evaluation replies may count, :mod:`shared.validation`)."""
 SITE_QUARANTINED = "quarantined-files"
 """Files the site could not use (roll call; counted, never named)."""
+SITE_TRAIN_CLASSES = "train-class-counts"
+"""Training images per class, in the task's class order (roll call, classification tasks; a list of ints)."""
+SITE_VAL_CLASSES = "val-class-counts"
+"""Validation images per class, in the task's class order (roll call, classification tasks; a list of ints)."""
+SITE_SIMULATED = "simulated-site"
+"""1 when the site is a simulated one (a share of a simulation's dataset or phantoms), else 0 (roll call)."""
+SITE_PHANTOMS = "synthetic-phantoms"
+"""1 when the site's images are generated phantoms (no patient data), else 0 (roll call)."""
 
 TRAIN_FIELDS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_SECONDS, TRAIN_IMAGES_PER_S, LOAD_SECONDS, TORCH_THREADS)
 REQUIRED_TRAIN_FIELDS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_SECONDS, TRAIN_IMAGES_PER_S, LOAD_SECONDS)
@@ -127,9 +139,18 @@ def train_metrics(*, num_examples: int, loss: float, seconds: float, images_per_
     }
 
 
-def site_data_fields(*, train_images: int, val_images: int, quarantined: int) -> dict[str, int]:
-    """The site's data sizes, sent with training replies (counts only)."""
-    return {SITE_TRAIN_IMAGES: int(train_images), SITE_VAL_IMAGES: int(val_images), SITE_QUARANTINED: int(quarantined)}
+def site_data_fields(*, train_images: int, val_images: int, quarantined: int,
+                     train_classes: list[int] | None = None, val_classes: list[int] | None = None,
+                     simulated: bool = False, phantoms: bool = False) -> dict[str, int | list[int]]:
+    """The site's data sizes for the roll call (counts only); images per class when the task has classes;
+    whether the site is simulated and its images synthetic phantoms (what the run report may call them)."""
+    out: dict[str, int | list[int]] = {SITE_TRAIN_IMAGES: int(train_images), SITE_VAL_IMAGES: int(val_images),
+                                       SITE_QUARANTINED: int(quarantined), SITE_SIMULATED: int(bool(simulated)),
+                                       SITE_PHANTOMS: int(bool(phantoms))}
+    if train_classes is not None and val_classes is not None:
+        out[SITE_TRAIN_CLASSES] = [int(v) for v in train_classes]
+        out[SITE_VAL_CLASSES] = [int(v) for v in val_classes]
+    return out
 
 
 def structured_reason(reason: str | None, kind: str) -> dict[str, Any] | None:

@@ -13,6 +13,9 @@
         simulation.json  number of simulated sites (``medfed simulate``)
         mlruns/          MLflow file store (run config ``tracking='mlflow'``)
         tensorboard/     TensorBoard event files (``tracking='tensorboard'``)
+        counts.json      the last evaluated round's merged counts (validation, holdout, test)
+        report.html      the run report (``medfed report``; written at the end of every run)
+        model-card.json  the model card of the report, as JSON
 
 :class:`RunFolder` holds every path, writer and reader of these files; the
 server, inference, the audit, studies and the CLI go through it. Every file
@@ -226,6 +229,9 @@ class RunFolder:
     CHECKPOINT_DIR = "checkpoints"
     MLFLOW_DIR = "mlruns"
     TENSORBOARD_DIR = "tensorboard"
+    COUNTS = "counts.json"
+    REPORT = "report.html"
+    MODEL_CARD = "model-card.json"
 
     def __init__(self, path: Path, columns: Sequence[str] = DEFAULT_COLUMNS, primary: str = "auroc") -> None:
         self.path = Path(path)
@@ -309,6 +315,19 @@ class RunFolder:
     def tensorboard_dir(self) -> Path:
         """``tensorboard/``: the event files of ``tracking='tensorboard'`` (written by TensorBoard's writer)."""
         return self.path / self.TENSORBOARD_DIR
+    def counts_path(self) -> Path:
+        """``counts.json``."""
+        return self.path / self.COUNTS
+
+    @property
+    def report_path(self) -> Path:
+        """``report.html``."""
+        return self.path / self.REPORT
+
+    @property
+    def model_card_path(self) -> Path:
+        """``model-card.json``."""
+        return self.path / self.MODEL_CARD
 
     # -- writers ----------------------------------------------------------------
     def write_config(self, flat_config: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> None:
@@ -358,6 +377,47 @@ class RunFolder:
             return
         fields = list(rows[0])
         self._write_csv(self.FAIRNESS_CSV, [fields, *([_fmt(r.get(f)) for f in fields] for r in rows)])
+
+    def write_counts(self, server_round: int, counts: Mapping[str, Mapping[str, Any]]) -> None:
+        """Write ``counts.json``: a round's merged counts by name (``validation``, ``holdout``, ``test``).
+
+        ``counts`` maps each name to the flat encoding of the summed counts
+        (``ClassificationCounts.to_flat()`` / ``SegmentationCounts.to_flat()``):
+        aggregate sums the server already holds, no per-image data. Rewritten
+        after every evaluated round, so it holds the latest one.
+        """
+        write_json(self.counts_path, {"round": server_round, "counts": {k: dict(v) for k, v in counts.items()}})
+
+    def read_counts(self) -> dict[str, Any]:
+        """``counts.json`` as ``{"round": r, "counts": {name: flat counts}}`` (``{}`` when absent)."""
+        return _read_json(self.counts_path)
+
+    def write_report(self, html: str) -> Path:
+        """Write ``report.html`` (atomically)."""
+        with atomic_open(self.report_path, "w", encoding="utf-8") as fh:
+            fh.write(html)
+        return self.report_path
+
+    def write_model_card(self, card: Mapping[str, Any]) -> Path:
+        """Write ``model-card.json``: the report's model card (counts, settings, versions; no paths)."""
+        write_json(self.model_card_path, dict(card))
+        return self.model_card_path
+
+    def read_model_card(self) -> dict[str, Any]:
+        """``model-card.json`` (``{}`` when absent)."""
+        return _read_json(self.model_card_path)
+
+    def read_model_meta(self) -> dict[str, Any]:
+        """The ``meta`` (model card) of ``model.pt`` (``{}`` when there is no model file yet).
+
+        Raises
+        ------
+        ModelFileError
+            The file exists but is not a medfed model.
+        """
+        if not self.model_path.is_file():
+            return {}
+        return read_checkpoint(self.model_path)[1]
 
     def write_simulation(self, sites: int, cpus_per_site: int) -> None:
         """Write ``simulation.json``: what the folder cannot tell by itself (the number of simulated sites)."""

@@ -241,6 +241,9 @@ class Objective(Protocol):
     def zero_targets(self, n: int, spatial: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """All-zero targets for ``n`` examples of ``spatial`` size (engine probes; never site data)."""
 
+    def class_counts(self, targets: torch.Tensor) -> list[int] | None:
+        """Images per class of a site's targets (roll-call summary), or None when images have no class."""
+
 
 class StepEngine(Protocol):
     """How :func:`train_local` takes its optimisation steps."""

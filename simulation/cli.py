@@ -39,6 +39,7 @@ COMMANDS: tuple[str, ...] = (
     "simulation.commands.data:register",
     "simulation.commands.predict:register",
     "simulation.commands.evaluate:register",
+    "simulation.commands.report:register",
     "simulation.commands.privacy:register",
     "simulation.commands.study:register",
     "simulation.commands.tune:register",

@@ -68,7 +68,7 @@ def test_every_help_renders_without_heavy_imports() -> None:
     assert report["empty"] == []
     expected = {"medfed", "medfed simulate", "medfed data", "medfed data check", "medfed predict", "medfed evaluate",
                 "medfed privacy", "medfed privacy plan", "medfed study", "medfed study privacy", "medfed audit",
-                "medfed audit membership"}
+                "medfed audit membership", "medfed report"}
     assert expected <= set(report["progs"])
 
 

@@ -174,7 +174,87 @@ def test_duplicates_within_and_across_classes(tmp_path: Path) -> None:
     assert report.verdict == "ready with warnings"
     text = format_report(report)
     assert "2 image(s) have pixels identical" in text and "labelling error" in text
-    _assert_private(_outputs(report), ["copy_", str(tmp_path)])
+    # each duplicate is named by its path relative to the data folder, never an absolute path
+    assert report.duplicate_files == [  # files in sorted order: copy_same_class.png is read first
+        {"file": "normal/img_normal_000.png", "same-as": "normal/copy_same_class.png", "other-class": False},
+        {"file": "pneumonia/copy_other_class.png", "same-as": "normal/copy_same_class.png", "other-class": True},
+    ]
+    assert "pneumonia/copy_other_class.png has the pixels of normal/copy_same_class.png (labelled as another class)" \
+        in text
+    _assert_private(_outputs(report), [str(tmp_path)])
+    # the shareable form is counts only
+    _assert_private([format_report(report, shareable=True), json.dumps(report.to_dict(shareable=True))],
+                    ["copy_", "img_", str(tmp_path)])
+
+
+def test_manifest_duplicates_are_named_by_row(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "site"
+    images, labels = _phantoms(24)
+    lines = ["path,label,patient_id"]
+    for k in range(24):
+        _write(root / "img" / f"p{k}.png", images[k])
+        lines.append(f"img/p{k}.png,{CLASSES[int(labels[k])]},P{k}")
+    _write(root / "img" / "again.png", images[3])
+    lines.append(f"img/again.png,{CLASSES[int(labels[3])]},P99")  # line 26 of the manifest (header = line 1)
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    report = check_dataset(root)
+    assert report.duplicates == 1
+    assert report.duplicate_files == [{"file": "manifest row 26", "same-as": "manifest row 5", "other-class": False}]
+    code, out, _ = _run_cli(["data", "check", str(root)], capsys)
+    assert code == 1 and "manifest row 26 has the pixels of manifest row 5" in out
+    code, out, _ = _run_cli(["data", "check", str(root), "--shareable", "--json"], capsys)
+    assert "duplicate_files" not in json.loads(out) and json.loads(out)["duplicates"] == 1
+
+
+def test_segmentation_manifests_are_checked_like_training_reads_them(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """An image,mask manifest (what lung-seg training reads) is checked, not refused for lacking path,label."""
+    from shared.data.phantoms_tasks import make_lung_seg_phantoms
+
+    images, masks = make_lung_seg_phantoms(24, size=64, seed=2)[:2]
+    root = tmp_path / "seg"
+    lines = ["image,mask,patient_id,sex"]
+    for k in range(24):
+        _write(root / "images" / f"i{k}.png", images[k])
+        _write(root / "masks" / f"i{k}.png", masks[k].astype(np.uint8) * 255)
+        lines.append(f"images/i{k}.png,masks/i{k}.png,P{k // 2},{'F' if k % 2 else 'M'}")
+    _write(root / "images" / "dup.png", images[0])
+    _write(root / "masks" / "dup.png", masks[0].astype(np.uint8) * 255)
+    lines.append("images/dup.png,masks/dup.png,P50,F")  # line 26
+    _write(root / "masks" / "small.png", np.zeros((10, 10), np.uint8))
+    lines.append("images/i1.png,masks/small.png,P51,F")  # mask of the wrong size: quarantined
+    (root / "manifest.csv").write_text("\n".join(lines) + "\n")
+    code, out, err = _run_cli(["data", "check", str(root), "--task", "lung-seg"], capsys)
+    assert "lacks required column" not in out + err
+    report = check_dataset(root, "lung-seg")
+    assert report.kind == "segmentation" and report.source == "manifest"
+    assert report.num_files == 26 and report.num_usable == 25
+    assert report.quarantined == {"mask-size-mismatch": 1}
+    assert report.masks_with_foreground == 25 and report.empty_masks == 0
+    assert report.num_patients == 13 and report.patient_overlap_train_val == 0
+    assert report.per_column["sex"] == {"F": 13, "M": 12}
+    assert report.duplicates == 1
+    assert report.duplicate_files == [{"file": "manifest row 26", "same-as": "manifest row 2", "other-class": False}]
+    assert report.verdict == "ready with warnings" and code == 1
+    assert "Masks:          25 with foreground, 0 empty" in out
+    _assert_private([out, err, json.dumps(report.to_dict())], [str(tmp_path)])
+    # images/ + masks/ folders: the same pairs by name, duplicates named by relative path
+    (root / "manifest.csv").unlink()
+    (root / "masks" / "small.png").unlink()
+    report = check_dataset(root, "lung-seg")
+    assert report.num_usable == 25 and report.duplicates == 1
+    first = report.duplicate_files[0]["file"]
+    assert first.startswith("images/") and first.endswith(".png")
+
+
+def test_all_empty_masks_are_not_ready(tmp_path: Path) -> None:
+    root = tmp_path / "seg"
+    images, _ = _phantoms(6)
+    for k in range(6):
+        _write(root / "images" / f"i{k}.png", images[k])
+        _write(root / "masks" / f"i{k}.png", np.zeros((64, 64), np.uint8))
+    report = check_dataset(root, "lung-seg")
+    assert report.verdict == "not ready" and any("every usable mask is empty" in e for e in report.errors)
 
 
 def test_corrupt_inputs_are_quarantined(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -20,6 +20,8 @@ from shared.inference import (
     NotSupportedError,
     TrainedModel,
     collect_inputs,
+    collect_named_inputs,
+    output_stem,
     evaluate_dataset,
     SEGMENTATION_COLUMNS,
     load_trained,
@@ -118,7 +120,7 @@ def test_predict_cli_pngs_dicom_broken_with_heatmaps(run_dir: Path, tmp_path: Pa
     assert rc == 0, capsys.readouterr().err
 
     rows = _read_csv(out / "predictions.csv")
-    assert list(rows[0]) == ["input", "prob-normal", "prob-pneumonia", "predicted", "error"]
+    assert list(rows[0]) == ["input", "prob-normal", "prob-pneumonia", "predicted", "threshold", "heatmap", "error"]
     by_name = {r["input"]: r for r in rows}
     expected = {f"square{i}.png" for i in range(4)} | {"wide.png", "broken.png"}
     if dicom.is_file():
@@ -132,6 +134,8 @@ def test_predict_cli_pngs_dicom_broken_with_heatmaps(run_dir: Path, tmp_path: Pa
         p = float(r["prob-normal"]) + float(r["prob-pneumonia"])
         assert abs(p - 1.0) < 1e-5
         assert r["predicted"] == ("pneumonia" if float(r["prob-pneumonia"]) >= 0.5 else "normal")
+        assert float(r["threshold"]) == 0.5  # this model file has no saved threshold
+        assert r["heatmap"] == f"{Path(name).stem}_gradcam.png"
         heat = cv2.imread(str(out / "heatmaps" / f"{Path(name).stem}_gradcam.png"))
         assert heat is not None and heat.ndim == 3 and heat.shape[2] == 3, name
     assert cv2.imread(str(out / "heatmaps" / "wide_gradcam.png")).shape[:2] == (100, 150)
@@ -169,6 +173,11 @@ def test_evaluate_cli_writes_metrics(run_dir: Path, labelled_pngs: Path, tmp_pat
     auroc = report["metrics"]["auroc"]
     assert isinstance(auroc, float) and 0.0 <= auroc <= 1.0
     assert str(labelled_pngs) not in out.read_text()  # no paths in the report
+    ci = report["intervals"]["auroc"]
+    assert ci["estimate"] == pytest.approx(auroc) and ci["low"] <= auroc <= ci["high"] and ci["replicates"] == 1000
+    assert "95% CI" in printed and report["subgroups"]["columns"] == {}  # class folders carry no sex/age/view
+    page = (tmp_path / "evaluate.html").read_text(encoding="utf-8")
+    assert 'id="intervals"' in page and 'id="curves"' in page and str(labelled_pngs) not in page
 
 
 def test_bogus_model_files_give_clear_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -211,6 +220,33 @@ def test_collect_inputs_folders_manifests_files(tmp_path: Path) -> None:
     assert names == ["y.JPG", "x.png", "missing.png", "z.png"]  # sorted by path (deep/ < x.png); x.png once
     with pytest.raises(ValueError, match="does not exist"):
         collect_inputs([tmp_path / "nope"])
+    named = collect_named_inputs([tmp_path / "a", tmp_path / "m.csv", tmp_path / "z.png"])
+    assert [n for _, n in named] == ["deep/y.JPG", "x.png", "missing.png", "z.png"]
+
+
+def test_same_file_names_in_different_folders_are_told_apart(run_dir: Path, tmp_path: Path) -> None:
+    """Two x.jpeg in different folders: rows named by their path relative to the input, heatmaps after the rows."""
+    images, _ = make_chest_phantoms(3, size=64, seed=8)
+    data = tmp_path / "data"
+    for folder, im in (("NORMAL", images[0]), ("PNEUMONIA", images[1])):
+        (data / folder).mkdir(parents=True)
+        cv2.imwrite(str(data / folder / "x.jpeg"), im)
+    other = tmp_path / "batch2" / "NORMAL"
+    other.mkdir(parents=True)
+    cv2.imwrite(str(other / "x.jpeg"), images[2])  # the same relative path under a second input folder
+    out = tmp_path / "out"
+    assert _run_cli(["predict", "--model", str(run_dir), str(data), str(tmp_path / "batch2"), "--out", str(out),
+                     "--heatmaps", "--threshold", "0.3"]) == 0
+    rows = _read_csv(out / "predictions.csv")
+    assert [r["input"] for r in rows] == ["NORMAL/x.jpeg", "PNEUMONIA/x.jpeg", "batch2/NORMAL/x.jpeg"]
+    assert [r["heatmap"] for r in rows] == ["NORMAL__x_gradcam.png", "PNEUMONIA__x_gradcam.png",
+                                            "batch2__NORMAL__x_gradcam.png"]
+    for r in rows:
+        assert (out / "heatmaps" / r["heatmap"]).is_file()
+        assert float(r["threshold"]) == 0.3
+        assert r["predicted"] == ("pneumonia" if float(r["prob-pneumonia"]) >= 0.3 else "normal")
+    assert str(tmp_path) not in (out / "predictions.csv").read_text()  # relative, never absolute
+    assert output_stem("a/b/c.dcm") == "a__b__c" and output_stem("../x.png") == "x"
 
 
 def test_classifier_entry_points_point_segmentation_models_elsewhere(run_dir: Path, labelled_pngs: Path, tmp_path: Path) -> None:
@@ -296,6 +332,10 @@ def test_evaluate_segmentation_model_on_image_mask_pairs(
     report = json.loads(out.read_text())
     assert report["num-images"] == 8 and report["skipped"] == {"mask-size-mismatch": 1}
     assert report["metrics"]["dice"] > 0.6, report
+    ci = report["intervals"]["dice"]
+    assert ci["estimate"] == pytest.approx(report["metrics"]["dice"], abs=1e-6) and ci["low"] <= ci["high"]
+    page = (tmp_path / "evaluate.html").read_text(encoding="utf-8")
+    assert 'id="distribution"' in page and 'id="subgroups"' in page and str(data) not in page
     assert "dice" in capsys.readouterr().out
 
 
@@ -329,6 +369,7 @@ def test_predict_cli_segmentation_masks_at_input_size(
     assert bad["error"] and bad["mask"] == "" and bad["foreground-pixels"] == ""
     for name, r in rows.items():
         assert r["error"] == ""
+        assert r["mask"] == f"{Path(name).stem}_mask.png" and float(r["threshold"]) == 0.5
         mask = cv2.imread(str(out / "masks" / r["mask"]), cv2.IMREAD_UNCHANGED)
         assert mask.shape == truth[name].shape  # the input's own (H, W)
         assert set(np.unique(mask).tolist()) <= {0, 255}

@@ -129,6 +129,32 @@ def test_honest_round_averages_by_examples_and_records_every_site(tmp_path: Path
     assert r["evaluate"]["num-examples"] == 120 and "train-rejected" not in r
 
 
+def test_round_records_keep_site_data_and_counts_json_the_merged_counts(tmp_path: Path) -> None:
+    """The run report's inputs: the roll call's sizes per class (checked) and the pooled counts of the round."""
+    sites = {1: Site("site-a", 1.0, 0), 2: Site("site-b", 2.0, 1), 3: Site("site-c", 3.0, 2)}
+    honest = protocol.site_data_fields(train_images=80, val_images=40, quarantined=1, train_classes=[50, 30],
+                                       val_classes=[20, 20], simulated=True, phantoms=True)
+    lying = {**honest, protocol.SITE_TRAIN_CLASSES: [70, 30], protocol.SITE_PHANTOMS: 7}  # sums to 100, not 80
+    for node, sizes in ((1, honest), (2, honest), (3, lying)):
+        site = sites[node]
+        site.query = (lambda msg, site=site, sizes=sizes: Message(content=RecordDict({  # type: ignore[method-assign]
+            protocol.SITE: ConfigRecord({protocol.SITE_ID: site.name, protocol.SITE_ROLE: "train"}),
+            protocol.METRICS: MetricRecord(sizes)}), reply_to=msg))
+    loop, folder = _loop(tmp_path, FakeGrid(sites), rounds=2)
+    loop.run(_record(GLOBAL))
+    data = folder.read_rounds()[-1]["site-data"]
+    assert data["site-a"] == {"role": "train", "train": 80, "validation": 40, "quarantined": 1,
+                              "train-classes": [50, 30], "validation-classes": [20, 20], "simulated": True,
+                              "phantoms": True}
+    assert "train-classes" not in data["site-c"] and "phantoms" not in data["site-c"]  # implausible: dropped
+    assert data["site-c"]["validation-classes"] == [20, 20]
+    saved = folder.read_counts()
+    assert saved["round"] == 2 and set(saved["counts"]) == {"validation"}
+    merged = _counts(0).merge(_counts(1)).merge(_counts(2))
+    assert ClassificationCounts.from_flat(saved["counts"]["validation"]).to_flat() == merged.to_flat()
+    assert folder.read_rounds()[-1]["evaluate"]["auroc"] == pytest.approx(merged.metrics()["auroc"])
+
+
 def test_a_reply_claiming_another_site_is_rejected_as_impostor(tmp_path: Path) -> None:
     sites = {1: Site("site-a", 1.0, 0), 2: Site("site-b", 1.0, 1), 3: Site("site-c", 1.0, 2), 4: Site("site-d", 99.0, 3)}
     sites[4].declared = "site-a"  # joined as site-d, then writes site-a into its replies

@@ -83,7 +83,8 @@ class SegRecord:
     ``<csv>#<ImageId>`` (unique per record) with the runs in ``rle``.
     ``spacing`` is the manifest's ``spacing_mm`` (row, column), if given.
     ``extra`` holds the manifest's other columns (e.g. ``sex``, ``age``,
-    ``view``), carried through unchanged; never log it.
+    ``view``), carried through unchanged; never log it. ``row`` is the
+    manifest line (``medfed data check`` names a pair by it).
     """
 
     image: Path
@@ -92,6 +93,8 @@ class SegRecord:
     spacing: Spacing | None = None
     rle: tuple[str, ...] | None = None
     extra: Mapping[str, str] = field(default_factory=dict, hash=False, compare=False)
+    row: int | None = field(default=None, compare=False)
+    """Line of the manifest or run-length CSV the pair comes from (header = line 1); None for folder pairs."""
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,7 @@ def _manifest_pairs(manifest: Path, root: Path | None) -> tuple[list[SegRecord],
             text = row[col_sp].strip() if col_sp is not None and len(row) > col_sp else ""
             spacing = parse_spacing(text, f"'{manifest.name}' line {line}") if text else None
             extra = {name: row[i].strip() for i, name in extra_cols if i < len(row)}
-            records.append(SegRecord(image, mask, pid or None, spacing, extra=extra))
+            records.append(SegRecord(image, mask, pid or None, spacing, extra=extra, row=line))
     return records, skipped
 
 

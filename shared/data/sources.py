@@ -199,12 +199,16 @@ class ImageRecord:
         Patient identifier, if the manifest has one. Never log it.
     extra : Mapping[str, str]
         Other manifest columns, carried through unchanged.
+    row : int or None
+        The manifest line the image comes from (the header is line 1); None
+        for class folders. ``medfed data check`` names an image by it.
     """
 
     path: Path
     label: int
     patient_id: str | None = None
     extra: Mapping[str, str] = field(default_factory=dict, hash=False)
+    row: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -820,7 +824,7 @@ def _read_manifest(manifest: Path, class_names: tuple[str, ...] | None, root: Pa
     for path, label, pid, extra, lineno in usable:
         if label not in index:
             raise _unknown_label_error(label, f"manifest '{manifest.name}' line {lineno}", names)
-        records.append(ImageRecord(path, index[label], pid, MappingProxyType(extra)))
+        records.append(ImageRecord(path, index[label], pid, MappingProxyType(extra), row=lineno))
     return _finish(records, names, skipped, "manifest", root)
 
 

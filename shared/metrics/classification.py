@@ -997,6 +997,25 @@ class ClassificationCounts:
             raise ValueError(f"threshold must be a real number; got {threshold!r}.")
         return float(threshold)
 
+    def score_histograms(self, positive_class: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """Histograms of the probability of ``positive_class`` for the samples of that label and of the others.
+
+        What ROC, precision-recall and reliability curves are drawn from
+        (:mod:`shared.metrics.curves`): ``(pos, neg)``, each of ``bins``
+        int64 counts in ascending probability. One-vs-rest for C > 2.
+
+        Raises
+        ------
+        ValueError
+            If ``positive_class`` is not in [0, C).
+        """
+        pos, neg = self._score_histograms(self._check_class(positive_class))
+        return pos.copy(), neg.copy()
+
+    def label_totals(self) -> list[int]:
+        """Samples per true label (the confusion matrix's row sums)."""
+        return [int(v) for v in self.confusion.sum(axis=1).tolist()]
+
     def _score_histograms(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Histograms of the probability of class ``k`` for label k / other labels."""
         pos_hist = self.histogram[k, k]

@@ -51,6 +51,8 @@ class Counts(Protocol):
 
     def report(self, threshold: float | None = None, positive_class: int | None = 1) -> dict[str, float]: ...  # noqa: D102
 
+    def to_flat(self) -> dict[str, object]: ...  # noqa: D102
+
 
 @dataclass
 class SiteEvaluation:
@@ -73,6 +75,8 @@ class RoundEvaluation:
 
     pooled: dict[str, float]
     per_site: dict[str, dict[str, float]] = field(default_factory=dict)
+    counts: AnyCounts | None = None
+    """The merged counts the pooled metrics come from (aggregate data: what the report's curves are drawn from)."""
 
 
 def pool_evaluations(reports: list[SiteEvaluation], rule: ThresholdRule | None = None, *,
@@ -107,7 +111,7 @@ def pool_evaluations(reports: list[SiteEvaluation], rule: ThresholdRule | None =
         m = r.counts.report(threshold, rule.positive_class)
         m["eval-loss"] = r.loss
         per_site[r.site_id] = m
-    return RoundEvaluation(pooled=pooled, per_site=per_site)
+    return RoundEvaluation(pooled=pooled, per_site=per_site, counts=total)
 
 
 def pool_training(reports: Mapping[str, Mapping[str, float]]) -> dict[str, float]:

@@ -82,6 +82,10 @@ class ClassificationObjective:
 
         return classification_subgroup_counts(predictions, targets, attributes, spec)
 
+    def class_counts(self, targets: torch.Tensor) -> list[int]:
+        """Images per class of a site's labels (its roll-call data summary; counts only)."""
+        return [int(v) for v in torch.bincount(targets.long().reshape(-1), minlength=self.num_classes).tolist()]
+
     @staticmethod
     def eval_batch_size(train_batch_size: int) -> int:
         """Evaluation batch size for a site training with ``train_batch_size``."""

@@ -238,6 +238,10 @@ class SegmentationObjective:
 
         return segmentation_subgroup_counts(predictions, targets != 0, attributes, spec, spacings=spacings)
 
+    def class_counts(self, targets: torch.Tensor) -> None:
+        """Segmentation images have no class of their own: no per-class image counts."""
+        return None
+
     @staticmethod
     def eval_batch_size(train_batch_size: int) -> int:
         """Evaluation batch size for a site training with ``train_batch_size``."""

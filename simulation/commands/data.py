@@ -30,10 +30,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "check",
         help="pre-flight check of a site's images (counts only, no paths or ids)",
         description=(
-            "Decode every image once and report counts per class, patients, sizes, bit depths, "
-            "duplicates and quarantined files, with a verdict. The report holds no file paths, file "
-            "names or patient ids, so it can be shared with the federation's coordinator. Exit code: "
-            "0 ready, 1 ready with warnings, 2 not ready (or bad arguments)."
+            "Decode every image once and report counts per class (segmentation tasks: image/mask pairs, "
+            "masks with and without foreground), patients, sizes, bit depths, duplicates and quarantined "
+            "files, with a verdict. Reads every layout training reads (class folders, manifests; for "
+            "segmentation tasks image,mask manifests, images/ + masks/ folders, run-length CSVs). "
+            "Duplicates are named by manifest row or by path relative to the data folder so you can find "
+            "them; --shareable leaves those names out, and what remains (no paths, file names or patient "
+            "ids) can be shared with the federation's coordinator. Exit code: 0 ready, 1 ready with "
+            "warnings, 2 not ready (or bad arguments)."
         ),
     )
     check.add_argument("path", help="class-folder tree, folder with manifest.csv, or a manifest .csv")
@@ -51,6 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                        help="read manifest rows and symlinks that lead outside the data folder (default: "
                             "quarantined as outside-data-root; as node-config allow-outside-data-root=true)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument("--shareable", action="store_true",
+                       help="leave out the duplicate files' names (counts only: fit to send to the coordinator)")
     check.set_defaults(func=run_check)
 
 
@@ -83,7 +89,7 @@ def run_check(args: argparse.Namespace) -> int:
     report = check_dataset(args.path, args.task, val_fraction=args.val_fraction, seed=args.seed, progress=_progress,
                            max_pixels=args.max_pixels, allow_outside_root=args.allow_outside_root)
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(report.to_dict(shareable=args.shareable), indent=2))
     else:
-        print(format_report(report), end="")
+        print(format_report(report, shareable=args.shareable), end="")
     return report.exit_code()

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from simulation.commands.common import positive_int
+from simulation.commands.common import nonnegative_int, positive_int
 
 __all__ = ["register", "run"]
 
@@ -29,7 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             "case-insensitively. Segmentation models take image/mask pairs (manifest image,mask"
             "[,spacing_mm], images/ + masks/ folders, or images with a SIIM-ACR run-length CSV) and report "
             "Dice, IoU, HD95 in pixels and, for images with a known pixel spacing, hd95-mm. "
-            "Writes the metrics as JSON (no file paths) and prints a table."
+            "Every figure comes with a 95%% interval (percentile bootstrap over images, seeded), and with "
+            "manifest columns sex, age or view also per patient subgroup (with n). Writes the metrics as "
+            "JSON (no file paths), the page a hospital files (evaluate.html beside the JSON: curves, "
+            "calibration, confusion matrix, interval and subgroup tables) and prints a table."
         ),
     )
     e.add_argument("--model", "-m", required=True, type=Path, metavar="RUN_DIR_OR_FILE",
@@ -37,13 +40,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     e.add_argument("data", type=Path, metavar="DATA", help="class-folder tree, folder with manifest.csv, or a manifest .csv")
     e.add_argument("--out", "-o", type=Path, default=Path("metrics.json"), help="metrics JSON file (default ./metrics.json)")
     e.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default 32)")
+    e.add_argument("--bootstrap", type=positive_int, default=1000, metavar="N",
+                   help="bootstrap draws per 95%% interval (default 1000)")
+    e.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the bootstrap draws (default 0)")
+    e.add_argument("--html", type=Path, default=None, metavar="PATH",
+                   help="the validation page (default: evaluate.html beside the JSON)")
     e.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``medfed evaluate``; 0 when the metrics were written."""
+    """Run ``medfed evaluate``; 0 when the metrics and the page were written."""
     from shared.inference import load_trained
-
     from shared.kinds import SEGMENTATION
 
     trained = load_trained(args.model)
@@ -60,37 +67,126 @@ def _write(out: Path, data: Any) -> Path:
     return out
 
 
+def _write_page(args: argparse.Namespace, html: str) -> Path:
+    from shared.atomic import atomic_open
+
+    path = Path(args.html) if args.html is not None else Path(args.out).parent / "evaluate.html"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        fh.write(html)
+    return path
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _info(trained: Any, args: argparse.Namespace, n: int, skipped: dict[str, int]) -> dict[str, Any]:
+    """What the page says was validated: the model exactly, the data by counts only."""
+    import time
+
+    from simulation.cli import medfed_version
+
+    rc = trained.card.run_config
+    data = Path(args.data)
+    layout = ("manifest" if data.suffix.lower() == ".csv" or (data / "manifest.csv").is_file() else "folders")
+    return {
+        "model": f"{trained.model_name} for {trained.task} ({', '.join(trained.class_names)})",
+        "model file": f"{trained.path.name}, SHA-256 {_sha256(trained.path)}",
+        "trained": (f"federated, {rc.get('strategy')} over {rc.get('num-server-rounds')} round(s) at "
+                    f"{trained.preprocess.size} px" + (", DP-SGD" if rc.get("dp.enabled") else "")),
+        "operating threshold": (f"{trained.meta.get('threshold')} "
+                                f"({(trained.meta.get('threshold-rule') or {}).get('method')}, "
+                                "chosen by the federation on its validation data)"
+                                if trained.meta.get("threshold") is not None else "none (most probable class)"),
+        "data": f"a labelled dataset ({layout}); path not recorded",
+        "images scored": n,
+        "files not used": (", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "software": f"medfed {medfed_version()}",
+    }
+
+
 def _evaluate_classifier(trained: Any, args: argparse.Namespace) -> int:
     from shared.formatting import fmt_metric
-    from shared.inference import evaluate_dataset
+    from shared.inference import evaluate_dataset, model_threshold
+    from shared.local_eval import classifier_uncertainty
+    from shared.report.evaluate_page import classification_page
 
     result = evaluate_dataset(trained, args.data, batch_size=args.batch_size)
-    out = _write(Path(args.out), result.to_dict(trained))
+    binary = trained.num_classes == 2
+    thr = model_threshold(trained) if binary else None
+    unc = classifier_uncertainty(result.probs, result.labels, result.attributes, threshold=thr,
+                                 positive_class=trained.positive_class,
+                                 age_bands=trained.run_config.fairness.age_bands,
+                                 replicates=args.bootstrap, seed=args.seed)
+    n = result.counts.num_examples
+    report = {**result.to_dict(trained), **unc}
+    out = _write(Path(args.out), report)
+    info = _info(trained, args, n, result.skipped)
+    per_class = result.counts.label_totals()
+    info["images per class"] = ", ".join(f"{c} {v}" for c, v in zip(trained.class_names, per_class, strict=True))
+    page = _write_page(args, classification_page(info, result.counts, result.metrics, unc, trained.class_names,
+                                                 trained.positive_class, thr))
     m = result.metrics
-    print(f"medfed evaluate: {trained.model_name} ({trained.task}) on {result.counts.num_examples} images"
+    print(f"medfed evaluate: {trained.model_name} ({trained.task}) on {n} images"
           + (f", skipped {sum(result.skipped.values())}" if result.skipped else ""))
     if trained.num_classes > 2:
         print(f"  (argmax decisions; sensitivity ... ece are macro averages of one-vs-rest figures "
               f"over {trained.num_classes} classes)")
+    cis = unc["intervals"]
     for key in CLASSIFIER_METRICS:
-        print(f"  {key:<12} {fmt_metric(m.get(key))}")
+        ci = cis.get(key)
+        extra = f"  95% CI [{fmt_metric(ci['low'])}, {fmt_metric(ci['high'])}]" if ci else ""
+        print(f"  {key:<12} {fmt_metric(m.get(key))}{extra}")
     if "threshold" in m:
+        sens, spec = cis.get("sensitivity@thr") or {}, cis.get("specificity@thr") or {}
         print(f"  at the model's operating threshold {fmt_metric(m.get('threshold'))}: "
-              f"sensitivity {fmt_metric(m.get('sensitivity@thr'))}, specificity {fmt_metric(m.get('specificity@thr'))}")
-    print(f"Wrote {out}")
+              f"sensitivity {fmt_metric(m.get('sensitivity@thr'))} [{fmt_metric(sens.get('low'))}, "
+              f"{fmt_metric(sens.get('high'))}], specificity {fmt_metric(m.get('specificity@thr'))} "
+              f"[{fmt_metric(spec.get('low'))}, {fmt_metric(spec.get('high'))}]")
+    _print_subgroups(unc["subgroups"], "auroc")
+    print(f"  (95% intervals: percentile bootstrap over images, {args.bootstrap} draws, seed {args.seed})")
+    print(f"Wrote {out} and {page}")
     return 0
+
+
+def _print_subgroups(report: dict[str, Any], metric: str) -> None:
+    from shared.formatting import fmt_metric
+
+    for column, col in (report.get("columns") or {}).items():
+        cells = ", ".join(f"{e['subgroup']} {fmt_metric(e.get(metric))} (n {e['n']})" for e in col["subgroups"])
+        print(f"  by {column}: {metric} {cells}")
 
 
 def _evaluate_segmentation(trained: Any, args: argparse.Namespace) -> int:
     from shared.formatting import fmt_metric
-    from shared.inference import evaluate_segmentation
+    from shared.inference import score_segmentation
+    from shared.local_eval import segmentation_uncertainty
+    from shared.report.evaluate_page import segmentation_page
 
-    report = evaluate_segmentation(trained, args.data)
+    scored = score_segmentation(trained, args.data)
+    unc = segmentation_uncertainty(scored.per_image, scored.attributes,
+                                   age_bands=trained.run_config.fairness.age_bands,
+                                   replicates=args.bootstrap, seed=args.seed)
+    report = {**scored.to_dict(), **unc}
     out = _write(Path(args.out), report)
     m = report["metrics"]
+    page = _write_page(args, segmentation_page(_info(trained, args, report["num-images"], scored.skipped), m, unc,
+                                               [c.dice_sum for c in scored.per_image]))
     print(f"medfed evaluate: {trained.model_name} ({trained.task}) on {report['num-images']} image/mask pairs"
           + (f", skipped {sum(report['skipped'].values())}" if report["skipped"] else ""))
     for key in SEGMENTATION_METRICS:
-        print(f"  {key:<12} {fmt_metric(m.get(key))}")
-    print(f"Wrote {out}")
+        ci = unc["intervals"].get(key)
+        extra = f"  95% CI [{fmt_metric(ci['low'])}, {fmt_metric(ci['high'])}]" if ci else ""
+        print(f"  {key:<12} {fmt_metric(m.get(key))}{extra}")
+    _print_subgroups(unc["subgroups"], "dice")
+    print(f"  (95% intervals: percentile bootstrap over images, {args.bootstrap} draws, seed {args.seed})")
+    print(f"Wrote {out} and {page}")
     return 0

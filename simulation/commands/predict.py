@@ -24,13 +24,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description=(
             "Predict image files with a trained medfed model, through the same reading and "
             "preprocessing as in training. Writes OUT/predictions.csv (input, prob-<class>..., "
-            "predicted, error); unreadable files get a row with the reason. With --heatmaps also "
-            "OUT/heatmaps/<stem>_gradcam.png: Grad-CAM of the positive class (binary) or of the "
-            "predicted class, over the image at its own aspect ratio. Grad-CAM shows where the model "
-            "found evidence, which is not necessarily where the disease is. Segmentation models "
-            "instead write OUT/masks/<stem>_mask.png (0/255, at each input's own size) and "
-            "OUT/predictions.csv (input, foreground-percent, foreground-pixels, mask, overlay, error); "
-            "with --overlays also OUT/overlays/<stem>_overlay.png (mask outline over the image)."
+            "predicted, threshold, error); 'input' is each file's path relative to the folder or "
+            "manifest it was found through (the file name for a file given directly), and unreadable "
+            "files get a row with the reason. With --heatmaps also OUT/heatmaps/<stem>_gradcam.png "
+            "(named in the row's 'heatmap' column; <stem> is the input with '/' as '__' and no "
+            "suffix): Grad-CAM of the positive class (binary) or of the predicted class, over the image "
+            "at its own aspect ratio. Grad-CAM shows where the model found evidence, which is not "
+            "necessarily where the disease is. Segmentation models instead write OUT/masks/<stem>_mask.png "
+            "(0/255, at each input's own size) and OUT/predictions.csv (input, foreground-percent, "
+            "foreground-pixels, threshold, mask, overlay, error); with --overlays also "
+            "OUT/overlays/<stem>_overlay.png (mask outline over the image)."
         ),
     )
     p.add_argument("--model", "-m", required=True, type=Path, metavar="RUN_DIR_OR_FILE",
@@ -53,20 +56,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def run(args: argparse.Namespace) -> int:
     """Run ``medfed predict``; 0 when every input was handled (unreadable files are rows, not errors)."""
     from shared.data.sources import DataSourceError
-    from shared.inference import collect_inputs, load_trained
+    from shared.inference import collect_named_inputs, load_trained
 
     from shared.kinds import SEGMENTATION
 
     trained = load_trained(args.model)
-    files = collect_inputs(args.inputs)
-    if not files:
+    named = collect_named_inputs(args.inputs)
+    if not named:
         raise DataSourceError("no image files found in the given inputs")
+    files, names = [p for p, _ in named], [n for _, n in named]
     if trained.kind == SEGMENTATION:
-        return _predict_masks(trained, files, args)
-    return _predict_classes(trained, files, args)
+        return _predict_masks(trained, files, names, args)
+    return _predict_classes(trained, files, names, args)
 
 
-def _predict_classes(trained: Any, files: list[Path], args: argparse.Namespace) -> int:
+def _predict_classes(trained: Any, files: list[Path], names: list[str], args: argparse.Namespace) -> int:
     from shared.inference import predict_files, write_predictions_csv
 
     if args.overlays:
@@ -76,8 +80,9 @@ def _predict_classes(trained: Any, files: list[Path], args: argparse.Namespace) 
                         "and predicts the most probable one: drop --threshold")
     out = Path(args.out)
     heat_dir = out / "heatmaps" if args.heatmaps else None
-    rows = predict_files(trained, files, threshold=args.threshold, heatmap_dir=heat_dir, batch_size=args.batch_size)
-    csv_path = write_predictions_csv(rows, out / "predictions.csv", trained.class_names)
+    rows = predict_files(trained, files, threshold=args.threshold, heatmap_dir=heat_dir, batch_size=args.batch_size,
+                         names=names)
+    csv_path = write_predictions_csv(rows, out / "predictions.csv", trained.class_names, heatmaps=heat_dir is not None)
     errors = sum(1 for r in rows if r.get("error"))
     counts: dict[str, int] = {}
     for r in rows:
@@ -89,7 +94,7 @@ def _predict_classes(trained: Any, files: list[Path], args: argparse.Namespace) 
     return 0
 
 
-def _predict_masks(trained: Any, files: list[Path], args: argparse.Namespace) -> int:
+def _predict_masks(trained: Any, files: list[Path], names: list[str], args: argparse.Namespace) -> int:
     from shared.inference import SEGMENTATION_COLUMNS, predict_masks, write_rows_csv
 
     if args.heatmaps:
@@ -97,7 +102,7 @@ def _predict_masks(trained: Any, files: list[Path], args: argparse.Namespace) ->
     out = Path(args.out)
     overlay_dir = out / "overlays" if args.overlays else None
     rows = predict_masks(trained, files, out / "masks", threshold=args.threshold, overlay_dir=overlay_dir,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, names=names)
     csv_path = write_rows_csv(rows, out / "predictions.csv", SEGMENTATION_COLUMNS)
     errors = sum(1 for r in rows if r.get("error"))
     print(f"medfed predict: {len(rows)} file(s) segmented, unreadable {errors}. Wrote {csv_path} and {out / 'masks'}/"

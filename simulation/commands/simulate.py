@@ -77,6 +77,16 @@ def run(args: argparse.Namespace) -> int:
     for line in summary_lines(summary, sites=plan.sites, seconds=result.seconds, run_dir=result.run_dir,
                               with_metrics=not shown_summary):
         print(line)
+    if args.explain_dir:  # the server wrote the report without the sites' maps: add them here, locally
+        from shared.report import write_run_report
+
+        try:
+            write_run_report(result.run_dir, explain_dir=Path(args.explain_dir))
+        except Exception as exc:  # noqa: BLE001 - the run finished; only the gallery is missing
+            print(f"warning: could not add the Grad-CAM gallery to the report ({type(exc).__name__}: {exc})")
+    report = RunFolder(result.run_dir).report_path
+    if report.is_file():
+        print(f"Report: {report}")
     return 0
 
 
