@@ -207,7 +207,7 @@ def run_federation(grid: Any, cfg: RunConfig) -> RunFolder:
         headline += f"; holdout sites {task.view.headline(last['holdout'])}"
     summary = folder.write_summary({**extra, "headline": f"final pooled validation {headline}"})
     _write_report(folder)
-    logger.info(console_line("summary", f"finished {summary['rounds']} rounds in {summary['wall-seconds']:.0f} s; "
+    logger.info(console_line("summary", f"finished {summary['rounds']} round{'' if summary['rounds'] == 1 else 's'} in {summary['wall-seconds']:.0f} s; "
                                         f"final pooled validation {headline}"))
     return folder
 

@@ -315,6 +315,8 @@ class RunFolder:
     def tensorboard_dir(self) -> Path:
         """``tensorboard/``: the event files of ``tracking='tensorboard'`` (written by TensorBoard's writer)."""
         return self.path / self.TENSORBOARD_DIR
+
+    @property
     def counts_path(self) -> Path:
         """``counts.json``."""
         return self.path / self.COUNTS

@@ -337,12 +337,13 @@ def test_simulate_is_quiet_and_keeps_flowers_output_in_flower_log(tmp_path: Path
     assert f"  results: {run_dir}" in lines
     assert sum(1 for line in lines if line.startswith("[round 1/1] train loss")) == 1
     assert f"Results: {run_dir}" in lines
-    assert any(line.startswith("medfed simulate: 1 round x 2 sites in ") for line in lines)
+    assert f"Report: {run_dir / 'report.html'}" in lines
+    assert any(line.startswith("finished 1 round in ") for line in lines)
     for noise in ("INFO", "Aggregated", "pid=", "FutureWarning", "Starting FedAvg"):
         assert noise not in out
-    assert len(lines) <= 12, out
+    assert len(lines) <= 14, out  # 4 header, 2 sites + 2 small-split warnings, round, summary, results, report
     log = (run_dir / "flower.log").read_text()
-    assert "Aggregated MetricRecord" in log and "[round 1/1]" in log
+    assert "Successfully started run" in log and "[round 1/1]" in log and "INFO" in log
     assert not (run_dir / "superlink.log").exists()
 
 
