@@ -11,7 +11,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: venv demo test test-fast benchmark benchmark-privacy clean
+.PHONY: venv demo test test-fast benchmark benchmark-privacy benchmark-heterogeneity clean
 
 venv: $(STAMP)
 
@@ -41,6 +41,11 @@ benchmark: venv
 # Privacy/accuracy study on PneumoniaMNIST from ../shared/data (about 20 min on 2 cores).
 benchmark-privacy: venv
 	$(BIN)/python benchmarks/privacy_study.py
+
+# Heterogeneity study on cxr-pneumonia from ../shared/data: 5 partition settings, baselines, benefit of joining
+# (about 1-1.5 h on 2 shared cores; quick proof: python benchmarks/heterogeneity.py --images 400 --rounds 2).
+benchmark-heterogeneity: venv
+	nice -n 19 $(BIN)/python benchmarks/heterogeneity.py
 
 clean:
 	rm -rf results .pytest_cache
