@@ -122,17 +122,21 @@ def table(study: dict[str, Any]) -> tuple[str, list[dict[str, Any]]]:
             return "n/a"
         return f"{fmt_metric(lo, spec='+.3f')} to {fmt_metric(hi, spec='+.3f')}"
 
-    head = ["setting", "arm", "test AUROC", "worst-site val AUROC", "Jain's index (val AUROC)",
+    head = ["setting", "arm", "test AUROC", "site-mean val AUROC", "worst-site val AUROC", "Jain's index (val AUROC)",
             "benefit of joining, val", "benefit of joining, test", "runs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     rows = []
     for r in study["rows"]:
         runs = f"{r['seeds-ok']} ok" + (f", {r['seeds-failed']} FAILED" if r["seeds-failed"] else "")
-        cells = [r["setting"], r["arm"], pm(r, "test-auroc"), pm(r, "worst-site-auroc"), pm(r, "jain-index"),
+        if not r["seeds-ok"] and not r["seeds-failed"]:
+            runs = "not run (interrupted)"
+        cells = [r["setting"], r["arm"], pm(r, "test-auroc"), pm(r, "site-mean-auroc"), pm(r, "worst-site-auroc"),
+                 pm(r, "jain-index"),
                  span(r, "benefit"), span(r, "test-benefit"), runs]
         lines.append("| " + " | ".join(cells) + " |")
         rows.append({k: r.get(k) for k in (
             "setting", "arm", "kind", "seeds-ok", "seeds-failed", "test-auroc-mean", "test-auroc-std", "auroc-mean",
+            "site-mean-auroc-mean", "site-mean-auroc-std",
             "worst-site-auroc-mean", "worst-site-auroc-std", "jain-index-mean", "jain-index-std", "benefit-min",
             "benefit-median", "benefit-max", "test-benefit-min", "test-benefit-median", "test-benefit-max")})
     return "\n".join(lines), rows

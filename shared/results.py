@@ -12,6 +12,7 @@
         flower.log       Flower's full output (simulations)
         simulation.json  number of simulated sites (``medfed simulate``)
         benefit-of-joining.json  a local-only baseline compared with a federated run (``--compare``)
+        baseline.log     the full log of an in-process baseline (``medfed simulate --baseline``)
 
 :class:`RunFolder` holds every path, writer and reader of these files; the
 server, inference, the audit, studies and the CLI go through it. Every file
@@ -223,6 +224,7 @@ class RunFolder:
     FAIRNESS_CSV = "fairness.csv"
     CHECKPOINT = "checkpoint.json"
     BENEFIT = "benefit-of-joining.json"
+    BASELINE_LOG = "baseline.log"
     CHECKPOINT_DIR = "checkpoints"
 
     def __init__(self, path: Path, columns: Sequence[str] = DEFAULT_COLUMNS, primary: str = "auroc") -> None:

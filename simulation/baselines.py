@@ -36,8 +36,9 @@ folder through :class:`shared.results.RunFolder` (``config.json`` with a
 ``baseline`` field, ``metrics.json``, ``rounds.csv``, ``sites.csv``,
 ``summary.json``, ``simulation.json``), and announce progress as
 :mod:`shared.console` lines (a site line per site, a round line per round,
-a summary), shown by ``medfed simulate --baseline`` like a simulation's.
-Deterministic for a seed.
+a summary), shown by ``medfed simulate --baseline`` like a simulation's;
+everything the libraries log during the run goes to ``baseline.log`` in the
+results folder. Deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -176,10 +177,7 @@ class _Run:
     """Shared state of one baseline run: config, task, data, results folder, progress lines."""
 
     def __init__(self, plan: BaselinePlan, on_line: LineSink | None) -> None:
-        import torch
-
         from shared.results import RunFolder
-        from shared.site_data import load_test_data
         from shared.tasks import get_task
 
         self.plan, self.cfg, self.on_line = plan, plan.config, on_line
@@ -190,6 +188,17 @@ class _Run:
         self.t0 = time.time()
         cfg = self.cfg
         self.folder = RunFolder.create(cfg.results_dir, cfg.run_name, columns=self.view.columns, primary=self.primary)
+        self.log_handler = logging.FileHandler(self.folder.path / RunFolder.BASELINE_LOG, encoding="utf-8")
+        self.log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(self.log_handler)
+
+    def load(self) -> None:
+        """Write config.json, load every site's data and the test set, build the initial model."""
+        import torch
+
+        from shared.site_data import load_test_data, tiny_site_message
+
+        cfg, plan = self.cfg, self.plan
         self.folder.write_config(cfg.to_flat(), {
             BASELINE_FIELD: plan.kind,
             "versions": {"torch": torch.__version__, "python": platform.python_version()},
@@ -200,6 +209,9 @@ class _Run:
             what = (f"holdout site, {len(s.train_x) + len(s.val_x)} images to test on (never trains)" if s.holdout
                     else f"{len(s.train_x)} training and {len(s.val_x)} validation images")
             self.say("site", f"{s.id}: {what}")
+            tiny = None if s.holdout else tiny_site_message(s.id, len(s.train_x), len(s.val_x), cfg)
+            if tiny is not None:
+                self.say("warning", tiny)
         if not any(not s.holdout for s in self.sites):
             raise ConfigError(f"holdout-sites={cfg.holdout_sites} leaves no training site among {plan.sites}.")
         self.test = load_test_data(cfg, self.task) if cfg.test_path else None
@@ -447,5 +459,13 @@ def run_baseline(plan: BaselinePlan, *, on_line: LineSink | None = None) -> Base
     """
     t0 = time.time()
     run = _Run(plan, on_line)
-    (_run_local if plan.kind == "local" else _run_pooled)(run)
+    try:
+        run.load()
+        (_run_local if plan.kind == "local" else _run_pooled)(run)
+    except Exception:
+        logger.exception("the %s baseline failed", plan.kind)
+        raise
+    finally:
+        logging.getLogger().removeHandler(run.log_handler)
+        run.log_handler.close()
     return BaselineResult(run_dir=run.folder.path, seconds=time.time() - t0)

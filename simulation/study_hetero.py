@@ -375,8 +375,11 @@ def validate_plan(plan: HeteroPlan) -> str:
 def read_run_metrics(run_dir: Path, primary: str) -> dict[str, float]:
     """Final figures of a finished run (federated or baseline) from its ``summary.json``.
 
-    ``<primary>`` and ``accuracy`` (pooled validation), ``worst-site-<p>``,
-    ``best-site-<p>``, ``site-gap``, ``site-std`` and ``jain-index`` across
+    ``<primary>`` and ``accuracy`` (pooled validation; for the local-only
+    baseline the counts of every site's own model on its own patients pooled),
+    ``site-mean-<p>`` (unweighted mean of the sites' validation figures, the
+    comparison across arms), ``worst-site-<p>``, ``best-site-<p>``,
+    ``site-gap``, ``site-std`` and ``jain-index`` across
     the sites' validation figures (the run's ``fairness`` block), ``test-<p>``
     (the test set; for the local-only baseline the mean over the sites' own
     models) and ``holdout-<p>`` (likewise); NaN where the run has none.
@@ -406,6 +409,7 @@ def read_run_metrics(run_dir: Path, primary: str) -> dict[str, float]:
         "accuracy": core.num(final.get("accuracy")),
         f"worst-site-{primary}": worst if not math.isnan(worst) else core.agg_min(per_site),
         f"best-site-{primary}": core.num(fair.get("best")) if fair else core.agg_max(per_site),
+        f"site-mean-{primary}": core.num(fair.get("mean")) if fair else mean_of(summary.get("final-per-site")),
         "site-gap": core.num(fair.get("gap")),
         "site-std": core.num(fair.get("std")),
         "jain-index": core.num(fair.get("jain-index")),
@@ -575,7 +579,8 @@ def summarize(plan: HeteroPlan, outcomes: Sequence[RunOutcome], primary: str) ->
                                    "kind": "baseline" if arm in BASELINE_ARMS else "federated",
                                    "seeds-ok": len(ok), "seeds-failed": len(mine) - len(ok),
                                    "rounds": core.mean_std(col("rounds"))[0]}
-            for key in (p, "accuracy", f"test-{p}", f"worst-site-{p}", "jain-index", "site-gap", f"holdout-{p}"):
+            for key in (p, "accuracy", f"site-mean-{p}", f"test-{p}", f"worst-site-{p}", "jain-index", "site-gap",
+                        f"holdout-{p}"):
                 row[f"{key}-mean"], row[f"{key}-std"] = core.mean_std(col(key))
             for part, prefix in (("validation", "benefit"), ("test", "test-benefit")):
                 vals = _benefit_values(ok, part)
@@ -600,13 +605,16 @@ def markdown(rows: Sequence[Mapping[str, Any]], primary: str) -> str:
             return NA
         return " / ".join(fmt_metric(r[f"{prefix}-{s}"], spec="+.3f") for s in ("min", "median", "max"))
 
-    head = ["setting", "arm", f"val {name}", f"test {name}", f"worst-site {name}", "Jain's index",
-            "benefit val (min / median / max)", "benefit test (min / median / max)", "runs"]
+    head = ["setting", "arm", f"pooled val {name}", f"site-mean val {name}", f"test {name}", f"worst-site {name}",
+            "Jain's index", "benefit val (min / median / max)", "benefit test (min / median / max)", "runs"]
     body = []
     for r in rows:
         runs = f"{r['seeds-ok']} ok" + (f", {r['seeds-failed']} FAILED" if r["seeds-failed"] else "")
-        body.append([r["setting"], r["arm"], pm(r, primary), pm(r, f"test-{primary}"), pm(r, f"worst-site-{primary}"),
-                     pm(r, "jain-index"), span(r, "benefit"), span(r, "test-benefit"), runs])
+        if not r["seeds-ok"] and not r["seeds-failed"]:
+            runs = "not run"  # an interrupted study
+        body.append([r["setting"], r["arm"], pm(r, primary), pm(r, f"site-mean-{primary}"), pm(r, f"test-{primary}"),
+                     pm(r, f"worst-site-{primary}"), pm(r, "jain-index"), span(r, "benefit"), span(r, "test-benefit"),
+                     runs])
     return core.markdown_table(head, body)
 
 
@@ -626,10 +634,11 @@ def write_outputs(plan: HeteroPlan, primary: str, rows: Sequence[Mapping[str, An
         },
         "benefit-per-site": [{"setting": o.key[0], "seed": o.key[1], "arm": o.key[2], **o.details["benefit"]}
                              for o in outcomes if o.details.get("benefit")],
-        "notes": ("mean/std over seeds (sample std, NaN with one seed); worst-site and Jain's index across the sites' "
-                  "validation figures of the final round; test = test-path (local-only: mean over the sites' own "
-                  "models); benefit = a site's federated minus its local-only primary metric, min/median/max over "
-                  "sites and seeds."),
+        "notes": ("mean/std over seeds (sample std, NaN with one seed); site-mean, worst-site and Jain's index "
+                  "across the sites' validation figures of the final round; pooled val of the local-only baseline "
+                  "pools the counts of each site's own model; test = test-path (local-only: mean over the sites' "
+                  "own models); benefit = a site's federated minus its local-only primary metric, min/median/max "
+                  "over sites and seeds."),
     }
     files = core.write_study_files(plan.out_dir, rows, outcomes, table, payload, complete=complete,
                                    planned=len(plan.runs()))

@@ -239,6 +239,7 @@ def test_cli_baseline_local_compare_prints_benefit(tmp_path: Path, capsys: pytes
     assert "medfed simulate --baseline local:" in out and "[round 1/1] local-only" in out
     assert "Benefit of joining: federated AUROC minus local-only AUROC" in out
     baseline_dir = next((tmp_path / "r").iterdir())
+    assert (baseline_dir / RunFolder.BASELINE_LOG).is_file()  # the libraries' log stays in the folder
     local = RunFolder(baseline_dir).read_summary()["final-per-site"]
     saved = RunFolder(baseline_dir).read_benefit()
     for site, m in local.items():

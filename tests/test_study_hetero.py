@@ -214,6 +214,7 @@ def test_study_with_fake_runs_summarizes_compares_and_plots(tmp_path: Path) -> N
     assert fedavg["auroc-mean"] == pytest.approx((0.82 + 0.70 + 0.65) / 3 + 0.005)  # seeds shift by 0 and 0.01
     assert fedavg["auroc-std"] == pytest.approx(math.sqrt(2 * 0.005**2))
     assert fedavg["worst-site-auroc-mean"] == pytest.approx(0.655) and fedavg["test-auroc-mean"] == pytest.approx(0.785)
+    assert fedavg["site-mean-auroc-mean"] == pytest.approx((0.82 + 0.70 + 0.65) / 3 + 0.005)
     # benefit = federated - local-only per site (same seed): 0.02, 0.10, 0.15 for both seeds
     assert fedavg["benefit-min"] == pytest.approx(0.02) and fedavg["benefit-max"] == pytest.approx(0.15)
     assert fedavg["benefit-median"] == pytest.approx(0.10) and fedavg["benefit-gained"] == 1.0

@@ -97,7 +97,7 @@ def _run_baseline(args: argparse.Namespace) -> int:
     from shared.metrics.benefit import BenefitError, benefit_from_folders, comparable_configs
     from shared.results import RunFolder, RunFolderError
     from simulation.baselines import plan_baseline, run_baseline
-    from simulation.display import RunDisplay
+    from simulation.display import RunDisplay, library_logs_hidden
 
     if args.resume or args.explain_dir:
         raise ConfigError("--baseline runs in one go and writes no Grad-CAMs: drop --resume / --explain-dir.")
@@ -116,8 +116,8 @@ def _run_baseline(args: argparse.Namespace) -> int:
                                "the same settings (only strategy options may differ).")
     for line in baseline_header_lines(plan.config, plan.kind, plan.sites, plan.run_dir):
         print(line, flush=True)
-    with RunDisplay(num_rounds=plan.config.num_server_rounds) as display:
-        result = run_baseline(plan, on_line=display.feed)
+    with RunDisplay(num_rounds=plan.config.num_server_rounds) as display, library_logs_hidden():
+        result = run_baseline(plan, on_line=display.feed)  # the libraries' own log: baseline.log in the folder
     print(f"Results: {result.run_dir}")
     if args.compare:
         report = benefit_from_folders(Path(args.compare), result.run_dir)

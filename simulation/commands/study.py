@@ -180,9 +180,9 @@ def run_heterogeneity(args: argparse.Namespace) -> int:
 def _quiet_baseline(overrides: Any, kind: str, *, sites: int, echo: bool = False) -> Any:
     """One baseline of the study, showing its tagged lines indented under the study's own lines."""
     from simulation.baselines import plan_baseline, run_baseline
-    from simulation.display import RunDisplay
+    from simulation.display import RunDisplay, library_logs_hidden
 
-    with RunDisplay(indent="    ") as display:
+    with RunDisplay(indent="    ") as display, library_logs_hidden():
         return run_baseline(plan_baseline(overrides, kind, sites=sites), on_line=display.feed)
 
 
