@@ -375,8 +375,9 @@ def validate_plan(plan: HeteroPlan) -> str:
 def read_run_metrics(run_dir: Path, primary: str) -> dict[str, float]:
     """Final figures of a finished run (federated or baseline) from its ``summary.json``.
 
-    ``<primary>`` and ``accuracy`` (pooled validation; for the local-only
-    baseline the counts of every site's own model on its own patients pooled),
+    ``<primary>`` and ``accuracy`` (pooled validation; NaN for the local-only
+    baseline, which has no single model: its ``final`` pools the counts of
+    different models),
     ``site-mean-<p>`` (unweighted mean of the sites' validation figures, the
     comparison across arms), ``worst-site-<p>``, ``best-site-<p>``,
     ``site-gap``, ``site-std`` and ``jain-index`` across
@@ -386,8 +387,10 @@ def read_run_metrics(run_dir: Path, primary: str) -> dict[str, float]:
     """
     from shared.results import RunFolder
 
-    summary = RunFolder(run_dir).read_summary()
-    final = summary.get("final", {})
+    folder = RunFolder(run_dir)
+    summary = folder.read_summary()
+    # the local-only baseline has no single model: its pooled counts mix the sites' own models (left out here)
+    final = {} if folder.read_config().get("baseline") == "local" else summary.get("final", {})
     fair = (summary.get("fairness") or {}).get("sites") or {}
     per_site = [core.num(s.get(primary)) for s in (summary.get("final-per-site") or {}).values()]
 
@@ -517,8 +520,9 @@ def _planned(plan: HeteroPlan, primary: str, setting: Setting, seed: int, arm: s
                               timeout=plan.run_timeout)
         run_dir = Path(res.run_dir)
         metrics: dict[str, Any] = read_run_metrics(run_dir, primary)
-        text = (f"{primary} {fmt_metric(metrics[primary])}, worst site {fmt_metric(metrics[f'worst-site-{primary}'])}, "
-                f"Jain {fmt_metric(metrics['jain-index'])}")
+        pooled = "" if arm == "local" else f"{primary} {fmt_metric(metrics[primary])}, "
+        text = (f"{pooled}site mean {fmt_metric(metrics[f'site-mean-{primary}'])}, "
+                f"worst site {fmt_metric(metrics[f'worst-site-{primary}'])}, Jain {fmt_metric(metrics['jain-index'])}")
         if not math.isnan(metrics[f"test-{primary}"]):
             text += f", test {fmt_metric(metrics[f'test-{primary}'])}"
         notes, details = {}, {}
@@ -533,8 +537,11 @@ def _planned(plan: HeteroPlan, primary: str, setting: Setting, seed: int, arm: s
                 RunFolder(run_dir).write_benefit(report)
                 figures, details["benefit"] = _benefit_figures(report)
                 metrics.update(figures)
-                text += (f", benefit of joining {fmt_metric(figures.get('benefit-min'), spec='+.3f')} to "
-                         f"{fmt_metric(figures.get('benefit-max'), spec='+.3f')}")
+                ranges = [f"{part} {fmt_metric(figures.get(f'{prefix}-min'), spec='+.3f')} to "
+                          f"{fmt_metric(figures.get(f'{prefix}-max'), spec='+.3f')}"
+                          for part, prefix in (("val", "benefit"), ("test", "test-benefit"))
+                          if f"{prefix}-min" in figures]
+                text += ", benefit of joining " + ", ".join(ranges)
         return core.RunReport(run_dir, metrics, notes, text, details)
 
     labels = {"setting": setting.name, "seed": seed, "arm": ARM_LABELS.get(arm, arm),
@@ -635,8 +642,8 @@ def write_outputs(plan: HeteroPlan, primary: str, rows: Sequence[Mapping[str, An
         "benefit-per-site": [{"setting": o.key[0], "seed": o.key[1], "arm": o.key[2], **o.details["benefit"]}
                              for o in outcomes if o.details.get("benefit")],
         "notes": ("mean/std over seeds (sample std, NaN with one seed); site-mean, worst-site and Jain's index "
-                  "across the sites' validation figures of the final round; pooled val of the local-only baseline "
-                  "pools the counts of each site's own model; test = test-path (local-only: mean over the sites' "
+                  "across the sites' validation figures of the final round; no pooled val for the local-only baseline "
+                  "(no single model); test = test-path (local-only: mean over the sites' "
                   "own models); benefit = a site's federated minus its local-only primary metric, min/median/max "
                   "over sites and seeds."),
     }

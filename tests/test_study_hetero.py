@@ -223,6 +223,8 @@ def test_study_with_fake_runs_summarizes_compares_and_plots(tmp_path: Path) -> N
     local = rows[("shift", "local-only")]
     assert local["test-auroc-mean"] == pytest.approx((0.75 + 0.60 + 0.55) / 3 + 0.005)  # mean over own models
     assert math.isnan(local["benefit-median"])
+    assert math.isnan(local["auroc-mean"])  # no single model: no pooled validation figure
+    assert local["site-mean-auroc-mean"] == pytest.approx((0.80 + 0.60 + 0.50) / 3 + 0.005)
     assert rows[("iid", "fedprox")]["seeds-failed"] == 2 and math.isnan(rows[("iid", "fedprox")]["auroc-mean"])
     assert 0.99 < rows[("iid", "fedavg")]["jain-index-mean"] <= 1.0
     assert "2 FAILED" in result.table and "+0.020 / +0.100 / +0.150" in result.table

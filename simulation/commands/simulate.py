@@ -157,13 +157,15 @@ def benefit_lines(report: dict[str, Any]) -> list[str]:
     parts = [(k, report.get(k)) for k in ("validation", "test", "holdout")]
     parts = [(k, p) for k, p in parts if p]
     sites = sorted(report["validation"]["sites"])
-    head = f"  {'site':<12}" + "".join(f"{k + ' fed':>14}{k + ' local':>14}{'benefit':>10}" for k, _ in parts)
+    short = {"validation": "val", "test": "test", "holdout": "holdout"}
+    head = f"  {'site':<12}" + "".join(f"{short[k] + ' fed':>13}{short[k] + ' local':>15}{'benefit':>10}"
+                                       for k, _ in parts)
     lines.append(head)
     for site in sites:
         row = f"  {site:<12}"
         for _, p in parts:
             r = p["sites"].get(site, {})
-            row += f"{fmt_metric(r.get('federated')):>14}{fmt_metric(r.get('local')):>14}{signed(r.get('benefit')):>10}"
+            row += f"{fmt_metric(r.get('federated')):>13}{fmt_metric(r.get('local')):>15}{signed(r.get('benefit')):>10}"
         lines.append(row)
     for k, p in parts:
         lines.append(f"  {k}: min {signed(p['min'])}, median {signed(p['median'])}, max {signed(p['max'])}; "
