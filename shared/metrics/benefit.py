@@ -10,7 +10,9 @@ joining. Three comparisons, each only where both runs report it:
   normalisation layers) and by the site's local model;
 * ``test``: the server's test set (``test-path``): the one federated figure
   (``final-test``) against each site's local model on the same images
-  (``final-test-per-site`` of the local-only run);
+  (``final-test-per-site`` of the local-only run); with FedBN the server's
+  global model keeps its initial normalisation layers (the sites keep
+  theirs), so its test figure understates what a site gets;
 * ``holdout``: the holdout sites pooled (``final-holdout`` against
   ``final-holdout-per-model``).
 
