@@ -11,7 +11,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: venv demo test lint test-fast benchmark benchmark-privacy benchmark-scale clean
+.PHONY: venv demo test lint test-fast benchmark benchmark-privacy benchmark-scale benchmark-heterogeneity clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,10 @@ benchmark-privacy: venv
 # 100 simulated phantom sites on this machine: peak memory of the process tree, per-round overhead (10-20 min).
 benchmark-scale: venv
 	$(BIN)/python benchmarks/scale.py --sites 100 --rounds 2
+# Heterogeneity study on cxr-pneumonia from ../shared/data: 5 partition settings, baselines, benefit of joining
+# (about 1-1.5 h on 2 shared cores; quick proof: python benchmarks/heterogeneity.py --images 400 --rounds 2).
+benchmark-heterogeneity: venv
+	nice -n 19 $(BIN)/python benchmarks/heterogeneity.py
 
 clean:
 	rm -rf results .pytest_cache

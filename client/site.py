@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,10 +24,10 @@ from shared.config import (
 from shared.data.preprocess import AugmentConfig
 from shared.privacy.site_dp import DPRound, begin_round, open_ledger, state_root
 from shared.site_data import SiteData, load_site_data
-from shared.site_policy import PolicyRefusal, SitePolicy, check_budget, check_run, epsilon_spent_elsewhere, policy_for
 from shared.site_explain import ExplainSettings, explain_round, resolve_explain
+from shared.site_policy import PolicyRefusal, SitePolicy, check_budget, check_run, epsilon_spent_elsewhere, policy_for
 from shared.tasks import TaskSpec, get_task
-from shared.training import images_to_tensor, train_local
+from shared.training import images_to_tensor, site_round_seed, train_local
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ class SiteRuntime:
 
     def round_seed(self, server_round: int) -> int:
         """A seed that differs per site and round and is stable across processes."""
-        return (self.cfg.seed * 1_000_003 + server_round * 7919 + zlib.crc32(self.site.site_id.encode())) % 2**31
+        return site_round_seed(self.cfg.seed, server_round, self.site.site_id)
 
 
 _RUNTIMES: OrderedDict[tuple[Any, ...], SiteRuntime] = OrderedDict()

@@ -16,6 +16,8 @@
         counts.json      the last evaluated round's merged counts (validation, holdout, test)
         report.html      the run report (``medfed report``; written at the end of every run)
         model-card.json  the model card of the report, as JSON
+        benefit-of-joining.json  a local-only baseline compared with a federated run (``--compare``)
+        baseline.log     the full log of an in-process baseline (``medfed simulate --baseline``)
 
 :class:`RunFolder` holds every path, writer and reader of these files; the
 server, inference, the audit, studies and the CLI go through it. Every file
@@ -226,6 +228,8 @@ class RunFolder:
     SIMULATION = "simulation.json"
     FAIRNESS_CSV = "fairness.csv"
     CHECKPOINT = "checkpoint.json"
+    BENEFIT = "benefit-of-joining.json"
+    BASELINE_LOG = "baseline.log"
     CHECKPOINT_DIR = "checkpoints"
     MLFLOW_DIR = "mlruns"
     TENSORBOARD_DIR = "tensorboard"
@@ -424,6 +428,15 @@ class RunFolder:
     def write_simulation(self, sites: int, cpus_per_site: int) -> None:
         """Write ``simulation.json``: what the folder cannot tell by itself (the number of simulated sites)."""
         write_json(self.simulation_path, {"sites": sites, "cpus-per-site": cpus_per_site})
+
+    def write_benefit(self, report: Mapping[str, Any]) -> Path:
+        """Write ``benefit-of-joining.json`` (:func:`shared.metrics.benefit.benefit_of_joining`'s report)."""
+        write_json(self.path / self.BENEFIT, dict(report))
+        return self.path / self.BENEFIT
+
+    def read_benefit(self) -> dict[str, Any]:
+        """``benefit-of-joining.json`` (``{}`` when the baseline was not compared with a federated run)."""
+        return _read_json(self.path / self.BENEFIT)
 
     def write_checkpoint(self, server_round: int, arrays: Mapping[str, Any],
                          tensors: Mapping[str, Mapping[str, Any]], state: Mapping[str, Any]) -> Path:

@@ -17,6 +17,11 @@ site 0 sees its images through its own acquisition profile
 through it, real images get it after decoding and preprocessing, so the site
 cache keeps un-shifted pixels; segmentation masks are never changed.
 
+A simulated site never trains on the run's ``test-path``: images of
+``data-path`` that are also in ``test-path`` (same file) are left out before
+the partition is made, so a test split can be written as a manifest of the
+same folder.
+
 Each site then splits its own data into train and validation, by patient when
 patient ids are known. Everything is deterministic given the run's seed. A
 site whose train or validation split is below ``min-train-images`` /
@@ -46,6 +51,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,14 +64,13 @@ from shared.data.partition import partition_indices
 from shared.data.phantoms import phantom_attributes
 from shared.data.phantoms_tasks import apply_profile, site_profile
 from shared.data.preprocess import preprocess
-from shared.data.seg_sources import SegRecord, discover_segmentation, model_spacings, read_record_mask
 from shared.data.reading import READER_VERSION, cache_root, input_policy, make_reader, resolve_path
+from shared.data.seg_sources import SegRecord, discover_segmentation, model_spacings, read_record_mask
 from shared.data.sources import DataSourceError, ImageListing, ImageRecord, data_root, discover, pixel_limit
 from shared.data.splits import train_val_split
 from shared.data.usable import InputPolicy, bounded, usable_reader
 from shared.kinds import SEGMENTATION
 from shared.tasks import TaskSpec
-
 
 logger = logging.getLogger(__name__)
 
@@ -242,8 +247,42 @@ def natural_site_count(cfg: RunConfig, task: TaskSpec) -> int:
     return len({str(v).strip() for v in values.tolist()} - {""})
 
 
+def _test_files(cfg: RunConfig, task: TaskSpec) -> frozenset[Path]:
+    """Resolved image files of the run's ``test-path`` (empty without one): a simulation never trains on them."""
+    if not cfg.test_path:
+        return frozenset()
+    path = resolve_path(cfg.test_path)
+    if task.kind == SEGMENTATION:
+        files = [r.image for r in discover_segmentation(path, allow_outside_root=True).records]
+    else:
+        files = [r.path for r in discover(path, allow_outside_root=True).records]
+    return frozenset(Path(f).resolve() for f in files)
+
+
+def _without_test_images(records: Sequence[Any], file_of: Any, cfg: RunConfig, task: TaskSpec) -> np.ndarray:
+    """Indices of ``records`` whose image is not in the run's ``test-path`` (all of them without one).
+
+    ``test-path`` is never trained on: when it shares files with the
+    partitioned ``data-path`` (e.g. a test split written as a manifest of the
+    same folder), those files leave the partition before it is made. Only
+    the count is logged.
+    """
+    test = _test_files(cfg, task)
+    keep = np.arange(len(records))
+    if test:
+        keep = np.array([i for i, r in enumerate(records) if Path(file_of(r)).resolve() not in test], dtype=np.int64)
+        if len(keep) < len(records):
+            logger.info("data-path: %d of %d images are in test-path and are left out of the partition",
+                        len(records) - len(keep), len(records))
+    return keep
+
+
 def _load_partition_of_dataset(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> SiteData:
     listing, labels = _load_listing(cfg.data.data_path, task, site)
+    keep = _without_test_images(listing.records, lambda r: r.path, cfg, task)
+    if len(keep) < len(listing.records):
+        listing = dataclasses.replace(listing, records=tuple(listing.records[int(i)] for i in keep))
+        labels = labels[keep]
     groups = listing.groups()
     values = _column_values(listing, cfg.partition.column) if cfg.partition.kind == "natural" else None
     mine = _my_partition(cfg, site, labels, groups, values)
@@ -309,6 +348,9 @@ def _load_segmentation(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> Site
         policy = input_policy(site)
         path = resolve_path(cfg.data.data_path if site.simulated else site.data_path)
         listing = discover_segmentation(path, allow_outside_root=policy.allow_outside_root)
+        if site.simulated:
+            keep = _without_test_images(listing.records, lambda r: r.image, cfg, task)
+            listing = dataclasses.replace(listing, records=tuple(listing.records[int(i)] for i in keep))
         zeros = np.zeros(len(listing.records), dtype=np.int64)
         all_groups = listing.groups()
         mine = _my_partition(cfg, site, zeros, all_groups) if site.simulated else np.arange(len(listing.records))
@@ -391,7 +433,7 @@ def load_site_data(cfg: RunConfig, site: SiteConfig, task: TaskSpec) -> SiteData
     reads its node config's ``data-path`` only.
     """
     cfg = for_site(cfg, site)
-    key = (task.name, cfg.data, cfg.partition, cfg.seed, site)
+    key = (task.name, cfg.data, cfg.partition, cfg.seed, cfg.test_path, site)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return _CACHE[key]

@@ -30,6 +30,7 @@ import contextlib
 import logging
 import math
 import time
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -200,6 +201,16 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected 'adam' or 'sgd'")
+
+
+def site_round_seed(seed: int, server_round: int, site_id: str) -> int:
+    """The training seed of one site in one round: differs per site and round, stable across processes.
+
+    Federated sites and the in-process baselines (``medfed simulate
+    --baseline``) use the same formula, so a site trained alone sees the same
+    shuffling and augmentation as in the federation.
+    """
+    return (seed * 1_000_003 + server_round * 7919 + zlib.crc32(site_id.encode())) % 2**31
 
 
 # ---------------------------------------------------------------------------

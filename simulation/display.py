@@ -17,15 +17,18 @@ A line repeated verbatim (Ray replays, a warning sent every round) is shown once
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, TextIO
 
 from shared.console import ConsoleLine
 from simulation.flower_output import read_console_line
 
-__all__ = ["RunDisplay", "format_line"]
+__all__ = ["RunDisplay", "format_line", "library_logs_hidden"]
 
 RECENT = 5
 """Tagged lines kept in :attr:`RunDisplay.recent`."""
@@ -162,3 +165,25 @@ def _isatty(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):
         return False
+
+
+@contextmanager
+def library_logs_hidden(level: int = logging.ERROR) -> Iterator[None]:
+    """Show only ``level`` and above of the console's log handlers while an in-process run shows its own lines.
+
+    A simulation's library logging goes to ``flower.log`` in its Flower
+    processes; an in-process run (``medfed simulate --baseline``) logs in this
+    process, to its own log file, and shows a person only its tagged lines.
+    Handlers writing to stdout/stderr get ``level`` for the duration (restored after).
+    """
+    root = logging.getLogger()
+    handlers = [h for h in root.handlers
+                if isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stdout, sys.stderr)]
+    saved = [(h, h.level) for h in handlers]
+    for h in handlers:
+        h.setLevel(max(h.level, level))
+    try:
+        yield
+    finally:
+        for h, old in saved:
+            h.setLevel(old)

@@ -24,18 +24,17 @@ the sites) they are NaN and shown as ``n/a``.
 
 from __future__ import annotations
 
-import csv
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shared.config import ConfigError, ConfigValue, parse_run_config
-from shared.atomic import write_json
 from shared.formatting import NA, fmt_metric
 from shared.results import RunFolder
+from simulation import study_core as core
+from simulation.study_core import RunOutcome, parse_seeds
 
 __all__ = [
     "RunOutcome",
@@ -51,6 +50,7 @@ __all__ = [
     "run_study",
     "summarize",
     "validate_plan",
+    "write_outputs",
 ]
 
 DEFAULT_EPSILONS = "inf,8,3,1"
@@ -68,7 +68,7 @@ RUNS_FOLDER = "runs"
 AUDIT_FILE = "membership-audit.json"
 PLOT_FILE = "utility_vs_epsilon.png"
 
-Log = Callable[[str], None]
+Log = core.Log
 
 
 # ---------------------------------------------------------------------------
@@ -102,28 +102,6 @@ def parse_epsilons(text: str) -> tuple[float, ...]:
         out.append(eps)
     if not out:
         raise ConfigError(f"--epsilons: expected at least one epsilon (e.g. '{DEFAULT_EPSILONS}'), got {text!r}.")
-    return tuple(out)
-
-
-def parse_seeds(text: str) -> tuple[int, ...]:
-    """``"0,1,2"`` -> ``(0, 1, 2)``.
-
-    Raises
-    ------
-    ConfigError
-        For a value that is not a non-negative integer, or a repeated seed.
-    """
-    out: list[int] = []
-    for raw in (t.strip() for t in text.split(",")):
-        if not raw:
-            continue
-        if not raw.isdigit():
-            raise ConfigError(f"--seeds: expected non-negative integers separated by commas (e.g. '0,1,2'), got {raw!r}.")
-        if int(raw) in out:
-            raise ConfigError(f"--seeds: seed {raw} is listed twice in {text!r}; list each seed once.")
-        out.append(int(raw))
-    if not out:
-        raise ConfigError(f"--seeds: expected at least one seed (e.g. '{DEFAULT_SEEDS}'), got {text!r}.")
     return tuple(out)
 
 
@@ -183,12 +161,7 @@ def validate_plan(plan: StudyPlan) -> str:
     """
     from shared.tasks import get_task
 
-    for key in plan.overrides:
-        if key in STUDY_KEYS:
-            raise ConfigError(
-                f"medfed study privacy sets '{key}' for every run itself; remove it from --run-config "
-                f"and use {STUDY_KEYS[key]} instead."
-            )
+    core.refuse_study_keys(plan.overrides, STUDY_KEYS, "medfed study privacy")
     if plan.sites < 1:
         raise ConfigError(f"--sites: expected an integer >= 1, got {plan.sites}.")
     cfg = None
@@ -199,8 +172,7 @@ def validate_plan(plan: StudyPlan) -> str:
                 f"min-sites is {cfg.strategy.min_sites} but the study simulates {plan.sites} sites: "
                 f"use --sites {cfg.strategy.min_sites} or --run-config \"min-sites={plan.sites}\"."
             )
-    if plan.runs_dir.exists() and any(plan.runs_dir.iterdir()):
-        raise ConfigError(f"study folder {plan.out_dir} already holds runs; choose another --out (nothing is overwritten).")
+    core.check_fresh(plan.out_dir, plan.runs_dir)
     assert cfg is not None
     return get_task(cfg.task).view.primary
 
@@ -208,10 +180,6 @@ def validate_plan(plan: StudyPlan) -> str:
 # ---------------------------------------------------------------------------
 # Reading one run back
 # ---------------------------------------------------------------------------
-
-
-def _num(v: Any) -> float:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
 
 
 def read_run_metrics(run_dir: Path, primary: str) -> dict[str, float]:
@@ -226,14 +194,14 @@ def read_run_metrics(run_dir: Path, primary: str) -> dict[str, float]:
     folder = RunFolder(run_dir)
     summary = folder.read_summary()
     final = summary.get("final", {})
-    per_site = [_num(s.get(primary)) for s in summary.get("final-per-site", {}).values()]
+    per_site = [core.num(s.get(primary)) for s in summary.get("final-per-site", {}).values()]
     per_site = [v for v in per_site if not math.isnan(v)]
     eps, delta, noise = [], [], []
     for r in folder.read_rounds():
         for s in r.get("train-sites", {}).values():
-            eps.append(_num(s.get("dp-epsilon")))
-            delta.append(_num(s.get("dp-delta")))
-            noise.append(_num(s.get("dp-noise-multiplier")))
+            eps.append(core.num(s.get("dp-epsilon")))
+            delta.append(core.num(s.get("dp-delta")))
+            noise.append(core.num(s.get("dp-noise-multiplier")))
 
     def agg(values: list[float], fn: Callable[[list[float]], float]) -> float:
         finite = [v for v in values if not math.isnan(v)]
@@ -241,8 +209,8 @@ def read_run_metrics(run_dir: Path, primary: str) -> dict[str, float]:
 
     return {
         "rounds": float(summary.get("rounds", math.nan)),
-        primary: _num(final.get(primary)),
-        "accuracy": _num(final.get("accuracy")),
+        primary: core.num(final.get(primary)),
+        "accuracy": core.num(final.get("accuracy")),
         f"worst-site-{primary}": min(per_site) if per_site else math.nan,
         "achieved-epsilon": agg(eps, max),
         "delta": agg(delta, max),
@@ -253,26 +221,6 @@ def read_run_metrics(run_dir: Path, primary: str) -> dict[str, float]:
 # ---------------------------------------------------------------------------
 # Running
 # ---------------------------------------------------------------------------
-
-
-@dataclass
-class RunOutcome:
-    """One run of the study: its figures, or why it failed."""
-
-    epsilon: float
-    seed: int
-    status: str  # "ok" or "failed"
-    seconds: float
-    run_dir: str = ""
-    error: str = ""
-    audit_error: str = ""
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly form."""
-        return {"epsilon-target": epsilon_label(self.epsilon), "seed": self.seed, "status": self.status,
-                "seconds": self.seconds, "run-dir": self.run_dir, "error": self.error,
-                "audit-error": self.audit_error, **self.metrics}
 
 
 @dataclass
@@ -289,12 +237,7 @@ class StudyResult:
     @property
     def failed(self) -> int:
         """Runs that failed, plus finished runs whose audit failed."""
-        return sum(1 for o in self.outcomes if o.status != "ok" or o.audit_error)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+        return sum(1 for o in self.outcomes if o.failed)
 
 
 def _audit(run_dir: Path, sites: int) -> tuple[dict[str, float], str]:
@@ -304,7 +247,7 @@ def _audit(run_dir: Path, sites: int) -> tuple[dict[str, float], str]:
     try:
         audit = audit_run(run_dir, sites=sites)
     except Exception as exc:  # noqa: BLE001 - an audit failure is recorded, the study goes on
-        return dict(audit_summary(None)), _first_line(exc)
+        return dict(audit_summary(None)), core.first_line(exc)
     write_json(run_dir / AUDIT_FILE, audit.to_dict())
     return dict(audit_summary(audit)), ""
 
@@ -332,65 +275,43 @@ def run_study(plan: StudyPlan, *, simulate_fn: Callable[..., Any] | None = None,
     if simulate_fn is None:
         from simulation.runner import simulate as simulate_fn
     plan.runs_dir.mkdir(parents=True, exist_ok=True)
-    runs = plan.runs()
-    outcomes: list[RunOutcome] = []
-    try:
-        _run_all(plan, primary, runs, outcomes, simulate_fn, log)
-    finally:  # an interrupted study still writes the table of the runs it finished
+    runs = [_planned(plan, primary, eps, seed, simulate_fn) for eps, seed in plan.runs()]
+
+    def write(outcomes: list[RunOutcome], complete: bool) -> tuple[list[dict[str, Any]], str, dict[str, Path]]:
         rows = summarize(outcomes, plan.epsilons, primary, audit=plan.audit)
         table = markdown_table(rows, primary, audit=plan.audit)
-        files = write_outputs(plan, primary, rows, outcomes, table)
+        return rows, table, write_outputs(plan, primary, rows, outcomes, table, complete=complete)
+
+    outcomes, (rows, table, files) = core.run_and_write(runs, log, write)
     return StudyResult(plan, primary, rows, outcomes, table, files)
 
 
-def _run_all(plan: StudyPlan, primary: str, runs: Sequence[tuple[float, int]], outcomes: list[RunOutcome],
-             simulate_fn: Callable[..., Any], log: Log) -> None:
-    """Run each (epsilon, seed) in turn, appending to ``outcomes``; failures are recorded, not raised."""
-    t_study = time.time()
-    for k, (eps, seed) in enumerate(runs, 1):
-        tag = f"[study {k}/{len(runs)}] eps={epsilon_label(eps)} seed={seed}"
-        log(f"{tag}: started (study elapsed {time.time() - t_study:.0f} s)")
-        t0 = time.time()
-        try:
-            res = simulate_fn(run_overrides(plan, eps, seed), sites=plan.sites, cpus_per_site=plan.cpus_per_site,
-                              echo=plan.echo, timeout=plan.run_timeout)
-            run_dir = Path(res.run_dir)
-            metrics = read_run_metrics(run_dir, primary)
-        except Exception as exc:  # noqa: BLE001 - a failed run is a row of the table, not the end of the study
-            outcome = RunOutcome(eps, seed, "failed", time.time() - t0, str(plan.runs_dir / run_name(eps, seed)),
-                                 error=_first_line(exc))
-            outcomes.append(outcome)
-            log(f"{tag}: FAILED after {outcome.seconds:.0f} s: {outcome.error} (study elapsed {time.time() - t_study:.0f} s)")
-            continue
+def _planned(plan: StudyPlan, primary: str, eps: float, seed: int, simulate_fn: Callable[..., Any]) -> core.PlannedRun:
+    """One (epsilon, seed) run: simulate, read the figures back, audit."""
+
+    def execute() -> core.RunReport:
+        res = simulate_fn(run_overrides(plan, eps, seed), sites=plan.sites, cpus_per_site=plan.cpus_per_site,
+                          echo=plan.echo, timeout=plan.run_timeout)
+        run_dir = Path(res.run_dir)
+        metrics = read_run_metrics(run_dir, primary)
         audit_error = ""
         if plan.audit:
             audit_metrics, audit_error = _audit(run_dir, plan.sites)
             metrics.update(audit_metrics)
-        outcome = RunOutcome(eps, seed, "ok", time.time() - t0, str(run_dir), audit_error=audit_error, metrics=metrics)
-        outcomes.append(outcome)
         extra = f", audit failed: {audit_error}" if audit_error else (
             f", MIA AUC {fmt_metric(metrics.get('mia-auc', math.nan))}" if plan.audit else "")
-        log(f"{tag}: done in {outcome.seconds:.0f} s: {primary} {fmt_metric(metrics[primary])}, "
-            f"achieved eps {fmt_metric(metrics['achieved-epsilon'], 2)}{extra} (study elapsed {time.time() - t_study:.0f} s)")
+        text = (f"{primary} {fmt_metric(metrics[primary])}, achieved eps {fmt_metric(metrics['achieved-epsilon'], 2)}"
+                f"{extra}")
+        return core.RunReport(run_dir, metrics, {"audit-error": audit_error}, text)
+
+    return core.PlannedRun(key=(eps, seed), labels={"epsilon-target": epsilon_label(eps), "seed": seed},
+                           tag=f"eps={epsilon_label(eps)} seed={seed}", run_dir=plan.runs_dir / run_name(eps, seed),
+                           execute=execute, notes={"audit-error": ""})
 
 
 # ---------------------------------------------------------------------------
 # Summaries
 # ---------------------------------------------------------------------------
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    import numpy as np  # not at module level: ``medfed --help`` imports this module for its defaults
-
-    v = np.asarray([x for x in values if not math.isnan(x)], dtype=np.float64)
-    if v.size == 0:
-        return math.nan, math.nan
-    return float(v.mean()), (float(v.std(ddof=1)) if v.size > 1 else math.nan)
-
-
-def _agg_max(values: Sequence[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return max(finite) if finite else math.nan
 
 
 def summarize(outcomes: Sequence[RunOutcome], epsilons: Sequence[float], primary: str, *, audit: bool = True) -> list[dict[str, Any]]:
@@ -402,21 +323,21 @@ def summarize(outcomes: Sequence[RunOutcome], epsilons: Sequence[float], primary
     """
     rows: list[dict[str, Any]] = []
     for eps in epsilons:
-        mine = [o for o in outcomes if o.epsilon == eps]
-        ok = [o.metrics for o in mine if o.status == "ok"]
+        mine = [o for o in outcomes if o.key[0] == eps]
+        ok = [o.metrics for o in mine if o.ok]
 
         def col(key: str, ok: list[dict[str, float]] = ok) -> list[float]:
             return [m.get(key, math.nan) for m in ok]
 
-        p_mean, p_std = _mean_std(col(primary))
-        a_mean, a_std = _mean_std(col("accuracy"))
+        p_mean, p_std = core.mean_std(col(primary))
+        a_mean, a_std = core.mean_std(col("accuracy"))
         worst = [v for v in col(f"worst-site-{primary}") if not math.isnan(v)]
         row: dict[str, Any] = {
             "epsilon-target": epsilon_label(eps),
-            "achieved-epsilon": _agg_max(col("achieved-epsilon")),
-            "delta": _agg_max(col("delta")),
-            "noise-multiplier": _mean_std(col("noise-multiplier"))[0],
-            "rounds": _mean_std(col("rounds"))[0],
+            "achieved-epsilon": core.agg_max(col("achieved-epsilon")),
+            "delta": core.agg_max(col("delta")),
+            "noise-multiplier": core.mean_std(col("noise-multiplier"))[0],
+            "rounds": core.mean_std(col("rounds"))[0],
             "seeds-ok": len(ok),
             "seeds-failed": len(mine) - len(ok),
             f"{primary}-mean": p_mean,
@@ -426,8 +347,8 @@ def summarize(outcomes: Sequence[RunOutcome], epsilons: Sequence[float], primary
             f"worst-site-{primary}": min(worst) if worst else math.nan,
         }
         if audit:
-            row["mia-auc"] = _mean_std(col("mia-auc"))[0]
-            row["mia-tpr@1%fpr"] = _mean_std(col("mia-tpr@1%fpr"))[0]
+            row["mia-auc"] = core.mean_std(col("mia-auc"))[0]
+            row["mia-tpr@1%fpr"] = core.mean_std(col("mia-tpr@1%fpr"))[0]
         rows.append(row)
     return rows
 
@@ -440,7 +361,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], primary: str, *, audit: bo
     if audit:
         head += ["MIA AUC", "MIA TPR@1%FPR"]
     head.append("runs")
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    body = []
     for r in rows:
         def pm(k: str) -> str:
             std = fmt_metric(r[f"{k}-std"])
@@ -453,8 +374,8 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], primary: str, *, audit: bo
             cells += [fmt_metric(r["mia-auc"]), fmt_metric(r["mia-tpr@1%fpr"])]
         runs = f"{r['seeds-ok']} ok" + (f", {r['seeds-failed']} FAILED" if r["seeds-failed"] else "")
         cells.append(runs)
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
+        body.append(cells)
+    return core.markdown_table(head, body)
 
 
 def _epsilon_axis(ax: Any, rows: Sequence[Mapping[str, Any]], key: str, std_key: str | None, label: str,
@@ -520,36 +441,10 @@ def plot_utility(rows: Sequence[Mapping[str, Any]], primary: str, path: Path) ->
     return path
 
 
-def _csv_value(v: Any) -> str:
-    if isinstance(v, float):
-        return "" if math.isnan(v) else f"{v:.6g}"
-    return str(v)
-
-
-def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(keys)
-        for r in rows:
-            w.writerow([_csv_value(r.get(k, "")) for k in keys])
-
-
 def write_outputs(plan: StudyPlan, primary: str, rows: Sequence[Mapping[str, Any]], outcomes: Sequence[RunOutcome],
-                  table: str) -> dict[str, Path]:
+                  table: str, *, complete: bool = True) -> dict[str, Path]:
     """Write study.csv, study.json, runs.csv, study.md and the plot into ``plan.out_dir``."""
-    from shared.results import write_json  # imports torch: not at module level (``medfed --help`` imports this module)
-
-    out = plan.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"csv": out / "study.csv", "json": out / "study.json", "runs": out / "runs.csv",
-             "markdown": out / "study.md", "plot": out / PLOT_FILE}
-    _write_csv(files["csv"], rows)
-    _write_csv(files["runs"], [o.to_dict() for o in outcomes])
-    files["markdown"].write_text(table + "\n")
-    write_json(files["json"], {
+    payload = {
         "study": "privacy",
         "primary-metric": primary,
         "plan": {"epsilons": [epsilon_label(e) for e in plan.epsilons], "seeds": list(plan.seeds),
@@ -557,8 +452,8 @@ def write_outputs(plan: StudyPlan, primary: str, rows: Sequence[Mapping[str, Any
         "notes": ("achieved-epsilon = max over sites and seeds of the cumulative 'dp-epsilon' the sites report "
                   "(NaN when no site reported it: DP not active); std = sample std over seeds (NaN with one seed); "
                   "mia-* = loss-threshold membership inference (empirical audit, not a proof)."),
-        "rows": list(rows),
-        "runs": [o.to_dict() for o in outcomes],
-    })
-    plot_utility(rows, primary, files["plot"])
+    }
+    files = core.write_study_files(plan.out_dir, rows, outcomes, table, payload, complete=complete,
+                                   planned=len(plan.runs()))
+    files["plot"] = plot_utility(rows, primary, plan.out_dir / PLOT_FILE)
     return files

@@ -83,3 +83,32 @@ def test_site_shift_gives_sites_different_acquisition() -> None:
     assert np.array_equal(load_site_data(base, site0, TASK).train_images, load_site_data(shifted, site0, TASK).train_images)
     a, b = load_site_data(base, site1, TASK).train_images, load_site_data(shifted, site1, TASK).train_images
     assert a.shape == b.shape and not np.array_equal(a, b)
+
+
+def test_simulated_sites_never_train_on_test_path_images(tmp_path: Path) -> None:
+    """A test split written as a manifest of the same folder leaves the partition (by file), all sites together."""
+    data = tmp_path / "data"
+    data.mkdir()
+    manifest = write_manifest(data)
+    rows = manifest.read_text().splitlines()
+    test_rows = [r for r in rows[1:] if r.split(",")[2] < "P010"]  # 10 patients, 20 images
+    test_dir = tmp_path / "test"
+    test_dir.mkdir()
+    (test_dir / "manifest.csv").write_text(
+        "path,label,patient_id\n" + "".join(f"{data / r.split(',')[0]},{r.split(',', 1)[1]}\n" for r in test_rows))
+    base = {"data-path": str(manifest), "image-size": 32, "min-partition-size": 4}
+    for test_path, expected in (("", 60), (str(test_dir / "manifest.csv"), 40)):
+        cfg = parse_run_config({**base, "test-path": test_path})
+        total = 0
+        for pid in range(2):
+            d = load_site_data(cfg, SiteConfig(site_id=f"s{pid}", partition_id=pid, num_partitions=2), TASK)
+            total += len(d.train_labels) + len(d.val_labels)
+        assert total == expected
+    held_out = make_chest_phantoms(30, size=32, seed=5)[0][:10]
+    cfg = parse_run_config({**base, "test-path": str(test_dir / "manifest.csv"), "equalize": "none"})
+    for pid in range(2):
+        d = load_site_data(cfg, SiteConfig(site_id=f"s{pid}", partition_id=pid, num_partitions=2), TASK)
+        seen = np.concatenate([d.train_images, d.val_images])
+        for img in held_out:  # no test patient's image reached a site (same pipeline, same pixels)
+            same = cv2.resize(img, (32, 32), interpolation=cv2.INTER_AREA)
+            assert not any(np.array_equal(s.reshape(32, 32), same) for s in seen)

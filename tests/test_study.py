@@ -151,6 +151,27 @@ def test_study_with_fake_runs_aggregates_and_records_failures(tmp_path: Path) ->
     assert result.files["plot"].read_bytes()[:8] == PNG_MAGIC
 
 
+def test_interrupted_privacy_study_writes_partial_outputs(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    def fake_simulate(overrides: dict[str, Any], *, sites: int, **_: Any) -> SimpleNamespace:
+        calls.append(overrides["run-name"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        run_dir = Path(overrides["results-dir"]) / overrides["run-name"]
+        _write_fake_run(run_dir, 0.8, [0.7, 0.9], None)
+        return SimpleNamespace(run_dir=run_dir)
+
+    plan = StudyPlan(out_dir=tmp_path / "study", epsilons=(math.inf, 4.0), seeds=(0,), sites=2, audit=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(plan, simulate_fn=fake_simulate, log=lambda _: None)
+    with open(tmp_path / "study" / "runs.csv") as f:
+        assert [r["epsilon-target"] for r in csv.DictReader(f)] == ["inf"]
+    saved = json.loads((tmp_path / "study" / "study.json").read_text())
+    assert saved["complete"] is False and saved["rows"][0]["auroc-mean"] == pytest.approx(0.8)
+    assert "PARTIAL" in (tmp_path / "study" / "study.md").read_text()
+
+
 # ---------------------------------------------------------------------------
 # A real tiny study (Flower simulation)
 # ---------------------------------------------------------------------------

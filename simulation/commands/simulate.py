@@ -15,7 +15,7 @@ from typing import Any
 
 from simulation.commands.common import add_ray_option, add_simulation_options, run_config_overrides
 
-__all__ = ["header_lines", "register", "run", "summary_lines"]
+__all__ = ["baseline_header_lines", "benefit_lines", "header_lines", "register", "run", "summary_lines"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -50,6 +50,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     loud.add_argument("--quiet", "-q", action="store_true",
                       help="no effect: quiet is the default (kept so that older scripts keep working)")
     p.add_argument("--list-options", action="store_true", help="list every run-config key with its default and exit")
+    p.add_argument("--baseline", choices=("local", "pooled"), default=None,
+                   help="instead of the federation, train from the same run config without Flower: 'local' = every "
+                        "site alone (same rounds x local epochs, scored on its own validation split, the test set "
+                        "and holdout sites), 'pooled' = one model on all sites' training images")
+    p.add_argument("--compare", default=None, metavar="RUN_DIR",
+                   help="with --baseline local: print each site's benefit of joining (the federated run RUN_DIR's "
+                        "primary metric minus the site's local-only one); RUN_DIR must have the same settings")
     p.set_defaults(func=run)
 
 
@@ -57,6 +64,13 @@ def run(args: argparse.Namespace) -> int:
     """Run ``medfed simulate``; 0 when the run finished (errors are raised, see :mod:`simulation.cli`)."""
     if args.list_options:
         return _list_options()
+    if args.compare and args.baseline != "local":
+        from shared.config import ConfigError
+
+        raise ConfigError("--compare RUN_DIR needs --baseline local (it compares a federated run with every site "
+                          "training alone).")
+    if args.baseline:
+        return _run_baseline(args)
     from shared.results import RunFolder
     from simulation.display import RunDisplay
     from simulation.runner import plan_simulation, run_simulation
@@ -88,6 +102,88 @@ def run(args: argparse.Namespace) -> int:
     if report.is_file():
         print(f"Report: {report}")
     return 0
+
+
+def _run_baseline(args: argparse.Namespace) -> int:
+    """``medfed simulate --baseline local|pooled``: in-process, no Flower (see :mod:`simulation.baselines`)."""
+    from shared.config import ConfigError
+    from shared.metrics.benefit import BenefitError, benefit_from_folders, comparable_configs
+    from shared.results import RunFolder, RunFolderError
+    from simulation.baselines import plan_baseline, run_baseline
+    from simulation.display import RunDisplay, library_logs_hidden
+
+    if args.resume or args.explain_dir:
+        raise ConfigError("--baseline runs in one go and writes no Grad-CAMs: drop --resume / --explain-dir.")
+    plan = plan_baseline(run_config_overrides(args), args.baseline, sites=args.sites)
+    if args.compare:  # before training: a comparison that cannot work fails now, not after the run
+        try:
+            folder = RunFolder.open(Path(args.compare))
+            folder.read_summary()
+        except RunFolderError as exc:
+            raise BenefitError(f"--compare: {exc}") from None
+        differ = comparable_configs(folder.run_config(), plan.config.to_flat())
+        if differ:
+            recorded = folder.run_config()
+            shown = ", ".join(f"{k}={recorded[k]!r}" for k in differ[:6])
+            raise BenefitError(f"--compare: the federated run {folder.path} was run with {shown}; give the baseline "
+                               "the same settings (only strategy options may differ).")
+    for line in baseline_header_lines(plan.config, plan.kind, plan.sites, plan.run_dir):
+        print(line, flush=True)
+    with RunDisplay(num_rounds=plan.config.num_server_rounds) as display, library_logs_hidden():
+        result = run_baseline(plan, on_line=display.feed)  # the libraries' own log: baseline.log in the folder
+    print(f"Results: {result.run_dir}")
+    if args.compare:
+        report = benefit_from_folders(Path(args.compare), result.run_dir)
+        RunFolder(result.run_dir).write_benefit(report)
+        for line in benefit_lines(report):
+            print(line)
+    return 0
+
+
+def baseline_header_lines(cfg: Any, kind: str, sites: int, run_dir: Path) -> list[str]:
+    """What a baseline will do, from its validated config (printed before it starts)."""
+    rounds, epochs = cfg.num_server_rounds, cfg.train.local_epochs
+    what = ("every site trains alone" if kind == "local"
+            else "one model on all sites' training images pooled")
+    data = (f"{cfg.data.phantom_count} synthetic phantoms" if not cfg.data.data_path
+            else "the dataset in data-path")
+    return [
+        f"medfed simulate --baseline {kind}: {cfg.task} with {cfg.model} at {cfg.data.image_size} px, {what}; "
+        f"{sites} sites, {rounds} round{'s' if rounds != 1 else ''} x {epochs} local epoch{'s' if epochs != 1 else ''}",
+        f"  data: {data}, {cfg.partition.kind} partition{', acquisition shift' if cfg.data.site_shift else ''}; "
+        "in this process (no Flower)",
+        f"  results: {run_dir}",
+    ]
+
+
+def benefit_lines(report: dict[str, Any]) -> list[str]:
+    """A benefit-of-joining report (:func:`shared.metrics.benefit.benefit_of_joining`) as lines for a person."""
+    from shared.formatting import fmt_metric
+
+    metric = str(report.get("metric", "auroc"))
+    name = metric.upper() if metric == "auroc" else metric.capitalize()
+
+    def signed(v: Any) -> str:
+        return fmt_metric(v, spec="+.3f")
+
+    lines = [f"Benefit of joining: federated {name} minus local-only {name}, per site (final round):"]
+    parts = [(k, report.get(k)) for k in ("validation", "test", "holdout")]
+    parts = [(k, p) for k, p in parts if p]
+    sites = sorted(report["validation"]["sites"])
+    short = {"validation": "val", "test": "test", "holdout": "holdout"}
+    head = f"  {'site':<12}" + "".join(f"{short[k] + ' fed':>13}{short[k] + ' local':>15}{'benefit':>10}"
+                                       for k, _ in parts)
+    lines.append(head)
+    for site in sites:
+        row = f"  {site:<12}"
+        for _, p in parts:
+            r = p["sites"].get(site, {})
+            row += f"{fmt_metric(r.get('federated')):>13}{fmt_metric(r.get('local')):>15}{signed(r.get('benefit')):>10}"
+        lines.append(row)
+    for k, p in parts:
+        lines.append(f"  {k}: min {signed(p['min'])}, median {signed(p['median'])}, max {signed(p['max'])}; "
+                     f"{p['gained']} of {p['num-sites-defined']} sites gained, {p['lost']} lost")
+    return lines
 
 
 def _list_options() -> int:
