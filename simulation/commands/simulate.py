@@ -110,14 +110,18 @@ def header_lines(cfg: Any, sites: int, run_dir: Path, *, verbose: bool = False) 
     else:
         dp = "no DP"
     where = "shown below" if verbose else "flower.log in the results folder (--verbose shows it live)"
-    return [
+    lines = [
         f"medfed simulate: {cfg.task} with {cfg.model} at {cfg.data.image_size} px, {cfg.strategy.name}, "
         f"{sites} sites x {rounds} round{'s' if rounds != 1 else ''}",
         f"  data: {data}, {cfg.partition.kind} partition; {cfg.train.local_epochs} local "
         f"epoch{'s' if cfg.train.local_epochs != 1 else ''} per round; {dp}",
-        f"  results: {run_dir}",
-        f"  Flower's own output: {where}",
     ]
+    if cfg.sim_attack != "none" and cfg.sim_attack_sites > 0:
+        last = sites - cfg.holdout_sites
+        names = ", ".join(f"site-{p}" for p in range(max(0, last - cfg.sim_attack_sites), last))
+        lines.append(f"  simulated attack: {names} send{'s' if cfg.sim_attack_sites == 1 else ''} "
+                     f"{cfg.sim_attack} updates (scale {cfg.sim_attack_scale:g}) every round")
+    return [*lines, f"  results: {run_dir}", f"  Flower's own output: {where}"]
 
 
 def summary_lines(summary: dict[str, Any], *, sites: int, seconds: float, run_dir: Path,
