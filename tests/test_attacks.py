@@ -144,3 +144,12 @@ def test_a_real_site_given_an_attack_config_sends_its_honest_weights(
     for k in honest:
         np.testing.assert_array_equal(sent[k].numpy(), honest[k].numpy())
     assert "ignores the run config's simulation-only keys sim-attack, sim-attack-sites, sim-attack-scale" in caplog.text
+
+
+def test_the_simulate_header_names_the_attacking_sites(tmp_path: Path) -> None:
+    from simulation.commands.simulate import header_lines
+
+    cfg = parse_run_config({"sim-attack": "sign-flip", "sim-attack-sites": 2, "holdout-sites": 1})
+    lines = header_lines(cfg, 6, tmp_path)
+    assert "  simulated attack: site-3, site-4 send sign-flip updates (scale 10) every round" in lines
+    assert not [line for line in header_lines(parse_run_config({}), 6, tmp_path) if "attack" in line]

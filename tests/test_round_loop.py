@@ -296,3 +296,36 @@ def test_a_node_silent_at_the_roll_call_is_asked_again_and_joins_later(tmp_path:
     assert len(calls) == 2
     assert set(folder.rounds[0]["train-sites"]) == {"site-a", "site-b"}
     assert set(folder.rounds[1]["train-sites"]) == {"site-a", "site-b", "site-c"}
+
+
+def test_a_lost_node_is_recorded_under_its_site_whether_the_superlink_answers_for_it_or_nothing_comes(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Round 1: site-c's node went offline (the SuperLink answers NODE_UNAVAILABLE as node 1); round 2: it
+    came back before the SuperLink noticed, so its instruction is never answered; round 3: it trains again."""
+    sites = {1: Site("site-a", 1.0, 0), 2: Site("site-b", 1.0, 1), 3: Site("site-c", 1.0, 2)}
+    honest = sites[3].train
+    rounds: list[int] = []
+
+    def lost(msg: Message) -> Message | None:
+        rounds.append(int(msg.content[protocol.CONFIG][protocol.SERVER_ROUND]))
+        if rounds[-1] == 1:  # made by the SuperLink: src_node_id 1 (SUPERLINK_NODE_ID), error code 5
+            reply = Message(error=Error(code=5, reason="NODE_UNAVAILABLE"), reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = 1
+            return reply
+        return None if rounds[-1] == 2 else honest(msg)
+
+    sites[3].train = lost  # type: ignore[method-assign]
+    grid = FakeGrid(sites)
+    loop, folder = _loop(tmp_path, grid, min_sites=2, rounds=3)
+    with caplog.at_level("WARNING", logger="server.recorder"):
+        loop.run(_record(GLOBAL))
+    assert "round 1 train: site-c failed: NODE_UNAVAILABLE" in caplog.text  # mapped back from node 1
+    assert "round 2 train: no reply from site-c within round-timeout" in caplog.text
+    first, second, third = folder.rounds
+    assert set(first["train-sites"]) == {"site-a", "site-b"} and first["train-failures"] == 1
+    assert "train-no-reply" not in first
+    assert set(second["train-sites"]) == {"site-a", "site-b"} and second["train-no-reply"] == ["site-c"]
+    assert second["train-failures"] == 0
+    assert set(third["train-sites"]) == {"site-a", "site-b", "site-c"} and "train-no-reply" not in third
+    assert [kind for kind, node in grid.sent if node == 3].count("query") == 1  # never roll-called again
+    assert set(second["evaluate-sites"]) == {"site-a", "site-b", "site-c"}
