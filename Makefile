@@ -11,7 +11,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: venv demo test test-fast benchmark benchmark-privacy clean
+.PHONY: venv demo test test-fast benchmark benchmark-privacy benchmark-robust clean
 
 venv: $(STAMP)
 
@@ -41,6 +41,11 @@ benchmark: venv
 # Privacy/accuracy study on PneumoniaMNIST from ../shared/data (about 20 min on 2 cores).
 benchmark-privacy: venv
 	$(BIN)/python benchmarks/privacy_study.py
+
+# One sign-flipping site among 5 under FedAvg, the norm screen and the robust strategies (9 simulations;
+# about 1-2 h on a loaded 2-core machine). Finished runs in benchmarks/out/robust-runs/ are reused.
+benchmark-robust: venv
+	nice -n 19 $(BIN)/python benchmarks/robust_aggregation.py
 
 clean:
 	rm -rf results .pytest_cache
