@@ -11,7 +11,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: venv demo test lint test-fast benchmark benchmark-privacy benchmark-scale benchmark-heterogeneity clean
+.PHONY: venv demo test lint test-fast benchmark benchmark-privacy benchmark-scale benchmark-heterogeneity benchmark-robust clean
 
 venv: $(STAMP)
 
@@ -53,6 +53,10 @@ benchmark-scale: venv
 # (about 1-1.5 h on 2 shared cores; quick proof: python benchmarks/heterogeneity.py --images 400 --rounds 2).
 benchmark-heterogeneity: venv
 	nice -n 19 $(BIN)/python benchmarks/heterogeneity.py
+# One sign-flipping site among 5 under FedAvg, the norm screen and the robust strategies (9 simulations;
+# about 1-2 h on a loaded 2-core machine). Finished runs in benchmarks/out/robust-runs/ are reused.
+benchmark-robust: venv
+	nice -n 19 $(BIN)/python benchmarks/robust_aggregation.py
 
 clean:
 	rm -rf results .pytest_cache

@@ -18,9 +18,11 @@ from shared.config import (
     SiteConfig,
     for_site,
     ignored_path_keys,
+    ignored_sim_keys,
     parse_node_config,
     parse_run_config,
 )
+from shared.attacks import attack_for, poison
 from shared.data.preprocess import AugmentConfig
 from shared.privacy.site_dp import DPRound, begin_round, open_ledger, state_root
 from shared.site_data import SiteData, load_site_data
@@ -113,6 +115,10 @@ def site_runtime(run_config: Mapping[str, Any], node_config: Mapping[str, Any], 
         if ignored:  # key names only: the values are the server's paths
             logger.info("this site ignores the run config's path keys %s: its node config names its paths",
                         ", ".join(ignored))
+        ignored_sim = ignored_sim_keys(server_cfg, site)
+        if ignored_sim:
+            logger.warning("this site ignores the run config's simulation-only keys %s: they apply to simulated "
+                           "sites only", ", ".join(ignored_sim))
         cfg = for_site(server_cfg, site)  # a real site never reads or writes a path the server names
         task = get_task(cfg.task)
         data = load_site_data(cfg, site, task)
@@ -177,7 +183,9 @@ def train_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], server_r
     the run's or the site's own budget is refused before any image is used,
     and the steps are DP-SGD's (:class:`shared.privacy.dpsgd.DPSGDSteps`).
     With ``strategy='fedbn'`` the site trains with its own normalisation
-    layers and never sends them (:mod:`shared.fedbn`).
+    layers and never sends them (:mod:`shared.fedbn`). A simulated site
+    chosen by ``sim-attack`` sends poisoned weights instead of its trained
+    ones (:mod:`shared.attacks`; never a real site).
     """
     check_policy(rt, training=True)
     run_key = run_key or "default"
@@ -209,6 +217,9 @@ def train_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], server_r
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if state.keys() != state_dict.keys():  # e.g. Opacus's "_module." prefix must never reach the server
         raise RuntimeError(f"trained weights have other keys than the global model: {sorted(set(state) ^ set(state_dict))[:5]}")
+    attack = attack_for(rt.cfg, rt.site)  # simulation-only research option: None at every real site
+    if attack is not None:
+        state = poison(attack, state_dict, state, rt.round_seed(server_round))
     if fedbn:
         from shared.fedbn import save_local_norms, split_norms
 

@@ -123,11 +123,13 @@ class GateResult:
     failed: list[tuple[str, Message]]  # replies that are errors (site or SuperLink), with the node's site or "node-<id>"
     rejected: list[dict[str, Any]]  # {"site", "reason", "detail"} of replies the gate refused
     refusal: str | None = None  # the round may not proceed (fewer valid replies than min-sites)
+    no_reply: list[str] = field(default_factory=list)  # sites (or "node-<id>") asked that sent nothing in time
 
     def record(self) -> dict[str, Any]:
         """JSON for the round record."""
         return {"accepted": len(self.accepted), "rejected": self.rejected,
-                **({"refused": self.refusal} if self.refusal else {})}
+                **({"refused": self.refusal} if self.refusal else {}),
+                **({"no-reply": self.no_reply} if self.no_reply else {})}
 
 
 class ReplyGate:
@@ -137,6 +139,17 @@ class ReplyGate:
         self.directory = directory
         self.screen = screen
         self.min_sites = min_sites
+
+    def _no_reply(self, messages: Sequence[Message], replies: Sequence[Message]) -> list[str]:
+        """The sites (or ``node-<id>``) that were sent a message and sent nothing back within the wait.
+
+        E.g. a node restarted before the SuperLink reported it unavailable: its
+        pending instruction is never delivered again, so no reply, not even an
+        error, ever comes for it.
+        """
+        answered = {r.metadata.reply_to_message_id for r in replies}
+        missing = [m.metadata.dst_node_id for m in messages if m.metadata.message_id not in answered]
+        return sorted(self.directory.site_of(n) or f"node-{n}" for n in missing)
 
     def _identify(self, messages: Sequence[Message], replies: Iterable[Message]
                   ) -> tuple[list[tuple[str, Message]], list[tuple[str, Message]], list[dict[str, Any]]]:
@@ -179,15 +192,21 @@ class ReplyGate:
 
     def train(self, messages: Sequence[Message], replies: Iterable[Message], global_arrays: Any) -> GateResult:
         """Identify and validate a training round's replies; refuse the round below ``min-sites``."""
+        replies = list(replies)
         ok, failed, rejected = self._identify(messages, replies)
         sr = [SiteReply.from_records(site, m.content.array_records, m.content.metric_records) for site, m in ok]
         verdicts = self.screen.train([site for site, _ in ok], sr, global_arrays)
-        return self._decide(ok, failed, rejected, verdicts, self.min_sites)
+        result = self._decide(ok, failed, rejected, verdicts, self.min_sites)
+        result.no_reply = self._no_reply(messages, replies)
+        return result
 
     def evaluate(self, messages: Sequence[Message], replies: Iterable[Message], *, min_sites: int | None = None
                  ) -> GateResult:
         """Identify and validate an evaluation round's replies (counts consistent, sizes within what was announced)."""
+        replies = list(replies)
         ok, failed, rejected = self._identify(messages, replies)
         sr = [SiteReply.from_records(site, m.content.array_records, m.content.metric_records) for site, m in ok]
         verdicts = self.screen.evaluate([site for site, _ in ok], sr)
-        return self._decide(ok, failed, rejected, verdicts, self.min_sites if min_sites is None else min_sites)
+        result = self._decide(ok, failed, rejected, verdicts, self.min_sites if min_sites is None else min_sites)
+        result.no_reply = self._no_reply(messages, replies)
+        return result

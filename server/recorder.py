@@ -146,6 +146,7 @@ class RoundRecorder:
         r = self._round
         r["train-phase-s"] = seconds
         refused = self._failures(server_round, "train", result.failed)
+        self._no_reply(server_round, "train", result.no_reply)
         sites = {site: dict(m.content[protocol.METRICS]) for site, m in result.accepted}
         if result.rejected:
             r["train-rejected"] = result.rejected
@@ -181,12 +182,23 @@ class RoundRecorder:
         self._round[f"{phase}-failures"] = n_failed
         return refused
 
+    def _no_reply(self, server_round: int, phase: str, sites: list[str]) -> None:
+        """Sites sent a message that answered nothing within ``round-timeout`` (neither a reply nor an error)."""
+        if not sites:
+            return
+        self._round[f"{phase}-no-reply"] = sorted(sites)
+        names = ", ".join(sorted(sites))
+        logger.warning(console_line("warning", f"round {server_round} {phase}: no reply from {names} within "
+                                               "round-timeout"))
+
     def on_evaluate(self, server_round: int, validation: GateResult | None, holdout: GateResult | None,
                     seconds: float) -> None:
         """An evaluation phase: validation sites pooled (threshold chosen there), holdout sites scored at it."""
         r = self._round
         r["evaluate-phase-s"] = seconds
         threshold = None
+        self._no_reply(server_round, "evaluate", [site for g in (validation, holdout) if g is not None
+                                                  for site in g.no_reply])
         if validation is not None:
             self._failures(server_round, "evaluate", validation.failed)
             if validation.rejected:
@@ -287,7 +299,8 @@ class RoundRecorder:
 def progress_line(r: dict[str, Any], task: TaskSpec) -> str:
     """One human line per round: the task's key validation figures, training loss and times."""
     ev, tr = r.get("evaluate", {}), r.get("train", {})
-    fails = r.get("train-failures", 0) + r.get("evaluate-failures", 0)
+    fails = (r.get("train-failures", 0) + r.get("evaluate-failures", 0) + len(r.get("train-no-reply", []))
+             + len(r.get("evaluate-no-reply", [])))
     rejected = len(r.get("train-rejected", [])) + len(r.get("evaluate-rejected", []))
     scores = task.view.round_scores(ev)
     view = task.view

@@ -81,14 +81,23 @@ class RoundLoop:
     test_fn: TestFn | None = None
     poll_seconds: float = 1.0
     _asked: set[int] = field(default_factory=set)
+    _silent: dict[int, int] = field(default_factory=dict)  # node -> round of a roll call it did not answer
 
     # -- sites -----------------------------------------------------------------
     def _base_config(self, server_round: int) -> ConfigRecord:
         return ConfigRecord({protocol.SERVER_ROUND: server_round, protocol.RUN_KEY: self.run_key})
 
     def roll_call(self, server_round: int) -> None:
-        """Ask every connected node not seen yet who it is (once per node)."""
-        nodes = [n for n in self.gate.directory.refresh(self.grid) if n not in self._asked]
+        """Ask every connected node not seen yet who it is (once per node).
+
+        A node that sends no answer within ``round-timeout`` (still loading
+        its data, or the message was lost) is asked again in a later round,
+        at most once per round; one that fails the roll call with an error
+        is asked again at the next poll.
+        """
+        connected = self.gate.directory.refresh(self.grid)
+        nodes = [n for n in connected
+                 if n not in self._asked or self._silent.get(n, server_round) < server_round]
         if not nodes:
             return
         self._asked.update(nodes)
@@ -96,6 +105,14 @@ class RoundLoop:
         messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+        answered = {sent.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) for r in replies}
+        for node in nodes:
+            if node in answered:
+                self._silent.pop(node, None)
+            else:
+                self._silent[node] = server_round
+                logger.warning(console_line("warning", f"node {node} did not answer the roll call within "
+                                                       f"{self.timeout:.0f} s; it is asked again next round"))
         for reply in replies:
             node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             if reply.has_error():

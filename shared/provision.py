@@ -293,7 +293,8 @@ class Federation:
 def _connection_toml(name: str, address: SuperLinkAddress, ca: Path) -> str:
     return (
         "# Flower CLI connection to the medfed federation's SuperLink (TLS; no 'insecure').\n"
-        f"# Use: FLWR_HOME={shlex.quote(str(ca.parent.parent / 'admin'))} flwr run . {name} --stream\n"
+        f"# Use: FLWR_HOME={shlex.quote(str(ca.parent.parent / 'admin'))} flwr run . {name} --stream "
+        f"--run-config \"site-registry='{ca.parent.parent / REGISTRY_FILE}'\"\n"
         "# or copy the [superlink.NAME] table into ~/.flwr/config.toml.\n"
         "[superlink]\n"
         f'default = "{name}"\n\n'

@@ -190,6 +190,9 @@ class RunConfig:
     site_registry: str = ""
     test_path: str = ""
     holdout_sites: int = 0
+    sim_attack: str = "none"
+    sim_attack_sites: int = 1
+    sim_attack_scale: float = 10.0
     tracking: str = "none"
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -270,6 +273,10 @@ STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtr
 CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox")
 """Strategies whose aggregate is the (uniform) mean of updates, as central DP's calibration assumes."""
 INF = math.inf
+SIM_ATTACKS = ("none", "sign-flip", "scale", "noise", "nan")
+"""Poisoning a simulated site can simulate (:mod:`shared.attacks`)."""
+SIM_ONLY_KEYS = ("sim-attack", "sim-attack-sites", "sim-attack-scale")
+"""Run-config keys only simulated sites use; a real site resets them (:func:`for_site`)."""
 PARTITION_KINDS = ("iid", "dirichlet", "pathological", "quantity", "natural")
 """As :data:`shared.data.partition.PARTITION_KINDS` (not imported: shared.data loads pydicom)."""
 SIZE_SKEWS = ("auto", "none", "dirichlet", "power-law")
@@ -302,6 +309,14 @@ _SPECS: tuple[KeySpec, ...] = (
             "trained on; '' = none)"),
     KeySpec("holdout-sites", "", "holdout_sites", int,
             "simulated sites (the last K partitions) that never train and only test the global model", 0, 10_000),
+    KeySpec("sim-attack", "", "sim_attack", str,
+            "simulation only: the last sim-attack-sites training sites poison their updates (research on robust "
+            "aggregation; real sites ignore it)", choices=SIM_ATTACKS),
+    KeySpec("sim-attack-sites", "", "sim_attack_sites", int,
+            "simulation only: how many simulated sites attack (the last K training partitions)", 0, 10_000),
+    KeySpec("sim-attack-scale", "", "sim_attack_scale", float,
+            "simulation only: the attack's factor (sign-flip sends global - s * update, scale global + s * update, "
+            "noise a random update s times the honest one's norm)", 0, 1e6),
     KeySpec("tracking", "", "tracking", str,
             "experiment tracking of the server: config, per-round metrics, model card, kept in the results folder "
             "(mlflow: mlruns/ file store; tensorboard: tensorboard/ event files; none = off)",
@@ -488,7 +503,9 @@ def for_site(cfg: RunConfig, site: SiteConfig) -> RunConfig:
     all ``''``): it reads only its node config's ``data-path``, writes only to
     its node config's ``cache-dir``/``state-dir``/``explain-dir``, and takes
     the initial weights from the server's message, never from a file the
-    server names.
+    server names. A real site also resets the simulation-only keys
+    (:data:`SIM_ONLY_KEYS`: a simulated site's poisoning, :mod:`shared.attacks`)
+    to their defaults, so a run config can never make it attack.
 
     Parameters
     ----------
@@ -504,8 +521,11 @@ def for_site(cfg: RunConfig, site: SiteConfig) -> RunConfig:
     """
     if site.simulated:
         return cfg
+    defaults = RunConfig()
     return dataclasses.replace(
         cfg, init_weights="", results_dir="", sim_explain_dir="", resume_from="", site_registry="", test_path="",
+        sim_attack=defaults.sim_attack, sim_attack_sites=defaults.sim_attack_sites,
+        sim_attack_scale=defaults.sim_attack_scale,
         data=dataclasses.replace(cfg.data, data_path=""),
     )
 
@@ -517,3 +537,12 @@ def ignored_path_keys(cfg: RunConfig, site: SiteConfig) -> list[str]:
     flat = cfg.to_flat()
     defaults = RunConfig().to_flat()
     return [k for k in PATH_KEYS if flat[k] and flat[k] != defaults[k]]
+
+
+def ignored_sim_keys(cfg: RunConfig, site: SiteConfig) -> list[str]:
+    """The simulation-only keys (:data:`SIM_ONLY_KEYS`) set away from their defaults that a real site ignores."""
+    if site.simulated:
+        return []
+    flat = cfg.to_flat()
+    defaults = RunConfig().to_flat()
+    return [k for k in SIM_ONLY_KEYS if flat[k] != defaults[k]]

@@ -106,7 +106,10 @@ def _cmd_init(args: argparse.Namespace) -> int:
     print(f"  SuperLink          {fed.superlink}  (certificate names: {', '.join(fed.sans)})")
     print(f"  CA fingerprint     {fed.ca_fingerprint}")
     print(f"  start the SuperLink  {fed.superlink_script}")
-    print(f"  flwr CLI           FLWR_HOME={fed.flwr_home} flwr run . {fed.name} --stream")
+    print(f"  flwr CLI           FLWR_HOME={fed.flwr_home} flwr run . {fed.name} --stream "
+          f"--run-config \"site-registry='{fed.registry}'\"")
+    print("                     (site-registry: the server names each node by the site its key is registered to, "
+          "and ignores nodes whose key is not in the registry)")
     print(f"                     (or copy the [superlink.{fed.name}] table of {fed.flwr_home / 'config.toml'} "
           "into ~/.flwr/config.toml)")
     print(f"  next               medfed deploy add-site {fed.root} <site-name> [--register]")

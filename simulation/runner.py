@@ -330,6 +330,11 @@ def plan_simulation(
             f"min-sites is {cfg.strategy.min_sites} but only {sites} sites are simulated: "
             f"use --sites {cfg.strategy.min_sites} or --run-config \"min-sites={sites}\""
         )
+    if cfg.sim_attack != "none" and cfg.sim_attack_sites + cfg.holdout_sites >= sites:
+        raise SimulationPlanError(
+            f"sim-attack-sites={cfg.sim_attack_sites} (+ holdout-sites={cfg.holdout_sites}) leaves no honest training "
+            f"site among {sites}: use more --sites or fewer sim-attack-sites"
+        )
     for key in INPUT_PATH_KEYS:  # server and simulated sites share this machine: check now, not in round 1
         path = values.get(key)
         if isinstance(path, str) and path and not Path(path).exists():

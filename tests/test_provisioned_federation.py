@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from shared.data.phantoms import CHEST_CLASSES, make_chest_phantoms
 from shared.provision import DATA_PATH_PLACEHOLDER, Federation, init_federation, load_federation, load_registry
+from shared.results import RunFolder
 from shared.site_identity import identify_nodes, key_fingerprint, load_site_fingerprints
 from simulation.cli import main
 from simulation.deploy_admin import list_nodes
@@ -290,11 +291,16 @@ def refusals(h: Harness, probe: dict[str, Any]) -> dict[str, subprocess.Popen[by
 
 @pytest.fixture(scope="module")
 def first_run(h: Harness, refusals: dict[str, subprocess.Popen[bytes]]) -> tuple[Path, str]:
-    """2 rounds of medfed with the two kits, started while the refused SuperNodes keep trying."""
+    """2 rounds of medfed with the two kits, started while the refused SuperNodes keep trying.
+
+    The run is given the federation's ``sites.json`` (``site-registry``): the server names each
+    node by the site its authenticated key is registered to.
+    """
     results = h.tmp / "results"
     run = h.flwr_run(app_dir(), {
         "num-server-rounds": 2, "results-dir": str(results), "run-name": "provisioned",
         "model": "small-cnn", "image-size": 64, "min-sites": 2, "round-timeout": 300.0,
+        "site-registry": str(h.fed.registry),
     }, "first-run")
     output = _run_until_done(h, run, "first-run", 900)
     for name, p in refusals.items():
@@ -316,6 +322,12 @@ def test_two_site_kits_train_two_rounds_over_tls_with_authentication(h: Harness,
         assert r["train-failures"] == 0 and r["evaluate-failures"] == 0
     assert 0.0 <= metrics["rounds"][-1]["evaluate"]["auroc"] <= 1.0
     assert (run_dir / "model.pt").is_file() and "[round 2/2]" in output
+    # identity from the authenticated keys: the server ran with the registry, and its roll call named
+    # each node by the site its key is registered to (kits declare the same names: no mismatch warning)
+    assert RunFolder.open(run_dir).run_config()["site-registry"] == str(h.fed.registry)
+    for site in ("site-a", "site-b"):
+        assert f"[medfed] site: {site}: 64 training and 16 validation images" in output, output[-4000:]
+    assert "declares itself" not in output and "registry does not know" not in output
     # the running processes (the start scripts exec Flower) hold exactly the secure options
     running = {name.split("#")[0]: p for name, p in h.procs.items() if p.poll() is None}
     link = _cmdline(running["superlink"])
@@ -382,8 +394,10 @@ def test_site_killed_mid_round_run_goes_on_and_restarted_site_rejoins(
 ) -> None:
     """3 kits; site-c is SIGKILLed during round 1 training, restarted once the SuperLink marks it offline.
 
-    Flower 1.41 marks a silent SuperNode offline 2 x 30 s after its last heartbeat; its pending
-    messages then get NODE_UNAVAILABLE replies, so the round ends before ``round-timeout``.
+    Both runs use the federation's ``site-registry``. Flower 1.41 marks a silent SuperNode offline
+    2 x 30 s after its last heartbeat; its pending messages then get NODE_UNAVAILABLE replies (made by
+    the SuperLink: ``src_node_id`` 1), so the round ends before ``round-timeout`` and the failure is
+    recorded under site-c.
     A SuperNode restarted while the SuperLink still counts it online is refused
     ("Failed to activate SuperNode"): the test restarts it once it is offline.
     """
@@ -397,11 +411,18 @@ def test_site_killed_mid_round_run_goes_on_and_restarted_site_rejoins(
     run = h.flwr_run(app_dir(), {
         "num-server-rounds": 3, "results-dir": str(results), "run-name": "lost-site",
         "model": "small-cnn", "image-size": 64, "min-sites": 2, "round-timeout": timeout,
+        "site-registry": str(h.fed.registry),
     }, "lost-site-run")
     h.wait("site-c to receive round 1 training", lambda: h.log("site-c").count(marker) > before, 300)
     os.killpg(c.pid, signal.SIGKILL)  # the SuperNode, its SuperExec and the training ClientApp
     c.wait(timeout=10)
+    killed_log = h.log("site-c")
     h.wait("the SuperLink to mark site-c offline", lambda: h.status().get(c_id) == "offline", 150)
+    # The SuperLink answers for an offline node (NODE_UNAVAILABLE) only when the server pulls while the node
+    # is offline (every 3 s); a node back online before that leaves its instruction unanswered, and the round
+    # waits for round-timeout (recorded as train-no-reply; tests/test_round_loop.py covers both). Stay offline
+    # for several pulls, so this test sees the SuperLink's answer.
+    time.sleep(20)
     back = h.start_kit("site-c")
     h.wait_online("site-c", back)
     output = _run_until_done(h, run, "lost-site-run", 1200)
@@ -410,7 +431,10 @@ def test_site_killed_mid_round_run_goes_on_and_restarted_site_rejoins(
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3]
     first = rounds[0]
-    assert set(first["train-sites"]) == {"site-a", "site-b"} and first["train-failures"] == 1
+    assert set(first["train-sites"]) == {"site-a", "site-b"} and first["train-failures"] == 1, first
+    assert "train-no-reply" not in first, first
+    # the SuperLink's NODE_UNAVAILABLE reply (src_node_id 1) is mapped back to site-c by its instruction
+    assert "round 1 train: site-c failed" in output and "node-1 failed" not in output, output[-4000:]
     assert first["train-phase-s"] < timeout  # ended by Flower's offline detection, not by the timeout
     assert set(first["evaluate-sites"]) >= {"site-a", "site-b"}
     rejoined = [i for i, r in enumerate(rounds) if i > 0 and "site-c" in r["train-sites"]]
@@ -419,3 +443,6 @@ def test_site_killed_mid_round_run_goes_on_and_restarted_site_rejoins(
         assert set(r["train-sites"]) == set(r["evaluate-sites"]) == {"site-a", "site-b", "site-c"}
         assert r["train-failures"] == 0
     assert f"SuperNode ID: {c_id}" in h.log("site-c").split("Starting Flower SuperNode")[-1]  # same identity
+    # one roll call per node: the restarted SuperNode keeps its node id and its site, and is not asked again
+    assert output.count("[medfed] site: site-c:") == 1
+    assert "Receiving: query message" not in h.log("site-c")[len(killed_log):]

@@ -273,3 +273,85 @@ def test_checkpoint_is_atomic_and_reads_back(tmp_path: Path) -> None:
     np.testing.assert_array_equal(arrays["w"], GLOBAL["w"] + 1)
     assert [p.name for p in (folder.path / "checkpoints").iterdir()] == ["round-0002"]  # older ones removed
     assert json.loads((folder.path / "checkpoint.json").read_text())["round"] == 2
+
+
+def test_a_sign_flipping_site_is_screened_out_by_default_and_poisons_fedavg_without_the_screen(tmp_path: Path) -> None:
+    """One of 5 sites sends ``global - 10 * update`` (:func:`shared.attacks.poison`): the norm screen rejects it."""
+    from shared.attacks import Attack, poison
+
+    def flipping(site: Site) -> Callable[[Message], Message]:
+        honest = site.train
+
+        def train(msg: Message) -> Message:
+            reply = honest(msg)
+            g = msg.content[protocol.ARRAYS].to_torch_state_dict()
+            w = reply.content[protocol.ARRAYS].to_torch_state_dict()
+            reply.content[protocol.ARRAYS] = ArrayRecord(poison(Attack("sign-flip", 10.0), g, w, seed=0))
+            return reply
+
+        return train
+
+    def federation() -> FakeGrid:
+        sites = {i: Site(f"site-{i}", 1.0, i) for i in range(5)}
+        sites[4].train = flipping(sites[4])  # type: ignore[method-assign]
+        return FakeGrid(sites)
+
+    loop, folder = _loop(tmp_path / "screened", federation(), min_sites=3)
+    np.testing.assert_allclose(_numpy(loop.run(_record(GLOBAL)))["w"], 1.0)
+    assert [(r["site"], r["reason"]) for r in folder.rounds[0]["train-rejected"]] == [("site-4", "norm-outlier")]
+    loop, folder = _loop(tmp_path / "open", federation(), min_sites=3,
+                         **{"validation.norm-z": 0.0, "validation.max-update-ratio": 0.0})
+    np.testing.assert_allclose(_numpy(loop.run(_record(GLOBAL)))["w"], (4 * 1.0 - 10.0) / 5, rtol=1e-6)
+    assert "train-rejected" not in folder.rounds[0]
+
+
+def test_a_node_silent_at_the_roll_call_is_asked_again_and_joins_later(tmp_path: Path) -> None:
+    """No reply within the timeout (a site still loading its data, or lost on the way) is not a refusal."""
+    sites = {1: Site("site-a", 1.0, 0), 2: Site("site-b", 1.0, 1), 3: Site("site-c", 1.0, 2)}
+    answer = sites[3].query
+    calls: list[int] = []
+
+    def slow(msg: Message) -> Message | None:
+        calls.append(1)
+        return None if len(calls) == 1 else answer(msg)
+
+    sites[3].query = slow  # type: ignore[method-assign]
+    grid = FakeGrid(sites)
+    loop, folder = _loop(tmp_path, grid, min_sites=2, rounds=2)
+    loop.run(_record(GLOBAL))
+    assert len(calls) == 2
+    assert set(folder.rounds[0]["train-sites"]) == {"site-a", "site-b"}
+    assert set(folder.rounds[1]["train-sites"]) == {"site-a", "site-b", "site-c"}
+
+
+def test_a_lost_node_is_recorded_under_its_site_whether_the_superlink_answers_for_it_or_nothing_comes(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Round 1: site-c's node went offline (the SuperLink answers NODE_UNAVAILABLE as node 1); round 2: it
+    came back before the SuperLink noticed, so its instruction is never answered; round 3: it trains again."""
+    sites = {1: Site("site-a", 1.0, 0), 2: Site("site-b", 1.0, 1), 3: Site("site-c", 1.0, 2)}
+    honest = sites[3].train
+    rounds: list[int] = []
+
+    def lost(msg: Message) -> Message | None:
+        rounds.append(int(msg.content[protocol.CONFIG][protocol.SERVER_ROUND]))
+        if rounds[-1] == 1:  # made by the SuperLink: src_node_id 1 (SUPERLINK_NODE_ID), error code 5
+            reply = Message(error=Error(code=5, reason="NODE_UNAVAILABLE"), reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = 1
+            return reply
+        return None if rounds[-1] == 2 else honest(msg)
+
+    sites[3].train = lost  # type: ignore[method-assign]
+    grid = FakeGrid(sites)
+    loop, folder = _loop(tmp_path, grid, min_sites=2, rounds=3)
+    with caplog.at_level("WARNING", logger="server.recorder"):
+        loop.run(_record(GLOBAL))
+    assert "round 1 train: site-c failed: NODE_UNAVAILABLE" in caplog.text  # mapped back from node 1
+    assert "round 2 train: no reply from site-c within round-timeout" in caplog.text
+    first, second, third = folder.rounds
+    assert set(first["train-sites"]) == {"site-a", "site-b"} and first["train-failures"] == 1
+    assert "train-no-reply" not in first
+    assert set(second["train-sites"]) == {"site-a", "site-b"} and second["train-no-reply"] == ["site-c"]
+    assert second["train-failures"] == 0
+    assert set(third["train-sites"]) == {"site-a", "site-b", "site-c"} and "train-no-reply" not in third
+    assert [kind for kind, node in grid.sent if node == 3].count("query") == 1  # never roll-called again
+    assert set(second["evaluate-sites"]) == {"site-a", "site-b", "site-c"}

@@ -224,11 +224,18 @@ def header_lines(cfg: Any, sites: int, run_dir: Path, *, verbose: bool = False, 
     ray = [f"  sites run on the Ray cluster at {ray_address}"] if ray_address else []
     tracking = ([f"  tracking: {cfg.tracking} ({'mlruns' if cfg.tracking == 'mlflow' else 'tensorboard'}/ in the "
                  "results folder)"] if cfg.tracking != "none" else [])
+    attack = []
+    if cfg.sim_attack != "none" and cfg.sim_attack_sites > 0:
+        last = sites - cfg.holdout_sites
+        names = ", ".join(f"site-{p}" for p in range(max(0, last - cfg.sim_attack_sites), last))
+        attack = [f"  simulated attack: {names} send{'s' if cfg.sim_attack_sites == 1 else ''} "
+                  f"{cfg.sim_attack} updates (scale {cfg.sim_attack_scale:g}) every round"]
     return [
         f"medfed simulate: {cfg.task} with {cfg.model} at {cfg.data.image_size} px, {cfg.strategy.name}, "
         f"{sites} sites x {rounds} round{'s' if rounds != 1 else ''}",
         f"  data: {data}, {cfg.partition.kind} partition; {cfg.train.local_epochs} local "
         f"epoch{'s' if cfg.train.local_epochs != 1 else ''} per round; {dp}",
+        *attack,
         *ray,
         f"  results: {run_dir}",
         *tracking,
