@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -264,6 +265,91 @@ def evaluate_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], serve
                       seed=rt.cfg.seed, site_id=rt.site.site_id, class_names=rt.task.class_names,
                       normalize=rt.cfg.data.normalize)
     return metrics, subgroups
+
+
+MAX_TEMPERATURES = 64
+"""Most temperatures one calibration message may ask for (bounds a site's work per message)."""
+
+
+def _temperatures(value: Any) -> list[float] | None:
+    """The server's proposed temperatures, checked (a site bounds what it computes)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_TEMPERATURES or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and 0 < t <= 1e3
+            for t in value):
+        raise ConfigError(f"'{protocol.CALIBRATION_TEMPERATURES}' must list 1..{MAX_TEMPERATURES} temperatures "
+                          "in (0, 1000]")
+    return [float(t) for t in value]
+
+
+def _post_training_model(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], run_key: str) -> torch.nn.Module:
+    """The final global model as this site evaluates it (FedBN: with its own normalisation layers)."""
+    check_policy(rt, training=False)
+    if rt.cfg.strategy.name == "fedbn":
+        state_dict = _with_local_norms(rt, state_dict, run_key or "default")
+    return rt.new_model(state_dict)
+
+
+def calibrate_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+                   run_key: str = "") -> dict[str, int | float | list]:
+    """Calibration sums of the final model on this site's validation images (counts and sums only).
+
+    ``config`` holds :data:`shared.protocol.CALIBRATION_TEMPERATURES` (the
+    reply has one summed NLL per temperature) and/or
+    :data:`shared.protocol.CALIBRATION_SCORE_AT` (the reply is an evaluation
+    reply of the probabilities at that temperature); see
+    :func:`shared.site_stats.calibration_reply`. Classification only; a
+    holdout site never calibrates (it is never asked).
+    """
+    from shared.kinds import CLASSIFICATION
+    from shared.site_stats import calibration_reply
+
+    if rt.task.kind != CLASSIFICATION:
+        raise ConfigError(f"calibration applies to classification tasks; task '{rt.task.name}' is {rt.task.kind}")
+    temperatures = _temperatures(config.get(protocol.CALIBRATION_TEMPERATURES))
+    score_at = _temperatures([config[protocol.CALIBRATION_SCORE_AT]]) if protocol.CALIBRATION_SCORE_AT in config else None
+    model = _post_training_model(rt, state_dict, run_key)
+    return calibration_reply(model, rt.cfg.model, rt.val_x, rt.val_t, normalize=rt.cfg.data.normalize,
+                             num_classes=rt.task.num_classes, temperatures=temperatures,
+                             score_at=score_at[0] if score_at else None,
+                             batch_size=rt.task.objective().eval_batch_size(rt.cfg.train.batch_size))
+
+
+def ood_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+             reference: Mapping[str, Any] | None = None, run_key: str = "") -> dict[str, int | float | list]:
+    """The out-of-distribution statistics of this site's images (:mod:`shared.ood`; sums and counts only).
+
+    Phase ``features``: sums of the final model's penultimate features over
+    the training images and their intensity histogram. Phase ``distances``
+    (``reference`` holds the pooled ``mean`` and ``precision``): counts of the
+    training and validation images' Mahalanobis distances in fixed bins.
+
+    Statistics of training images are not covered by a DP guarantee: under
+    DP-SGD or central DP this site refuses them, whatever the server asks.
+    """
+    from shared.site_stats import distance_reply, feature_sums_reply
+
+    if rt.cfg.dp.enabled or rt.cfg.central_dp.mode != "none":
+        raise ConfigError("this run trains under differential privacy, whose guarantee does not cover statistics of "
+                          "the training images: this site does not send out-of-distribution statistics")
+    phase = config.get(protocol.OOD_PHASE)
+    model = _post_training_model(rt, state_dict, run_key)
+    batch = rt.task.objective().eval_batch_size(rt.cfg.train.batch_size)
+    if phase == protocol.OOD_FEATURES:
+        return feature_sums_reply(model, rt.cfg.model, rt.train_x, normalize=rt.cfg.data.normalize, batch_size=batch)
+    if phase == protocol.OOD_DISTANCES and reference is not None:
+        import numpy as np
+
+        mean = np.asarray(reference["mean"], dtype=np.float64)
+        precision = np.asarray(reference["precision"], dtype=np.float64)
+        d = mean.shape[0] if mean.ndim == 1 else -1
+        if d < 1 or precision.shape != (d, d) or not (np.isfinite(mean).all() and np.isfinite(precision).all()):
+            raise ConfigError("the out-of-distribution reference must be a finite mean (d,) and precision (d, d)")
+        return distance_reply(model, rt.cfg.model, rt.train_x, rt.val_x, mean, precision,
+                              normalize=rt.cfg.data.normalize, batch_size=batch)
+    raise ConfigError(f"'{protocol.OOD_PHASE}' must be '{protocol.OOD_FEATURES}' or '{protocol.OOD_DISTANCES}' "
+                      f"(with the '{protocol.OOD_REFERENCE}' arrays), got {phase!r}")
 
 
 def _subgroup_counts(rt: SiteRuntime, predictions: Any) -> dict[str, int | float | list[int]]:

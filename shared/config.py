@@ -197,6 +197,8 @@ class RunConfig:
     site_registry: str = ""
     test_path: str = ""
     holdout_sites: int = 0
+    calibrate: bool = True
+    ood_stats: bool = True
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     partition: PartitionConfig = dataclasses.field(default_factory=PartitionConfig)
@@ -314,6 +316,11 @@ _SPECS: tuple[KeySpec, ...] = (
             "trained on; '' = none)"),
     KeySpec("holdout-sites", "", "holdout_sites", int,
             "simulated sites (the last K partitions) that never train and only test the global model", 0, 10_000),
+    KeySpec("calibrate", "", "calibrate", bool,
+            "after the last round, fit a temperature on the sites' validation data (classification tasks)"),
+    KeySpec("ood-stats", "", "ood_stats", bool,
+            "after the last round, collect the training population's feature statistics for the "
+            "out-of-distribution warning (skipped under DP)"),
     KeySpec("local-epochs", "train", "local_epochs", int, "local epochs per round", 1, 1000),
     KeySpec("batch-size", "train", "batch_size", int, "local batch size", 1, 4096),
     KeySpec("lr", "train", "lr", float, "local learning rate", 0, 10, low_open=True),

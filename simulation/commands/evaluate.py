@@ -10,7 +10,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from simulation.commands.common import positive_int
+from simulation.commands.common import positive_int, probability
+from simulation.commands.predict import DEFAULT_WARN_SHARE
 
 __all__ = ["register", "run"]
 
@@ -29,6 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             "case-insensitively. Segmentation models take image/mask pairs (manifest image,mask"
             "[,spacing_mm], images/ + masks/ folders, or images with a SIIM-ACR run-length CSV) and report "
             "Dice, IoU, HD95 in pixels and, for images with a known pixel spacing, hd95-mm. "
+            "A calibrated model is scored with its temperature-scaled probabilities at the threshold chosen "
+            "on calibrated validation data (the JSON also gives the ECE and NLL without the temperature). "
+            "With a training-population reference in the model, reports the share of images beyond its "
+            "distance threshold and warns when it exceeds --ood-warn-share. "
             "Writes the metrics as JSON (no file paths) and prints a table."
         ),
     )
@@ -37,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     e.add_argument("data", type=Path, metavar="DATA", help="class-folder tree, folder with manifest.csv, or a manifest .csv")
     e.add_argument("--out", "-o", type=Path, default=Path("metrics.json"), help="metrics JSON file (default ./metrics.json)")
     e.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default 32)")
+    e.add_argument("--ood-warn-share", type=probability, default=DEFAULT_WARN_SHARE, metavar="SHARE",
+                   help="warn when more than this share of images lie beyond the training population's distance "
+                   f"threshold (default {DEFAULT_WARN_SHARE})")
     e.set_defaults(func=run)
 
 
@@ -64,7 +72,7 @@ def _evaluate_classifier(trained: Any, args: argparse.Namespace) -> int:
     from shared.formatting import fmt_metric
     from shared.inference import evaluate_dataset
 
-    result = evaluate_dataset(trained, args.data, batch_size=args.batch_size)
+    result = evaluate_dataset(trained, args.data, batch_size=args.batch_size, warn_share=args.ood_warn_share)
     out = _write(Path(args.out), result.to_dict(trained))
     m = result.metrics
     print(f"medfed evaluate: {trained.model_name} ({trained.task}) on {result.counts.num_examples} images"
@@ -77,20 +85,40 @@ def _evaluate_classifier(trained: Any, args: argparse.Namespace) -> int:
     if "threshold" in m:
         print(f"  at the model's operating threshold {fmt_metric(m.get('threshold'))}: "
               f"sensitivity {fmt_metric(m.get('sensitivity@thr'))}, specificity {fmt_metric(m.get('specificity@thr'))}")
+    cal = result.calibration
+    if cal.get("calibrated"):
+        print(f"  calibration: temperature {cal['temperature']:.3g}; ECE {fmt_metric(cal.get('ece-uncalibrated'))} "
+              f"without it, {fmt_metric(cal.get('ece'))} with it; NLL {fmt_metric(cal.get('nll-uncalibrated'))} -> "
+              f"{fmt_metric(cal.get('nll'))}")
+    _print_ood(result.ood)
     print(f"Wrote {out}")
     return 0
+
+
+def _print_ood(summary: Any) -> None:
+    import sys
+
+    if summary is None:
+        print("  out-of-distribution: the model card has no training-population reference (images not scored)")
+    else:
+        print(f"  out-of-distribution: {summary.message()}", file=sys.stderr if summary.warn else sys.stdout)
 
 
 def _evaluate_segmentation(trained: Any, args: argparse.Namespace) -> int:
     from shared.formatting import fmt_metric
     from shared.inference import evaluate_segmentation
 
-    report = evaluate_segmentation(trained, args.data)
+    report = evaluate_segmentation(trained, args.data, warn_share=args.ood_warn_share)
     out = _write(Path(args.out), report)
     m = report["metrics"]
     print(f"medfed evaluate: {trained.model_name} ({trained.task}) on {report['num-images']} image/mask pairs"
           + (f", skipped {sum(report['skipped'].values())}" if report["skipped"] else ""))
     for key in SEGMENTATION_METRICS:
         print(f"  {key:<12} {fmt_metric(m.get(key))}")
+    ood = report.get("ood", {})
+    if "share-flagged" in ood:
+        print(f"  out-of-distribution: {ood['flagged']} of {ood['scored']} images beyond the training population's "
+              f"threshold ({fmt_metric(100 * ood['share-flagged'], 1)}%)" + (" - WARNING: unlike the training data"
+                                                                              if ood["warning"] else ""))
     print(f"Wrote {out}")
     return 0
