@@ -382,10 +382,9 @@ def model_threshold(trained: TrainedModel) -> float:
     probabilities (card ``calibration.threshold``); otherwise the one chosen on
     the uncalibrated pooled validation counts (card ``threshold``).
     """
-    cal = trained.calibration
-    thr = cal[1] if cal is not None and cal[1] is not None else trained.meta.get("threshold")
-    if cal is not None and cal[1] is None:
-        thr = None  # a fitted temperature without its own threshold: the uncalibrated one does not apply
+    cal = card_temperature(trained.meta.get("calibration"))
+    # a fitted temperature without its own threshold: the uncalibrated one does not apply to its probabilities
+    thr = trained.meta.get("threshold") if cal is None else cal[1]
     if isinstance(thr, (int, float)) and not isinstance(thr, bool) and math.isfinite(thr) and 0.0 <= thr <= 1.0:
         return float(thr)
     return 0.5

@@ -107,7 +107,8 @@ def refine_grid(temperatures: Sequence[float], pooled: Sequence[float], points: 
     np.ndarray
         ``points`` values log-spaced between the best temperature's two
         neighbours (or the best one and its only neighbour at an end of the
-        grid), ascending.
+        grid), plus the best one itself (so the refined best is never worse
+        than the coarse one), ascending.
     """
     t = _temperatures(temperatures)
     nll = np.asarray(pooled, dtype=np.float64)
@@ -117,7 +118,7 @@ def refine_grid(temperatures: Sequence[float], pooled: Sequence[float], points: 
         raise ValueError(f"a refined grid needs at least 3 points, got {points}")
     best = int(np.argmin(nll))
     lo, hi = t[max(best - 1, 0)], t[min(best + 1, t.size - 1)]
-    return np.geomspace(lo, hi, points)
+    return np.unique(np.append(np.geomspace(lo, hi, points), t[best]))
 
 
 def _temperatures(temperatures: Sequence[float] | np.ndarray) -> np.ndarray:
