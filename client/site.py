@@ -308,7 +308,8 @@ def calibrate_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], conf
     if rt.task.kind != CLASSIFICATION:
         raise ConfigError(f"calibration applies to classification tasks; task '{rt.task.name}' is {rt.task.kind}")
     temperatures = _temperatures(config.get(protocol.CALIBRATION_TEMPERATURES))
-    score_at = _temperatures([config[protocol.CALIBRATION_SCORE_AT]]) if protocol.CALIBRATION_SCORE_AT in config else None
+    score_at = (_temperatures([config[protocol.CALIBRATION_SCORE_AT]]) if protocol.CALIBRATION_SCORE_AT in config
+                else None)
     model = _post_training_model(rt, state_dict, run_key)
     return calibration_reply(model, rt.cfg.model, rt.val_x, rt.val_t, normalize=rt.cfg.data.normalize,
                              num_classes=rt.task.num_classes, temperatures=temperatures,

@@ -12,9 +12,9 @@ import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from server.central_dp import central_dp_summary
-from server.post_training import calibrate, card_summary, ood_reference
 from server.checkpoint import restore_rng, restore_strategy, rng_state, strategy_state
 from server.gate import ReplyGate, SiteDirectory
+from server.post_training import calibrate, card_summary, ood_reference
 from server.recorder import FederationStopped, RoundRecorder
 from server.rounds import RoundLoop
 from server.strategies import build_strategy

@@ -54,10 +54,10 @@ from shared.ood import (
     PROJECTION_SEED,
     FeatureSums,
     OODReference,
-    precision_matrix,
     distance_edges,
     histogram_quantile,
     ledoit_wolf,
+    precision_matrix,
     total_variation,
 )
 from shared.tasks import TaskSpec
@@ -150,7 +150,8 @@ def calibrate(loop: RoundLoop, arrays: ArrayRecord, task: TaskSpec, threshold_un
         extra={"auroc-after": after.report(None, positive).get("auroc"), "num-examples-first": n,
                "num-examples-fine": n2},
     )
-    thr = "" if fit.threshold is None else f"; operating threshold {fmt_metric(fit.threshold)} on calibrated probabilities"
+    thr = ("" if fit.threshold is None
+           else f"; operating threshold {fmt_metric(fit.threshold)} on calibrated probabilities")
     logger.info(console_line("summary", (
         f"calibration: temperature {temperature:.3g} fitted on {n3} validation images of {len(fit.sites)} sites "
         f"(NLL {fmt_metric(nll_before)} -> {fmt_metric(nll_after)}, ECE {fmt_metric(fit.ece_before)} -> "
@@ -234,7 +235,8 @@ def ood_reference(loop: RoundLoop, arrays: ArrayRecord, cfg: RunConfig, task: Ta
     site_tv = max(total_variation(h, intensity) for h in hists.values())
 
     by_site = {loop.gate.directory.site_of(node): node for node in nodes}
-    reference = ArrayRecord({"mean": Array(np.ascontiguousarray(mean)), "precision": Array(np.ascontiguousarray(precision))})
+    reference = ArrayRecord({"mean": Array(np.ascontiguousarray(mean)),
+                             "precision": Array(np.ascontiguousarray(precision))})
     second = loop.ask(protocol.OOD_MESSAGE, [by_site[s] for s in site_sums if s in by_site], arrays,
                       {protocol.OOD_PHASE: protocol.OOD_DISTANCES},
                       lambda k, r: screen.distances(k, r, DISTANCE_BINS, {s: v.n for s, v in site_sums.items()}),

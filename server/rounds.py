@@ -189,7 +189,7 @@ class RoundLoop:
 
     def ask(self, message_type: str, nodes: Sequence[int], arrays: ArrayRecord, config: dict[str, Any],
             check: Callable[..., Any], extra: dict[str, ArrayRecord] | None = None) -> GateResult:
-        """Send one post-training message (``evaluate.<action>``) with the final model to ``nodes``; gate the replies."""
+        """Send one post-training message (``evaluate.<action>``) with the final model to ``nodes``; gate replies."""
         cfg = self._base_config(self.num_rounds)
         for k, v in config.items():
             cfg[k] = v

@@ -359,7 +359,7 @@ def _model_input(trained: TrainedModel, images: np.ndarray) -> torch.Tensor:
 
 @torch.no_grad()
 def _forward(trained: TrainedModel, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(outputs, OOD distances or None)`` of one batch: the raw network outputs (float64) and each input's distance."""
+    """``(outputs, OOD distances or None)`` of one batch: raw network outputs (float64), each input's distance."""
     trained.model.eval()
     ref = trained.ood_reference
     if ref is None:
@@ -808,7 +808,7 @@ class EvaluationResult:
     ood: OODSummary | None = None
 
     def to_dict(self, trained: TrainedModel | None = None) -> dict[str, Any]:
-        """JSON-ready: metrics, per-class counts, calibration, out-of-distribution share, what was skipped (no paths)."""
+        """JSON-ready: metrics, per-class counts, calibration, out-of-distribution share, what was skipped."""
         out: dict[str, Any] = {}
         if trained is not None:
             out.update(task=trained.task, model=trained.model_name)

@@ -269,7 +269,7 @@ def mahalanobis(features: np.ndarray, mean: np.ndarray, precision: np.ndarray) -
 
 
 def distance_edges(dims: int, bins: int = DISTANCE_BINS) -> np.ndarray:
-    """``bins + 1`` log-spaced edges from ``1e-2 sqrt(d)`` to ``1e4 sqrt(d)`` (typical distances are near ``sqrt(d)``)."""
+    """``bins + 1`` log-spaced edges from ``1e-2 sqrt(d)`` to ``1e4 sqrt(d)`` (typical distances: about ``sqrt(d)``)."""
     return np.geomspace(1e-2, 1e4, bins + 1) * math.sqrt(dims)
 
 

@@ -826,7 +826,7 @@ def _guarded(check: Any) -> Any:
 @_guarded
 def check_nll_reply(reply: SiteReply, policy: ValidationPolicy, temperatures: int,
                     val_examples: int | None = None) -> Verdict | None:
-    """One calibration reply: ``num-examples`` within the site's validation size, one finite NLL sum >= 0 per temperature."""
+    """One calibration reply: ``num-examples`` within the validation size, a finite NLL sum >= 0 per temperature."""
     bad = _check_records(reply, need_arrays=False)
     if bad:
         return bad

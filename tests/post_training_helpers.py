@@ -29,10 +29,10 @@ from server.rounds import RoundLoop
 from server.strategies import build_strategy
 from shared import protocol
 from shared.config import TrainConfig, parse_run_config
+from shared.data.preprocess import normalize_batch
 from shared.objectives import ClassificationObjective
 from shared.results import RunFolder
 from shared.tasks import get_task
-from shared.data.preprocess import normalize_batch
 from shared.training import to_float01, train_local
 from shared.validation import ReplyScreen, ValidationPolicy, model_spec
 

@@ -40,10 +40,10 @@ from tests.post_training_helpers import (
     AppSite,
     FakeGrid,
     arrays_of,
+    as_server,
     make_loop,
     metrics_of,
     pooled_validation,
-    as_server,
     server_model,
     trained_state,
 )
@@ -216,8 +216,8 @@ def test_predict_divides_the_logits_by_t_and_keeps_the_argmax(calibrated_run: tu
     rows = predict_files(trained, files)
     p1 = np.array([r["prob-pneumonia"] for r in rows])
     # the same images through the network directly
-    from shared.inference import _decode, _model_input
     from shared.data.reading import make_reader
+    from shared.inference import _decode, _model_input
 
     reader = make_reader(trained.run_config)
     batch = np.stack([_decode(f, reader, trained.preprocess)[0].image for f in files])

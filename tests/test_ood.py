@@ -53,10 +53,10 @@ from tests.post_training_helpers import (
     AppSite,
     FakeGrid,
     arrays_of,
+    as_server,
     make_loop,
     metrics_of,
     runtime,
-    as_server,
     server_model,
     trained_state,
 )
@@ -175,7 +175,8 @@ def test_an_honest_feature_reply_passes_and_tampered_ones_are_rejected() -> None
     assert _verdict(_honest_reply()).accepted
     honest = _honest_reply()
     cases = {
-        "more images than announced": ({**honest, protocol.NUM_EXAMPLES: 30, protocol.FEATURE_COUNT: 30}, "bad-num-examples"),
+        "more images than announced": ({**honest, protocol.NUM_EXAMPLES: 30, protocol.FEATURE_COUNT: 30},
+                                       "bad-num-examples"),
         "count mismatch": ({**honest, protocol.FEATURE_COUNT: 11}, "inconsistent-counts"),
         "wrong width": ({**honest, protocol.FEATURE_DIMS: 5}, "task-mismatch"),
         "NaN sum": ({**honest, protocol.FEATURE_SUM: [float("nan")] * 6}, "bad-statistics"),
@@ -370,3 +371,38 @@ def test_a_model_without_a_reference_leaves_the_columns_empty(tmp_path: Path) ->
     held, _ = make_chest_phantoms(4, size=32, seed=8)
     rows = predict_files(load_trained(folder.path), sorted(_pngs(tmp_path / "in", held).glob("*.png")))
     assert all(r["ood-distance"] is None and r["ood-flag"] == "" for r in rows)
+
+
+# ---------------------------------------------------------------------------
+# Segmentation: the U-Net's bottleneck features, no temperature
+# ---------------------------------------------------------------------------
+
+SEG_RUN = {**RUN, "task": "lung-seg", "phantom-count": 120}
+
+
+def test_a_segmentation_model_gets_a_bottleneck_reference_and_no_temperature(tmp_path: Path) -> None:
+    from server.post_training import calibrate
+    from shared.data.phantoms_tasks import make_lung_seg_phantoms
+    from shared.inference import predict_masks
+
+    cfg = parse_run_config(SEG_RUN)
+    task = get_task("lung-seg")
+    torch.manual_seed(0)
+    model, _ = task.build_model(cfg)  # untrained: the feature point is defined all the same
+    state = tuple(model.state_dict().items())
+    sites = {p + 1: AppSite(p, SEG_RUN) for p in range(SITES)}
+    loop = make_loop(tmp_path, FakeGrid(sites), SEG_RUN)
+    cal = calibrate(loop, arrays_of(state), task, None)
+    assert cal["status"] == "not-fitted" and "segmentation" in cal["reason"]
+    assert all(protocol.CALIBRATE_MESSAGE not in s.asked for s in sites.values())  # no site was asked
+    section = ood_reference(loop, arrays_of(state), cfg, task, model)
+    assert section["status"] == "ready", section
+    assert section["dims"] == 256 and section["feature-dims"] == 256 and section["projection-seed"] is None
+
+    folder = RunFolder(tmp_path / "seg")
+    folder.path.mkdir()
+    folder.write_model(dict(state), task.model_card(cfg, extra={"ood": section, "calibration": cal}))
+    images, _ = make_lung_seg_phantoms(3, size=32, seed=4)
+    files = sorted(_pngs(tmp_path / "in", images).glob("*.png"))
+    rows = predict_masks(load_trained(folder.path), files, tmp_path / "masks")
+    assert all(r["ood-distance"] > 0 and r["ood-flag"] in (0, 1) for r in rows)

@@ -51,7 +51,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def run(args: argparse.Namespace) -> int:
     """Run ``medfed evaluate``; 0 when the metrics were written."""
     from shared.inference import load_trained
-
     from shared.kinds import SEGMENTATION
 
     trained = load_trained(args.model)

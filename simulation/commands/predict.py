@@ -58,7 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--ood-warn-share", type=probability, default=DEFAULT_WARN_SHARE, metavar="SHARE",
                    help="warn when more than this share of inputs lie beyond the training population's distance "
-                   f"threshold (default {DEFAULT_WARN_SHARE}; about 0.01 is expected for images like the training data)")
+                   f"threshold (default {DEFAULT_WARN_SHARE}; about 0.01 is expected for images like the "
+                   "training data)")
     p.set_defaults(func=run)
 
 
@@ -66,7 +67,6 @@ def run(args: argparse.Namespace) -> int:
     """Run ``medfed predict``; 0 when every input was handled (unreadable files are rows, not errors)."""
     from shared.data.sources import DataSourceError
     from shared.inference import collect_inputs, load_trained
-
     from shared.kinds import SEGMENTATION
 
     trained = load_trained(args.model)
