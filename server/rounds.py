@@ -116,7 +116,10 @@ class RoundLoop:
             sizes = dict(reply.content.metric_records.get(protocol.METRICS, {}))
             n_val = int(sizes.get(protocol.SITE_VAL_IMAGES, 0))
             n_train = int(sizes.get(protocol.SITE_TRAIN_IMAGES, 0))
-            self.gate.screen.announce(site, n_val + n_train if role == HOLDOUT else n_val)
+            if role == HOLDOUT:
+                self.gate.screen.announce(site, n_val + n_train, 0)  # a holdout site never sends training statistics
+            else:
+                self.gate.screen.announce(site, n_val, n_train)
             self.recorder.on_roll_call(site, role, sizes)
 
     def _available(self, role: str, needed: int, server_round: int) -> list[int]:

@@ -299,6 +299,18 @@ def test_a_site_sending_impossible_feature_sums_is_rejected(tmp_path: Path) -> N
                             server_model(state))
     assert section["status"] == "not-computed" and "site-0: inconsistent-counts" in section["reason"]
 
+    def more_images(msg: Message, reply: Message) -> Message:  # consistent sums over more images than it has
+        m = metrics_of(reply)
+        if protocol.FEATURE_COUNT in m:
+            m[protocol.NUM_EXAMPLES] = m[protocol.FEATURE_COUNT] = 10 * int(m[protocol.FEATURE_COUNT])
+            reply.content[protocol.METRICS] = MetricRecord(m)
+        return reply
+
+    sites = {1: AppSite(0, tamper=more_images), 2: AppSite(1)}
+    section = ood_reference(make_loop(tmp_path / "b", FakeGrid(sites)), arrays_of(state), parse_run_config(RUN),
+                            TASK, server_model(state))
+    assert section["status"] == "not-computed" and "site-0: bad-num-examples" in section["reason"]
+
 
 def test_under_dp_no_site_sends_training_statistics(tmp_path: Path) -> None:
     run = {**RUN, "dp.enabled": True, "dp.noise-multiplier": 1.0}
