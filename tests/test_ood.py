@@ -418,3 +418,10 @@ def test_a_segmentation_model_gets_a_bottleneck_reference_and_no_temperature(tmp
     files = sorted(_pngs(tmp_path / "in", images).glob("*.png"))
     rows = predict_masks(load_trained(folder.path), files, tmp_path / "masks")
     assert all(r["ood-distance"] > 0 and r["ood-flag"] in (0, 1) for r in rows)
+
+
+def test_the_cli_default_warning_share_is_the_library_default() -> None:
+    from shared.ood import DEFAULT_WARN_SHARE
+    from simulation.commands.predict import DEFAULT_WARN_SHARE as CLI_DEFAULT
+
+    assert CLI_DEFAULT == DEFAULT_WARN_SHARE  # duplicated so that building the parser imports no numpy
