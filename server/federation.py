@@ -121,8 +121,8 @@ def _post_training(loop: RoundLoop, final: ArrayRecord, cfg: RunConfig, task: Ta
 
     off = {"status": "off", "reason": "turned off in the run config"}
     return {
-        "calibration": guarded("calibration", lambda: calibrate(loop, final, task, threshold))
-        if cfg.calibrate else dict(off),
+        "calibration": guarded("calibration", lambda: calibrate(loop, final, task, threshold, cfg.calibration))
+        if cfg.calibration != "none" else dict(off),
         "ood": guarded("out-of-distribution statistics", ood) if cfg.ood_stats else dict(off),
     }
 

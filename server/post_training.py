@@ -4,10 +4,11 @@ Two phases ask the training sites for aggregates of the final global model's
 outputs on their own images, through the same gate as every round (identity,
 :mod:`shared.validation`, ``min-sites`` valid replies), and pool them:
 
-* :func:`calibrate` (classification tasks; run config ``calibrate``): a
-  temperature fitted on the pooled validation NLL in three messages (NLL sums
-  on a coarse grid plus the counts at ``T = 1``, NLL sums on a fine grid, the
-  counts at the chosen ``T``); see :mod:`shared.metrics.calibration`;
+* :func:`calibrate` (classification tasks; run config ``calibration``): a
+  temperature (and per-class biases) fitted on the pooled validation NLL: the
+  first message also brings the uncalibrated counts, the last the counts at the
+  fitted calibration (ECE before and after, the re-chosen threshold); see
+  :mod:`shared.metrics.calibration`;
 * :func:`ood_reference` (run config ``ood-stats``; not under DP): the pooled
   mean and shrunk covariance of the training images' penultimate features
   and their intensity histogram, then the validation images' distance
@@ -36,9 +37,15 @@ from shared.console import console_line
 from shared.formatting import fmt_metric
 from shared.kinds import CLASSIFICATION
 from shared.metrics.calibration import (
+    BIAS_MAX,
+    METHODS,
     T_MAX,
     T_MIN,
+    TEMPERATURE,
+    TEMPERATURE_BIAS,
+    Calibration,
     CalibrationFit,
+    NewtonFit,
     first_grid,
     not_fitted,
     pool_nll_sums,
@@ -80,90 +87,162 @@ def _metrics(m: Any) -> dict[str, Any]:
     return dict(m.content[protocol.METRICS])
 
 
-def _both(*checks: Any) -> Any:
-    """A check giving, per reply, the first rejecting verdict of ``checks`` (or the last accepting one)."""
-    def check(keys: list[str], replies: list[Any]) -> list[Any]:
-        results = [c(keys, replies) for c in checks]
-        return [next((v for v in vs if not v.accepted), vs[-1]) for vs in zip(*results)]
-    return check
-
-
 # ---------------------------------------------------------------------------
 # Calibration
 # ---------------------------------------------------------------------------
 
 
-def calibrate(loop: RoundLoop, arrays: ArrayRecord, task: TaskSpec, threshold_uncalibrated: float | None
-              ) -> dict[str, Any]:
-    """Fit the temperature on the training sites' validation images; returns the card's ``calibration`` section."""
+class _Refused(Exception):
+    """A calibration message left fewer than ``min-sites`` valid replies."""
+
+
+class _Session:
+    """The calibration messages of one run: the sites still taking part and the size each announced first."""
+
+    def __init__(self, loop: RoundLoop, arrays: ArrayRecord, task: TaskSpec, nodes: list[int]) -> None:
+        self.loop, self.arrays, self.task = loop, arrays, task
+        self.by_site = {loop.gate.directory.site_of(node): node for node in nodes}
+        self.nodes = list(nodes)
+        self.sizes: dict[str, int] = {}
+
+    def ask(self, config: dict[str, Any], *, temperatures: int | None = None, derivatives: bool = False,
+            counts: bool = False) -> list[tuple[str, dict[str, Any]]]:
+        """One message to the sites still taking part; returns the accepted replies' metrics (raises _Refused)."""
+        screen = self.loop.gate.screen
+        classes = self.task.num_classes if derivatives else None
+
+        def check(keys: list[str], replies: list[Any]) -> list[Any]:
+            verdicts = screen.calibration(keys, replies, temperatures, classes)
+            if counts:
+                verdicts = [v if not v.accepted else e for v, e in zip(verdicts, screen.evaluate(keys, replies))]
+            return _same_size(verdicts, keys, replies, self.sizes) if self.sizes else verdicts
+
+        result = self.loop.ask(protocol.CALIBRATE_MESSAGE, self.nodes, self.arrays, config, check)
+        _log_failures("calibration", result)
+        if result.refusal:
+            raise _Refused(result.refusal)
+        accepted = [(s, _metrics(m)) for s, m in result.accepted]
+        if not self.sizes:
+            self.sizes = {s: int(m[protocol.NUM_EXAMPLES]) for s, m in accepted}
+        self.nodes = [self.by_site[s] for s, _ in accepted if s in self.by_site]
+        return accepted
+
+
+def _params(cal: Calibration) -> list[float]:
+    return [cal.temperature, *(cal.bias or ())]
+
+
+def calibrate(loop: RoundLoop, arrays: ArrayRecord, task: TaskSpec, threshold_uncalibrated: float | None,
+              method: str = TEMPERATURE_BIAS) -> dict[str, Any]:
+    """Fit the calibration on the training sites' validation images; returns the card's ``calibration`` section.
+
+    ``method`` is :data:`~shared.metrics.calibration.TEMPERATURE_BIAS` (the
+    default) or :data:`~shared.metrics.calibration.TEMPERATURE`. A bias cannot
+    be fitted for a class without validation images: the fit then falls back
+    to the temperature alone (and says so).
+    """
     if task.kind != CLASSIFICATION:
-        return not_fitted(f"{task.kind} task: temperature scaling applies to classifiers (a segmentation "
-                          "model's per-pixel probabilities are used as they are)")
-    screen, what = loop.gate.screen, "calibration"
+        return not_fitted(f"{task.kind} task: calibration applies to classifiers (a segmentation model's per-pixel "
+                          "probabilities are used as they are)")
+    if method not in METHODS:
+        raise ValueError(f"calibration method must be one of {METHODS}, got {method!r}")
     nodes = loop.training_nodes()
     if len(nodes) < loop.gate.min_sites:
         return _calibration_refused(f"only {len(nodes)} training site(s) connected (min-sites {loop.gate.min_sites})")
-    grid1 = first_grid()
-    first = loop.ask(protocol.CALIBRATE_MESSAGE, nodes, arrays,
-                     {protocol.CALIBRATION_TEMPERATURES: grid1.tolist(), protocol.CALIBRATION_SCORE_AT: 1.0},
-                     _both(lambda k, r: screen.calibration(k, r, len(grid1)), screen.evaluate))
-    _log_failures(what, first)
-    if first.refusal:
-        return _calibration_refused(first.refusal)
-    sizes = {site: int(_metrics(m)[protocol.NUM_EXAMPLES]) for site, m in first.accepted}
-    n, pooled = pool_nll_sums([(sizes[s], _metrics(m)[protocol.NLL_SUMS]) for s, m in first.accepted], len(grid1))
-    before = _merged(task, [m for _, m in first.accepted])
-    nll_before = float(pooled[int(np.argmin(np.abs(grid1 - 1.0)))] / n)
-
-    grid2 = refine_grid(grid1, pooled)
-    by_site = {loop.gate.directory.site_of(node): node for node in nodes}
-    nodes2 = [by_site[s] for s in sizes if s in by_site]
-    second = loop.ask(protocol.CALIBRATE_MESSAGE, nodes2, arrays, {protocol.CALIBRATION_TEMPERATURES: grid2.tolist()},
-                      lambda k, r: _same_size(screen.calibration(k, r, len(grid2)), k, r, sizes))
-    _log_failures(what, second)
-    if second.refusal:
-        return _calibration_refused(second.refusal)
-    n2, pooled2 = pool_nll_sums([(sizes[s], _metrics(m)[protocol.NLL_SUMS]) for s, m in second.accepted], len(grid2))
-    best = int(np.argmin(pooled2))
-    temperature = float(grid2[best])
-
-    nodes3 = [by_site[s] for s, _ in second.accepted]
-    third = loop.ask(protocol.CALIBRATE_MESSAGE, nodes3, arrays, {protocol.CALIBRATION_SCORE_AT: temperature},
-                     lambda k, r: _same_size(screen.evaluate(k, r), k, r, sizes))
-    _log_failures(what, third)
-    if third.refusal:
-        return _calibration_refused(third.refusal)
-    after = _merged(task, [m for _, m in third.accepted])
-    n3 = after.num_examples
-    nll_after = sum(float(_metrics(m)[protocol.EVAL_LOSS]) * sizes[s] for s, m in third.accepted) / n3
+    session = _Session(loop, arrays, task, nodes)
+    note = ""
+    try:
+        # first message: the uncalibrated counts (ECE before), and the first step of the fit
+        first_config: dict[str, Any] = {protocol.CALIBRATION_SCORE_AT: [1.0]}
+        grid1 = first_grid()
+        if method == TEMPERATURE:
+            first_config[protocol.CALIBRATION_TEMPERATURES] = grid1.tolist()
+        else:
+            first_config[protocol.CALIBRATION_DERIVATIVES_AT] = _params(Calibration(1.0, (0.0,) * task.num_classes))
+        first = session.ask(first_config, temperatures=len(grid1) if method == TEMPERATURE else None,
+                            derivatives=method == TEMPERATURE_BIAS, counts=True)
+        n = sum(session.sizes[s] for s, _ in first)
+        before = _merged(task, [m for _, m in first])
+        nll_before = sum(float(m[protocol.EVAL_LOSS]) * session.sizes[s] for s, m in first) / n
+        missing = [task.class_names[k] for k, total in enumerate(before.confusion.sum(axis=1)) if total == 0]
+        if method == TEMPERATURE_BIAS and missing:
+            note = (f"no validation images of class(es) {', '.join(missing)}: a bias cannot be fitted for them, "
+                    "so only the temperature was")
+            method = TEMPERATURE
+            first = session.ask({protocol.CALIBRATION_TEMPERATURES: grid1.tolist()}, temperatures=len(grid1))
+        if method == TEMPERATURE:
+            cal, messages, at_edge = _fit_temperature(session, first, grid1)
+        else:
+            cal, messages, at_edge = _fit_temperature_bias(session, first)
+        last = session.ask({protocol.CALIBRATION_SCORE_AT: _params(cal)}, counts=True)
+    except _Refused as exc:
+        return _calibration_refused(str(exc))
+    after = _merged(task, [m for _, m in last])
+    n_after = after.num_examples
+    nll_after = sum(float(m[protocol.EVAL_LOSS]) * session.sizes[s] for s, m in last) / n_after
     rule = task.threshold_rule
     threshold = after.operating_threshold(rule)
     positive = rule.positive_class
     fit = CalibrationFit(
-        temperature=temperature, nll_before=nll_before, nll_after=nll_after,
+        method=method, calibration=cal, nll_before=nll_before, nll_after=nll_after,
         ece_before=float(before.report(None, positive)["ece"]), ece_after=float(after.report(None, positive)["ece"]),
         threshold=None if threshold is None or math.isnan(threshold) else float(threshold),
-        threshold_uncalibrated=threshold_uncalibrated, num_examples=n3,
-        sites=tuple(s for s, _ in third.accepted),
-        grid=(tuple(float(t) for t in grid1), tuple(float(t) for t in grid2)),
-        at_edge=temperature <= T_MIN * (1 + 1e-9) or temperature >= T_MAX * (1 - 1e-9),
-        extra={"auroc-after": after.report(None, positive).get("auroc"), "num-examples-first": n,
-               "num-examples-fine": n2},
+        threshold_uncalibrated=threshold_uncalibrated, num_examples=n_after, sites=tuple(s for s, _ in last),
+        messages=messages + 1, at_edge=at_edge,
+        extra={"auroc-after": after.report(None, positive).get("auroc"), **({"note": note} if note else {})},
     )
     thr = ("" if fit.threshold is None
            else f"; operating threshold {fmt_metric(fit.threshold)} on calibrated probabilities")
+    bias = "" if cal.bias is None else f", bias {', '.join(f'{b:+.3g}' for b in cal.bias)}"
     logger.info(console_line("summary", (
-        f"calibration: temperature {temperature:.3g} fitted on {n3} validation images of {len(fit.sites)} sites "
-        f"(NLL {fmt_metric(nll_before)} -> {fmt_metric(nll_after)}, ECE {fmt_metric(fit.ece_before)} -> "
-        f"{fmt_metric(fit.ece_after)}){thr}")))
+        f"calibration ({method}): temperature {cal.temperature:.3g}{bias} fitted on {n_after} validation images of "
+        f"{len(fit.sites)} sites in {fit.messages} messages (NLL {fmt_metric(nll_before)} -> {fmt_metric(nll_after)}, "
+        f"ECE {fmt_metric(fit.ece_before)} -> {fmt_metric(fit.ece_after)}){thr}")))
+    if note:
+        logger.warning(console_line("warning", f"calibration: {note}"))
     if fit.at_edge:
-        logger.warning(console_line("warning", f"calibration: the best temperature lies at the end of the search "
-                                               f"range [{T_MIN:g}, {T_MAX:g}]; the model is far from calibrated"))
+        logger.warning(console_line("warning", f"calibration: a fitted parameter lies at the end of its search range "
+                                               f"(temperature in [{T_MIN:g}, {T_MAX:g}], bias within "
+                                               f"+-{BIAS_MAX:g}); the model is far from calibrated"))
     return fit.to_card()
 
 
-def _merged(task: TaskSpec, replies: list[Any]) -> ClassificationCounts:
-    counts = [task.view.counts_from_flat(_metrics(m)) for m in replies]
+def _fit_temperature(session: _Session, first: list[tuple[str, dict[str, Any]]], grid1: np.ndarray
+                     ) -> tuple[Calibration, int, bool]:
+    """The temperature grid: coarse sums from the first message, then a finer grid around the best."""
+    _, pooled = pool_nll_sums([(session.sizes[s], m[protocol.NLL_SUMS]) for s, m in first], len(grid1))
+    grid2 = refine_grid(grid1, pooled)
+    second = session.ask({protocol.CALIBRATION_TEMPERATURES: grid2.tolist()}, temperatures=len(grid2))
+    _, pooled2 = pool_nll_sums([(session.sizes[s], m[protocol.NLL_SUMS]) for s, m in second], len(grid2))
+    t = float(grid2[int(np.argmin(pooled2))])
+    return Calibration(t), 2, t <= T_MIN * (1 + 1e-9) or t >= T_MAX * (1 - 1e-9)
+
+
+def _fit_temperature_bias(session: _Session, first: list[tuple[str, dict[str, Any]]]
+                          ) -> tuple[Calibration, int, bool]:
+    """Newton's method on the pooled NLL's sums (the first message evaluated the identity)."""
+    c = session.task.num_classes
+    fit = NewtonFit(c)
+    replies = first
+    while True:
+        n = sum(session.sizes[s] for s, _ in replies)
+        f = sum(float(m[protocol.NLL_SUM]) for _, m in replies)
+        g = sum(np.asarray(m[protocol.NLL_GRADIENT], dtype=np.float64) for _, m in replies)
+        h = sum(np.asarray(m[protocol.NLL_HESSIAN], dtype=np.float64).reshape(c, c) for _, m in replies)
+        fit.observe(n, f, g, h)
+        cal = fit.proposal()
+        if cal is None:
+            break
+        replies = session.ask({protocol.CALIBRATION_DERIVATIVES_AT: _params(cal)}, derivatives=True)
+    if not fit.converged:
+        logger.warning(console_line("warning", f"calibration: the fit did not converge in {fit.messages} messages; "
+                                               "the best parameters found are used"))
+    return fit.best, fit.messages, fit.at_edge
+
+
+def _merged(task: TaskSpec, replies: list[dict[str, Any]]) -> ClassificationCounts:
+    """The sum of the sites' evaluation counts (each reply's metric fields)."""
+    counts = [task.view.counts_from_flat(m) for m in replies]
     total = counts[0]
     for c in counts[1:]:
         total = total.merge(c)  # type: ignore[arg-type]

@@ -197,7 +197,7 @@ class RunConfig:
     site_registry: str = ""
     test_path: str = ""
     holdout_sites: int = 0
-    calibrate: bool = True
+    calibration: str = "temperature-bias"
     ood_stats: bool = True
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -316,8 +316,9 @@ _SPECS: tuple[KeySpec, ...] = (
             "trained on; '' = none)"),
     KeySpec("holdout-sites", "", "holdout_sites", int,
             "simulated sites (the last K partitions) that never train and only test the global model", 0, 10_000),
-    KeySpec("calibrate", "", "calibrate", bool,
-            "after the last round, fit a temperature on the sites' validation data (classification tasks)"),
+    KeySpec("calibration", "", "calibration", str,
+            "after the last round, calibrate the probabilities on the sites' validation data (classification): "
+            "softmax(z/T + b), softmax(z/T), or none", choices=("temperature-bias", "temperature", "none")),
     KeySpec("ood-stats", "", "ood_stats", bool,
             "after the last round, collect the training population's feature statistics for the "
             "out-of-distribution warning (skipped under DP)"),

@@ -8,9 +8,9 @@ network from it, and :func:`predict_files` feeds new images through *the same*
 pipeline: reader (DICOM windowing, colour order) -> :func:`preprocess` ->
 ``[0, 1]`` -> :func:`normalize_batch` -> softmax.
 
-When the model card carries a fitted temperature (``calibration``, see
+When the model card carries a fitted calibration (``calibration``, see
 :mod:`shared.metrics.calibration`) the probabilities are ``softmax(logits /
-T)`` and the operating threshold is the one chosen on those calibrated
+T + b)`` and the operating threshold is the one chosen on those calibrated
 probabilities; without one, the raw softmax and the card's threshold. When it
 carries an out-of-distribution reference (``ood``, :mod:`shared.ood`), every
 readable input gets its distance to the training population and a flag
@@ -50,7 +50,7 @@ from shared.data.reading import make_reader
 from shared.data.sources import DataSourceError, discover, registered_suffixes
 from shared.errors import UserError
 from shared.kinds import CLASSIFICATION, SEGMENTATION
-from shared.metrics.calibration import apply_temperature, card_temperature, nll_sums
+from shared.metrics.calibration import Calibration, card_calibration
 from shared.metrics.classification import ClassificationCounts
 from shared.metrics.presentation import MetricView, view_for
 from shared.models import build_network, model_kind
@@ -165,15 +165,16 @@ class TrainedModel:
         return int(spec.positive_class) if spec is not None and spec.positive_class is not None else 1
 
     @property
-    def calibration(self) -> tuple[float, float | None] | None:
-        """``(temperature, threshold on calibrated probabilities)`` when the card carries a fitted temperature."""
-        return card_temperature(self.meta.get("calibration"))
+    def calibration(self) -> Calibration | None:
+        """The fitted calibration of the card (None: the model is used uncalibrated)."""
+        found = card_calibration(self.meta.get("calibration"), self.num_classes)
+        return found[0] if found is not None else None
 
     @property
     def temperature(self) -> float:
         """The temperature the logits are divided by (1.0 = uncalibrated)."""
         cal = self.calibration
-        return cal[0] if cal is not None else 1.0
+        return cal.temperature if cal is not None else 1.0
 
     @cached_property
     def ood_reference(self) -> OODReference | None:
@@ -371,8 +372,8 @@ def _forward(trained: TrainedModel, x: torch.Tensor) -> tuple[np.ndarray, np.nda
 
 
 def _probabilities(trained: TrainedModel, logits: np.ndarray) -> np.ndarray:
-    """``softmax(logits / T)`` with the card's temperature (T = 1 when the model is not calibrated)."""
-    return apply_temperature(logits, trained.temperature)
+    """``softmax(logits / T + b)`` with the card's calibration (the plain softmax when the model has none)."""
+    return (trained.calibration or Calibration()).probabilities(logits)
 
 
 def model_threshold(trained: TrainedModel) -> float:
@@ -382,8 +383,8 @@ def model_threshold(trained: TrainedModel) -> float:
     probabilities (card ``calibration.threshold``); otherwise the one chosen on
     the uncalibrated pooled validation counts (card ``threshold``).
     """
-    cal = card_temperature(trained.meta.get("calibration"))
-    # a fitted temperature without its own threshold: the uncalibrated one does not apply to its probabilities
+    cal = card_calibration(trained.meta.get("calibration"))
+    # a fitted calibration without its own threshold: the uncalibrated one does not apply to its probabilities
     thr = trained.meta.get("threshold") if cal is None else cal[1]
     if isinstance(thr, (int, float)) and not isinstance(thr, bool) and math.isfinite(thr) and 0.0 <= thr <= 1.0:
         return float(thr)
@@ -476,8 +477,8 @@ def predict_files(
     -------
     list of dict
         One row per file, in order: ``input`` (file name only),
-        ``prob-<class>`` per class (temperature-scaled when the model is
-        calibrated), ``predicted`` (class name), ``ood-distance`` and
+        ``prob-<class>`` per class (calibrated when the model carries a
+        calibration), ``predicted`` (class name), ``ood-distance`` and
         ``ood-flag`` (1 beyond the training population's threshold; empty
         without a reference), ``error`` (empty, or why the file could not be
         used; its probabilities and prediction are then empty), and
@@ -838,7 +839,7 @@ def evaluate_dataset(trained: TrainedModel, data: Path, *, batch_size: int = 32,
     from :class:`ClassificationCounts` (argmax predictions; AUROC from the
     positive-class probability; for more than two classes one-vs-rest per
     class and macro averages). The probabilities are the model's calibrated
-    ones when its card carries a temperature, scored at the threshold chosen
+    ones when its card carries a calibration, scored at the threshold chosen
     on calibrated validation probabilities; ``calibration`` also reports the
     ECE and mean NLL of the uncalibrated probabilities on the same images.
     With an out-of-distribution reference in the card, ``ood`` says which
@@ -879,8 +880,8 @@ def evaluate_dataset(trained: TrainedModel, data: Path, *, batch_size: int = 32,
             batch, y = np.stack(imgs), np.asarray(labs, dtype=np.int64)
             logits, dist = _forward(trained, _model_input(trained, batch))
             counts.update(_probabilities(trained, logits), y)
-            raw_counts.update(apply_temperature(logits, 1.0), y)
-            nll += nll_sums(logits, y, [1.0, trained.temperature])
+            raw_counts.update(Calibration().probabilities(logits), y)
+            nll += [Calibration().nll_sum(logits, y), (trained.calibration or Calibration()).nll_sum(logits, y)]
             ood.add(dist, batch)
     if counts.num_examples == 0:
         raise DataSourceError(f"none of the {len(records)} images could be read (skipped: {dict(skipped)})")
@@ -892,8 +893,11 @@ def evaluate_dataset(trained: TrainedModel, data: Path, *, batch_size: int = 32,
         metrics = counts.metrics()
     n = counts.num_examples
     raw = raw_counts.metrics(positive_class=pos) if pos is not None else raw_counts.metrics()
+    cal = trained.calibration
     calibration = {
-        "temperature": trained.temperature, "calibrated": trained.calibration is not None,
+        "temperature": trained.temperature, "bias": list(cal.bias) if cal is not None and cal.bias else None,
+        "method": (trained.meta.get("calibration") or {}).get("method") if cal is not None else None,
+        "calibrated": cal is not None,
         "ece": metrics.get("ece"), "nll": float(nll[1] / n),
         "ece-uncalibrated": raw.get("ece"), "nll-uncalibrated": float(nll[0] / n),
     }
@@ -913,7 +917,7 @@ def evaluate_segmentation(trained: TrainedModel, data: Path, *, batch_size: int 
     with a known pixel spacing (manifest ``spacing_mm`` or DICOM header,
     converted to the model's pixel size; NaN when none), the image count,
     what was skipped and (with a reference in the card) the
-    out-of-distribution share ``ood``. No temperature applies to segmentation.
+    out-of-distribution share ``ood``. No calibration applies to segmentation.
 
     Raises
     ------

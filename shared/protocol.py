@@ -28,11 +28,14 @@ After the last round two post-training phases (:mod:`server.post_training`)
 send EVALUATE messages with an action (Flower message type
 ``evaluate.<action>``) to the training sites, with the final model in ARRAYS:
 
-* :data:`CALIBRATE_MESSAGE` (classification): CONFIG holds
-  :data:`CALIBRATION_TEMPERATURES` (temperatures, the site answers
-  :data:`NLL_SUMS`: the summed NLL of its validation images at each) and/or
-  :data:`CALIBRATION_SCORE_AT` (one temperature: the site answers an ordinary
-  evaluation reply of the probabilities at it);
+* :data:`CALIBRATE_MESSAGE` (classification): CONFIG holds any of
+  :data:`CALIBRATION_TEMPERATURES` (temperatures: the site answers
+  :data:`NLL_SUMS`, the summed NLL of its validation images at each),
+  :data:`CALIBRATION_DERIVATIVES_AT` (one calibration ``[T, b_0 .. b_{C-1}]``:
+  the site answers the NLL sum and the sums of its gradient and Hessian there,
+  :data:`NLL_SUM`, :data:`NLL_GRADIENT`, :data:`NLL_HESSIAN`) and
+  :data:`CALIBRATION_SCORE_AT` (one calibration: the site answers an ordinary
+  evaluation reply of the calibrated probabilities);
 * :data:`OOD_MESSAGE`: CONFIG :data:`OOD_PHASE` = :data:`OOD_FEATURES` (the
   site answers sums of its training images' penultimate features,
   :data:`FEATURE_FIELDS`, and their intensity histogram) or
@@ -52,11 +55,15 @@ __all__ = [
     "ARRAYS",
     "CALIBRATE_ACTION",
     "CALIBRATE_MESSAGE",
+    "CALIBRATION_DERIVATIVES_AT",
     "CALIBRATION_SCORE_AT",
     "CALIBRATION_TEMPERATURES",
     "FEATURE_FIELDS",
     "INTENSITY_CHANNELS",
     "INTENSITY_HIST",
+    "NLL_GRADIENT",
+    "NLL_HESSIAN",
+    "NLL_SUM",
     "NLL_SUMS",
     "OOD_ACTION",
     "OOD_DISTANCES",
@@ -146,10 +153,19 @@ CALIBRATE_MESSAGE = f"evaluate.{CALIBRATE_ACTION}"
 OOD_MESSAGE = f"evaluate.{OOD_ACTION}"
 CALIBRATION_TEMPERATURES = "calibration-temperatures"
 """ConfigRecord: temperatures (list of floats > 0) at which the site sums its validation NLL."""
+CALIBRATION_DERIVATIVES_AT = "calibration-derivatives-at"
+"""ConfigRecord: ``[T, b_0, ..., b_{C-1}]``; the site sends the NLL of ``softmax(logits / T + b)`` and its
+derivatives w.r.t. ``(1/T, b_1 .. b_{C-1})``, summed over its validation images."""
 CALIBRATION_SCORE_AT = "calibration-score-at"
-"""ConfigRecord: one temperature; the site sends its evaluation counts of ``softmax(logits / T)``."""
+"""ConfigRecord: ``[T]`` or ``[T, b_0, ..., b_{C-1}]``; the site sends its evaluation counts of
+``softmax(logits / T + b)``."""
 NLL_SUMS = "nll-sums"
 """Reply: per proposed temperature, the summed NLL of the site's validation images (list of floats >= 0)."""
+NLL_SUM = "nll-sum"
+NLL_GRADIENT = "nll-gradient"
+NLL_HESSIAN = "nll-hessian"
+"""Reply at CALIBRATION_DERIVATIVES_AT: the NLL sum, its gradient sum (C floats) and Hessian sum (C x C,
+row-major)."""
 OOD_PHASE = "ood-phase"
 OOD_FEATURES = "features"
 OOD_DISTANCES = "distances"

@@ -29,7 +29,7 @@ from torch import nn
 
 from shared import protocol
 from shared.data.preprocess import normalize_batch
-from shared.metrics.calibration import apply_temperature, nll_sums
+from shared.metrics.calibration import Calibration, nll_derivatives, nll_sums
 from shared.metrics.classification import ClassificationCounts
 from shared.models.features import forward_with_features
 from shared.ood import (
@@ -81,38 +81,45 @@ def project(features: np.ndarray) -> np.ndarray:
     return features if d <= MAX_DIMS else features @ projection_matrix(d, MAX_DIMS, PROJECTION_SEED)
 
 
-def calibration_reply(model: nn.Module, model_name: str, images: torch.Tensor, labels: torch.Tensor, *,
-                      normalize: str, num_classes: int, temperatures: Sequence[float] | None = None,
-                      score_at: float | None = None, batch_size: int = 64) -> dict[str, int | float | list]:
-    """The summed validation NLL per temperature and/or the evaluation counts at ``score_at``.
+def calibration_reply(logits: np.ndarray, labels: np.ndarray, *, num_classes: int,
+                      temperatures: Sequence[float] | None = None, derivatives_at: Calibration | None = None,
+                      score_at: Calibration | None = None) -> dict[str, int | float | list]:
+    """What a site answers a calibration message, from its validation logits (:mod:`shared.metrics.calibration`).
 
-    Returns the reply's metric fields: ``num-examples`` always;
-    ``nll-sums`` (one float per temperature) with ``temperatures``; with
-    ``score_at`` the fields of an evaluation reply (``eval-loss`` = mean NLL at
-    that temperature, and :meth:`ClassificationCounts.to_flat`).
+    Returns the reply's metric fields: ``num-examples`` always; with
+    ``temperatures`` the summed NLL at each (``nll-sums``); with
+    ``derivatives_at`` the NLL sum and the sums of its gradient and Hessian
+    there (``nll-sum``, ``nll-gradient``, ``nll-hessian``); with ``score_at``
+    the fields of an evaluation reply of the calibrated probabilities
+    (``eval-loss`` = their mean NLL, and :meth:`ClassificationCounts.to_flat`).
     """
-    z, _ = model_outputs(model, model_name, images, normalize=normalize, batch_size=batch_size)
-    assert z is not None
-    y = labels.cpu().numpy().astype(np.int64)
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels).astype(np.int64)
+    if z.ndim != 2 or z.shape[1] != num_classes:
+        raise ValueError(f"model outputs {z.shape[-1]} classes, task has {num_classes}")
     out: dict[str, int | float | list] = {protocol.NUM_EXAMPLES: int(len(y))}
     if temperatures is not None:
         out[protocol.NLL_SUMS] = [float(v) for v in nll_sums(z, y, temperatures)]
+    if derivatives_at is not None:
+        f, g, h = nll_derivatives(z, y, derivatives_at)
+        out.update({protocol.NLL_SUM: f, protocol.NLL_GRADIENT: [float(v) for v in g],
+                    protocol.NLL_HESSIAN: [float(v) for v in h.ravel()]})
     if score_at is not None:
-        probs = apply_temperature(z, score_at)
-        counts = ClassificationCounts.from_predictions(probs, y)
-        if counts.num_classes != num_classes:
-            raise ValueError(f"model outputs {counts.num_classes} classes, task has {num_classes}")
-        out[protocol.EVAL_LOSS] = float(nll_sums(z, y, [score_at])[0] / max(len(y), 1))
+        counts = ClassificationCounts.from_predictions(score_at.probabilities(z), y)
+        out[protocol.EVAL_LOSS] = score_at.nll_sum(z, y) / max(len(y), 1)
         out.update(counts.to_flat())
     return out
 
 
-def feature_sums_reply(model: nn.Module, model_name: str, images: torch.Tensor, *, normalize: str,
-                       batch_size: int = 64) -> dict[str, int | float | list]:
-    """Sums of the (projected) penultimate features of ``images`` and their per-channel intensity histogram."""
-    _, f = model_outputs(model, model_name, images, normalize=normalize, batch_size=batch_size, logits=False,
-                         features=True)
-    assert f is not None
+def feature_sums_reply(features: np.ndarray, images: torch.Tensor) -> dict[str, int | float | list]:
+    """Sums of the (projected) penultimate ``features`` of ``images`` and their per-channel intensity histogram.
+
+    ``features`` are the final model's (:func:`model_outputs`), ``(N, d)``;
+    ``images`` the same N uint8 images ``(N, C, H, W)``.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or len(f) != len(images):
+        raise ValueError(f"expected features (N, d) of {len(images)} images, got {f.shape}")
     flat: dict[str, int | float | list] = dict(FeatureSums.from_features(project(f)).to_flat())
     hist = intensity_counts(images.cpu().numpy())
     flat[protocol.NUM_EXAMPLES] = int(len(images))
@@ -122,19 +129,20 @@ def feature_sums_reply(model: nn.Module, model_name: str, images: torch.Tensor, 
     return flat
 
 
-def distance_reply(model: nn.Module, model_name: str, train_images: torch.Tensor, val_images: torch.Tensor,
-                   mean: np.ndarray, precision: np.ndarray, *, normalize: str, batch_size: int = 64
-                   ) -> dict[str, int | float | list]:
-    """Counts of the training and validation images' Mahalanobis distances in :func:`shared.ood.distance_edges` bins."""
+def distance_reply(train_features: np.ndarray | None, val_features: np.ndarray | None, mean: np.ndarray,
+                   precision: np.ndarray) -> dict[str, int | float | list]:
+    """Counts of the training and validation images' Mahalanobis distances in :func:`shared.ood.distance_edges` bins.
+
+    The features are the final model's raw penultimate features (None or
+    empty for a split without images); they are projected as for the sums.
+    """
     edges = distance_edges(int(mean.shape[0]))
-    out: dict[str, int | float | list] = {protocol.NUM_EXAMPLES: int(len(val_images))}
-    for key, images in ((protocol.TRAIN_DISTANCE_COUNTS, train_images), (protocol.VAL_DISTANCE_COUNTS, val_images)):
-        if len(images) == 0:
+    out: dict[str, int | float | list] = {}
+    for key, f in ((protocol.TRAIN_DISTANCE_COUNTS, train_features), (protocol.VAL_DISTANCE_COUNTS, val_features)):
+        if f is None or len(f) == 0:
             out[key] = [0] * (len(edges) - 1)
             continue
-        _, f = model_outputs(model, model_name, images, normalize=normalize, batch_size=batch_size, logits=False,
-                             features=True)
-        assert f is not None
-        out[key] = [int(v) for v in distance_counts(mahalanobis(project(f), mean, precision), edges)]
-    out[protocol.TRAIN_DISTANCE_TOTAL] = int(len(train_images))
+        out[key] = [int(v) for v in distance_counts(mahalanobis(project(np.asarray(f)), mean, precision), edges)]
+    out[protocol.NUM_EXAMPLES] = 0 if val_features is None else int(len(val_features))
+    out[protocol.TRAIN_DISTANCE_TOTAL] = 0 if train_features is None else int(len(train_features))
     return out

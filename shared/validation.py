@@ -61,9 +61,12 @@ Evaluation replies (:func:`screen_evaluate_round`)
 Post-training replies (:func:`check_nll_reply`, :func:`check_feature_reply`,
 :func:`check_distance_reply`; after the last round, :mod:`server.post_training`)
     * calibration: ``num-examples`` an integer in ``[1, announced validation
-      size]``, one NLL sum per proposed temperature, each finite and >= 0 (the
-      evaluation counts at the chosen temperature are an ordinary evaluation
-      reply, checked as above);
+      size]``; one NLL sum per proposed temperature, each finite and >= 0; at a
+      proposed calibration, a finite NLL sum >= 0, its gradient (each bias
+      component at most ``n`` in magnitude) and a symmetric positive
+      semi-definite Hessian whose bias diagonal is at most ``n / 4`` (a sum of
+      ``n`` covariances of probabilities); the evaluation counts at the fitted
+      calibration are an ordinary evaluation reply, checked as above;
     * feature sums: ``num-examples`` in ``[1, announced training size]`` and
       equal to the feature count; the feature width the server's own model
       has; every value finite; ``||x||^4`` sums >= 0, ``(sum ||x||^2)^2 <= n sum
@@ -129,7 +132,7 @@ __all__ = [
     "Verdict",
     "check_distance_reply",
     "check_feature_reply",
-    "check_nll_reply",
+    "check_calibration_reply",
     "claimed_val_examples",
     "filter_round",
     "model_spec",
@@ -824,22 +827,43 @@ def _guarded(check: Any) -> Any:
 
 
 @_guarded
-def check_nll_reply(reply: SiteReply, policy: ValidationPolicy, temperatures: int,
-                    val_examples: int | None = None) -> Verdict | None:
-    """One calibration reply: ``num-examples`` within the validation size, a finite NLL sum >= 0 per temperature."""
+def check_calibration_reply(reply: SiteReply, policy: ValidationPolicy, temperatures: int | None = None,
+                            classes: int | None = None, val_examples: int | None = None) -> Verdict | None:
+    """One calibration reply: its size, NLL sums per temperature and/or NLL derivatives at one calibration.
+
+    ``temperatures``: how many NLL sums the reply must hold (None: none
+    asked); ``classes``: the task's classes when the NLL's gradient and
+    Hessian were asked for.
+    """
     bad = _check_records(reply, need_arrays=False)
     if bad:
         return bad
-    m = reply.metrics
+    m, site = reply.metrics, reply.site_id
     assert m is not None
     high, what = _bound(policy, val_examples, "validation")
-    bad = _check_num_examples(reply.site_id, m, 1, high, what)
+    bad = _check_num_examples(site, m, 1, high, what)
     if bad:
         return bad
-    sums = _floats(m, protocol.NLL_SUMS, temperatures)
-    if sums is None or (sums < 0).any():
-        return _no(reply.site_id, Reason.BAD_STATISTICS,
-                   f"{protocol.NLL_SUMS!r} must hold {temperatures} finite numbers >= 0 (one per temperature)")
+    n = int(m[protocol.NUM_EXAMPLES])
+    if temperatures is not None:
+        sums = _floats(m, protocol.NLL_SUMS, temperatures)
+        if sums is None or (sums < 0).any():
+            return _no(site, Reason.BAD_STATISTICS,
+                       f"{protocol.NLL_SUMS!r} must hold {temperatures} finite numbers >= 0 (one per temperature)")
+    if classes is not None:
+        f = m.get(protocol.NLL_SUM)
+        g = _floats(m, protocol.NLL_GRADIENT, classes)
+        h = _floats(m, protocol.NLL_HESSIAN, classes * classes)
+        if not _finite(f) or float(f) < 0 or g is None or h is None:  # type: ignore[arg-type]
+            return _no(site, Reason.BAD_STATISTICS, f"the NLL sum must be a finite number >= 0 with {classes} "
+                       f"gradient and {classes}x{classes} Hessian values, all finite")
+        h = h.reshape(classes, classes)
+        scale = max(float(np.abs(h).max()), 1.0)
+        if (np.abs(g[1:]) > n * (1 + 1e-9)).any() or (np.diag(h)[1:] > n / 4 * (1 + 1e-9)).any():
+            return _no(site, Reason.INCONSISTENT_COUNTS, "the bias derivatives exceed what num-examples images allow")
+        if np.abs(h - h.T).max() > 1e-9 * scale or float(np.linalg.eigvalsh(h).min()) < -1e-9 * scale:
+            return _no(site, Reason.INCONSISTENT_COUNTS, "the NLL Hessian is not symmetric positive semi-definite "
+                       "(the NLL of a calibration is convex)")
     return None
 
 
@@ -988,10 +1012,11 @@ class ReplyScreen:
             raise ValueError(f"{len(keys)} keys for {len(replies)} replies")
         return [check(reply, key) for key, reply in zip(keys, replies)]
 
-    def calibration(self, keys: Sequence[Hashable], replies: Sequence[SiteReply], temperatures: int) -> list[Verdict]:
-        """Verdicts on NLL-sum replies (:func:`check_nll_reply`), bounded by the announced validation sizes."""
-        return self._bounded(keys, replies, lambda r, k: check_nll_reply(
-            r, self.policy, temperatures, self.val_examples.get(k)))
+    def calibration(self, keys: Sequence[Hashable], replies: Sequence[SiteReply], temperatures: int | None = None,
+                    classes: int | None = None) -> list[Verdict]:
+        """Verdicts on calibration replies (:func:`check_calibration_reply`), bounded by the announced validation sizes."""
+        return self._bounded(keys, replies, lambda r, k: check_calibration_reply(
+            r, self.policy, temperatures, classes, self.val_examples.get(k)))
 
     def features(self, keys: Sequence[Hashable], replies: Sequence[SiteReply], expected: FeatureExpectation
                  ) -> list[Verdict]:

@@ -326,8 +326,8 @@ def test_under_dp_no_site_sends_training_statistics(tmp_path: Path) -> None:
 def test_feature_sums_of_a_site_match_its_projected_features() -> None:
     rt = runtime(0)
     model = server_model(trained_state(1.0))
-    reply = feature_sums_reply(model, "small-cnn", rt.train_x, normalize="fixed")
     _, f = model_outputs(model, "small-cnn", rt.train_x, normalize="fixed", logits=False, features=True)
+    reply = feature_sums_reply(f, rt.train_x)
     np.testing.assert_allclose(reply[protocol.FEATURE_SUM], project(f).sum(axis=0), rtol=1e-9)
     assert reply[protocol.NUM_EXAMPLES] == len(rt.train_x) and reply[protocol.RAW_FEATURE_DIMS] == 128
     assert sum(reply[protocol.INTENSITY_HIST]) == len(rt.train_x) * 32 * 32

@@ -30,8 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             "case-insensitively. Segmentation models take image/mask pairs (manifest image,mask"
             "[,spacing_mm], images/ + masks/ folders, or images with a SIIM-ACR run-length CSV) and report "
             "Dice, IoU, HD95 in pixels and, for images with a known pixel spacing, hd95-mm. "
-            "A calibrated model is scored with its temperature-scaled probabilities at the threshold chosen "
-            "on calibrated validation data (the JSON also gives the ECE and NLL without the temperature). "
+            "A calibrated model is scored with its calibrated probabilities (softmax(logits/T + b)) at the "
+            "threshold chosen on calibrated validation data (the JSON also gives the ECE and NLL without the "
+            "calibration). "
             "With a training-population reference in the model, reports the share of images beyond its "
             "distance threshold and warns when it exceeds --ood-warn-share. "
             "Writes the metrics as JSON (no file paths) and prints a table."
@@ -86,9 +87,10 @@ def _evaluate_classifier(trained: Any, args: argparse.Namespace) -> int:
               f"sensitivity {fmt_metric(m.get('sensitivity@thr'))}, specificity {fmt_metric(m.get('specificity@thr'))}")
     cal = result.calibration
     if cal.get("calibrated"):
-        print(f"  calibration: temperature {cal['temperature']:.3g}; ECE {fmt_metric(cal.get('ece-uncalibrated'))} "
-              f"without it, {fmt_metric(cal.get('ece'))} with it; NLL {fmt_metric(cal.get('nll-uncalibrated'))} -> "
-              f"{fmt_metric(cal.get('nll'))}")
+        bias = "" if not cal.get("bias") else f", bias {', '.join(f'{b:+.3g}' for b in cal['bias'])}"
+        print(f"  calibration: temperature {cal['temperature']:.3g}{bias}; ECE "
+              f"{fmt_metric(cal.get('ece-uncalibrated'))} without it, {fmt_metric(cal.get('ece'))} with it; NLL "
+              f"{fmt_metric(cal.get('nll-uncalibrated'))} -> {fmt_metric(cal.get('nll'))}")
     _print_ood(result.ood)
     print(f"Wrote {out}")
     return 0

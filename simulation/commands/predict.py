@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             "Predict image files with a trained medfed model, through the same reading and "
             "preprocessing as in training. Writes OUT/predictions.csv (input, prob-<class>..., "
             "predicted, ood-distance, ood-flag, error); unreadable files get a row with the reason. "
-            "A calibrated model's probabilities are temperature-scaled and its predicted class uses the "
+            "A calibrated model's probabilities are softmax(logits/T + b) and its predicted class uses the "
             "threshold chosen on calibrated validation probabilities. ood-distance is each input's distance "
             "to the training population (the model's features), ood-flag 1 beyond the distance 99%% of "
             "held-out training-population images stay under; a warning is printed when more than "
@@ -100,8 +100,10 @@ def _predict_classes(trained: Any, files: list[Path], args: argparse.Namespace) 
     summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
     print(f"medfed predict: {len(rows)} file(s): {summary}; unreadable {errors}. Wrote {csv_path}"
           + (f" and {heat_dir}/" if heat_dir is not None else ""))
-    if trained.calibration is not None:
-        print(f"  probabilities calibrated with temperature {trained.temperature:.3g}"
+    cal = trained.calibration
+    if cal is not None:
+        bias = "" if not cal.bias else f", bias {', '.join(f'{b:+.3g}' for b in cal.bias)}"
+        print(f"  probabilities calibrated with temperature {cal.temperature:.3g}{bias}"
               + ("" if args.threshold is not None or trained.num_classes != 2
                  else f"; operating threshold {model_threshold(trained):.3f} (chosen on calibrated validation data)"))
     _print_ood(ood)
