@@ -6,7 +6,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client.central_dp import central_dp_clipping_mod
-from client.site import evaluate_site, privacy_safe_errors, roll_call, site_runtime, train_site
+from client.site import (
+    calibrate_site,
+    evaluate_site,
+    ood_site,
+    privacy_safe_errors,
+    roll_call,
+    site_runtime,
+    train_site,
+)
 from shared import protocol
 from shared.logs import use_flower_handlers
 from shared.privacy.site_dp import BudgetRefusal
@@ -85,3 +93,33 @@ def evaluate(msg: Message, context: Context) -> Message:
     except PolicyRefusal as refusal:
         return _refuse(msg, refusal)
     return _reply(msg, rt.site.site_id, metrics, subgroups=subgroups)
+
+
+@app.evaluate(protocol.CALIBRATE_ACTION)
+@privacy_safe_errors
+def calibrate(msg: Message, context: Context) -> Message:
+    """After the last round: summed validation NLL per proposed temperature, or the counts at one (classification)."""
+    use_flower_handlers()
+    rt = site_runtime(context.run_config, context.node_config, context.node_id)
+    try:
+        metrics = calibrate_site(rt, msg.content[protocol.ARRAYS].to_torch_state_dict(), dict(_round_config(msg)),
+                                 run_key=_run_key(msg, context))
+    except PolicyRefusal as refusal:
+        return _refuse(msg, refusal)
+    return _reply(msg, rt.site.site_id, metrics)
+
+
+@app.evaluate(protocol.OOD_ACTION)
+@privacy_safe_errors
+def ood(msg: Message, context: Context) -> Message:
+    """After the last round: feature sums of the training images, or counts of images' distances to their mean."""
+    use_flower_handlers()
+    rt = site_runtime(context.run_config, context.node_config, context.node_id)
+    ref = msg.content.array_records.get(protocol.OOD_REFERENCE)
+    reference = {k: v.numpy() for k, v in ref.items()} if ref is not None else None
+    try:
+        metrics = ood_site(rt, msg.content[protocol.ARRAYS].to_torch_state_dict(), dict(_round_config(msg)),
+                           reference, run_key=_run_key(msg, context))
+    except PolicyRefusal as refusal:
+        return _refuse(msg, refusal)
+    return _reply(msg, rt.site.site_id, metrics)

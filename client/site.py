@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -278,6 +280,138 @@ def evaluate_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], serve
                       seed=rt.cfg.seed, site_id=rt.site.site_id, class_names=rt.task.class_names,
                       normalize=rt.cfg.data.normalize)
     return metrics, subgroups
+
+
+MAX_TEMPERATURES = 64
+"""Most temperatures one calibration message may ask for (bounds a site's work per message)."""
+
+
+def _number(v: Any, low: float, high: float) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
+
+
+def _temperatures(value: Any) -> list[float] | None:
+    """The server's proposed temperatures, checked (a site bounds what it computes)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_TEMPERATURES or not all(
+            _number(t, 1e-3, 1e3) for t in value):
+        raise ConfigError(f"'{protocol.CALIBRATION_TEMPERATURES}' must list 1..{MAX_TEMPERATURES} temperatures "
+                          "in [0.001, 1000]")
+    return [float(t) for t in value]
+
+
+def _calibration(key: str, value: Any, classes: int) -> Any:
+    """A proposed calibration ``[T]`` or ``[T, b_0 .. b_{C-1}]``, checked (None when absent)."""
+    from shared.metrics.calibration import Calibration
+
+    if value is None:
+        return None
+    if (not isinstance(value, list) or len(value) not in (1, 1 + classes) or not _number(value[0], 1e-3, 1e3)
+            or not all(_number(b, -1e3, 1e3) for b in value[1:])):
+        raise ConfigError(f"'{key}' must be [T] or [T, one bias per class] with T in [0.001, 1000]")
+    return Calibration(float(value[0]), tuple(float(b) for b in value[1:]) or None)
+
+
+_OUTPUTS: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+"""Post-training: a site's model outputs per (site, weights, split), reused by the phases' several messages."""
+
+
+def _weights_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
+    import hashlib
+
+    h = hashlib.sha1()
+    for k in sorted(state_dict):
+        h.update(k.encode())
+        h.update(state_dict[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _post_training_outputs(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], run_key: str, split: str,
+                           what: str) -> Any:
+    """The final model's validation logits (``what='logits'``) or a split's penultimate features, cached.
+
+    The post-training phases ask several times about the same final model;
+    its outputs are computed once per site and weights (the cache holds the
+    last few). Under FedBN the site's own normalisation layers are used.
+    """
+    from shared.site_stats import model_outputs
+
+    check_policy(rt, training=False)
+    if rt.cfg.strategy.name == "fedbn":
+        state_dict = _with_local_norms(rt, state_dict, run_key or "default")
+    key = (rt.site.site_id, rt.cfg, _weights_digest(state_dict), split, what)
+    if key not in _OUTPUTS:
+        images = rt.val_x if split == "val" else rt.train_x
+        logits, features = model_outputs(rt.new_model(state_dict), rt.cfg.model, images,
+                                         normalize=rt.cfg.data.normalize, logits=what == "logits",
+                                         features=what == "features",
+                                         batch_size=rt.task.objective().eval_batch_size(rt.cfg.train.batch_size))
+        _OUTPUTS[key] = logits if what == "logits" else features
+        while len(_OUTPUTS) > 4:
+            _OUTPUTS.popitem(last=False)
+    _OUTPUTS.move_to_end(key)
+    return _OUTPUTS[key]
+
+
+def calibrate_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+                   run_key: str = "") -> dict[str, int | float | list]:
+    """Calibration sums of the final model on this site's validation images (counts and sums only).
+
+    ``config`` holds any of :data:`shared.protocol.CALIBRATION_TEMPERATURES`
+    (the reply has one summed NLL per temperature),
+    :data:`shared.protocol.CALIBRATION_DERIVATIVES_AT` (the NLL sum and its
+    gradient and Hessian sums at one calibration) and
+    :data:`shared.protocol.CALIBRATION_SCORE_AT` (an evaluation reply of the
+    calibrated probabilities); see :func:`shared.site_stats.calibration_reply`.
+    Classification only; a holdout site never calibrates (it is never asked).
+    """
+    from shared.kinds import CLASSIFICATION
+    from shared.site_stats import calibration_reply
+
+    if rt.task.kind != CLASSIFICATION:
+        raise ConfigError(f"calibration applies to classification tasks; task '{rt.task.name}' is {rt.task.kind}")
+    c = rt.task.num_classes
+    temperatures = _temperatures(config.get(protocol.CALIBRATION_TEMPERATURES))
+    derivatives_at = _calibration(protocol.CALIBRATION_DERIVATIVES_AT, config.get(protocol.CALIBRATION_DERIVATIVES_AT), c)
+    score_at = _calibration(protocol.CALIBRATION_SCORE_AT, config.get(protocol.CALIBRATION_SCORE_AT), c)
+    logits = _post_training_outputs(rt, state_dict, run_key, "val", "logits")
+    return calibration_reply(logits, rt.val_t.numpy(), num_classes=c, temperatures=temperatures,
+                             derivatives_at=derivatives_at, score_at=score_at)
+
+
+def ood_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any],
+             reference: Mapping[str, Any] | None = None, run_key: str = "") -> dict[str, int | float | list]:
+    """The out-of-distribution statistics of this site's images (:mod:`shared.ood`; sums and counts only).
+
+    Phase ``features``: sums of the final model's penultimate features over
+    the training images and their intensity histogram. Phase ``distances``
+    (``reference`` holds the pooled ``mean`` and ``precision``): counts of the
+    training and validation images' Mahalanobis distances in fixed bins.
+
+    Statistics of training images are not covered by a DP guarantee: under
+    DP-SGD or central DP this site refuses them, whatever the server asks.
+    """
+    from shared.site_stats import distance_reply, feature_sums_reply
+
+    if rt.cfg.dp.enabled or rt.cfg.central_dp.mode != "none":
+        raise ConfigError("this run trains under differential privacy, whose guarantee does not cover statistics of "
+                          "the training images: this site does not send out-of-distribution statistics")
+    phase = config.get(protocol.OOD_PHASE)
+    if phase == protocol.OOD_FEATURES:
+        return feature_sums_reply(_post_training_outputs(rt, state_dict, run_key, "train", "features"), rt.train_x)
+    if phase == protocol.OOD_DISTANCES and reference is not None:
+        import numpy as np
+
+        mean = np.asarray(reference["mean"], dtype=np.float64)
+        precision = np.asarray(reference["precision"], dtype=np.float64)
+        d = mean.shape[0] if mean.ndim == 1 else -1
+        if d < 1 or precision.shape != (d, d) or not (np.isfinite(mean).all() and np.isfinite(precision).all()):
+            raise ConfigError("the out-of-distribution reference must be a finite mean (d,) and precision (d, d)")
+        return distance_reply(_post_training_outputs(rt, state_dict, run_key, "train", "features"),
+                              _post_training_outputs(rt, state_dict, run_key, "val", "features"), mean, precision)
+    raise ConfigError(f"'{protocol.OOD_PHASE}' must be '{protocol.OOD_FEATURES}' or '{protocol.OOD_DISTANCES}' "
+                      f"(with the '{protocol.OOD_REFERENCE}' arrays), got {phase!r}")
 
 
 def _subgroup_counts(rt: SiteRuntime, predictions: Any) -> dict[str, int | float | list[int]]:

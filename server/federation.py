@@ -14,6 +14,7 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from server.central_dp import central_dp_summary
 from server.checkpoint import restore_rng, restore_strategy, rng_state, strategy_state
 from server.gate import ReplyGate, SiteDirectory
+from server.post_training import calibrate, card_summary, ood_reference
 from server.recorder import FederationStopped, RoundRecorder
 from server.rounds import RoundLoop
 from server.strategies import build_strategy
@@ -112,6 +113,31 @@ def _test_fn(cfg: RunConfig, task: TaskSpec):  # noqa: ANN202
     return evaluate
 
 
+def _post_training(loop: RoundLoop, final: ArrayRecord, cfg: RunConfig, task: TaskSpec, model: torch.nn.Module,
+                   threshold: float | None) -> dict[str, dict[str, Any]]:
+    """The calibration and out-of-distribution sections of the model card (:mod:`server.post_training`)."""
+    def guarded(name: str, phase: Any) -> dict[str, Any]:
+        # never lose the trained model to a failure here: the model is saved without this section
+        try:
+            return phase()
+        except Exception as exc:  # noqa: BLE001 - logged in full, recorded by type
+            logger.exception("post-training phase %s failed", name)
+            logger.warning(console_line("warning", f"{name} failed ({type(exc).__name__}); the model is saved "
+                                                   "without it (details in the server log)"))
+            return {"status": "failed", "reason": type(exc).__name__}
+
+    def ood() -> dict[str, Any]:
+        model.load_state_dict(final.to_torch_state_dict(), strict=True)
+        return ood_reference(loop, final, cfg, task, model)
+
+    off = {"status": "off", "reason": "turned off in the run config"}
+    return {
+        "calibration": guarded("calibration", lambda: calibrate(loop, final, task, threshold, cfg.calibration))
+        if cfg.calibration != "none" else dict(off),
+        "ood": guarded("out-of-distribution statistics", ood) if cfg.ood_stats else dict(off),
+    }
+
+
 def run_federation(grid: Any, cfg: RunConfig) -> RunFolder:
     """Run (or resume) ``cfg.num_server_rounds`` rounds and write the results folder."""
     import flwr
@@ -183,11 +209,13 @@ def run_federation(grid: Any, cfg: RunConfig) -> RunFolder:
     except BaseException:
         tracker.finish(None, status="FAILED")
         raise
-    card = task.model_card(cfg, threshold=recorder.last_threshold())
+    card_extra = _post_training(loop, final, cfg, task, model, recorder.last_threshold())
+    card = task.model_card(cfg, threshold=recorder.last_threshold(), extra=card_extra)
     folder.write_model(final.to_torch_state_dict(), card)
     tracker.finish(card.to_meta())
     extra: dict = {"results-dir": str(folder.path), "task": task.name, "view": task.view.name,
-                   "primary-metric": task.view.primary, **central_dp_summary(strategy)}
+                   "primary-metric": task.view.primary, **central_dp_summary(strategy),
+                   **{k: card_summary(v) for k, v in card_extra.items()}}
     if cfg.dp.enabled:
         extra["privacy"] = privacy_statement(recorder.privacy, recorder.refusals, cfg.dp.accountant)
     if recorder.policy_refusals:
@@ -207,8 +235,9 @@ def run_federation(grid: Any, cfg: RunConfig) -> RunFolder:
         headline += f"; holdout sites {task.view.headline(last['holdout'])}"
     summary = folder.write_summary({**extra, "headline": f"final pooled validation {headline}"})
     _write_report(folder)
-    logger.info(console_line("summary", f"finished {summary['rounds']} round{'' if summary['rounds'] == 1 else 's'} in {summary['wall-seconds']:.0f} s; "
-                                        f"final pooled validation {headline}"))
+    rounds = summary["rounds"]
+    logger.info(console_line("summary", f"finished {rounds} round{'' if rounds == 1 else 's'} in "
+                                        f"{summary['wall-seconds']:.0f} s; final pooled validation {headline}"))
     return folder
 
 

@@ -25,7 +25,7 @@ same order in every run (float sums depend on order).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,3 +210,17 @@ class ReplyGate:
         result = self._decide(ok, failed, rejected, verdicts, self.min_sites if min_sites is None else min_sites)
         result.no_reply = self._no_reply(messages, replies)
         return result
+
+    def post_training(self, messages: Sequence[Message], replies: Iterable[Message],
+                      check: Callable[[list[str], list[SiteReply]], list[Verdict]]) -> GateResult:
+        """Identify and validate the replies of a post-training message (``check`` gives one verdict per reply).
+
+        The same rules as a round: a reply counts for the node's site, an
+        invalid one is rejected with its reason, and fewer than ``min-sites``
+        valid replies refuse the phase (no single site's statistics become
+        the federation's).
+        """
+        ok, failed, rejected = self._identify(messages, replies)
+        sr = [SiteReply.from_records(site, m.content.array_records, m.content.metric_records) for site, m in ok]
+        verdicts = check([site for site, _ in ok], sr)
+        return self._decide(ok, failed, rejected, verdicts, self.min_sites)

@@ -29,7 +29,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from server.gate import ReplyGate, declared_site_id
+from server.gate import GateResult, ReplyGate, declared_site_id
 from server.recorder import RoundRecorder
 from shared import protocol
 from shared.console import console_line
@@ -135,7 +135,10 @@ class RoundLoop:
             sizes = dict(reply.content.metric_records.get(protocol.METRICS, {}))
             n_val = int(sizes.get(protocol.SITE_VAL_IMAGES, 0))
             n_train = int(sizes.get(protocol.SITE_TRAIN_IMAGES, 0))
-            self.gate.screen.announce(site, n_val + n_train if role == HOLDOUT else n_val)
+            if role == HOLDOUT:
+                self.gate.screen.announce(site, n_val + n_train, 0)  # a holdout site never sends training statistics
+            else:
+                self.gate.screen.announce(site, n_val, n_train)
             self.recorder.on_roll_call(site, role, sizes)
 
     def _available(self, role: str, needed: int, server_round: int) -> list[int]:
@@ -200,6 +203,22 @@ class RoundLoop:
             test = self.test_fn(rnd, arrays, self.recorder.round_threshold())
             if test is not None:
                 self.recorder.on_test(rnd, test.pooled, test.counts)
+
+    # -- after the last round (server/post_training.py) --------------------------
+    def training_nodes(self) -> list[int]:
+        """The training sites connected now (waiting at most ``round-timeout`` for ``min-sites`` of them)."""
+        return self._available(TRAIN, self.gate.min_sites, self.num_rounds)
+
+    def ask(self, message_type: str, nodes: Sequence[int], arrays: ArrayRecord, config: dict[str, Any],
+            check: Callable[..., Any], extra: dict[str, ArrayRecord] | None = None) -> GateResult:
+        """Send one post-training message (``evaluate.<action>``) with the final model to ``nodes``; gate replies."""
+        cfg = self._base_config(self.num_rounds)
+        for k, v in config.items():
+            cfg[k] = v
+        content = RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: cfg, **(extra or {})})
+        messages = [Message(content=content, message_type=message_type, dst_node_id=n) for n in nodes]
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout)) if messages else []
+        return self.gate.post_training(messages, replies, check)
 
     def _site_of_reply(self, reply: Message, messages: Iterable[Message]) -> str | None:
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}

@@ -8,6 +8,16 @@ network from it, and :func:`predict_files` feeds new images through *the same*
 pipeline: reader (DICOM windowing, colour order) -> :func:`preprocess` ->
 ``[0, 1]`` -> :func:`normalize_batch` -> softmax.
 
+When the model card carries a fitted calibration (``calibration``, see
+:mod:`shared.metrics.calibration`) the probabilities are ``softmax(logits /
+T + b)`` and the operating threshold is the one chosen on those calibrated
+probabilities; without one, the raw softmax and the card's threshold. When it
+carries an out-of-distribution reference (``ood``, :mod:`shared.ood`), every
+readable input gets its distance to the training population and a flag
+(beyond the distance 99 % of held-out training-population images stay
+under), and :class:`OODTracker` sums a batch up (share flagged, intensity
+shift) for the warning of ``medfed predict``/``evaluate``.
+
 Files that cannot be read become rows with an ``error`` reason; they never
 stop a batch. Every file is screened before decoding like a site's files: an
 image whose header states more than the default pixel cap
@@ -25,6 +35,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +47,16 @@ from torch import nn
 from shared.config import ConfigError, RunConfig, parse_recorded_run_config
 from shared.data.attributes import manifest_attributes
 from shared.data.preprocess import PreprocessConfig, content_box, model_spacing, normalize_batch, preprocess
-from shared.data.labels import class_mapping, task_labels
+from shared.data.labels import task_labels
 from shared.data.reading import make_reader
 from shared.data.sources import DataSourceError, discover, registered_suffixes
 from shared.errors import UserError
 from shared.kinds import CLASSIFICATION, SEGMENTATION
+from shared.metrics.calibration import Calibration, card_calibration
 from shared.metrics.classification import ClassificationCounts
 from shared.metrics.presentation import MetricView, view_for
 from shared.models import build_network, model_kind
+from shared.ood import DEFAULT_WARN_SHARE, OODReference, OODSummary, intensity_counts, summarize
 from shared.registry import UnknownNameError
 from shared.results import MODEL_FILE, ModelCard, ModelFileError, model_file_path, read_checkpoint
 from shared.tasks import TaskSpec, get_task
@@ -57,6 +70,8 @@ __all__ = [
     "SegmentationEvaluation",
     "ModelFileError",
     "NotSupportedError",
+    "OOD_COLUMNS",
+    "OODTracker",
     "TrainedModel",
     "collect_inputs",
     "collect_named_inputs",
@@ -154,6 +169,26 @@ class TrainedModel:
             return int(self.meta["positive-class"])
         spec = self.task_spec()
         return int(spec.positive_class) if spec is not None and spec.positive_class is not None else 1
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """The fitted calibration of the card (None: the model is used uncalibrated)."""
+        found = card_calibration(self.meta.get("calibration"), self.num_classes)
+        return found[0] if found is not None else None
+
+    @property
+    def temperature(self) -> float:
+        """The temperature the logits are divided by (1.0 = uncalibrated)."""
+        cal = self.calibration
+        return cal.temperature if cal is not None else 1.0
+
+    @cached_property
+    def ood_reference(self) -> OODReference | None:
+        """The training population the card describes (None: no out-of-distribution warning possible)."""
+        ref = OODReference.from_card(self.meta.get("ood"))
+        if ref is None and isinstance(self.meta.get("ood"), Mapping) and self.meta["ood"].get("status") == "ready":
+            logger.warning("the model card's out-of-distribution section is damaged: inputs are not scored")
+        return ref
 
     def task_spec(self) -> TaskSpec | None:
         """The registered task of this model when its classes match the model's, else ``None``."""
@@ -363,17 +398,71 @@ def _model_input(trained: TrainedModel, images: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _probabilities(trained: TrainedModel, x: torch.Tensor) -> np.ndarray:
+def _forward(trained: TrainedModel, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(outputs, OOD distances or None)`` of one batch: raw network outputs (float64), each input's distance."""
     trained.model.eval()
-    return torch.softmax(trained.model(x).float(), dim=1).numpy().astype(np.float64)
+    ref = trained.ood_reference
+    if ref is None:
+        return trained.model(x).float().numpy().astype(np.float64), None
+    from shared.models.features import forward_with_features
+
+    y, f = forward_with_features(trained.model, trained.model_name, x)
+    return y.float().numpy().astype(np.float64), ref.distances(f.numpy())
+
+
+def _probabilities(trained: TrainedModel, logits: np.ndarray) -> np.ndarray:
+    """``softmax(logits / T + b)`` with the card's calibration (the plain softmax when the model has none)."""
+    return (trained.calibration or Calibration()).probabilities(logits)
 
 
 def model_threshold(trained: TrainedModel) -> float:
-    """The operating threshold saved with the model (chosen on pooled validation counts), else 0.5."""
-    thr = trained.meta.get("threshold")
-    if isinstance(thr, (int, float)) and math.isfinite(thr) and 0.0 <= thr <= 1.0:
+    """The operating threshold that goes with the probabilities this module outputs, else 0.5.
+
+    A calibrated model's threshold was re-chosen on calibrated validation
+    probabilities (card ``calibration.threshold``); otherwise the one chosen on
+    the uncalibrated pooled validation counts (card ``threshold``).
+    """
+    cal = card_calibration(trained.meta.get("calibration"))
+    # a fitted calibration without its own threshold: the uncalibrated one does not apply to its probabilities
+    thr = trained.meta.get("threshold") if cal is None else cal[1]
+    if isinstance(thr, (int, float)) and not isinstance(thr, bool) and math.isfinite(thr) and 0.0 <= thr <= 1.0:
         return float(thr)
     return 0.5
+
+
+#: Columns every ``predictions.csv`` ends with: the input's distance to the training population and its flag
+#: (empty when the model carries no out-of-distribution reference or the file was unreadable).
+OOD_COLUMNS = ("ood-distance", "ood-flag")
+
+
+class OODTracker:
+    """Sums up the inputs of one ``predict``/``evaluate`` call for the out-of-distribution warning."""
+
+    def __init__(self, trained: TrainedModel, warn_share: float = DEFAULT_WARN_SHARE) -> None:
+        self.reference = trained.ood_reference
+        self.warn_share = warn_share
+        self.distances: list[float] = []
+        self.intensity: np.ndarray | None = None
+
+    def add(self, distances: np.ndarray | None, images: np.ndarray) -> None:
+        """Record a batch: the inputs' distances and their preprocessed uint8 images ``(N, H, W[, C])``."""
+        if self.reference is None or distances is None:
+            return
+        self.distances.extend(float(d) for d in distances)
+        counts = intensity_counts(images_to_tensor(images).numpy())
+        self.intensity = counts if self.intensity is None else self.intensity + counts
+
+    def summary(self) -> OODSummary | None:
+        """The batch's share flagged and intensity shift (None when the model carries no reference)."""
+        if self.reference is None:
+            return None
+        return summarize(self.reference, self.distances, self.intensity, self.warn_share)
+
+    def row(self, distance: float | None) -> dict[str, Any]:
+        """The OOD columns of one readable input."""
+        if self.reference is None or distance is None:
+            return {"ood-distance": None, "ood-flag": ""}
+        return {"ood-distance": float(distance), "ood-flag": int(distance > self.reference.threshold)}
 
 
 def _check_classifier(trained: TrainedModel, what: str, instead: str) -> None:
@@ -397,6 +486,7 @@ def predict_files(
     heatmap_dir: Path | None = None,
     batch_size: int = 32,
     names: Sequence[str] | None = None,
+    ood: OODTracker | None = None,
 ) -> list[dict[str, Any]]:
     """Predict each file with the model's own training pipeline.
 
@@ -424,16 +514,21 @@ def predict_files(
     names : sequence of str, optional
         The name of each file's row (:func:`collect_named_inputs`); default
         the file name.
+    ood : OODTracker, optional
+        Collects the batch's distances for the out-of-distribution summary.
 
     Returns
     -------
     list of dict
         One row per file, in order: ``input`` (its name), ``prob-<class>``
-        per class, ``predicted`` (class name), ``threshold`` (the probability
-        of the positive class from which it is predicted; None for
-        multi-class models, which take the most probable class), ``error``
-        (empty, or why the file could not be used; its probabilities and
-        prediction are then empty), and ``heatmap`` (file name or empty).
+        per class (calibrated when the model carries a calibration),
+        ``predicted`` (class name), ``threshold`` (the probability of the
+        positive class from which it is predicted; None for multi-class
+        models, which take the most probable class), ``ood-distance`` and
+        ``ood-flag`` (1 beyond the training population's threshold; empty
+        without a reference), ``error`` (empty, or why the file could not be
+        used; its probabilities and prediction are then empty), and
+        ``heatmap`` (file name or empty).
 
     Raises
     ------
@@ -467,6 +562,7 @@ def predict_files(
     rows: list[dict[str, Any]] = []
     errors = 0
     position = 0
+    ood = ood if ood is not None else OODTracker(trained)
     for chunk in _chunks(files, batch_size):
         decoded: list[_Decoded] = []
         raws: list[np.ndarray | None] = []
@@ -479,9 +575,13 @@ def predict_files(
         ok = [i for i, d in enumerate(decoded) if d.image is not None]
         probs = np.zeros((0, trained.num_classes))
         maps: np.ndarray | None = None
+        dist: np.ndarray | None = None
         if ok:
-            x = _model_input(trained, np.stack([decoded[i].image for i in ok]))  # type: ignore[misc]
-            probs = _probabilities(trained, x)
+            batch = np.stack([decoded[i].image for i in ok])  # type: ignore[misc]
+            x = _model_input(trained, batch)
+            logits, dist = _forward(trained, x)
+            probs = _probabilities(trained, logits)
+            ood.add(dist, batch)
             if heatmap_dir is not None:
                 from shared.explain import gradcam
 
@@ -493,7 +593,8 @@ def predict_files(
             if i not in k_of:
                 errors += 1
                 row.update({f"prob-{c}": None for c in classes})
-                row.update(predicted="", threshold=thr if binary else None, error=d.error, heatmap="")
+                row.update(predicted="", threshold=thr if binary else None, **ood.row(None), error=d.error,
+                           heatmap="")
                 rows.append(row)
                 continue
             p = probs[k_of[i]]
@@ -502,7 +603,8 @@ def predict_files(
                 predicted = classes[pos] if p[pos] >= thr else classes[1 - pos]
             else:
                 predicted = classes[int(np.argmax(p))]
-            row.update(predicted=predicted, threshold=thr if binary else None, error="", heatmap="")
+            row.update(predicted=predicted, threshold=thr if binary else None,
+                       **ood.row(None if dist is None else dist[k_of[i]]), error="", heatmap="")
             if maps is not None and heatmap_dir is not None:
                 row["heatmap"] = _write_heatmap(heatmap_dir, d, raws[i], maps[k_of[i]], trained.preprocess, used_names,
                                                 output_stem(chunk_names[i]))
@@ -590,16 +692,15 @@ def _write_heatmap(
 # ---------------------------------------------------------------------------
 
 #: Columns of a segmentation model's ``predictions.csv``.
-SEGMENTATION_COLUMNS = ("input", "foreground-percent", "foreground-pixels", "threshold", "mask", "overlay", "error")
+SEGMENTATION_COLUMNS = ("input", "foreground-percent", "foreground-pixels", "threshold", "mask", "overlay",
+                        *OOD_COLUMNS, "error")
 #: BGR colour of the mask contour in overlays (yellow: visible on gray radiographs and on skin).
 CONTOUR_BGR = (0, 255, 255)
 
 
-@torch.no_grad()
-def _foreground_probability(trained: TrainedModel, x: torch.Tensor) -> np.ndarray:
-    """``(B, S, S)`` probability that a pixel is not background (class 0)."""
-    trained.model.eval()
-    probs = torch.softmax(trained.model(x).float(), dim=1)
+def _foreground_probability(logits: np.ndarray) -> np.ndarray:
+    """``(B, S, S)`` probability that a pixel is not background (class 0), from ``(B, K, S, S)`` logits."""
+    probs = torch.softmax(torch.from_numpy(logits), dim=1)
     return (1.0 - probs[:, 0]).numpy().astype(np.float32)
 
 
@@ -654,6 +755,7 @@ def predict_masks(
     overlay_dir: Path | None = None,
     batch_size: int = 8,
     names: Sequence[str] | None = None,
+    ood: OODTracker | None = None,
 ) -> list[dict[str, Any]]:
     """Segment each file with the model's own training pipeline and write its mask.
 
@@ -679,6 +781,8 @@ def predict_masks(
     names : sequence of str, optional
         The name of each file's row (:func:`collect_named_inputs`); default
         the file name.
+    ood : OODTracker, optional
+        Collects the batch's distances for the out-of-distribution summary.
 
     Returns
     -------
@@ -688,7 +792,8 @@ def predict_masks(
         ``foreground-percent`` (mask area in % of the image),
         ``foreground-pixels``, ``threshold`` (the pixel probability
         threshold used), ``mask`` and ``overlay`` (file names or empty),
-        ``error`` (empty, or why the file could not be used).
+        ``ood-distance`` and ``ood-flag`` (bottleneck features; empty
+        without a reference), ``error`` (empty, or why the file could not be used).
 
     Raises
     ------
@@ -718,22 +823,28 @@ def predict_masks(
     rows: list[dict[str, Any]] = []
     errors = 0
     position = 0
+    ood = ood if ood is not None else OODTracker(trained)
     for chunk in _chunks(files, batch_size):
         chunk_names = row_names[position : position + len(chunk)]
         position += len(chunk)
         decoded = [_decode(Path(path), reader, trained.preprocess) for path in chunk]
         ok = [i for i, (d, _) in enumerate(decoded) if d.image is not None]
         probs = np.zeros((0, 1, 1), np.float32)
+        dist: np.ndarray | None = None
         if ok:
-            probs = _foreground_probability(trained, _model_input(trained, np.stack([decoded[i][0].image for i in ok])))  # type: ignore[misc]
+            batch = np.stack([decoded[i][0].image for i in ok])  # type: ignore[misc]
+            logits, dist = _forward(trained, _model_input(trained, batch))
+            probs = _foreground_probability(logits)
+            ood.add(dist, batch)
         k_of = {i: k for k, i in enumerate(ok)}
         for i, (d, raw) in enumerate(decoded):
             row: dict[str, Any] = {"input": chunk_names[i], "foreground-percent": None, "foreground-pixels": None,
-                                   "threshold": thr, "mask": "", "overlay": "", "error": d.error}
+                                   "threshold": thr, "mask": "", "overlay": "", **ood.row(None), "error": d.error}
             rows.append(row)
             if i not in k_of or d.shape is None or raw is None:
                 errors += 1
                 continue
+            row.update(ood.row(None if dist is None else dist[k_of[i]]))
             mask = mask_at_input_size(probs[k_of[i]], d.shape, trained.preprocess, thr)
             pixels = int(np.count_nonzero(mask))
             stem = _unique_stem(output_stem(chunk_names[i]), used)
@@ -750,13 +861,14 @@ def predict_masks(
 
 def write_predictions_csv(rows: Sequence[Mapping[str, Any]], path: Path, class_names: Sequence[str], *,
                           heatmaps: bool = False) -> Path:
-    """Write a classifier's ``predictions.csv``: ``input, prob-<class>..., predicted, threshold[, heatmap], error``.
+    """Write a classifier's ``predictions.csv``.
 
-    ``threshold`` is the one each row was predicted with (empty for
-    multi-class models: the most probable class); ``heatmap`` names the
-    row's Grad-CAM file (with ``heatmaps``).
+    Columns ``input, prob-<class>..., predicted, threshold, ood-distance,
+    ood-flag[, heatmap], error``: ``threshold`` is the one each row was
+    predicted with (empty for multi-class models: the most probable class);
+    ``heatmap`` names the row's Grad-CAM file (with ``heatmaps``).
     """
-    cols = ["input", *(f"prob-{c}" for c in class_names), "predicted", "threshold",
+    cols = ["input", *(f"prob-{c}" for c in class_names), "predicted", "threshold", *OOD_COLUMNS,
             *(["heatmap"] if heatmaps else []), "error"]
     return write_rows_csv(rows, path, cols)
 
@@ -797,9 +909,11 @@ class EvaluationResult:
     probs: np.ndarray | None = field(default=None, repr=False, compare=False)
     labels: np.ndarray | None = field(default=None, repr=False, compare=False)
     attributes: dict[str, np.ndarray] | None = field(default=None, repr=False, compare=False)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    ood: OODSummary | None = None
 
     def to_dict(self, trained: TrainedModel | None = None) -> dict[str, Any]:
-        """JSON-ready: metrics, per-class counts, what was skipped (no paths)."""
+        """JSON-ready: metrics, per-class counts, calibration, out-of-distribution share, what was skipped."""
         out: dict[str, Any] = {}
         if trained is not None:
             out.update(task=trained.task, model=trained.model_name)
@@ -810,13 +924,16 @@ class EvaluationResult:
                 "num-images": self.counts.num_examples,
                 "metrics": self.metrics,
                 "confusion": self.counts.confusion.tolist(),
+                "calibration": dict(self.calibration),
+                "ood": self.ood.to_dict() if self.ood is not None else {"status": "no reference in the model card"},
                 "skipped": dict(self.skipped),
             }
         )
         return out
 
 
-def evaluate_dataset(trained: TrainedModel, data: Path, *, batch_size: int = 32) -> EvaluationResult:
+def evaluate_dataset(trained: TrainedModel, data: Path, *, batch_size: int = 32,
+                     warn_share: float = DEFAULT_WARN_SHARE) -> EvaluationResult:
     """Score ``trained`` on a labelled dataset (class folders, folder with manifest.csv, or a manifest).
 
     Labels are mapped onto the model's classes by name (case-insensitive,
@@ -825,7 +942,12 @@ def evaluate_dataset(trained: TrainedModel, data: Path, *, batch_size: int = 32)
     images are counted in ``skipped`` by reason and left out. Metrics come
     from :class:`ClassificationCounts` (argmax predictions; AUROC from the
     positive-class probability; for more than two classes one-vs-rest per
-    class and macro averages).
+    class and macro averages). The probabilities are the model's calibrated
+    ones when its card carries a calibration, scored at the threshold chosen
+    on calibrated validation probabilities; ``calibration`` also reports the
+    ECE and mean NLL of the uncalibrated probabilities on the same images.
+    With an out-of-distribution reference in the card, ``ood`` says which
+    share of the images lies beyond the training population's threshold.
 
     Raises
     ------
@@ -845,6 +967,9 @@ def evaluate_dataset(trained: TrainedModel, data: Path, *, batch_size: int = 32)
     reader = make_reader(trained.run_config)
     skipped: Counter[str] = Counter(listing.skipped)
     counts = ClassificationCounts.empty(trained.num_classes)
+    raw_counts = ClassificationCounts.empty(trained.num_classes)
+    nll = np.zeros(2)  # summed NLL at T = 1 and at the model's T
+    ood = OODTracker(trained, warn_share)
     records = listing.records
     kept: list[int] = []
     all_probs: list[np.ndarray] = []
@@ -859,9 +984,14 @@ def evaluate_dataset(trained: TrainedModel, data: Path, *, batch_size: int = 32)
             labs.append(int(labels_all[j]))
             kept.append(j)
         if imgs:
-            probs = _probabilities(trained, _model_input(trained, np.stack(imgs)))
-            counts.update(probs, np.asarray(labs, dtype=np.int64))
+            batch, y = np.stack(imgs), np.asarray(labs, dtype=np.int64)
+            logits, dist = _forward(trained, _model_input(trained, batch))
+            probs = _probabilities(trained, logits)
+            counts.update(probs, y)
             all_probs.append(probs)
+            raw_counts.update(Calibration().probabilities(logits), y)
+            nll += [Calibration().nll_sum(logits, y), (trained.calibration or Calibration()).nll_sum(logits, y)]
+            ood.add(dist, batch)
     if counts.num_examples == 0:
         raise DataSourceError(f"none of the {len(records)} images could be read (skipped: {dict(skipped)})")
     pos = trained.positive_class
@@ -870,11 +1000,21 @@ def evaluate_dataset(trained: TrainedModel, data: Path, *, batch_size: int = 32)
         metrics = counts.metrics(positive_class=pos, threshold=model_threshold(trained))
     else:
         metrics = counts.metrics()
-    logger.info("evaluated %d images (%d skipped)", counts.num_examples, sum(skipped.values()))
+    n = counts.num_examples
+    raw = raw_counts.metrics(positive_class=pos) if pos is not None else raw_counts.metrics()
+    cal = trained.calibration
+    calibration = {
+        "temperature": trained.temperature, "bias": list(cal.bias) if cal is not None and cal.bias else None,
+        "method": (trained.meta.get("calibration") or {}).get("method") if cal is not None else None,
+        "calibrated": cal is not None,
+        "ece": metrics.get("ece"), "nll": float(nll[1] / n),
+        "ece-uncalibrated": raw.get("ece"), "nll-uncalibrated": float(nll[0] / n),
+    }
+    logger.info("evaluated %d images (%d skipped)", n, sum(skipped.values()))
     attributes = manifest_attributes([records[j].extra for j in kept], (r.patient_id for r in records))
     return EvaluationResult(metrics, counts, trained.class_names, pos, dict(skipped),
                             probs=np.concatenate(all_probs), labels=np.asarray(labels_all)[kept].astype(np.int64),
-                            attributes=attributes)
+                            attributes=attributes, calibration=calibration, ood=ood.summary())
 
 
 @dataclass(frozen=True)
@@ -884,7 +1024,8 @@ class SegmentationEvaluation:
     ``per_image`` holds one :class:`~shared.metrics.segmentation.SegmentationCounts`
     per scored pair (their merge is ``counts``) and ``attributes`` the pairs'
     manifest attributes: local only (bootstrap intervals and subgroups,
-    :mod:`shared.local_eval`), never in :meth:`to_dict`.
+    :mod:`shared.local_eval`), never in :meth:`to_dict`. ``ood`` is the
+    out-of-distribution summary (None without a reference in the card).
     """
 
     task: str
@@ -893,14 +1034,18 @@ class SegmentationEvaluation:
     per_image: list[Any]
     skipped: dict[str, int]
     attributes: dict[str, np.ndarray] | None = None
+    ood: OODSummary | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: means over images, the image count, what was skipped (no paths)."""
+        """JSON-ready: means over images, the image count, the out-of-distribution share, what was skipped."""
         return {"task": self.task, "model": self.model, "num-images": self.counts.n_images,
-                "metrics": self.counts.metrics(), "skipped": dict(self.skipped)}
+                "metrics": self.counts.metrics(),
+                "ood": self.ood.to_dict() if self.ood is not None else {"status": "no reference in the model card"},
+                "skipped": dict(self.skipped)}
 
 
-def evaluate_segmentation(trained: TrainedModel, data: Path, *, batch_size: int = 8) -> dict[str, Any]:
+def evaluate_segmentation(trained: TrainedModel, data: Path, *, batch_size: int = 8,
+                          warn_share: float = DEFAULT_WARN_SHARE) -> dict[str, Any]:
     """Score a segmentation model on image/mask pairs (see :func:`shared.data.seg_sources.discover_segmentation`).
 
     Images get the model's own preprocessing; masks the same geometry (no
@@ -909,18 +1054,20 @@ def evaluate_segmentation(trained: TrainedModel, data: Path, *, batch_size: int 
     Returns a JSON-ready dict: Dice, IoU and HD95 (pixels of the model's input
     size) as means over all images, ``hd95-mm`` as the mean over the images
     with a known pixel spacing (manifest ``spacing_mm`` or DICOM header,
-    converted to the model's pixel size; NaN when none), the image count and
-    what was skipped.
+    converted to the model's pixel size; NaN when none), the image count,
+    what was skipped and (with a reference in the card) the
+    out-of-distribution share ``ood``. No calibration applies to segmentation.
 
     Raises
     ------
     DataSourceError
         The dataset cannot be listed or no pair could be read.
     """
-    return score_segmentation(trained, data, batch_size=batch_size).to_dict()
+    return score_segmentation(trained, data, batch_size=batch_size, warn_share=warn_share).to_dict()
 
 
-def score_segmentation(trained: TrainedModel, data: Path, *, batch_size: int = 8) -> SegmentationEvaluation:
+def score_segmentation(trained: TrainedModel, data: Path, *, batch_size: int = 8,
+                       warn_share: float = DEFAULT_WARN_SHARE) -> SegmentationEvaluation:
     """:func:`evaluate_segmentation` keeping the per-image counts and attributes (local use only).
 
     Raises
@@ -939,6 +1086,7 @@ def score_segmentation(trained: TrainedModel, data: Path, *, batch_size: int = 8
     mcfg = dataclasses.replace(trained.preprocess, equalize="none", denoise="none", channels=1)
     skipped: Counter[str] = Counter(listing.skipped)
     counts = SegmentationCounts.empty()
+    ood = OODTracker(trained, warn_share)
     recs = listing.records
     per_image: list[SegmentationCounts] = []
     kept: list[int] = []
@@ -958,14 +1106,15 @@ def score_segmentation(trained: TrainedModel, data: Path, *, batch_size: int = 8
             masks.append(mask)
             spacings.append(None if sp is None else model_spacing(sp, raw.shape[:2], trained.preprocess))
         if imgs:
-            with torch.no_grad():
-                trained.model.eval()
-                pred = trained.model(_model_input(trained, np.stack(imgs))).argmax(dim=1).numpy() > 0
-            for c in per_image_segmentation_counts(pred, np.stack(masks), spacings):
+            batch = np.stack(imgs)
+            logits, dist = _forward(trained, _model_input(trained, batch))
+            ood.add(dist, batch)
+            for c in per_image_segmentation_counts(logits.argmax(axis=1) > 0, np.stack(masks), spacings):
                 per_image.append(c)
                 counts = counts.merge(c)
     if counts.n_images == 0:
         raise DataSourceError(f"none of the {len(recs)} image/mask pairs could be read (skipped: {dict(skipped)})")
     logger.info("evaluated %d image/mask pairs (%d skipped)", counts.n_images, sum(skipped.values()))
     attributes = manifest_attributes([recs[k].extra for k in kept], (r.patient_id for r in recs))
-    return SegmentationEvaluation(trained.task, trained.model_name, counts, per_image, dict(skipped), attributes)
+    return SegmentationEvaluation(trained.task, trained.model_name, counts, per_image, dict(skipped), attributes,
+                                  ood.summary())

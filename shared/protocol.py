@@ -24,6 +24,25 @@ A site's reply holds::
     SITE     the site's self-declared id (ConfigRecord) — informational only:
              identity comes from the authenticated node
 
+After the last round two post-training phases (:mod:`server.post_training`)
+send EVALUATE messages with an action (Flower message type
+``evaluate.<action>``) to the training sites, with the final model in ARRAYS:
+
+* :data:`CALIBRATE_MESSAGE` (classification): CONFIG holds any of
+  :data:`CALIBRATION_TEMPERATURES` (temperatures: the site answers
+  :data:`NLL_SUMS`, the summed NLL of its validation images at each),
+  :data:`CALIBRATION_DERIVATIVES_AT` (one calibration ``[T, b_0 .. b_{C-1}]``:
+  the site answers the NLL sum and the sums of its gradient and Hessian there,
+  :data:`NLL_SUM`, :data:`NLL_GRADIENT`, :data:`NLL_HESSIAN`) and
+  :data:`CALIBRATION_SCORE_AT` (one calibration: the site answers an ordinary
+  evaluation reply of the calibrated probabilities);
+* :data:`OOD_MESSAGE`: CONFIG :data:`OOD_PHASE` = :data:`OOD_FEATURES` (the
+  site answers sums of its training images' penultimate features,
+  :data:`FEATURE_FIELDS`, and their intensity histogram) or
+  :data:`OOD_DISTANCES` (the message also holds the ArrayRecord
+  :data:`OOD_REFERENCE` with the pooled mean and precision; the site answers
+  counts of its training and validation images' distances in fixed bins).
+
 Nothing here may ever carry an image path, a patient id or a DICOM header
 value.
 """
@@ -36,6 +55,28 @@ from typing import Any
 
 __all__ = [
     "ARRAYS",
+    "CALIBRATE_ACTION",
+    "CALIBRATE_MESSAGE",
+    "CALIBRATION_DERIVATIVES_AT",
+    "CALIBRATION_SCORE_AT",
+    "CALIBRATION_TEMPERATURES",
+    "FEATURE_FIELDS",
+    "INTENSITY_CHANNELS",
+    "INTENSITY_HIST",
+    "NLL_GRADIENT",
+    "NLL_HESSIAN",
+    "NLL_SUM",
+    "NLL_SUMS",
+    "OOD_ACTION",
+    "OOD_DISTANCES",
+    "OOD_FEATURES",
+    "OOD_MESSAGE",
+    "OOD_PHASE",
+    "OOD_REFERENCE",
+    "RAW_FEATURE_DIMS",
+    "TRAIN_DISTANCE_COUNTS",
+    "TRAIN_DISTANCE_TOTAL",
+    "VAL_DISTANCE_COUNTS",
     "CONFIG",
     "DATA_FIELDS",
     "DP_BUDGET_ERROR_CODE",
@@ -119,6 +160,52 @@ TRAIN_FIELDS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_SECONDS, TRAIN_IMAGES_PER_S, LOA
 REQUIRED_TRAIN_FIELDS = (NUM_EXAMPLES, TRAIN_LOSS, TRAIN_SECONDS, TRAIN_IMAGES_PER_S, LOAD_SECONDS)
 """The training-reply fields the server computes with (they must be present and finite)."""
 DATA_FIELDS = (SITE_TRAIN_IMAGES, SITE_VAL_IMAGES, SITE_QUARANTINED)
+
+# Post-training phases (after the last round; see the module docstring).
+CALIBRATE_ACTION = "calibrate"
+OOD_ACTION = "ood"
+CALIBRATE_MESSAGE = f"evaluate.{CALIBRATE_ACTION}"
+OOD_MESSAGE = f"evaluate.{OOD_ACTION}"
+CALIBRATION_TEMPERATURES = "calibration-temperatures"
+"""ConfigRecord: temperatures (list of floats > 0) at which the site sums its validation NLL."""
+CALIBRATION_DERIVATIVES_AT = "calibration-derivatives-at"
+"""ConfigRecord: ``[T, b_0, ..., b_{C-1}]``; the site sends the NLL of ``softmax(logits / T + b)`` and its
+derivatives w.r.t. ``(1/T, b_1 .. b_{C-1})``, summed over its validation images."""
+CALIBRATION_SCORE_AT = "calibration-score-at"
+"""ConfigRecord: ``[T]`` or ``[T, b_0, ..., b_{C-1}]``; the site sends its evaluation counts of
+``softmax(logits / T + b)``."""
+NLL_SUMS = "nll-sums"
+"""Reply: per proposed temperature, the summed NLL of the site's validation images (list of floats >= 0)."""
+NLL_SUM = "nll-sum"
+NLL_GRADIENT = "nll-gradient"
+NLL_HESSIAN = "nll-hessian"
+"""Reply at CALIBRATION_DERIVATIVES_AT: the NLL sum, its gradient sum (C floats) and Hessian sum (C x C,
+row-major)."""
+OOD_PHASE = "ood-phase"
+OOD_FEATURES = "features"
+OOD_DISTANCES = "distances"
+OOD_REFERENCE = "ood-reference"
+"""ArrayRecord of a distances message: ``mean`` (d,) and ``precision`` (d, d) of the pooled training features."""
+FEATURE_COUNT = "feature-count"
+FEATURE_DIMS = "feature-dims"
+FEATURE_SUM = "feature-sum"
+FEATURE_OUTER = "feature-outer"
+FEATURE_NORM2_X = "feature-norm2-x"
+FEATURE_NORM4 = "feature-norm4"
+FEATURE_FIELDS = (FEATURE_COUNT, FEATURE_DIMS, FEATURE_SUM, FEATURE_OUTER, FEATURE_NORM2_X, FEATURE_NORM4)
+"""Reply of a features message (:class:`shared.ood.FeatureSums`): the training images' count, the (projected)
+feature width, sum of features, upper triangle of the sum of outer products, sum of ``||x||^2 x``, sum of
+``||x||^4``."""
+RAW_FEATURE_DIMS = "feature-dims-raw"
+"""Reply: the width of the model's features before projection."""
+INTENSITY_CHANNELS = "intensity-channels"
+INTENSITY_HIST = "intensity-hist"
+"""Reply: per channel, counts of the training images' preprocessed pixel values in 32 bins (row-major)."""
+TRAIN_DISTANCE_COUNTS = "train-distance-counts"
+VAL_DISTANCE_COUNTS = "val-distance-counts"
+TRAIN_DISTANCE_TOTAL = "train-distance-total"
+"""Reply of a distances message: counts of the training / validation images' distances per bin, and the
+number of training images counted (``num-examples`` is the validation images)."""
 
 # Flower error code of a site's structured "over budget" refusal (Flower's own codes are < 100).
 DP_BUDGET_ERROR_CODE = 4201

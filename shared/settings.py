@@ -190,6 +190,8 @@ class RunConfig:
     site_registry: str = ""
     test_path: str = ""
     holdout_sites: int = 0
+    calibration: str = "temperature-bias"
+    ood_stats: bool = True
     sim_attack: str = "none"
     sim_attack_sites: int = 1
     sim_attack_scale: float = 10.0
@@ -309,6 +311,12 @@ _SPECS: tuple[KeySpec, ...] = (
             "trained on; '' = none)"),
     KeySpec("holdout-sites", "", "holdout_sites", int,
             "simulated sites (the last K partitions) that never train and only test the global model", 0, 10_000),
+    KeySpec("calibration", "", "calibration", str,
+            "after the last round, calibrate the probabilities on the sites' validation data (classification): "
+            "softmax(z/T + b), softmax(z/T), or none", choices=("temperature-bias", "temperature", "none")),
+    KeySpec("ood-stats", "", "ood_stats", bool,
+            "after the last round, collect the training population's feature statistics for the "
+            "out-of-distribution warning (skipped under DP)"),
     KeySpec("sim-attack", "", "sim_attack", str,
             "simulation only: the last sim-attack-sites training sites poison their updates (research on robust "
             "aggregation; real sites ignore it)", choices=SIM_ATTACKS),

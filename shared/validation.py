@@ -58,6 +58,26 @@ Evaluation replies (:func:`screen_evaluate_round`)
       hd95-n <= n-images`` and, when the image size is known, HD95 in pixels
       no longer than the image diagonal.
 
+Post-training replies (:func:`check_nll_reply`, :func:`check_feature_reply`,
+:func:`check_distance_reply`; after the last round, :mod:`server.post_training`)
+    * calibration: ``num-examples`` an integer in ``[1, announced validation
+      size]``; one NLL sum per proposed temperature, each finite and >= 0; at a
+      proposed calibration, a finite NLL sum >= 0, its gradient (each bias
+      component at most ``n`` in magnitude) and a symmetric positive
+      semi-definite Hessian whose bias diagonal is at most ``n / 4`` (a sum of
+      ``n`` covariances of probabilities); the evaluation counts at the fitted
+      calibration are an ordinary evaluation reply, checked as above;
+    * feature sums: ``num-examples`` in ``[1, announced training size]`` and
+      equal to the feature count; the feature width the server's own model
+      has; every value finite; ``||x||^4`` sums >= 0, ``(sum ||x||^2)^2 <= n sum
+      ||x||^4`` (Cauchy-Schwarz) and a centred scatter matrix that is positive
+      semi-definite (the sums of *some* set of vectors); an intensity histogram
+      of non-negative integers whose every channel totals ``n x`` pixels per
+      image;
+    * distance counts: non-negative integers in the fixed number of bins,
+      totalling ``num-examples`` (at most the announced validation size) and
+      the training count the site sent with its feature sums.
+
 A rejected reply is excluded exactly like a failed one; :func:`filter_round`
 keeps the accepted replies and says whether the round may proceed (at least
 ``min-sites`` accepted replies, otherwise it is refused and the global model
@@ -103,12 +123,16 @@ __all__ = [
     "METRICS_KEY",
     "VAL_EXAMPLES_KEY",
     "Reason",
+    "FeatureExpectation",
     "ReplyScreen",
     "RoundDecision",
     "SiteReply",
     "TensorSpec",
     "ValidationPolicy",
     "Verdict",
+    "check_distance_reply",
+    "check_feature_reply",
+    "check_calibration_reply",
     "claimed_val_examples",
     "filter_round",
     "model_spec",
@@ -158,6 +182,7 @@ class Reason(StrEnum):
     TASK_MISMATCH = "task-mismatch"
     BAD_COUNTS = "bad-counts"
     INCONSISTENT_COUNTS = "inconsistent-counts"
+    BAD_STATISTICS = "bad-statistics"
 
 
 @dataclass(frozen=True)
@@ -759,6 +784,178 @@ def screen_evaluate_round(replies: Sequence[SiteReply], policy: ValidationPolicy
 
 
 # ---------------------------------------------------------------------------
+# Post-training replies: calibration sums, feature sums, distance counts
+# ---------------------------------------------------------------------------
+
+_PSD_TOLERANCE = 1e-6  # relative to the scatter's trace: float rounding of honest sums stays far below
+
+
+def _bound(policy: ValidationPolicy, announced: int | None, what: str) -> tuple[int, str]:
+    if announced is None:
+        return policy.max_examples, "validation.max-examples"
+    return min(policy.max_examples, announced), f"at most the {what} size this site announced at the roll call"
+
+
+def _floats(m: Mapping[str, Any], key: str, length: int) -> np.ndarray | None:
+    """``m[key]`` as a finite float64 array of ``length`` values, or None."""
+    v = m.get(key)
+    if not isinstance(v, list) or len(v) != length or not all(_is_number(x) for x in v):
+        return None
+    a = np.asarray(v, dtype=np.float64)
+    return a if np.isfinite(a).all() else None
+
+
+def _counts_list(m: Mapping[str, Any], key: str, length: int) -> np.ndarray | None:
+    """``m[key]`` as ``length`` non-negative integers, or None."""
+    v = m.get(key)
+    if not isinstance(v, list) or len(v) != length or not all(_is_int(x) and int(x) >= 0 for x in v):
+        return None
+    return np.asarray([int(x) for x in v], dtype=np.int64)
+
+
+def _guarded(check: Any) -> Any:
+    """Never raise on a site's input: an unexpected failure is a rejection (and logged)."""
+    def wrapper(reply: SiteReply, *args: Any) -> Verdict:
+        try:
+            return check(reply, *args) or _ok(reply.site_id)
+        except Exception:  # noqa: BLE001
+            logger.exception("post-training reply check failed unexpectedly for site %s; rejecting it", reply.site_id)
+            return _no(reply.site_id, Reason.BAD_STATISTICS, "the reply could not be checked")
+    wrapper.__doc__ = check.__doc__
+    wrapper.__name__ = check.__name__.lstrip("_")
+    return wrapper
+
+
+@_guarded
+def check_calibration_reply(reply: SiteReply, policy: ValidationPolicy, temperatures: int | None = None,
+                            classes: int | None = None, val_examples: int | None = None) -> Verdict | None:
+    """One calibration reply: its size, NLL sums per temperature and/or NLL derivatives at one calibration.
+
+    ``temperatures``: how many NLL sums the reply must hold (None: none
+    asked); ``classes``: the task's classes when the NLL's gradient and
+    Hessian were asked for.
+    """
+    bad = _check_records(reply, need_arrays=False)
+    if bad:
+        return bad
+    m, site = reply.metrics, reply.site_id
+    assert m is not None
+    high, what = _bound(policy, val_examples, "validation")
+    bad = _check_num_examples(site, m, 1, high, what)
+    if bad:
+        return bad
+    n = int(m[protocol.NUM_EXAMPLES])
+    if temperatures is not None:
+        sums = _floats(m, protocol.NLL_SUMS, temperatures)
+        if sums is None or (sums < 0).any():
+            return _no(site, Reason.BAD_STATISTICS,
+                       f"{protocol.NLL_SUMS!r} must hold {temperatures} finite numbers >= 0 (one per temperature)")
+    if classes is not None:
+        f = m.get(protocol.NLL_SUM)
+        g = _floats(m, protocol.NLL_GRADIENT, classes)
+        h = _floats(m, protocol.NLL_HESSIAN, classes * classes)
+        if not _finite(f) or float(f) < 0 or g is None or h is None:  # type: ignore[arg-type]
+            return _no(site, Reason.BAD_STATISTICS, f"the NLL sum must be a finite number >= 0 with {classes} "
+                       f"gradient and {classes}x{classes} Hessian values, all finite")
+        h = h.reshape(classes, classes)
+        scale = max(float(np.abs(h).max()), 1.0)
+        if (np.abs(g[1:]) > n * (1 + 1e-9)).any() or (np.diag(h)[1:] > n / 4 * (1 + 1e-9)).any():
+            return _no(site, Reason.INCONSISTENT_COUNTS, "the bias derivatives exceed what num-examples images allow")
+        if np.abs(h - h.T).max() > 1e-9 * scale or float(np.linalg.eigvalsh(h).min()) < -1e-9 * scale:
+            return _no(site, Reason.INCONSISTENT_COUNTS, "the NLL Hessian is not symmetric positive semi-definite "
+                       "(the NLL of a calibration is convex)")
+    return None
+
+
+@dataclass(frozen=True)
+class FeatureExpectation:
+    """What the server's own model says a feature-sum reply must look like."""
+
+    dims: int
+    raw_dims: int
+    channels: int
+    pixels_per_image: int
+    bins: int
+
+
+@_guarded
+def check_feature_reply(reply: SiteReply, policy: ValidationPolicy, expected: FeatureExpectation,
+                        train_examples: int | None = None) -> Verdict | None:
+    """One feature-sum reply: sizes, finiteness, and sums some real set of vectors could have."""
+    bad = _check_records(reply, need_arrays=False)
+    if bad:
+        return bad
+    m, site = reply.metrics, reply.site_id
+    assert m is not None
+    high, what = _bound(policy, train_examples, "training")
+    bad = _check_num_examples(site, m, 1, high, what)
+    if bad:
+        return bad
+    n, d = int(m[protocol.NUM_EXAMPLES]), expected.dims
+    if m.get(protocol.FEATURE_COUNT) != n or not _is_int(m.get(protocol.FEATURE_COUNT)):
+        return _no(site, Reason.INCONSISTENT_COUNTS, f"{protocol.FEATURE_COUNT!r} differs from 'num-examples'")
+    if m.get(protocol.FEATURE_DIMS) != d or m.get(protocol.RAW_FEATURE_DIMS) != expected.raw_dims:
+        return _no(site, Reason.TASK_MISMATCH, f"feature widths must be the model's ({expected.raw_dims}, sent as {d})")
+    s1 = _floats(m, protocol.FEATURE_SUM, d)
+    up = _floats(m, protocol.FEATURE_OUTER, d * (d + 1) // 2)
+    s3 = _floats(m, protocol.FEATURE_NORM2_X, d)
+    s4 = m.get(protocol.FEATURE_NORM4)
+    if s1 is None or up is None or s3 is None or not _finite(s4):
+        return _no(site, Reason.BAD_STATISTICS, "feature sums must be finite numbers of the model's feature width")
+    rows, cols = np.triu_indices(d)
+    s2 = np.zeros((d, d))
+    s2[rows, cols] = up
+    s2[cols, rows] = up
+    trace = float(np.trace(s2))
+    if (np.diag(s2) < 0).any() or float(s4) < 0:  # type: ignore[arg-type]
+        return _no(site, Reason.BAD_STATISTICS, "sums of squares must be >= 0")
+    if trace * trace > n * float(s4) * (1 + 1e-9) + 1e-12:  # type: ignore[arg-type]
+        return _no(site, Reason.INCONSISTENT_COUNTS, "the sums of ||x||^2 and ||x||^4 are not those of any "
+                   f"{n} vectors (Cauchy-Schwarz)")
+    scatter = s2 - np.outer(s1, s1) / n
+    if float(np.linalg.eigvalsh((scatter + scatter.T) / 2).min()) < -_PSD_TOLERANCE * max(trace, 1e-12):
+        return _no(site, Reason.INCONSISTENT_COUNTS, "the feature sums are not those of any set of vectors "
+                   "(their centred scatter matrix is not positive semi-definite)")
+    if m.get(protocol.INTENSITY_CHANNELS) != expected.channels:
+        return _no(site, Reason.TASK_MISMATCH, f"{protocol.INTENSITY_CHANNELS!r} must be the model's "
+                   f"{expected.channels} channel(s)")
+    hist = _counts_list(m, protocol.INTENSITY_HIST, expected.channels * expected.bins)
+    if hist is None:
+        return _no(site, Reason.BAD_COUNTS, f"{protocol.INTENSITY_HIST!r} must hold {expected.channels} x "
+                   f"{expected.bins} non-negative integers")
+    if not (hist.reshape(expected.channels, expected.bins).sum(axis=1) == n * expected.pixels_per_image).all():
+        return _no(site, Reason.INCONSISTENT_COUNTS, f"each channel of {protocol.INTENSITY_HIST!r} must total "
+                   f"num-examples x {expected.pixels_per_image} pixels")
+    return None
+
+
+@_guarded
+def check_distance_reply(reply: SiteReply, policy: ValidationPolicy, bins: int, val_examples: int | None = None,
+                         train_count: int | None = None) -> Verdict | None:
+    """One distance-count reply: non-negative counts totalling the validation and training images."""
+    bad = _check_records(reply, need_arrays=False)
+    if bad:
+        return bad
+    m, site = reply.metrics, reply.site_id
+    assert m is not None
+    high, what = _bound(policy, val_examples, "validation")
+    bad = _check_num_examples(site, m, 0, high, what)
+    if bad:
+        return bad
+    val = _counts_list(m, protocol.VAL_DISTANCE_COUNTS, bins)
+    train = _counts_list(m, protocol.TRAIN_DISTANCE_COUNTS, bins)
+    if val is None or train is None:
+        return _no(site, Reason.BAD_COUNTS, f"distance counts must be {bins} non-negative integers each")
+    if int(val.sum()) != int(m[protocol.NUM_EXAMPLES]):
+        return _no(site, Reason.INCONSISTENT_COUNTS, "the validation distance counts do not total 'num-examples'")
+    total = m.get(protocol.TRAIN_DISTANCE_TOTAL)
+    if not _is_int(total) or int(train.sum()) != int(total) or (train_count is not None and int(total) != train_count):
+        return _no(site, Reason.INCONSISTENT_COUNTS, "the training distance counts do not total the training images "
+                   "of this site's feature sums")
+    return None
+
+
+# ---------------------------------------------------------------------------
 # The run and the round
 # ---------------------------------------------------------------------------
 
@@ -785,6 +982,7 @@ class ReplyScreen:
         self.spec = dict(spec)
         self.policy = policy
         self.val_examples: dict[Hashable, int] = {}
+        self.train_examples: dict[Hashable, int] = {}
 
     def train(self, keys: Sequence[Hashable], replies: Sequence[SiteReply],
               global_arrays: Mapping[str, Any]) -> list[Verdict]:
@@ -798,10 +996,39 @@ class ReplyScreen:
                 self.val_examples.setdefault(key, size)
         return verdicts
 
-    def announce(self, key: Hashable, val_examples: int) -> None:
-        """Record the evaluation size a site announced at the roll call: its bound for the run (it cannot raise it later)."""
+    def announce(self, key: Hashable, val_examples: int, train_examples: int | None = None) -> None:
+        """Record the sizes a site announced at the roll call: its bounds for the run (it cannot raise them later).
+
+        ``val_examples`` bounds its evaluation and calibration replies,
+        ``train_examples`` its training-image statistics (post-training phases).
+        """
         if isinstance(val_examples, int) and not isinstance(val_examples, bool) and val_examples >= 0:
             self.val_examples.setdefault(key, val_examples)
+        if isinstance(train_examples, int) and not isinstance(train_examples, bool) and train_examples >= 0:
+            self.train_examples.setdefault(key, train_examples)
+
+    def _bounded(self, keys: Sequence[Hashable], replies: Sequence[SiteReply], check: Any) -> list[Verdict]:
+        if len(keys) != len(replies):
+            raise ValueError(f"{len(keys)} keys for {len(replies)} replies")
+        return [check(reply, key) for key, reply in zip(keys, replies)]
+
+    def calibration(self, keys: Sequence[Hashable], replies: Sequence[SiteReply], temperatures: int | None = None,
+                    classes: int | None = None) -> list[Verdict]:
+        """Verdicts on calibration replies (:func:`check_calibration_reply`), bounded by the announced validation sizes."""
+        return self._bounded(keys, replies, lambda r, k: check_calibration_reply(
+            r, self.policy, temperatures, classes, self.val_examples.get(k)))
+
+    def features(self, keys: Sequence[Hashable], replies: Sequence[SiteReply], expected: FeatureExpectation
+                 ) -> list[Verdict]:
+        """Verdicts on feature-sum replies (:func:`check_feature_reply`), bounded by the announced training sizes."""
+        return self._bounded(keys, replies, lambda r, k: check_feature_reply(
+            r, self.policy, expected, self.train_examples.get(k)))
+
+    def distances(self, keys: Sequence[Hashable], replies: Sequence[SiteReply], bins: int,
+                  train_counts: Mapping[Hashable, int]) -> list[Verdict]:
+        """Verdicts on distance-count replies (:func:`check_distance_reply`)."""
+        return self._bounded(keys, replies, lambda r, k: check_distance_reply(
+            r, self.policy, bins, self.val_examples.get(k), train_counts.get(k)))
 
     def evaluate(self, keys: Sequence[Hashable], replies: Sequence[SiteReply]) -> list[Verdict]:
         """Verdicts on an evaluation round (:func:`screen_evaluate_round`), bounded by the announced sizes."""

@@ -120,7 +120,8 @@ def test_predict_cli_pngs_dicom_broken_with_heatmaps(run_dir: Path, tmp_path: Pa
     assert rc == 0, capsys.readouterr().err
 
     rows = _read_csv(out / "predictions.csv")
-    assert list(rows[0]) == ["input", "prob-normal", "prob-pneumonia", "predicted", "threshold", "heatmap", "error"]
+    assert list(rows[0]) == ["input", "prob-normal", "prob-pneumonia", "predicted", "threshold", "ood-distance",
+                             "ood-flag", "heatmap", "error"]
     by_name = {r["input"]: r for r in rows}
     expected = {f"square{i}.png" for i in range(4)} | {"wide.png", "broken.png"}
     if dicom.is_file():

@@ -13,12 +13,19 @@ from __future__ import annotations
 from shared.kinds import SEGMENTATION
 from shared.models.registry import register_model
 
-register_model("small-cnn", "shared.models.small_cnn:small_cnn", min_input_size=16)
-register_model("resnet18", "shared.models.classifiers:resnet18", min_input_size=28)
-register_model("resnet50", "shared.models.classifiers:resnet50", min_input_size=28)
-register_model("densenet121", "shared.models.classifiers:densenet121", min_input_size=32)
-register_model("efficientnet-b0", "shared.models.classifiers:efficientnet_b0", min_input_size=28)
-register_model("vgg16", "shared.models.classifiers:vgg16", min_input_size=32)
-register_model("unet", "shared.models.segmentation:unet", kind=SEGMENTATION, min_input_size=32, size_multiple=16)
+# ``features``: where the out-of-distribution warning reads the penultimate features
+# (shared.models.features). Classifiers: the input of the final linear layer (timm's
+# ``get_classifier()``); U-Nets: the bottleneck (the deepest level, 256 channels), average-pooled.
+_BOTTLENECK = "output:model.1.submodule.1.submodule.1.submodule.1.submodule"
+
+register_model("small-cnn", "shared.models.small_cnn:small_cnn", min_input_size=16, features="input:head")
+register_model("resnet18", "shared.models.classifiers:resnet18", min_input_size=28, features="input:fc")
+register_model("resnet50", "shared.models.classifiers:resnet50", min_input_size=28, features="input:fc")
+register_model("densenet121", "shared.models.classifiers:densenet121", min_input_size=32, features="input:classifier")
+register_model("efficientnet-b0", "shared.models.classifiers:efficientnet_b0", min_input_size=28,
+               features="input:classifier")
+register_model("vgg16", "shared.models.classifiers:vgg16", min_input_size=32, features="input:head.fc")
+register_model("unet", "shared.models.segmentation:unet", kind=SEGMENTATION, min_input_size=32, size_multiple=16,
+               features=_BOTTLENECK)
 register_model("attention-unet", "shared.models.segmentation:attention_unet", kind=SEGMENTATION, min_input_size=32,
-               size_multiple=16)
+               size_multiple=16, features=_BOTTLENECK)

@@ -50,16 +50,26 @@ class ModelEntry:
         Smallest square input side (pixels) it accepts.
     size_multiple:
         Input sides must be multiples of this (1 = any).
+    features:
+        Where its penultimate features are read (the out-of-distribution
+        warning, :mod:`shared.models.features`): ``"input:<module>"`` = the
+        input of that module (a classifier's final linear layer),
+        ``"output:<module>"`` = that module's output, global-average-pooled
+        (a U-Net's bottleneck); ``""`` = not declared (no OOD statistics).
     """
 
     factory: ModelFactory | str
     kind: str = CLASSIFICATION
     min_input_size: int = 1
     size_multiple: int = 1
+    features: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in OUTPUT_KINDS:
             raise ValueError(f"model kind must be one of {OUTPUT_KINDS}, got {self.kind!r}")
+        where, _, module = self.features.partition(":")
+        if self.features and (where not in ("input", "output") or not module):
+            raise ValueError(f"model features must be 'input:<module>' or 'output:<module>', got {self.features!r}")
 
     def resolve(self) -> ModelFactory:
         """The factory callable (imports its module when given as a path)."""
@@ -83,7 +93,7 @@ MODELS: Registry[ModelEntry] = Registry("model")
 
 def register_model(
     name: str, factory: str | None = None, *, kind: str = CLASSIFICATION, min_input_size: int = 1,
-    size_multiple: int = 1,
+    size_multiple: int = 1, features: str = "",
 ) -> Callable[[ModelFactory], ModelFactory]:
     """Register a model with its metadata (see :class:`ModelEntry`).
 
@@ -92,11 +102,11 @@ def register_model(
     """
 
     def deco(fn: ModelFactory) -> ModelFactory:
-        MODELS.add(name, ModelEntry(fn, kind, min_input_size, size_multiple))
+        MODELS.add(name, ModelEntry(fn, kind, min_input_size, size_multiple, features))
         return fn
 
     if factory is not None:
-        MODELS.add(name, ModelEntry(factory, kind, min_input_size, size_multiple))
+        MODELS.add(name, ModelEntry(factory, kind, min_input_size, size_multiple, features))
         return lambda fn: fn
     return deco
 

@@ -10,7 +10,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from simulation.commands.common import nonnegative_int, positive_int
+from simulation.commands.common import nonnegative_int, positive_int, probability
+from simulation.commands.predict import DEFAULT_WARN_SHARE
 
 __all__ = ["register", "run"]
 
@@ -30,7 +31,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
             "[,spacing_mm], images/ + masks/ folders, or images with a SIIM-ACR run-length CSV) and report "
             "Dice, IoU, HD95 in pixels and, for images with a known pixel spacing, hd95-mm. "
             "Every figure comes with a 95%% interval (percentile bootstrap over images, seeded), and with "
-            "manifest columns sex, age or view also per patient subgroup (with n). Writes the metrics as "
+            "manifest columns sex, age or view also per patient subgroup (with n). "
+            "A calibrated model is scored with its calibrated probabilities (softmax(logits/T + b)) at the "
+            "threshold chosen on calibrated validation data (the JSON also gives the ECE and NLL without the "
+            "calibration). "
+            "With a training-population reference in the model, reports the share of images beyond its "
+            "distance threshold and warns when it exceeds --ood-warn-share. Writes the metrics as "
             "JSON (no file paths), the page a hospital files (evaluate.html beside the JSON: curves, "
             "calibration, confusion matrix, interval and subgroup tables) and prints a table."
         ),
@@ -45,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     e.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the bootstrap draws (default 0)")
     e.add_argument("--html", type=Path, default=None, metavar="PATH",
                    help="the validation page (default: evaluate.html beside the JSON)")
+    e.add_argument("--ood-warn-share", type=probability, default=DEFAULT_WARN_SHARE, metavar="SHARE",
+                   help="warn when more than this share of images lie beyond the training population's distance "
+                   f"threshold (default {DEFAULT_WARN_SHARE})")
     e.set_defaults(func=run)
 
 
@@ -119,7 +128,7 @@ def _evaluate_classifier(trained: Any, args: argparse.Namespace) -> int:
     from shared.local_eval import classifier_uncertainty
     from shared.report.evaluate_page import classification_page
 
-    result = evaluate_dataset(trained, args.data, batch_size=args.batch_size)
+    result = evaluate_dataset(trained, args.data, batch_size=args.batch_size, warn_share=args.ood_warn_share)
     binary = trained.num_classes == 2
     thr = model_threshold(trained) if binary else None
     unc = classifier_uncertainty(result.probs, result.labels, result.attributes, threshold=thr,
@@ -132,6 +141,8 @@ def _evaluate_classifier(trained: Any, args: argparse.Namespace) -> int:
     info = _info(trained, args, n, result.skipped)
     per_class = result.counts.label_totals()
     info["images per class"] = ", ".join(f"{c} {v}" for c, v in zip(trained.class_names, per_class, strict=True))
+    info.update(_calibration_info(result.calibration))
+    info["out-of-distribution"] = _ood_text(result.ood)
     page = _write_page(args, classification_page(info, result.counts, result.metrics, unc, trained.class_names,
                                                  trained.positive_class, thr))
     m = result.metrics
@@ -153,8 +164,36 @@ def _evaluate_classifier(trained: Any, args: argparse.Namespace) -> int:
               f"[{fmt_metric(spec.get('low'))}, {fmt_metric(spec.get('high'))}]")
     _print_subgroups(unc["subgroups"], "auroc")
     print(f"  (95% intervals: percentile bootstrap over images, {args.bootstrap} draws, seed {args.seed})")
+    for key, text in _calibration_info(result.calibration).items():
+        print(f"  {key}: {text}")
+    _print_ood(result.ood)
     print(f"Wrote {out} and {page}")
     return 0
+
+
+def _calibration_info(cal: dict[str, Any]) -> dict[str, str]:
+    """One line on the model's calibration (empty for an uncalibrated model)."""
+    from shared.formatting import fmt_metric
+
+    if not cal.get("calibrated"):
+        return {}
+    bias = "" if not cal.get("bias") else f", bias {', '.join(f'{b:+.3g}' for b in cal['bias'])}"
+    return {"calibration": f"temperature {cal['temperature']:.3g}{bias}; ECE "
+                           f"{fmt_metric(cal.get('ece-uncalibrated'))} without it, {fmt_metric(cal.get('ece'))} "
+                           f"with it; NLL {fmt_metric(cal.get('nll-uncalibrated'))} -> {fmt_metric(cal.get('nll'))}"}
+
+
+def _ood_text(summary: Any) -> str:
+    if summary is None:
+        return "the model card has no training-population reference (images not scored)"
+    return summary.message()
+
+
+def _print_ood(summary: Any) -> None:
+    import sys
+
+    warn = summary is not None and summary.warn
+    print(f"  out-of-distribution: {_ood_text(summary)}", file=sys.stderr if warn else sys.stdout)
 
 
 def _print_subgroups(report: dict[str, Any], metric: str) -> None:
@@ -171,7 +210,7 @@ def _evaluate_segmentation(trained: Any, args: argparse.Namespace) -> int:
     from shared.local_eval import segmentation_uncertainty
     from shared.report.evaluate_page import segmentation_page
 
-    scored = score_segmentation(trained, args.data)
+    scored = score_segmentation(trained, args.data, warn_share=args.ood_warn_share)
     unc = segmentation_uncertainty(scored.per_image, scored.attributes,
                                    age_bands=trained.run_config.fairness.age_bands,
                                    replicates=args.bootstrap, seed=args.seed)
@@ -188,5 +227,6 @@ def _evaluate_segmentation(trained: Any, args: argparse.Namespace) -> int:
         print(f"  {key:<12} {fmt_metric(m.get(key))}{extra}")
     _print_subgroups(unc["subgroups"], "dice")
     print(f"  (95% intervals: percentile bootstrap over images, {args.bootstrap} draws, seed {args.seed})")
+    _print_ood(scored.ood)
     print(f"Wrote {out} and {page}")
     return 0

@@ -7,11 +7,14 @@ when the command runs: it needs torch).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 from shared.errors import UserError
 from simulation.commands.common import positive_int, probability
+
+DEFAULT_WARN_SHARE = 0.10  # shared.ood.DEFAULT_WARN_SHARE (not imported at parse time: the parser stays light)
 
 __all__ = ["register", "run"]
 
@@ -24,15 +27,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description=(
             "Predict image files with a trained medfed model, through the same reading and "
             "preprocessing as in training. Writes OUT/predictions.csv (input, prob-<class>..., "
-            "predicted, threshold, error); 'input' is each file's path relative to the folder or "
-            "manifest it was found through (the file name for a file given directly), and unreadable "
-            "files get a row with the reason. With --heatmaps also OUT/heatmaps/<stem>_gradcam.png "
+            "predicted, threshold, ood-distance, ood-flag, error); 'input' is each file's path relative "
+            "to the folder or manifest it was found through (the file name for a file given directly), and "
+            "unreadable files get a row with the reason. "
+            "A calibrated model's probabilities are softmax(logits/T + b) and its predicted class uses the "
+            "threshold chosen on calibrated validation probabilities. ood-distance is each input's distance "
+            "to the training population (the model's features), ood-flag 1 beyond the distance 99%% of "
+            "held-out training-population images stay under; a warning is printed when more than "
+            "--ood-warn-share of the inputs are flagged. With --heatmaps also OUT/heatmaps/<stem>_gradcam.png "
             "(named in the row's 'heatmap' column; <stem> is the input with '/' as '__' and no "
             "suffix): Grad-CAM of the positive class (binary) or of the predicted class, over the image "
             "at its own aspect ratio. Grad-CAM shows where the model found evidence, which is not "
             "necessarily where the disease is. Segmentation models instead write OUT/masks/<stem>_mask.png "
             "(0/255, at each input's own size) and OUT/predictions.csv (input, foreground-percent, "
-            "foreground-pixels, threshold, mask, overlay, error); with --overlays also "
+            "foreground-pixels, threshold, mask, overlay, ood-distance, ood-flag, error); with --overlays also "
             "OUT/overlays/<stem>_overlay.png (mask outline over the image)."
         ),
     )
@@ -50,6 +58,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
                    "(default: the operating threshold chosen on validation data and saved with the model, else 0.5); "
                    "segmentation models: pixel foreground probability (default 0.5)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--ood-warn-share", type=probability, default=DEFAULT_WARN_SHARE, metavar="SHARE",
+                   help="warn when more than this share of inputs lie beyond the training population's distance "
+                   f"threshold (default {DEFAULT_WARN_SHARE}; about 0.01 is expected for images like the "
+                   "training data)")
     p.set_defaults(func=run)
 
 
@@ -71,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _predict_classes(trained: Any, files: list[Path], names: list[str], args: argparse.Namespace) -> int:
-    from shared.inference import predict_files, write_predictions_csv
+    from shared.inference import OODTracker, model_threshold, predict_files, write_predictions_csv
 
     if args.overlays:
         raise UserError("--overlays is for segmentation models; for a classifier use --heatmaps (Grad-CAM)")
@@ -80,8 +92,9 @@ def _predict_classes(trained: Any, files: list[Path], names: list[str], args: ar
                         "and predicts the most probable one: drop --threshold")
     out = Path(args.out)
     heat_dir = out / "heatmaps" if args.heatmaps else None
+    ood = OODTracker(trained, args.ood_warn_share)
     rows = predict_files(trained, files, threshold=args.threshold, heatmap_dir=heat_dir, batch_size=args.batch_size,
-                         names=names)
+                         names=names, ood=ood)
     csv_path = write_predictions_csv(rows, out / "predictions.csv", trained.class_names, heatmaps=heat_dir is not None)
     errors = sum(1 for r in rows if r.get("error"))
     counts: dict[str, int] = {}
@@ -91,20 +104,38 @@ def _predict_classes(trained: Any, files: list[Path], names: list[str], args: ar
     summary = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
     print(f"medfed predict: {len(rows)} file(s): {summary}; unreadable {errors}. Wrote {csv_path}"
           + (f" and {heat_dir}/" if heat_dir is not None else ""))
+    cal = trained.calibration
+    if cal is not None:
+        bias = "" if not cal.bias else f", bias {', '.join(f'{b:+.3g}' for b in cal.bias)}"
+        print(f"  probabilities calibrated with temperature {cal.temperature:.3g}{bias}"
+              + ("" if args.threshold is not None or trained.num_classes != 2
+                 else f"; operating threshold {model_threshold(trained):.3f} (chosen on calibrated validation data)"))
+    _print_ood(ood)
     return 0
 
 
+def _print_ood(ood: Any) -> None:
+    """The out-of-distribution line (stderr when it is a warning)."""
+    summary = ood.summary()
+    if summary is None:
+        print("  out-of-distribution: the model card has no training-population reference (inputs not scored)")
+    elif summary.scored:
+        print(f"  out-of-distribution: {summary.message()}", file=sys.stderr if summary.warn else sys.stdout)
+
+
 def _predict_masks(trained: Any, files: list[Path], names: list[str], args: argparse.Namespace) -> int:
-    from shared.inference import SEGMENTATION_COLUMNS, predict_masks, write_rows_csv
+    from shared.inference import SEGMENTATION_COLUMNS, OODTracker, predict_masks, write_rows_csv
 
     if args.heatmaps:
         raise UserError("--heatmaps (Grad-CAM) is for classifiers; for a segmentation model use --overlays")
     out = Path(args.out)
     overlay_dir = out / "overlays" if args.overlays else None
+    ood = OODTracker(trained, args.ood_warn_share)
     rows = predict_masks(trained, files, out / "masks", threshold=args.threshold, overlay_dir=overlay_dir,
-                         batch_size=args.batch_size, names=names)
+                         batch_size=args.batch_size, names=names, ood=ood)
     csv_path = write_rows_csv(rows, out / "predictions.csv", SEGMENTATION_COLUMNS)
     errors = sum(1 for r in rows if r.get("error"))
     print(f"medfed predict: {len(rows)} file(s) segmented, unreadable {errors}. Wrote {csv_path} and {out / 'masks'}/"
           + (f" and {overlay_dir}/" if overlay_dir is not None else ""))
+    _print_ood(ood)
     return 0
