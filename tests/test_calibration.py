@@ -384,5 +384,6 @@ def test_predict_cli_csv_has_calibrated_probabilities(calibrated_run: tuple, lab
     assert main(["predict", "--model", str(path), str(labelled_pngs), "--out", str(tmp_path)]) == 0
     with open(tmp_path / "predictions.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["input", "prob-normal", "prob-pneumonia", "predicted", "ood-distance", "ood-flag", "error"]
+    assert list(rows[0]) == ["input", "prob-normal", "prob-pneumonia", "predicted", "threshold", "ood-distance",
+                             "ood-flag", "error"]
     assert "probabilities calibrated with temperature" in capsys.readouterr().out

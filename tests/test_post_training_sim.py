@@ -47,7 +47,7 @@ def test_a_simulation_ends_with_calibration_and_the_ood_reference(tmp_path: Path
     assert len(meta["ood"]["mean"]) == 128 and len(meta["ood"]["cov"]) == 128
     assert meta["ood"]["threshold"] == ood["threshold"]
     log = (run / "flower.log").read_text()
-    assert "[medfed] summary: calibration: temperature" in log
+    assert "[medfed] summary: calibration (temperature-bias): temperature" in log
     assert "[medfed] summary: out-of-distribution reference" in log
 
     # the saved model predicts with both: calibrated probabilities and a distance per input
