@@ -64,6 +64,8 @@ class DataConfig:
     site_shift: bool = False
     val_fraction: float = 0.2
     augment: bool = True
+    robust_augment: str = "auto"
+    robust_augment_strength: float = 1.0
     hflip: bool = False
     resize: str = "auto"
     equalize: str = "auto"
@@ -286,6 +288,8 @@ CENTRAL_DP_STRATEGIES = ("fedavg", "fedprox")
 INF = math.inf
 PARTITION_KINDS = ("iid", "dirichlet", "pathological", "quantity", "natural")
 """As :data:`shared.data.partition.PARTITION_KINDS` (not imported: shared.data loads pydicom)."""
+ROBUST_AUGMENT_CHOICES = ("auto", "none", "light", "strong")
+"""``auto`` and :data:`shared.data.preprocess.ROBUST_CHOICES` (not imported: shared.data loads OpenCV)."""
 SIZE_SKEWS = ("auto", "none", "dirichlet", "power-law")
 """As :data:`shared.data.site_sizes.SIZE_SKEWS`."""
 #: Upper bound of ``explain-samples`` / ``sim-explain-samples`` (Grad-CAM per round costs time).
@@ -331,6 +335,12 @@ _SPECS: tuple[KeySpec, ...] = (
             "phantoms are rendered through it, real images get it after preprocessing; masks never change"),
     KeySpec("val-fraction", "data", "val_fraction", float, "fraction of each site's patients held out for validation", 0, 0.9, low_open=True),
     KeySpec("augment", "data", "augment", bool, "training augmentation (the task's default recipe)"),
+    KeySpec("robust-augment", "data", "robust_augment", str,
+            "acquisition-robust training augmentation (gamma, tone curve, noise, blur, resolution loss, elastic, "
+            "wider contrast/zoom) against other hospitals' scanners ('auto' = the task's default: none)",
+            choices=ROBUST_AUGMENT_CHOICES),
+    KeySpec("robust-augment-strength", "data", "robust_augment_strength", float,
+            "scales the robust-augment level's ranges (0 = off, 1 = the level, 2 = twice as far)", 0, 2),
     KeySpec("hflip", "data", "hflip", bool, "random horizontal flips in augmentation (off for radiographs: laterality matters)"),
     KeySpec("resize", "data", "resize", str, "keep aspect and pad, or stretch ('auto' = task default)", choices=("auto", "letterbox", "squash")),
     KeySpec("equalize", "data", "equalize", str, "contrast equalisation ('auto' = task default)", choices=("auto", "none", "hist", "clahe")),
@@ -602,6 +612,7 @@ def _check_combinations(cfg: RunConfig) -> None:
             f"run config 'image-size': expected 0 (the task's default) or 28..1024 pixels, got {cfg.data.image_size}."
         )
     _check_model_fits_task(cfg)
+    _check_robust_augment(cfg)
     _check_partition(cfg)
     _check_fairness(cfg)
     s = cfg.strategy
@@ -658,6 +669,28 @@ def _check_combinations(cfg: RunConfig) -> None:
             f"run config 'validation.norm-z': expected 0 (off) or >= 2, got {v.norm_z}; below 2 the screen "
             "rejects honest sites routinely. 3.5 is the usual robust-outlier threshold."
         )
+
+
+def _check_robust_augment(cfg: RunConfig) -> None:
+    """``robust-augment`` needs ``augment=true``; a strength needs a level to scale."""
+    d = cfg.data
+    if not d.augment and d.robust_augment not in ("auto", "none"):
+        raise ConfigError(
+            f"run config: robust-augment='{d.robust_augment}' is training augmentation, but augment=false turns all "
+            "augmentation off; set augment=true, or robust-augment='none'."
+        )
+    if d.robust_augment_strength != 1.0:
+        level = d.robust_augment
+        if level == "auto":
+            from shared.tasks import get_task  # lazy: tasks import the phantom generators
+
+            level = get_task(cfg.task).robust_augment
+        if level == "none":
+            raise ConfigError(
+                f"run config: robust-augment-strength={d.robust_augment_strength} scales a robust-augment level, but "
+                f"the level is 'none' (robust-augment='{d.robust_augment}' for task '{cfg.task}'); set "
+                "robust-augment='light' or 'strong', or leave robust-augment-strength at 1.0."
+            )
 
 
 def _check_robust_strategies(s: StrategyConfig) -> None:
