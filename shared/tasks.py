@@ -235,7 +235,7 @@ class TaskSpec:
         from shared.models import build_network
 
         return build_network(cfg.model, self.in_channels, self.num_classes, dp=cfg.dp.enabled,
-                             init_weights=init_weights)
+                             init_weights=init_weights, image_size=cfg.data.image_size)
 
 
 TASKS: Registry[TaskSpec] = Registry("task")
