@@ -337,7 +337,8 @@ _SPECS: tuple[KeySpec, ...] = (
     KeySpec("augment", "data", "augment", bool, "training augmentation (the task's default recipe)"),
     KeySpec("robust-augment", "data", "robust_augment", str,
             "acquisition-robust training augmentation (gamma, tone curve, noise, blur, resolution loss, elastic, "
-            "wider contrast/zoom) against other hospitals' scanners ('auto' = the task's default: none)",
+            "wider contrast/zoom) against other hospitals' scanners ('auto' = the task's default; 'none' for every "
+            "built-in task)",
             choices=ROBUST_AUGMENT_CHOICES),
     KeySpec("robust-augment-strength", "data", "robust_augment_strength", float,
             "scales the robust-augment level's ranges (0 = off, 1 = the level, 2 = twice as far)", 0, 2),

@@ -677,14 +677,14 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generato
             grid = grid + ra.elastic_offsets(rd, cfg, h, w).to(x.dtype)
         lo = x.amin(dim=(1, 2, 3), keepdim=True)
         out = F.grid_sample(x - lo, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + lo
-    if rd is not None:
+    if rd is not None and (cfg.resolution_loss or cfg.blur):
         out = ra.degrade(out, rd, cfg)
     if cfg.contrast or cfg.brightness:
         mean = out.mean(dim=(1, 2, 3), keepdim=True)
         k = (1.0 + u[:, _R_CONTRAST] * cfg.contrast).view(-1, 1, 1, 1)
         off = (u[:, _R_BRIGHT] * cfg.brightness).view(-1, 1, 1, 1)
         out = (out - mean) * k + mean + off
-    if rd is not None:
+    if rd is not None and (cfg.gamma or cfg.hist_shift):
         out = ra.tone(out, rd, cfg)
     if c == 3 and cfg.color_jitter:
         out = _color_jitter(out, u[:, _R_SAT], u[:, _R_HUE], cfg.color_jitter)
