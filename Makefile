@@ -41,6 +41,7 @@ benchmark: venv
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/dp_throughput.py
+	$(BIN)/python benchmarks/augment_throughput.py
 
 # Privacy/accuracy study on PneumoniaMNIST from ../shared/data (about 20 min on 2 cores).
 benchmark-privacy: venv

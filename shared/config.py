@@ -251,6 +251,7 @@ def _check_combinations(cfg: RunConfig) -> None:
             f"run config 'image-size': expected 0 (the task's default) or 28..1024 pixels, got {cfg.data.image_size}."
         )
     _check_model_fits_task(cfg)
+    _check_robust_augment(cfg)
     _check_partition(cfg)
     _check_fairness(cfg)
     s = cfg.strategy
@@ -307,6 +308,28 @@ def _check_combinations(cfg: RunConfig) -> None:
             f"run config 'validation.norm-z': expected 0 (off) or >= 2, got {v.norm_z}; below 2 the screen "
             "rejects honest sites routinely. 3.5 is the usual robust-outlier threshold."
         )
+
+
+def _check_robust_augment(cfg: RunConfig) -> None:
+    """``robust-augment`` needs ``augment=true``; a strength needs a level to scale."""
+    d = cfg.data
+    if not d.augment and d.robust_augment not in ("auto", "none"):
+        raise ConfigError(
+            f"run config: robust-augment='{d.robust_augment}' is training augmentation, but augment=false turns all "
+            "augmentation off; set augment=true, or robust-augment='none'."
+        )
+    if d.robust_augment_strength != 1.0:
+        level = d.robust_augment
+        if level == "auto":
+            from shared.tasks import get_task  # lazy: tasks import the phantom generators
+
+            level = get_task(cfg.task).robust_augment
+        if level == "none":
+            raise ConfigError(
+                f"run config: robust-augment-strength={d.robust_augment_strength} scales a robust-augment level, but "
+                f"the level is 'none' (robust-augment='{d.robust_augment}' for task '{cfg.task}'); set "
+                "robust-augment='light' or 'strong', or leave robust-augment-strength at 1.0."
+            )
 
 
 def _check_robust_strategies(s: StrategyConfig) -> None:

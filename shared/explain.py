@@ -3,7 +3,10 @@
 :func:`target_layer` picks the layer whose activations Grad-CAM weighs: the
 last feature map before global pooling. It is found generically by one dry
 forward pass (see :func:`find_last_feature_layer`), with a few per-model
-overrides where a finer map localises better. :func:`gradcam` runs
+overrides where a finer map localises better. A vision transformer has no
+feature map: Grad-CAM reads the patch tokens at its last block's first norm
+and lays them back on the patch grid (:data:`RESHAPE_TRANSFORMS`, the usual
+ViT recipe of ``pytorch_grad_cam``). :func:`gradcam` runs
 ``pytorch_grad_cam.GradCAM`` in fp32 and eval mode and returns one heatmap in
 ``[0, 1]`` per image; :func:`overlay` blends a heatmap onto an image for
 display.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Callable
 
 import cv2
 import numpy as np
@@ -27,14 +31,39 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TARGET_LAYER_OVERRIDES", "find_last_feature_layer", "gradcam", "overlay", "target_layer"]
+__all__ = ["RESHAPE_TRANSFORMS", "TARGET_LAYER_OVERRIDES", "find_last_feature_layer", "gradcam", "overlay",
+           "target_layer", "tokens_to_map"]
 
 #: model name -> dotted module name of its Grad-CAM layer, where the generic
 #: rule (last feature map before global pooling) is not the best choice.
 #: small-cnn: the ReLU before the last 2x2 max-pool gives an 8x8 map at 64 px
 #: instead of the 4x4 map after the pool; same features, finer localisation.
+#: vit-tiny: the last block's first LayerNorm (the class token attends to the patch tokens there).
 TARGET_LAYER_OVERRIDES: dict[str, str] = {
     "small-cnn": "features.3.2",
+    "vit-tiny": "blocks.11.norm1",
+}
+
+
+def tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
+    """ViT tokens ``(B, 1 + N, D)`` (class token first) -> patch map ``(B, D, sqrt(N), sqrt(N))``.
+
+    Raises
+    ------
+    ValueError
+        When ``N`` is not a square (non-square inputs have no square grid).
+    """
+    patches = tokens[:, 1:, :]
+    n = patches.shape[1]
+    side = int(round(n ** 0.5))
+    if side * side != n:
+        raise ValueError(f"cannot lay {n} patch tokens on a square grid")
+    return patches.reshape(tokens.shape[0], side, side, tokens.shape[2]).permute(0, 3, 1, 2)
+
+
+#: model name -> how its target layer's output becomes a ``(B, C, h, w)`` map (default: it is one).
+RESHAPE_TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "vit-tiny": tokens_to_map,
 }
 
 #: Side of the dry-run input used to find the last feature map generically.
@@ -136,8 +165,9 @@ def target_layer(model: nn.Module, model_name: str) -> nn.Module:
         ``resnet50`` -> ``layer4``, ``densenet121`` -> ``features`` (ends with
         ``norm5`` + ReLU), ``efficientnet-b0`` -> ``bn2`` (BatchNorm + SiLU
         after ``conv_head``), ``vgg16`` -> ``features`` (before the 7x7
-        "fc6" conv of ``pre_logits``); ``small-cnn`` -> ``features.3.2``
-        (override).
+        "fc6" conv of ``pre_logits``); ``small-cnn`` -> ``features.3.2``,
+        ``vit-tiny`` -> ``blocks.11.norm1`` (overrides; the ViT's tokens are
+        laid on the patch grid by :data:`RESHAPE_TRANSFORMS`).
 
     Raises
     ------
@@ -206,7 +236,8 @@ def gradcam(
     else:
         targets = None
     try:
-        with torch.enable_grad(), torch.autocast(device.type, enabled=False), GradCAM(model=model, target_layers=[layer]) as cam:
+        with torch.enable_grad(), torch.autocast(device.type, enabled=False), GradCAM(
+                model=model, target_layers=[layer], reshape_transform=RESHAPE_TRANSFORMS.get(model_name)) as cam:
             maps = cam(input_tensor=x, targets=targets)
     finally:
         model.zero_grad(set_to_none=True)

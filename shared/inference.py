@@ -237,7 +237,8 @@ def load_trained(path: Path) -> TrainedModel:
     except ConfigError as exc:
         raise ModelFileError(f"'{file.name}': its recorded run-config is not valid for this medfed version: {exc}") from None
     try:
-        model, _ = build_network(card.model, card.in_channels, card.num_classes, dp=cfg.dp.enabled)
+        model, _ = build_network(card.model, card.in_channels, card.num_classes, dp=cfg.dp.enabled,
+                                 image_size=card.image_size or None)
     except (UnknownNameError, ValueError, TypeError) as exc:
         raise ModelFileError(f"'{file.name}': cannot rebuild model {card.model!r}: {exc}") from None
     try:

@@ -57,6 +57,8 @@ class DataConfig:
     site_shift: bool = False
     val_fraction: float = 0.2
     augment: bool = True
+    robust_augment: str = "auto"
+    robust_augment_strength: float = 1.0
     hflip: bool = False
     resize: str = "auto"
     equalize: str = "auto"
@@ -280,6 +282,8 @@ SIM_ATTACKS = ("none", "sign-flip", "scale", "noise", "nan")
 SIM_ONLY_KEYS = ("sim-attack", "sim-attack-sites", "sim-attack-scale")
 """Run-config keys only simulated sites use; a real site resets them (:func:`for_site`)."""
 PARTITION_KINDS = ("iid", "dirichlet", "pathological", "quantity", "natural")
+ROBUST_AUGMENT_CHOICES = ("auto", "none", "light", "strong")
+"""``auto`` and :data:`shared.data.preprocess.ROBUST_CHOICES` (not imported: shared.data loads OpenCV)."""
 """As :data:`shared.data.partition.PARTITION_KINDS` (not imported: shared.data loads pydicom)."""
 SIZE_SKEWS = ("auto", "none", "dirichlet", "power-law")
 """As :data:`shared.data.site_sizes.SIZE_SKEWS`."""
@@ -346,6 +350,13 @@ _SPECS: tuple[KeySpec, ...] = (
             "phantoms are rendered through it, real images get it after preprocessing; masks never change"),
     KeySpec("val-fraction", "data", "val_fraction", float, "fraction of each site's patients held out for validation", 0, 0.9, low_open=True),
     KeySpec("augment", "data", "augment", bool, "training augmentation (the task's default recipe)"),
+    KeySpec("robust-augment", "data", "robust_augment", str,
+            "acquisition-robust training augmentation (gamma, tone curve, noise, blur, resolution loss, elastic, "
+            "wider contrast/zoom) against other hospitals' scanners ('auto' = the task's default; 'none' for every "
+            "built-in task)",
+            choices=ROBUST_AUGMENT_CHOICES),
+    KeySpec("robust-augment-strength", "data", "robust_augment_strength", float,
+            "scales the robust-augment level's ranges (0 = off, 1 = the level, 2 = twice as far)", 0, 2),
     KeySpec("hflip", "data", "hflip", bool, "random horizontal flips in augmentation (off for radiographs: laterality matters)"),
     KeySpec("resize", "data", "resize", str, "keep aspect and pad, or stretch ('auto' = task default)", choices=("auto", "letterbox", "squash")),
     KeySpec("equalize", "data", "equalize", str, "contrast equalisation ('auto' = task default)", choices=("auto", "none", "hist", "clahe")),

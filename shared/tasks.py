@@ -26,7 +26,7 @@ import numpy as np
 
 from shared.settings import PATH_KEYS, RunConfig
 from shared.data import phantoms, phantoms_pneumonia, phantoms_tasks
-from shared.data.preprocess import AugmentConfig, PreprocessConfig
+from shared.data.preprocess import ROBUST_CHOICES, AugmentConfig, PreprocessConfig, robust_augment
 from shared.kinds import CLASSIFICATION, SEGMENTATION
 from shared.metrics.federated import ThresholdRule
 from shared.metrics.presentation import MetricView, view_for
@@ -107,6 +107,10 @@ class TaskSpec:
     augment:
         Default training augmentation (``augment=false`` turns it off,
         ``hflip=true`` forces horizontal flips on).
+    robust_augment:
+        The acquisition-robust augmentation level ``robust-augment='auto'``
+        means for this task: ``"none"`` (every built-in task), ``"light"`` or
+        ``"strong"`` (see :func:`shared.data.preprocess.robust_augment`).
     render_disparity_phantoms:
         ``(n, size, seed, indices, disparity) -> (images, labels or masks)``:
         the phantoms with findings fainter in one subgroup (female), for
@@ -131,6 +135,7 @@ class TaskSpec:
     foreground_batch_dice: bool = False
     preprocess: PreprocessConfig = PreprocessConfig()
     augment: AugmentConfig = AugmentConfig()
+    robust_augment: str = "none"
     render_disparity_phantoms: DisparityRenderer | None = None
 
     def __post_init__(self) -> None:
@@ -149,6 +154,9 @@ class TaskSpec:
             raise ValueError(f"task '{self.name}': label_aliases must map lower-case spellings to class names "
                              f"{list(self.class_names)}, got {bad}")
         object.__setattr__(self, "label_aliases", MappingProxyType(dict(self.label_aliases)))
+        if self.robust_augment not in ROBUST_CHOICES:
+            raise ValueError(f"task '{self.name}': robust_augment must be one of {ROBUST_CHOICES}, "
+                             f"got {self.robust_augment!r}")
         if self.preprocess.channels != self.in_channels:  # one source of truth for channels: in_channels
             object.__setattr__(self, "preprocess", dataclasses.replace(self.preprocess, channels=self.in_channels))
 
@@ -187,10 +195,17 @@ class TaskSpec:
         )
 
     def augment_for(self, cfg: RunConfig) -> AugmentConfig | None:
-        """This task's training augmentation (None when ``augment`` is off); ``hflip=true`` forces flips on."""
+        """This task's training augmentation (None when ``augment`` is off).
+
+        ``hflip=true`` forces flips on; ``robust-augment`` (``'auto'`` = this
+        task's :attr:`robust_augment`) and ``robust-augment-strength`` add the
+        acquisition-robust transforms (:func:`shared.data.preprocess.robust_augment`).
+        """
         if not cfg.data.augment:
             return None
-        return dataclasses.replace(self.augment, hflip=self.augment.hflip or cfg.data.hflip)
+        aug = dataclasses.replace(self.augment, hflip=self.augment.hflip or cfg.data.hflip)
+        level = self.robust_augment if cfg.data.robust_augment == "auto" else cfg.data.robust_augment
+        return robust_augment(aug, level, cfg.data.robust_augment_strength)
 
     def pipeline(self, cfg: RunConfig) -> dict[str, object]:
         """The image pipeline of a run, as recorded in config.json and the model card."""
@@ -220,7 +235,7 @@ class TaskSpec:
         from shared.models import build_network
 
         return build_network(cfg.model, self.in_channels, self.num_classes, dp=cfg.dp.enabled,
-                             init_weights=init_weights)
+                             init_weights=init_weights, image_size=cfg.data.image_size)
 
 
 TASKS: Registry[TaskSpec] = Registry("task")

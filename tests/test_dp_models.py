@@ -54,14 +54,14 @@ def _per_sample_loss(name: str, out: torch.Tensor, y: torch.Tensor) -> torch.Ten
 def test_dp_contract(name: str) -> None:
     """make_dp_compatible + two DP-SGD steps with per-sample gradients, for every model."""
     torch.manual_seed(0)
-    original = build_model(name, 1, 2)
+    original = build_model(name, 1, 2, image_size=SIZE)
     original_keys = dp_state_keys(original)
     model, changes = make_dp_compatible(original)
     assert dp_state_keys(original) == original_keys, "make_dp_compatible modified its input"
     assert all(isinstance(c, str) and c for c in changes)
 
     # Deterministic: a fresh build gives the same keys and shapes; applying it again changes nothing.
-    assert dp_state_keys(make_dp_compatible(build_model(name, 1, 2))[0]) == dp_state_keys(model)
+    assert dp_state_keys(make_dp_compatible(build_model(name, 1, 2, image_size=SIZE))[0]) == dp_state_keys(model)
     again, changes_again = make_dp_compatible(model)
     assert dp_state_keys(again) == dp_state_keys(model)
     assert changes_again == []
@@ -93,7 +93,7 @@ def test_dp_contract(name: str) -> None:
     plain = gsm.to_standard_module()
     assert plain is model
     assert not any(k.startswith("_module.") for k in model.state_dict())
-    assert dp_state_keys(model) == dp_state_keys(make_dp_compatible(build_model(name, 1, 2))[0])
+    assert dp_state_keys(model) == dp_state_keys(make_dp_compatible(build_model(name, 1, 2, image_size=SIZE))[0])
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert set(trainable) <= set(changed), f"{name}: parameters not updated: {set(trainable) - set(changed)}"
@@ -139,6 +139,38 @@ def test_group_norm_act_per_sample_gradients_are_exact(act: type[nn.Module]) -> 
     for i, (gw, gb) in enumerate(expected):
         torch.testing.assert_close(norm.weight.grad_sample[i], gw, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(norm.bias.grad_sample[i], gb, rtol=1e-4, atol=1e-6)
+
+
+def test_vit_token_embedding_per_sample_gradients_are_exact() -> None:
+    """The registered TokenEmbed sampler (class token, position embedding) equals one-image-at-a-time gradients."""
+    from shared.models.vit import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(1, 2, 16, patch_size=8, dim=16, depth=2, heads=2)
+    x, y = torch.randn(3, 1, 16, 16), torch.tensor([0, 1, 1])
+    params = [model.tokens.cls_token, model.tokens.pos_embed]
+    expected = []
+    for i in range(len(x)):
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        expected.append([p.grad.clone() for p in params])
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    F.cross_entropy(gsm(x), y, reduction="sum").backward()
+    for i, grads in enumerate(expected):
+        for p, g in zip(params, grads):
+            assert p.grad_sample.shape == (3, *p.shape)
+            torch.testing.assert_close(p.grad_sample[i], g, rtol=1e-4, atol=1e-7)
+    assert float(model.tokens.pos_embed.grad_sample.abs().sum()) > 0
+
+
+def test_vit_needs_no_changes_for_dp() -> None:
+    """Nothing to swap: same modules and keys, and Opacus' validator finds nothing."""
+    from opacus.validators import ModuleValidator
+
+    model = build_model("vit-tiny", 1, 2, image_size=SIZE)
+    dp_model, changes = make_dp_compatible(model)
+    assert changes == [] and dp_state_keys(dp_model) == dp_state_keys(model)
+    assert ModuleValidator.validate(dp_model, strict=True) == []
 
 
 class _OwnBatchNorm(nn.BatchNorm2d):

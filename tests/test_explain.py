@@ -10,7 +10,7 @@ import torch
 from shared.config import TrainConfig, parse_run_config
 from shared.data.phantoms import make_chest_phantoms, render_chest_phantom
 from shared.data.preprocess import normalize_batch, preprocess
-from shared.explain import gradcam, overlay, target_layer
+from shared.explain import RESHAPE_TRANSFORMS, gradcam, overlay, target_layer
 from shared.metrics.classification import ClassificationCounts
 from shared.kinds import CLASSIFICATION
 from shared.models import build_model, model_names
@@ -25,10 +25,11 @@ CLASSIFIERS = model_names(CLASSIFICATION)
 @pytest.mark.parametrize("name", CLASSIFIERS)
 def test_every_classifier_gives_finite_heatmaps(name: str) -> None:
     torch.manual_seed(0)
-    model = build_model(name, in_channels=1, num_classes=2)
+    model = build_model(name, in_channels=1, num_classes=2, image_size=64)
     layer = target_layer(model, name)
     seen: list[torch.Size] = []
-    handle = layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    as_map = RESHAPE_TRANSFORMS.get(name, lambda o: o)  # a ViT's tokens, laid on the patch grid
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(as_map(o).shape))
     x = torch.randn(2, 1, 64, 64)
     try:
         maps = gradcam(model, name, x, target_class=1)

@@ -27,7 +27,8 @@ from shared.registry import UnknownNameError
 
 torch.set_num_threads(2)
 
-REQUIRED = {"small-cnn", "resnet18", "resnet50", "densenet121", "efficientnet-b0", "vgg16"}
+REQUIRED = {"small-cnn", "resnet18", "resnet50", "densenet121", "efficientnet-b0", "vgg16", "vit-tiny",
+            "unet", "attention-unet", "fcn"}
 
 
 def _seeded(name: str, in_channels: int, num_classes: int, seed: int, **kw: object) -> nn.Module:
@@ -51,7 +52,7 @@ def test_required_models_registered() -> None:
 @pytest.mark.parametrize(("in_channels", "num_classes"), [(1, 2), (3, 3)])
 @pytest.mark.parametrize("name", MODELS.names())
 def test_forward_and_one_train_step(name: str, in_channels: int, num_classes: int) -> None:
-    model = _seeded(name, in_channels, num_classes, seed=0)
+    model = _seeded(name, in_channels, num_classes, seed=0, image_size=64)
     assert count_parameters(model) > 0
     x = torch.randn(2, in_channels, 64, 64)
     seg = model_kind(name) == SEGMENTATION  # per-pixel logits (N, C, H, W) and targets (N, H, W)
@@ -77,6 +78,58 @@ def test_forward_and_one_train_step(name: str, in_channels: int, num_classes: in
         names = {f"{child}.{k}" for k, _ in module.named_parameters()}
         assert not names or names & changed, f"no parameter of '{child}' changed"
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_registry_metadata_of_the_vit_and_the_fcn() -> None:
+    from shared.kinds import CLASSIFICATION
+
+    vit, fcn = MODELS.get("vit-tiny"), MODELS.get("fcn")
+    assert (vit.kind, vit.min_input_size, vit.size_multiple, vit.sized) == (CLASSIFICATION, 32, 16, True)
+    assert (fcn.kind, fcn.min_input_size, fcn.size_multiple, fcn.sized) == (SEGMENTATION, 32, 1, False)
+    assert not any(MODELS.get(n).sized for n in MODELS.names() if n != "vit-tiny")
+
+
+def test_vit_is_built_for_the_runs_image_size() -> None:
+    with pytest.raises(ValueError, match="built for one input size: pass image_size"):
+        build_model("vit-tiny", 1, 2)
+    with pytest.raises(ValueError, match="multiple of 16, got 72"):
+        build_model("vit-tiny", 1, 2, image_size=72)
+    with pytest.raises(ValueError, match="at least 32 px"):
+        build_model("vit-tiny", 1, 2, image_size=16)
+    # 8 px patches below 128 px, 16 px from 128 px: 64-196 tokens over 64-224 px (plus the class token).
+    for size, patch, tokens in ((32, 8, 16), (64, 8, 64), (112, 8, 196), (128, 16, 64), (224, 16, 196)):
+        model = build_model("vit-tiny", 3, 2, image_size=size)
+        assert model.patch_embed.patch_size == (patch, patch), size
+        assert model.tokens.pos_embed.shape == (1, tokens + 1, 192), size
+    model = build_model("vit-tiny", 1, 2, image_size=64)
+    assert 5_000_000 < count_parameters(model) < 6_000_000  # ViT-Tiny
+    with pytest.raises(ValueError, match="built for 64 x 64 px inputs"):
+        model(torch.zeros(1, 1, 32, 32))
+
+
+def test_run_config_checks_the_new_models_sizes_and_kinds() -> None:
+    from shared.config import ConfigError, parse_run_config
+    from shared.tasks import get_task
+
+    with pytest.raises(ConfigError, match="'vit-tiny' needs an image-size that is a multiple of 16, got 72"):
+        parse_run_config({"model": "vit-tiny", "image-size": 72})
+    with pytest.raises(ConfigError, match="'fcn' is a segmentation model"):
+        parse_run_config({"model": "fcn"})
+    cfg = parse_run_config({"model": "vit-tiny", "image-size": 96})
+    model, _ = get_task("pneumonia-cxr").build_model(cfg)
+    assert model.image_size == 96 and model.tokens.pos_embed.shape[1] == 12 * 12 + 1
+    seg = parse_run_config({"task": "lung-seg", "model": "fcn", "image-size": 48})
+    net, _ = get_task("lung-seg").build_model(seg)
+    assert net(torch.zeros(1, 1, 48, 48)).shape == (1, 2, 48, 48)
+
+
+def test_fcn_takes_any_side_from_32_px() -> None:
+    model = _seeded("fcn", 1, 3, seed=0).eval()
+    with torch.no_grad():
+        for size in (32, 50, 96):
+            out = model(torch.randn(1, 1, size, size))
+            assert out.shape == (1, 3, size, size) and torch.isfinite(out).all()
+        assert model(torch.randn(1, 1, 40, 72)).shape == (1, 3, 40, 72)
 
 
 def test_small_cnn_small_and_large_inputs() -> None:

@@ -193,10 +193,17 @@ def test_counts_flat_round_trip_and_errors() -> None:
 # ---------------------------------------------------------------------------
 
 
+#: Segmentation networks that are Opacus-ready as built (no BatchNorm, nothing in place); the others
+#: (fcn: torchvision's ResNet-18 and FCNHead) are made so by make_dp_compatible, as the classifiers are.
+DP_READY_AS_BUILT = {"unet", "attention-unet"}
+
+
 @pytest.mark.parametrize("name", model_names(SEGMENTATION))
 def test_segmentation_models_shapes_and_opacus(name: str) -> None:
     from opacus import GradSampleModule
     from opacus.validators import ModuleValidator
+
+    from shared.models.dp import make_dp_compatible
 
     assert model_kind(name) == SEGMENTATION and model_kind("resnet18") == CLASSIFICATION
     torch.manual_seed(0)
@@ -205,6 +212,8 @@ def test_segmentation_models_shapes_and_opacus(name: str) -> None:
     with torch.no_grad():
         for size in (32, 48, 96):
             assert model(torch.randn(1, 1, size, size)).shape == (1, 2, size, size)
+    model, changes = make_dp_compatible(model.train())
+    assert (changes == []) == (name in DP_READY_AS_BUILT), changes[:3]
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert not any(getattr(m, "inplace", False) for m in model.modules())
     assert ModuleValidator.validate(model.train(), strict=False) == []

@@ -37,7 +37,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import cv2
@@ -51,12 +51,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "NORMALIZE_MODES",
+    "ROBUST_CHOICES",
+    "ROBUST_LEVELS",
     "AugmentConfig",
     "PreprocessConfig",
     "UnusableImageError",
     "augment_batch",
     "normalize_batch",
     "preprocess",
+    "robust_augment",
 ]
 
 RESIZE_MODES: tuple[str, ...] = ("letterbox", "squash")
@@ -463,6 +466,29 @@ class AugmentConfig:
     color_jitter : float
         RGB only: saturation factor ``1 +- color_jitter`` and a hue rotation of
         ``+-90 * color_jitter`` degrees about the gray axis. Ignored for 1 channel.
+    gamma : float
+        Acquisition robustness (all of these default to 0 = off; see
+        :func:`robust_augment`): gamma ``exp(U(-gamma, gamma))`` applied to
+        the ``[0, 1]`` intensities (a detector's or a site's response curve).
+    hist_shift : float
+        Random monotone tone curve: the inner control points of a piecewise
+        linear intensity map move by up to ``hist_shift`` of their spacing
+        (MONAI ``RandHistogramShift``-like); ``< 0.5`` keeps it monotone.
+    noise : float
+        Additive Gaussian noise, std uniform in ``[0, noise]`` per image.
+    blur : float
+        Gaussian blur, sigma uniform in ``[0, blur]`` pixels per image.
+    resolution_loss : float
+        Down-and-up resampling: the image is shrunk to a factor uniform in
+        ``[1 - resolution_loss, 1]`` of its side (area average) and enlarged
+        back (bilinear), losing detail as a coarser detector would.
+    elastic : float
+        Smooth random deformation (a 5 x 5 grid of random offsets, bicubic
+        upsampled), displacement up to ``elastic`` of the side; image and
+        mask move together.
+    robust_p : float
+        Probability that each of the six transforms above is applied to an
+        image (independently per transform and image).
     """
 
     rotation_deg: float = 7.0
@@ -473,17 +499,20 @@ class AugmentConfig:
     brightness: float = 0.1
     contrast: float = 0.15
     color_jitter: float = 0.0
+    gamma: float = 0.0
+    hist_shift: float = 0.0
+    noise: float = 0.0
+    blur: float = 0.0
+    resolution_loss: float = 0.0
+    elastic: float = 0.0
+    robust_p: float = 0.5
 
     def __post_init__(self) -> None:
         o = "augment"
-        _check_number(o, "rotation-deg", self.rotation_deg, float, 0, 180)
         _check_bool(o, "hflip", self.hflip)
         _check_bool(o, "vflip", self.vflip)
-        _check_number(o, "scale", self.scale, float, 0, 0.9)
-        _check_number(o, "translate", self.translate, float, 0, 0.5)
-        _check_number(o, "brightness", self.brightness, float, 0, 1)
-        _check_number(o, "contrast", self.contrast, float, 0, 0.9)
-        _check_number(o, "color-jitter", self.color_jitter, float, 0, 1)
+        for name, high in _AUGMENT_LIMITS.items():
+            _check_number(o, _kebab(name), getattr(self, name), float, 0, high)
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready kebab-case settings (recorded in results)."""
@@ -496,8 +525,74 @@ class AugmentConfig:
 
     @property
     def geometric(self) -> bool:
-        """True when any geometric transform is enabled."""
-        return bool(self.rotation_deg or self.scale or self.translate or self.hflip or self.vflip)
+        """True when any geometric transform (elastic deformation included) is enabled."""
+        return bool(self.rotation_deg or self.scale or self.translate or self.hflip or self.vflip or self.elastic)
+
+    @property
+    def robust(self) -> bool:
+        """True when any acquisition-robustness transform (gamma ... elastic) is enabled."""
+        return any(getattr(self, name) for name in ROBUST_FIELDS)
+
+
+#: Upper bound of each numeric AugmentConfig field (lower bound 0).
+_AUGMENT_LIMITS: dict[str, float] = {
+    "rotation_deg": 180.0, "scale": 0.9, "translate": 0.5, "brightness": 1.0, "contrast": 0.9, "color_jitter": 1.0,
+    "gamma": 1.0, "hist_shift": 0.45, "noise": 0.2, "blur": 4.0, "resolution_loss": 0.8, "elastic": 0.1,
+    "robust_p": 1.0,
+}
+ROBUST_FIELDS: tuple[str, ...] = ("gamma", "hist_shift", "noise", "blur", "resolution_loss", "elastic")
+"""The acquisition-robustness fields of :class:`AugmentConfig` (all 0 = today's augmentation)."""
+
+ROBUST_LEVELS: dict[str, dict[str, float]] = {
+    # About the spread of the simulated site profiles (site-shift: contrast 0.8-1.25, gamma 0.8-1.25,
+    # noise <= 0.03, blur <= 1 px, resolution 0.5-0.9, brightness +-0.08), applied to half the images.
+    "light": {"gamma": 0.15, "hist_shift": 0.2, "noise": 0.02, "blur": 0.75, "resolution_loss": 0.3,
+              "elastic": 0.015, "contrast": 0.25, "brightness": 0.1, "scale": 0.1, "translate": 0.06,
+              "robust_p": 0.5},
+    # Beyond that spread, to most images: gamma 0.70-1.42, sigma up to 1.5 px, down to 40 % resolution.
+    "strong": {"gamma": 0.35, "hist_shift": 0.4, "noise": 0.04, "blur": 1.5, "resolution_loss": 0.6,
+               "elastic": 0.03, "contrast": 0.35, "brightness": 0.15, "scale": 0.15, "translate": 0.08,
+               "robust_p": 0.8},
+}
+"""``robust-augment`` levels: the value each field takes at strength 1 (see :func:`robust_augment`)."""
+ROBUST_CHOICES: tuple[str, ...] = ("none", *ROBUST_LEVELS)
+MAX_ROBUST_STRENGTH = 2.0
+
+
+def robust_augment(base: AugmentConfig, level: str, strength: float = 1.0) -> AugmentConfig:
+    """``base`` with the acquisition-robust augmentation of ``level`` at ``strength`` added.
+
+    Parameters
+    ----------
+    base : AugmentConfig
+        The task's augmentation (rotation, flips, ...).
+    level : str
+        ``"none"`` (``base`` unchanged), ``"light"`` or ``"strong"`` (:data:`ROBUST_LEVELS`).
+    strength : float
+        In ``[0, 2]``. Each field of the level moves from ``base``'s value
+        towards the level's by this factor: 0 = ``base``, 1 = the level,
+        2 = twice as far (capped at each field's limit). Fields where
+        ``base`` is already stronger than the level keep ``base``'s value;
+        ``robust_p`` is the level's, not scaled.
+
+    Returns
+    -------
+    AugmentConfig
+        ``base`` itself when ``level`` is ``"none"`` or ``strength`` is 0.
+    """
+    _check_choice("robust-augment", "level", level, ROBUST_CHOICES)
+    _check_number("robust-augment", "strength", strength, float, 0, MAX_ROBUST_STRENGTH)
+    if level == "none" or strength == 0:
+        return base
+    changes: dict[str, float] = {}
+    for name, target in ROBUST_LEVELS[level].items():
+        if name == "robust_p":
+            changes[name] = target
+            continue
+        current = float(getattr(base, name))
+        if target > current:
+            changes[name] = min(current + strength * (target - current), _AUGMENT_LIMITS[name])
+    return replace(base, **changes)
 
 
 # Column order of the random draws; fixed so that toggling one setting does not
@@ -535,11 +630,16 @@ def affine_theta(r: Any, cfg: AugmentConfig, h: int, w: int) -> Any:
 def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """Randomly augment a training batch; deterministic for a given generator state.
 
-    Geometry (rotation, zoom, shift, flips) is one ``affine_grid`` +
-    ``grid_sample`` (bilinear) call for the whole batch; pixels that come from
-    outside the image take each image's minimum. Then contrast (around each
-    image's mean), brightness, and for 3 channels saturation/hue; the result
-    is clamped to ``[0, 1]``.
+    Geometry (rotation, zoom, shift, flips, elastic deformation) is one
+    ``affine_grid`` + ``grid_sample`` (bilinear) call for the whole batch;
+    pixels that come from outside the image take each image's minimum. Then
+    resolution loss and blur, contrast (around each image's mean) and
+    brightness, gamma and the random tone curve, for 3 channels
+    saturation/hue, and noise; the result is clamped to ``[0, 1]``. The
+    acquisition-robustness transforms (:mod:`shared.data.robust_augment`)
+    draw their random numbers after the others and only when one of them is
+    on (:attr:`AugmentConfig.robust`): without them the draws and the output
+    are exactly those of the augmentation before they existed.
 
     Parameters
     ----------
@@ -564,19 +664,32 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generato
     r = torch.rand((b, _N_DRAWS), generator=generator, device=generator.device, dtype=torch.float64)
     r = r.to(device=x.device, dtype=torch.float32)
     u = r * 2.0 - 1.0  # uniform in [-1, 1]
+    rd = None
+    if cfg.robust and b > 0:
+        from shared.data import robust_augment as ra
+
+        rd = ra.draw_robust(b, generator, x.device)
     out = x
     if cfg.geometric and b > 0:
         theta = affine_theta(r, cfg, h, w).to(x.dtype)
         grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
+        if rd is not None and cfg.elastic:
+            grid = grid + ra.elastic_offsets(rd, cfg, h, w).to(x.dtype)
         lo = x.amin(dim=(1, 2, 3), keepdim=True)
         out = F.grid_sample(x - lo, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + lo
+    if rd is not None and (cfg.resolution_loss or cfg.blur):
+        out = ra.degrade(out, rd, cfg)
     if cfg.contrast or cfg.brightness:
         mean = out.mean(dim=(1, 2, 3), keepdim=True)
         k = (1.0 + u[:, _R_CONTRAST] * cfg.contrast).view(-1, 1, 1, 1)
         off = (u[:, _R_BRIGHT] * cfg.brightness).view(-1, 1, 1, 1)
         out = (out - mean) * k + mean + off
+    if rd is not None and (cfg.gamma or cfg.hist_shift):
+        out = ra.tone(out, rd, cfg)
     if c == 3 and cfg.color_jitter:
         out = _color_jitter(out, u[:, _R_SAT], u[:, _R_HUE], cfg.color_jitter)
+    if rd is not None and cfg.noise:
+        out = ra.add_noise(out, rd, cfg, generator)
     if out is x:
         out = x.clone()
     return out.clamp(0.0, 1.0)

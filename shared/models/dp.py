@@ -18,6 +18,12 @@ train and reports every change it made. Besides ``ModuleValidator.fix``
   GroupNorm sampler would be wrong: the layer's output is *after* the
   activation).
 
+* The vision transformer (``vit-tiny``) needs no change: its linear layers,
+  ``nn.LayerNorm`` and patch convolution have Opacus samplers, attention is
+  functional (no parameters of its own), and the class token and position
+  embedding live in :class:`shared.models.vit.TokenEmbed`, for which an
+  exact per-sample gradient sampler is registered here.
+
 The transformation is deterministic: the server and every site apply it to
 a freshly built model and get the same state-dict keys and shapes. The
 parameter names of the norm layers are kept (``*.weight``/``*.bias``), only
@@ -38,6 +44,7 @@ from torch import nn
 from torchvision.models import resnet as tv_resnet
 
 from shared.errors import UserError
+from shared.models.vit import TokenEmbed
 
 __all__ = ["DPCompatibilityError", "make_dp_compatible", "dp_state_keys"]
 
@@ -165,6 +172,24 @@ def _group_norm_act_grad_sample(
         ret[layer.weight] = torch.einsum("ni...->ni", normed * grad_pre)
     if layer.bias is not None and layer.bias.requires_grad:
         ret[layer.bias] = torch.einsum("ni...->ni", grad_pre)
+    return ret
+
+
+@register_grad_sampler(TokenEmbed)
+def _token_embed_grad_sample(
+    layer: TokenEmbed, activations: list[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of the class token and position embedding.
+
+    The layer's output is ``cat([cls, x]) + pos_embed``: each image's
+    gradient of ``pos_embed`` is its output gradient ``(N + 1, D)``, that of
+    ``cls_token`` the gradient at position 0.
+    """
+    ret: dict[nn.Parameter, torch.Tensor] = {}
+    if layer.pos_embed.requires_grad:
+        ret[layer.pos_embed] = backprops.unsqueeze(1)
+    if layer.cls_token.requires_grad:
+        ret[layer.cls_token] = backprops[:, :1].unsqueeze(1)
     return ret
 
 

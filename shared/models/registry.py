@@ -12,7 +12,8 @@ or a decorator anywhere::
     def my_net(in_channels: int, num_classes: int) -> nn.Module: ...
 
 ``tests/test_models.py`` parametrises over ``MODELS.names()``, so a new entry
-is contract-tested (shapes, finite outputs, one train step) for free.
+is contract-tested (shapes, finite outputs, one train step) for free, and
+``tests/test_dp_models.py`` checks that DP-SGD can train it.
 Building and initial-weights loading: :mod:`shared.models.weights`.
 """
 
@@ -29,9 +30,10 @@ from shared.registry import Registry
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
-ModelFactory = Callable[[int, int], "nn.Module"]
+ModelFactory = Callable[..., "nn.Module"]
 """``(in_channels, num_classes) -> nn.Module`` returning logits ``(N, num_classes)``
-(classification) or ``(N, num_classes, H, W)`` (segmentation)."""
+(classification) or ``(N, num_classes, H, W)`` (segmentation); the factory of a
+``sized`` entry also takes ``image_size=`` (keyword)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,10 @@ class ModelEntry:
         input of that module (a classifier's final linear layer),
         ``"output:<module>"`` = that module's output, global-average-pooled
         (a U-Net's bottleneck); ``""`` = not declared (no OOD statistics).
+    sized:
+        The network is built for one input side (a vision transformer's
+        position embeddings): its factory takes ``image_size=`` and the
+        model accepts that size only.
     """
 
     factory: ModelFactory | str
@@ -63,6 +69,7 @@ class ModelEntry:
     min_input_size: int = 1
     size_multiple: int = 1
     features: str = ""
+    sized: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in OUTPUT_KINDS:
@@ -93,7 +100,7 @@ MODELS: Registry[ModelEntry] = Registry("model")
 
 def register_model(
     name: str, factory: str | None = None, *, kind: str = CLASSIFICATION, min_input_size: int = 1,
-    size_multiple: int = 1, features: str = "",
+    size_multiple: int = 1, features: str = "", sized: bool = False,
 ) -> Callable[[ModelFactory], ModelFactory]:
     """Register a model with its metadata (see :class:`ModelEntry`).
 
@@ -102,11 +109,11 @@ def register_model(
     """
 
     def deco(fn: ModelFactory) -> ModelFactory:
-        MODELS.add(name, ModelEntry(fn, kind, min_input_size, size_multiple, features))
+        MODELS.add(name, ModelEntry(fn, kind, min_input_size, size_multiple, features, sized))
         return fn
 
     if factory is not None:
-        MODELS.add(name, ModelEntry(factory, kind, min_input_size, size_multiple, features))
+        MODELS.add(name, ModelEntry(factory, kind, min_input_size, size_multiple, features, sized))
         return lambda fn: fn
     return deco
 

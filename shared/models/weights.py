@@ -58,6 +58,8 @@ def build_model(
     in_channels: int,
     num_classes: int,
     init_weights: str | Path | None = None,
+    *,
+    image_size: int | None = None,
 ) -> nn.Module:
     """Build a registered model, optionally initialised from a local file.
 
@@ -72,6 +74,11 @@ def build_model(
     init_weights:
         Optional local ``.pt``/``.pth``/``.safetensors`` file with a state
         dict (``None`` or ``""`` = random init). Nothing is ever downloaded.
+    image_size:
+        Side of the square inputs the model will see. Required by models
+        built for one size (``sized`` registry entries, e.g. ``vit-tiny``);
+        for the others it is only checked against the entry's input-size
+        limits.
 
     Returns
     -------
@@ -83,11 +90,13 @@ def build_model(
     UnknownNameError
         ``name`` is not registered (the message lists the valid names).
     ValueError
-        ``in_channels < 1`` or ``num_classes < 2``.
+        ``in_channels < 1`` or ``num_classes < 2``; ``image_size`` missing
+        for a sized model or outside the model's input-size limits.
     ModelWeightsError
         ``init_weights`` is missing, unreadable or fits no tensor of the model.
     """
-    factory = MODELS.get(name).resolve()
+    entry = MODELS.get(name)
+    factory = entry.resolve()
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(
             f"in_channels for model '{name}' must be an integer >= 1 "
@@ -98,7 +107,18 @@ def build_model(
             f"num_classes for model '{name}' must be an integer >= 2 "
             f"(binary tasks use 2 logits), got {num_classes!r}"
         )
-    model = factory(in_channels, num_classes)
+    if image_size is not None:
+        problem = entry.check_input_size(name, image_size)
+        if problem is not None:
+            raise ValueError(problem)
+    if entry.sized:
+        if image_size is None:
+            raise ValueError(
+                f"model '{name}' is built for one input size: pass image_size (the run's image-size, e.g. 64)"
+            )
+        model = factory(in_channels, num_classes, image_size=image_size)
+    else:
+        model = factory(in_channels, num_classes)
     if init_weights is not None and str(init_weights) != "":
         load_init_weights(model, init_weights, model_name=name)
     return model

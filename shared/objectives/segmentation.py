@@ -23,6 +23,7 @@ from torch import nn
 
 from shared.settings import TrainConfig
 from shared.data.preprocess import AugmentConfig, affine_theta, augment_batch, normalize_batch
+from shared.data.robust_augment import draw_robust, elastic_offsets
 from shared.kinds import SEGMENTATION
 from shared.metrics.segmentation import SegmentationCounts
 from shared.training import (
@@ -82,13 +83,14 @@ def augment_pair(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment images and masks with the SAME random geometry per image.
 
-    Geometry (rotation, zoom, shift, flips; ranges from ``cfg``) is one
-    ``affine_grid`` shared by image and mask: the image is resampled
-    bilinearly (outside pixels take the image's minimum, as in
-    :func:`~shared.data.preprocess.augment_batch`), the mask with nearest
-    neighbour (outside = class 0, background). Photometric changes
-    (contrast, brightness, colour) then go to the image only, through
-    ``augment_batch`` with geometry switched off.
+    Geometry (rotation, zoom, shift, flips and the elastic deformation of
+    ``robust-augment``; ranges from ``cfg``) is one sampling grid shared by
+    image and mask: the image is resampled bilinearly (outside pixels take
+    the image's minimum, as in :func:`~shared.data.preprocess.augment_batch`),
+    the mask with nearest neighbour (outside = class 0, background).
+    Everything else (contrast, brightness, colour, and the acquisition
+    transforms: resolution loss, blur, gamma, tone curve, noise) then goes to
+    the image only, through ``augment_batch`` with geometry switched off.
 
     Parameters
     ----------
@@ -115,12 +117,16 @@ def augment_pair(
     if cfg.geometric and b > 0:
         theta = _geometry_theta(b, h, w, cfg, generator, x.device).to(x.dtype)
         grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
+        if cfg.elastic:
+            draws = draw_robust(b, generator, x.device)
+            grid = grid + elastic_offsets(draws, cfg, h, w).to(x.dtype)
         lo = x.amin(dim=(1, 2, 3), keepdim=True)
         out_x = F.grid_sample(x - lo, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + lo
         m = mask.to(x.dtype).unsqueeze(1)
         out_m = F.grid_sample(m, grid, mode="nearest", padding_mode="zeros", align_corners=False)
         out_m = out_m.squeeze(1).round().to(mask.dtype)
-    photometric = dataclasses.replace(cfg, rotation_deg=0.0, hflip=False, vflip=False, scale=0.0, translate=0.0)
+    photometric = dataclasses.replace(cfg, rotation_deg=0.0, hflip=False, vflip=False, scale=0.0, translate=0.0,
+                                      elastic=0.0)
     out_x = augment_batch(out_x, photometric, generator)  # new tensor, clamped
     if out_m is mask:
         out_m = mask.clone()
