@@ -216,7 +216,7 @@ def test_every_model_gives_features_at_its_declared_point(name: str) -> None:
     entry = MODELS.get(name)
     size = max(32, entry.min_input_size)
     torch.manual_seed(0)
-    model = build_model(name, 1, 2).eval()
+    model = build_model(name, 1, 2, image_size=size).eval()
     x = torch.randn(2, 1, size, size)
     with torch.no_grad():
         y, f = forward_with_features(model, name, x)
@@ -226,7 +226,7 @@ def test_every_model_gives_features_at_its_declared_point(name: str) -> None:
         with torch.no_grad():
             torch.testing.assert_close(model.get_submodule(module)(f), y)
     else:
-        assert f.shape[1] == 256  # the U-Nets' bottleneck channels
+        assert f.shape[1] == {"fcn": 512}.get(name, 256)  # FCN's ResNet-18 layer4, the U-Nets' bottleneck channels
 
 
 # ---------------------------------------------------------------------------
