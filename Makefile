@@ -11,7 +11,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: venv demo test lint test-fast benchmark benchmark-privacy clean
+.PHONY: venv demo test lint test-fast benchmark benchmark-privacy benchmark-generalisation clean
 
 venv: $(STAMP)
 
@@ -45,6 +45,10 @@ benchmark: venv
 # Privacy/accuracy study on PneumoniaMNIST from ../shared/data (about 20 min on 2 cores).
 benchmark-privacy: venv
 	$(BIN)/python benchmarks/privacy_study.py
+
+# fast vs accurate recipes on a shifted, held-out site of the real data (pneumonia-cxr, lung-seg; about 2 h on 2 busy cores).
+benchmark-generalisation: venv
+	$(BIN)/python benchmarks/generalisation.py
 
 clean:
 	rm -rf results .pytest_cache
