@@ -11,7 +11,8 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 
-.PHONY: venv demo test lint test-fast benchmark benchmark-privacy benchmark-scale benchmark-heterogeneity benchmark-robust clean
+.PHONY: venv demo test lint test-fast benchmark benchmark-privacy benchmark-scale benchmark-heterogeneity benchmark-robust \
+	benchmark-generalisation clean
 
 venv: $(STAMP)
 
@@ -58,6 +59,9 @@ benchmark-heterogeneity: venv
 # about 1-2 h on a loaded 2-core machine). Finished runs in benchmarks/out/robust-runs/ are reused.
 benchmark-robust: venv
 	nice -n 19 $(BIN)/python benchmarks/robust_aggregation.py
+# fast vs accurate recipes on a shifted, held-out site of the real data (pneumonia-cxr, lung-seg; about 2 h on 2 busy cores).
+benchmark-generalisation: venv
+	$(BIN)/python benchmarks/generalisation.py
 
 clean:
 	rm -rf results .pytest_cache

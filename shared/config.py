@@ -6,10 +6,22 @@ keys (``num-server-rounds``, ``fedopt.eta``, ...), filled from
 overrides. :func:`parse_run_config` turns it into frozen dataclasses
 (:mod:`shared.settings`, re-exported here) and rejects unknown keys, wrong
 types and out-of-range values with a message that names the key, the value
-given, what is allowed, and a did-you-mean; it resolves ``model='auto'`` and
-``image-size=0`` to the task's defaults and checks what needs the task and
-model registries (this module sits above them; the registries are imported
-inside the functions that need them, so importing this module stays light).
+given, what is allowed, and a did-you-mean; it applies the task's *recipe*
+(below) and checks what needs the task and model registries (this module sits
+above them; the registries are imported inside the functions that need them,
+so importing this module stays light).
+
+Recipes. ``model``, ``image-size``, ``num-server-rounds``, ``local-epochs``,
+``batch-size``, ``lr`` and ``normalize`` (:data:`RECIPE_KEYS`) default to a
+marker (``'auto'`` or ``0``, never a setting of its own) that means "not set". Parsing
+takes each key still at its marker from the task's recipe named by
+``recipe`` (``'fast'`` by default, or ``'accurate'``;
+:attr:`shared.tasks.TaskSpec.recipes`); a key given any other value was set
+explicitly and wins (:func:`explicit_keys`). The marker survives Flower's
+merge of ``pyproject.toml`` defaults with ``--run-config`` overrides, so the
+server and every site resolve the same values from the same flat config, and
+a parsed config (and the config.json and model card written from it) holds
+the resolved values and the recipe's name.
 
 Per-site settings (``data-path``, ``site-id``, where it caches and writes,
 ``max-image-pixels``, ``allow-outside-data-root``, its own policy) come only
@@ -35,6 +47,7 @@ from shared.settings import (
     INF,
     MAX_EXPLAIN_SAMPLES,
     NODE_KEYS,
+    RECIPE_KEYS,
     REGISTRY_NAMES,
     RUN_KEYS,
     SITE_ROLES,
@@ -45,6 +58,8 @@ from shared.settings import (
     SiteConfig,
     StrategyConfig,
     _SPECS,
+    flat_defaults,
+    replace_keys,
 )
 
 def _model_names() -> list[str]:
@@ -65,7 +80,7 @@ REGISTRY_NAMES.update({"task": _task_names, "model": _model_names})
 
 def describe_keys() -> list[tuple[str, str, str, str]]:
     """Rows ``(key, default, allowed, help)`` for documentation and ``--help``."""
-    defaults = RunConfig().to_flat()
+    defaults = flat_defaults()
     return [(s.key, repr(defaults[s.key]), s.allowed(), s.help) for s in _SPECS]
 
 
@@ -100,7 +115,7 @@ def _coerce(spec: KeySpec, value: Any) -> ConfigValue:
 
 
 def _check_range(spec: KeySpec, value: ConfigValue) -> None:
-    if spec.kind not in (int, float):
+    if spec.kind not in (int, float) or spec.is_auto(value):
         return
     v = float(value)  # type: ignore[arg-type]
     too_low = spec.low is not None and (v <= spec.low if spec.low_open else v < spec.low)
@@ -172,9 +187,65 @@ def parse_run_config(flat: Mapping[str, Any], *, fill_defaults: bool = True) -> 
         fairness=FairnessConfig(**values["fairness"]),  # type: ignore[arg-type]
         validation=ValidationConfig(**values["validation"]),  # type: ignore[arg-type]
     )
-    cfg = _apply_task_defaults(cfg)
+    cfg = _apply_recipe(cfg, explicit_keys(flat))
     _check_combinations(cfg)
     return cfg
+
+
+def explicit_keys(flat: Mapping[str, Any]) -> frozenset[str]:
+    """The keys of ``flat`` set explicitly: present, and not at their ``auto`` marker.
+
+    Every key of a flat config is explicit except a :data:`RECIPE_KEYS` key
+    left at its marker (``model='auto'``, ``image-size=0``, ``lr=0`` ...), or
+    missing: those take the value of the run's recipe. A value of the wrong
+    type is explicit here and rejected by the parser.
+    """
+    out = set()
+    for key, value in flat.items():
+        spec = RUN_KEYS.get(key)
+        if spec is None or spec.auto is None:
+            out.add(key)
+            continue
+        try:
+            if spec.is_auto(_coerce(spec, value)):
+                continue
+        except ConfigError:
+            pass
+        out.add(key)
+    return frozenset(out)
+
+
+def recipe_values(task: str, recipe: str) -> dict[str, ConfigValue]:
+    """The values recipe ``recipe`` of task ``task`` gives every key of :data:`RECIPE_KEYS`, validated.
+
+    Raises
+    ------
+    ConfigError
+        The task has no such recipe (with the names it has).
+    """
+    from shared.tasks import get_task  # lazy: tasks import the phantom generators
+
+    spec = get_task(task)
+    if recipe not in spec.recipes:
+        raise ConfigError(f"run config 'recipe': task '{task}' has no recipe {recipe!r}; expected one of "
+                          f"{', '.join(repr(n) for n in spec.recipes)}.{did_you_mean(recipe, list(spec.recipes))}")
+    out: dict[str, ConfigValue] = {}
+    for key, raw in spec.recipe(recipe).items():
+        key_spec = RUN_KEYS[key]
+        value = _coerce(key_spec, raw)
+        _check_range(key_spec, value)
+        _check_choice(key_spec, value)
+        out[key] = value
+    return out
+
+
+def _apply_recipe(cfg: RunConfig, explicit: frozenset[str]) -> RunConfig:
+    """Give every key of :data:`RECIPE_KEYS` not in ``explicit`` the value of the task's recipe."""
+    unset = [key for key in RECIPE_KEYS if key not in explicit]
+    if not unset:  # nothing to take from the recipe (e.g. a recorded, resolved config)
+        return cfg
+    values = recipe_values(cfg.task, cfg.recipe)
+    return replace_keys(cfg, {key: values[key] for key in unset})
 
 
 def parse_recorded_run_config(flat: Mapping[str, Any], *, drop_paths: bool = False) -> RunConfig:
@@ -214,17 +285,6 @@ def parsed_run_config(flat: Mapping[str, Any]) -> RunConfig:
     return cfg
 
 
-def _apply_task_defaults(cfg: RunConfig) -> RunConfig:
-    """Resolve ``model='auto'`` and ``image-size=0`` to the task's defaults."""
-    if cfg.model != "auto" and cfg.data.image_size != 0:
-        return cfg
-    from shared.tasks import get_task  # lazy: tasks import the phantom generators
-
-    task = get_task(cfg.task)
-    data = cfg.data if cfg.data.image_size else dataclasses.replace(cfg.data, image_size=task.default_image_size)
-    return dataclasses.replace(cfg, model=task.default_model if cfg.model == "auto" else cfg.model, data=data)
-
-
 def _check_model_fits_task(cfg: RunConfig) -> None:
     """The model outputs what the task predicts, and accepts the image size (model registry metadata)."""
     from shared.models import MODELS, model_names  # lazy: torch
@@ -248,7 +308,7 @@ def _check_combinations(cfg: RunConfig) -> None:
     """Reject combinations of individually valid values that cannot work."""
     if 0 < cfg.data.image_size < 28:
         raise ConfigError(
-            f"run config 'image-size': expected 0 (the task's default) or 28..1024 pixels, got {cfg.data.image_size}."
+            f"run config 'image-size': expected 0 (the recipe's) or 28..1024 pixels, got {cfg.data.image_size}."
         )
     _check_model_fits_task(cfg)
     _check_robust_augment(cfg)

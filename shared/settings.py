@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,9 +176,16 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """The whole run: one object parsed once, shared by server and clients."""
+    """The whole run: one object parsed once, shared by server and clients.
+
+    A parsed config (:func:`shared.config.parse_run_config`) holds resolved
+    values: every key of :data:`RECIPE_KEYS` the run config left at its
+    ``auto`` marker has the value of the task's ``recipe``. ``RunConfig()``
+    itself is unresolved (``model='auto'``, ``image_size=0``).
+    """
 
     task: str = "pneumonia-cxr"
+    recipe: str = "fast"
     model: str = "auto"
     init_weights: str = ""
     num_server_rounds: int = 3
@@ -239,6 +246,7 @@ class KeySpec:
     choices: tuple[str, ...] | None = None
     choices_fn: Callable[[], Sequence[str]] | None = None
     registry: str | None = None  # names come from a registry (:data:`REGISTRY_NAMES`), e.g. "task", "model"
+    auto: ConfigValue | None = None  # the value meaning "not set: the task's recipe decides" (:data:`RECIPE_KEYS`)
 
     def allowed(self) -> str:
         """Human description of the allowed values."""
@@ -246,12 +254,24 @@ class KeySpec:
         if names is not None:
             return "one of " + ", ".join(repr(c) for c in names)
         kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[self.kind]
+        auto = f" (or {self.auto!r} = the recipe's)" if self.auto is not None and not self._in_range(self.auto) else ""
         if self.low is not None and self.high is not None:
             lo = "(" if self.low_open else "["
-            return f"{kind} in {lo}{self.low:g}, {self.high:g}]"
+            return f"{kind} in {lo}{self.low:g}, {self.high:g}]{auto}"
         if self.low is not None:
-            return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
-        return kind
+            return f"{kind} {'>' if self.low_open else '>='} {self.low:g}{auto}"
+        return kind + auto
+
+    def _in_range(self, value: ConfigValue) -> bool:
+        if self.kind not in (int, float) or isinstance(value, (bool, str)):
+            return True
+        v = float(value)
+        low_ok = self.low is None or (v > self.low if self.low_open else v >= self.low)
+        return low_ok and (self.high is None or v <= self.high)
+
+    def is_auto(self, value: ConfigValue) -> bool:
+        """True when ``value`` is this key's "not set" marker (the recipe decides); False for keys without one."""
+        return self.auto is not None and type(value) is type(self.auto) and value == self.auto
 
     def valid_choices(self) -> list[str] | None:
         """The allowed names, or None when any value of the type is allowed."""
@@ -281,6 +301,9 @@ SIM_ATTACKS = ("none", "sign-flip", "scale", "noise", "nan")
 """Poisoning a simulated site can simulate (:mod:`shared.attacks`)."""
 SIM_ONLY_KEYS = ("sim-attack", "sim-attack-sites", "sim-attack-scale")
 """Run-config keys only simulated sites use; a real site resets them (:func:`for_site`)."""
+RECIPE_NAMES = ("fast", "accurate")
+"""Recipes every task registers (:attr:`shared.tasks.TaskSpec.recipes`): ``fast`` (the default: small and
+quick, for demos and tests) and ``accurate`` (chosen on held-out sites and a held-out test split)."""
 PARTITION_KINDS = ("iid", "dirichlet", "pathological", "quantity", "natural")
 ROBUST_AUGMENT_CHOICES = ("auto", "none", "light", "strong")
 """``auto`` and :data:`shared.data.preprocess.ROBUST_CHOICES` (not imported: shared.data loads OpenCV)."""
@@ -294,9 +317,15 @@ MAX_EXPLAIN_SAMPLES = 256
 
 _SPECS: tuple[KeySpec, ...] = (
     KeySpec("task", "", "task", str, "clinical task", registry="task"),
-    KeySpec("model", "", "model", str, "network architecture ('auto' = the task's default)", registry="model"),
+    KeySpec("recipe", "", "recipe", str,
+            "the task's recipe for every key left at its 'auto'/0 marker (model, image-size, num-server-rounds, "
+            "local-epochs, batch-size, lr, normalize): 'fast' = small and quick (demos, tests), 'accurate' = what a "
+            "hospital should run",
+            choices=RECIPE_NAMES),
+    KeySpec("model", "", "model", str, "network architecture ('auto' = the recipe's)", registry="model",
+            auto="auto"),
     KeySpec("init-weights", "", "init_weights", str, "local file with initial weights ('' = random init)"),
-    KeySpec("num-server-rounds", "", "num_server_rounds", int, "federated rounds", 1, 10_000),
+    KeySpec("num-server-rounds", "", "num_server_rounds", int, "federated rounds", 1, 10_000, auto=0),
     KeySpec("round-timeout", "", "round_timeout", float, "seconds to wait for site replies per round", 0, INF, low_open=True),
     KeySpec("results-dir", "", "results_dir", str, "folder receiving one sub-folder per run"),
     KeySpec("run-name", "", "run_name", str, "name of this run's results folder ('' = timestamp)"),
@@ -333,16 +362,17 @@ _SPECS: tuple[KeySpec, ...] = (
             "experiment tracking of the server: config, per-round metrics, model card, kept in the results folder "
             "(mlflow: mlruns/ file store; tensorboard: tensorboard/ event files; none = off)",
             choices=TRACKING_BACKENDS),
-    KeySpec("local-epochs", "train", "local_epochs", int, "local epochs per round", 1, 1000),
-    KeySpec("batch-size", "train", "batch_size", int, "local batch size", 1, 4096),
-    KeySpec("lr", "train", "lr", float, "local learning rate", 0, 10, low_open=True),
+    KeySpec("local-epochs", "train", "local_epochs", int, "local epochs per round", 1, 1000, auto=0),
+    KeySpec("batch-size", "train", "batch_size", int, "local batch size", 1, 4096, auto=0),
+    KeySpec("lr", "train", "lr", float, "local learning rate", 0, 10, low_open=True, auto=0.0),
     KeySpec("optimizer", "train", "optimizer", str, "local optimizer", choices=("adam", "sgd")),
     KeySpec("momentum", "train", "momentum", float, "SGD momentum", 0, 1),
     KeySpec("weight-decay", "train", "weight_decay", float, "L2 weight decay", 0, 1),
     KeySpec("proximal-mu", "train", "proximal_mu", float, "FedProx proximal term weight (0 = off)", 0, 1e6),
     KeySpec("class-weighting", "train", "class_weighting", bool, "inverse-frequency class weights in the loss"),
     KeySpec("precision", "train", "precision", str, "numeric precision of training", choices=("auto", "fp32", "bf16")),
-    KeySpec("image-size", "data", "image_size", int, "square input size in pixels (0 = the task's default)", 0, 1024),
+    KeySpec("image-size", "data", "image_size", int, "square input size in pixels (0 = the recipe's)", 0, 1024,
+            auto=0),
     KeySpec("data-path", "data", "data_path", str, "dataset to partition in simulation ('' = synthetic phantoms)"),
     KeySpec("phantom-count", "data", "phantom_count", int, "number of synthetic phantoms in a simulation", 20, 1_000_000),
     KeySpec("site-shift", "data", "site_shift", bool,
@@ -353,8 +383,8 @@ _SPECS: tuple[KeySpec, ...] = (
     KeySpec("robust-augment", "data", "robust_augment", str,
             "acquisition-robust training augmentation (gamma, tone curve, noise, blur, resolution loss, elastic, "
             "wider contrast/zoom) against other hospitals' scanners ('auto' = the task's default; 'none' for every "
-            "built-in task)",
-            choices=ROBUST_AUGMENT_CHOICES),
+            "built-in task; the recipe's when left at 'auto')",
+            choices=ROBUST_AUGMENT_CHOICES, auto="auto"),
     KeySpec("robust-augment-strength", "data", "robust_augment_strength", float,
             "scales the robust-augment level's ranges (0 = off, 1 = the level, 2 = twice as far)", 0, 2),
     KeySpec("hflip", "data", "hflip", bool, "random horizontal flips in augmentation (off for radiographs: laterality matters)"),
@@ -363,7 +393,9 @@ _SPECS: tuple[KeySpec, ...] = (
     KeySpec("clahe-clip", "data", "clahe_clip", float, "CLAHE clip limit", 0, 40, low_open=True),
     KeySpec("clahe-tiles", "data", "clahe_tiles", int, "CLAHE tile grid (tiles x tiles)", 1, 64),
     KeySpec("denoise", "data", "denoise", str, "denoising before resizing ('auto' = task default)", choices=("auto", "none", "gaussian", "bilateral")),
-    KeySpec("normalize", "data", "normalize", str, "intensity normalisation per batch", choices=("fixed", "minmax", "zscore")),
+    KeySpec("normalize", "data", "normalize", str,
+            "intensity normalisation of each image for the network ('auto' = the recipe's)",
+            choices=("auto", "fixed", "minmax", "zscore"), auto="auto"),
     KeySpec("dicom-window-fallback", "data", "dicom_window_fallback", str, "DICOM window when the file has none", choices=("percentile", "minmax")),
     KeySpec("cache", "data", "cache", bool, "cache decoded, preprocessed images on the site's disk"),
     KeySpec("min-train-images", "data", "min_train_images", int,
@@ -438,6 +470,33 @@ _SPECS: tuple[KeySpec, ...] = (
 )
 
 RUN_KEYS: dict[str, KeySpec] = {s.key: s for s in _SPECS}
+
+RECIPE_KEYS: tuple[str, ...] = tuple(s.key for s in _SPECS if s.auto is not None)
+"""Keys a task's recipe sets when the run config leaves them at their ``auto`` marker ('auto' or 0)."""
+
+
+def flat_defaults() -> dict[str, ConfigValue]:
+    """Every run-config key with its default as ``pyproject.toml`` declares it.
+
+    The dataclass defaults, except that each key of :data:`RECIPE_KEYS` holds
+    its ``auto`` marker: left there, the task's recipe decides its value when
+    the run config is parsed. (The dataclasses keep concrete values for code
+    that builds a :class:`TrainConfig` itself.)
+    """
+    flat = RunConfig().to_flat()
+    flat.update({key: RUN_KEYS[key].auto for key in RECIPE_KEYS})  # type: ignore[misc]
+    return flat
+
+
+def replace_keys(cfg: RunConfig, updates: Mapping[str, ConfigValue]) -> RunConfig:
+    """``cfg`` with the given run-config keys (kebab-case) set to new values (not validated here)."""
+    sections: dict[str, dict[str, ConfigValue]] = {}
+    for key, value in updates.items():
+        spec = RUN_KEYS[key]
+        sections.setdefault(spec.section, {})[spec.attr] = value
+    top = sections.pop("", {})
+    parts = {name: dataclasses.replace(getattr(cfg, name), **attrs) for name, attrs in sections.items()}
+    return dataclasses.replace(cfg, **top, **parts)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------

@@ -8,9 +8,15 @@ decision threshold is chosen on validation data, how to make synthetic
 phantoms for demos and tests, what it trains with (its *objective*: loss,
 batches, counts; :mod:`shared.objectives`) and how its results are shown (its
 *view*: primary metric, headline; :mod:`shared.metrics.presentation`).
-Adding a task is one registration here. Selecting a task in the run config
-(``task='nec-axr'``) sets ``model='auto'`` and ``image-size=0`` to the task's
-defaults.
+Adding a task is one registration here.
+
+Each task also registers its *recipes* (:attr:`TaskSpec.recipes`): ``fast``
+(its small defaults, for demos and tests) and ``accurate`` (what a hospital
+should run, chosen on held-out sites and a held-out test split). The run
+config's ``recipe`` names one; every recipe key the run config leaves at its
+marker (``model='auto'``, ``image-size=0``, ``num-server-rounds=0``,
+``local-epochs=0``, ``batch-size=0``, ``lr=0``, ``normalize='auto'``) takes the recipe's value
+(:func:`shared.config.parse_run_config`), explicit keys win.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from shared.settings import PATH_KEYS, RunConfig
+from shared.settings import PATH_KEYS, RECIPE_KEYS, RECIPE_NAMES, ConfigValue, RunConfig
 from shared.data import phantoms, phantoms_pneumonia, phantoms_tasks
 from shared.data.preprocess import ROBUST_CHOICES, AugmentConfig, PreprocessConfig, robust_augment
 from shared.kinds import CLASSIFICATION, SEGMENTATION
@@ -75,7 +81,15 @@ class TaskSpec:
         is no single positive class; decisions are the argmax and metrics
         are one-vs-rest per class with their macro averages.
     default_model, default_image_size:
-        Used when the run config says ``model='auto'`` / ``image-size=0``.
+        The ``fast`` recipe's model and image size.
+    recipes:
+        Recipe name (each of :data:`shared.settings.RECIPE_NAMES`: ``fast``,
+        ``accurate``) -> values of recipe keys
+        (:data:`shared.settings.RECIPE_KEYS`: ``model``, ``image-size``,
+        ``num-server-rounds``, ``local-epochs``, ``batch-size``, ``lr``,
+        ``normalize``). A
+        key a recipe leaves out has the generic default (``fast``'s model and
+        size are ``default_model``/``default_image_size``); see :meth:`recipe`.
     threshold_method, target_sensitivity:
         How the operating threshold is chosen on pooled validation counts:
         ``"youden"`` (max sensitivity + specificity - 1) or
@@ -137,6 +151,8 @@ class TaskSpec:
     augment: AugmentConfig = AugmentConfig()
     robust_augment: str = "none"
     render_disparity_phantoms: DisparityRenderer | None = None
+    recipes: Mapping[str, Mapping[str, ConfigValue]] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False)
 
     def __post_init__(self) -> None:
         if self.threshold_method not in THRESHOLD_METHODS:
@@ -157,8 +173,37 @@ class TaskSpec:
         if self.robust_augment not in ROBUST_CHOICES:
             raise ValueError(f"task '{self.name}': robust_augment must be one of {ROBUST_CHOICES}, "
                              f"got {self.robust_augment!r}")
+        if set(self.recipes) != set(RECIPE_NAMES):
+            raise ValueError(f"task '{self.name}': recipes must be exactly {list(RECIPE_NAMES)}, "
+                             f"got {sorted(self.recipes)}")
+        for name, values in self.recipes.items():
+            stray = sorted(set(values) - set(RECIPE_KEYS))
+            if stray:
+                raise ValueError(f"task '{self.name}' recipe '{name}': only {list(RECIPE_KEYS)} may be set, "
+                                 f"got {stray}")
+        object.__setattr__(self, "recipes", MappingProxyType(
+            {name: MappingProxyType(dict(values)) for name, values in self.recipes.items()}))
         if self.preprocess.channels != self.in_channels:  # one source of truth for channels: in_channels
             object.__setattr__(self, "preprocess", dataclasses.replace(self.preprocess, channels=self.in_channels))
+
+    def recipe(self, name: str) -> dict[str, ConfigValue]:
+        """Every recipe key's value under recipe ``name`` (not yet validated: the config parser does that).
+
+        The generic defaults (:class:`shared.settings.RunConfig`'s), with this
+        task's ``default_model`` and ``default_image_size``, updated by the
+        recipe's own values.
+
+        Raises
+        ------
+        KeyError
+            No recipe of that name.
+        """
+        values = self.recipes[name]
+        generic = RunConfig().to_flat()
+        out: dict[str, ConfigValue] = {key: generic[key] for key in RECIPE_KEYS}
+        out.update({"model": self.default_model, "image-size": self.default_image_size})
+        out.update(values)
+        return out
 
     @property
     def num_classes(self) -> int:
@@ -288,6 +333,11 @@ def _with_disparity(fn: Callable[..., tuple[np.ndarray, ...]], *, masks: bool = 
     return render
 
 
+PNEUMONIA_CXR_RECIPES: dict[str, dict[str, ConfigValue]] = {
+    "fast": {},
+    "accurate": {},  # PROVISIONAL
+}
+
 TASKS.add(
     "pneumonia-cxr",
     TaskSpec(
@@ -304,8 +354,14 @@ TASKS.add(
         preprocess=RADIOGRAPH_PREPROCESS,
         augment=RADIOGRAPH_AUGMENT,
         render_disparity_phantoms=_with_disparity(phantoms.make_chest_phantoms),
+        recipes=PNEUMONIA_CXR_RECIPES,
     ),
 )
+
+PNEUMONIA_CXR_3CLASS_RECIPES: dict[str, dict[str, ConfigValue]] = {
+    "fast": {},
+    "accurate": {},  # PROVISIONAL
+}
 
 TASKS.add(
     "pneumonia-cxr-3class",
@@ -325,8 +381,14 @@ TASKS.add(
         label_aliases={"bacteria": "bacterial", "virus": "viral"},  # Kermany's spellings
         preprocess=RADIOGRAPH_PREPROCESS,
         augment=RADIOGRAPH_AUGMENT,
+        recipes=PNEUMONIA_CXR_3CLASS_RECIPES,
     ),
 )
+
+PNEUMOTHORAX_CXR_RECIPES: dict[str, dict[str, ConfigValue]] = {
+    "fast": {},
+    "accurate": {},  # PROVISIONAL
+}
 
 TASKS.add(
     "pneumothorax-cxr",
@@ -346,8 +408,14 @@ TASKS.add(
         target_sensitivity=0.9,
         preprocess=RADIOGRAPH_PREPROCESS,
         augment=RADIOGRAPH_AUGMENT,
+        recipes=PNEUMOTHORAX_CXR_RECIPES,
     ),
 )
+
+LUNG_SEG_RECIPES: dict[str, dict[str, ConfigValue]] = {
+    "fast": {},
+    "accurate": {},  # PROVISIONAL
+}
 
 TASKS.add(
     "lung-seg",
@@ -364,6 +432,7 @@ TASKS.add(
         render_phantoms=_first_two(phantoms_tasks.make_lung_seg_phantoms),
         preprocess=RADIOGRAPH_PREPROCESS,
         augment=RADIOGRAPH_AUGMENT,
+        recipes=LUNG_SEG_RECIPES,
     ),
 )
 
@@ -377,6 +446,13 @@ def _images_and_masks(fn: Callable[..., tuple[np.ndarray, ...]]) -> PhantomRende
 
     return render
 
+
+PNEUMOTHORAX_SEG_RECIPES: dict[str, dict[str, ConfigValue]] = {
+    # the small region needs a higher lr than the Adam default to leave the all-background solution within a few
+    # rounds (README used to say to set lr=0.003 by hand)
+    "fast": {"lr": 0.003},
+    "accurate": {},  # PROVISIONAL
+}
 
 TASKS.add(
     "pneumothorax-seg",
@@ -399,8 +475,14 @@ TASKS.add(
         foreground_batch_dice=True,  # ~5 % of the image, empty in half the images
         preprocess=RADIOGRAPH_PREPROCESS,
         augment=RADIOGRAPH_AUGMENT,
+        recipes=PNEUMOTHORAX_SEG_RECIPES,
     ),
 )
+
+NEC_AXR_RECIPES: dict[str, dict[str, ConfigValue]] = {
+    "fast": {},
+    "accurate": {},  # PROVISIONAL
+}
 
 TASKS.add(
     "nec-axr",
@@ -419,8 +501,14 @@ TASKS.add(
         target_sensitivity=0.9,
         preprocess=RADIOGRAPH_PREPROCESS,
         augment=RADIOGRAPH_AUGMENT,
+        recipes=NEC_AXR_RECIPES,
     ),
 )
+
+NF_PHOTO_RECIPES: dict[str, dict[str, ConfigValue]] = {
+    "fast": {},
+    "accurate": {},  # PROVISIONAL
+}
 
 TASKS.add(
     "nf-photo",
@@ -439,6 +527,7 @@ TASKS.add(
         target_sensitivity=0.95,
         preprocess=PHOTO_PREPROCESS,
         augment=PHOTO_AUGMENT,
+        recipes=NF_PHOTO_RECIPES,
     ),
 )
 

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 
 from shared.config import (
+    RECIPE_KEYS,
     RUN_KEYS,
     ConfigError,
     RunConfig,
+    flat_defaults,
     parse_node_config,
     parse_overrides,
     parse_run_config,
@@ -29,7 +31,10 @@ def pyproject_defaults() -> dict:
 def test_pyproject_declares_every_key_with_the_dataclass_default() -> None:
     flat = pyproject_defaults()
     assert set(flat) == set(RUN_KEYS)
-    # model='auto' and image-size=0 resolve to the task's defaults
+    # the dataclass defaults, with the recipe keys at their 'auto'/0 marker
+    assert flat == flat_defaults()
+    assert {k for k, v in flat.items() if v != RunConfig().to_flat()[k]} <= set(RECIPE_KEYS)
+    # the markers resolve to the task's fast recipe
     parsed = parse_run_config(flat)
     assert parsed.model == "small-cnn" and parsed.data.image_size == 64
     assert RunConfig().model == "auto" and RunConfig().data.image_size == 0
@@ -54,9 +59,9 @@ def test_round_trip_and_coercion() -> None:
         ({"task": "pneumonia"}, ["'task'", "pneumonia-cxr"]),
         ({"partition": "diriclet"}, ["'partition'", "Did you mean 'dirichlet'"]),
         ({"lr": "fast"}, ["'lr'", "expected a number", "'fast'"]),
-        ({"lr": 0.0}, ["'lr'", "(0, 10]", "0.0"]),
+        ({"lr": 20.0}, ["'lr'", "(0, 10]", "20.0"]),
         ({"lr": -1}, ["'lr'", "-1"]),
-        ({"num-server-rounds": 0}, ["'num-server-rounds'", "[1, 10000]", "got 0"]),
+        ({"num-server-rounds": -1}, ["'num-server-rounds'", "[1, 10000]", "(or 0 = the recipe's)", "got -1"]),
         ({"num-server-rounds": 2.5}, ["'num-server-rounds'", "an integer", "2.5"]),
         ({"batch-size": True}, ["'batch-size'", "True"]),
         ({"augment": 1}, ["'augment'", "true or false", "1"]),

@@ -202,7 +202,7 @@ def header_lines(cfg: Any, sites: int, run_dir: Path, *, verbose: bool = False, 
     Parameters
     ----------
     cfg:
-        The parsed :class:`shared.config.RunConfig` (task defaults applied).
+        The parsed :class:`shared.config.RunConfig` (the task's recipe applied).
     sites:
         Number of simulated sites.
     run_dir:
@@ -234,7 +234,8 @@ def header_lines(cfg: Any, sites: int, run_dir: Path, *, verbose: bool = False, 
         f"medfed simulate: {cfg.task} with {cfg.model} at {cfg.data.image_size} px, {cfg.strategy.name}, "
         f"{sites} sites x {rounds} round{'s' if rounds != 1 else ''}",
         f"  data: {data}, {cfg.partition.kind} partition; {cfg.train.local_epochs} local "
-        f"epoch{'s' if cfg.train.local_epochs != 1 else ''} per round; {dp}",
+        f"epoch{'s' if cfg.train.local_epochs != 1 else ''} per round (batch {cfg.train.batch_size}, "
+        f"lr {cfg.train.lr:g}; recipe '{cfg.recipe}'); {dp}",
         *attack,
         *ray,
         f"  results: {run_dir}",
