@@ -230,13 +230,24 @@ def run_arm(arm: Arm, data: TaskData, *, seed: int, sites: int, precision: str, 
         "task": arm.task, "arm": arm.name, "seed": seed, "wall-seconds": result.seconds,
         "run-dir": str(result.run_dir),
         "config": {k: config.get(k) for k in ("recipe", "model", "image-size", "num-server-rounds", "local-epochs",
-                                              "batch-size", "lr")},
+                                              "batch-size", "lr", "normalize", "robust-augment")},
         "primary": primary,
         "validation": figures(summary.get("final", {}), primary),
         "unseen-site": figures(summary.get("final-holdout", {}), primary),
     }
     if summary.get("final-test"):
         row["test"] = figures(summary["final-test"], primary)
+    cal = summary.get("calibration") or {}
+    if data.test_path is not None and cal.get("status") == "fitted":
+        # the saved model as a hospital uses it (medfed evaluate): calibrated vs raw probabilities on the test split
+        from shared.inference import evaluate_dataset, load_trained
+
+        scored = evaluate_dataset(load_trained(result.run_dir), data.test_path)
+        row["test-calibration"] = {k: scored.calibration.get(k) for k in ("ece-uncalibrated", "ece",
+                                                                          "nll-uncalibrated", "nll")}
+    if cal.get("status") == "fitted":  # federated calibration on the training sites' validation data
+        row["calibration"] = {k: cal.get(k) for k in ("method", "temperature", "ece-before", "ece-after",
+                                                      "nll-before", "nll-after")}
     val, unseen = row["validation"][primary], row["unseen-site"][primary]
     row["gap"] = val - unseen if val is not None and unseen is not None else None
     return row
@@ -268,7 +279,8 @@ def _interval(fig: dict[str, Any], key: str) -> str:
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table, one line per (task, arm): seeds pooled as mean ± sd, intervals shown for a single seed."""
     head = ["task", "arm", "model / px / rounds x epochs", "validation", "unseen site", "gap", "test AUROC",
-            "test sens@thr", "test spec@thr", "test spec@0.5", "seeds", "minutes"]
+            "test sens@thr", "test spec@thr", "test spec@0.5", "val ECE before -> after calibration",
+            "test ECE raw -> calibrated", "seeds", "minutes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
@@ -278,16 +290,37 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         budget = f"{c['model']} / {c['image-size']} / {c['num-server-rounds']} x {c['local-epochs']}"
         one = len(rs) == 1
         tests = [r["test"] for r in rs if "test" in r]
-        cell = (lambda key: _interval(tests[0], key) if one else _mean_sd([t.get(key) for t in tests])) if tests \
-            else (lambda key: "n/a")
+
+        def cell(key: str, tests: list[dict[str, Any]] = tests, one: bool = one) -> str:
+            if not tests:
+                return "n/a"
+            return _interval(tests[0], key) if one else _mean_sd([t.get(key) for t in tests])
+
         val = _interval(rs[0]["validation"], p) if one else _mean_sd([r["validation"][p] for r in rs])
         unseen = _interval(rs[0]["unseen-site"], p) if one else _mean_sd([r["unseen-site"][p] for r in rs])
         cells = [task, arm, budget, f"{p} {val}", f"{p} {unseen}", _mean_sd([r["gap"] for r in rs]),
                  cell("auroc"), cell("sensitivity@thr"), cell("specificity@thr"),
                  _mean_sd([t.get("specificity@0.5") for t in tests]) if tests else "n/a",
+                 _ece_cell(rs), _test_ece_cell(rs),
                  ",".join(str(r["seed"]) for r in rs), f"{sum(r['wall-seconds'] for r in rs) / 60:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _ece_cell(rows: Sequence[dict[str, Any]]) -> str:
+    """Pooled validation ECE before -> after the federated calibration (mean over seeds); n/a when none was fitted."""
+    cals = [r["calibration"] for r in rows if r.get("calibration")]
+    if not cals:
+        return "n/a"
+    return f"{_mean_sd([c['ece-before'] for c in cals])} -> {_mean_sd([c['ece-after'] for c in cals])}"
+
+
+def _test_ece_cell(rows: Sequence[dict[str, Any]]) -> str:
+    """Test-split ECE of the saved model's raw -> calibrated probabilities (``medfed evaluate``'s figures)."""
+    cals = [r["test-calibration"] for r in rows if r.get("test-calibration")]
+    if not cals:
+        return "n/a"
+    return f"{_mean_sd([c['ece-uncalibrated'] for c in cals])} -> {_mean_sd([c['ece'] for c in cals])}"
 
 
 def gap_changes(rows: Sequence[dict[str, Any]]) -> list[str]:

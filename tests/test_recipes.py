@@ -27,7 +27,8 @@ from shared.tasks import TASKS, TaskSpec, get_task
 ROOT = Path(__file__).resolve().parents[1]
 
 # What every task trained with before recipes existed (README "Clinical tasks"): the fast recipe must keep it.
-OLD_DEFAULTS = {"num-server-rounds": 3, "local-epochs": 1, "batch-size": 32, "lr": 1e-3, "normalize": "fixed"}
+OLD_DEFAULTS = {"num-server-rounds": 3, "local-epochs": 1, "batch-size": 32, "lr": 1e-3, "normalize": "fixed",
+                "robust-augment": "auto"}  # 'auto': the task's own level (every built-in task: none)
 OLD_MODEL = {"pneumonia-cxr": ("small-cnn", 64), "pneumonia-cxr-3class": ("small-cnn", 64),
              "pneumothorax-cxr": ("small-cnn", 64), "lung-seg": ("unet", 64), "pneumothorax-seg": ("unet", 64),
              "nec-axr": ("small-cnn", 64), "nf-photo": ("small-cnn", 64)}
@@ -96,7 +97,7 @@ def test_explicit_keys_win_even_when_equal_to_the_fast_value() -> None:
 
 def test_a_marker_value_means_not_given() -> None:
     markers = {"model": "auto", "image-size": 0, "num-server-rounds": 0, "local-epochs": 0, "batch-size": 0, "lr": 0,
-               "normalize": "auto"}
+               "normalize": "auto", "robust-augment": "auto"}
     assert set(markers) == set(RECIPE_KEYS)
     base = {"task": "pneumonia-cxr", "recipe": "accurate"}
     assert parse_run_config({**base, **markers}) == parse_run_config(base)
