@@ -365,7 +365,10 @@ TASKS.add(
 
 PNEUMONIA_CXR_3CLASS_RECIPES: dict[str, dict[str, ConfigValue]] = {
     "fast": {},
-    "accurate": {},  # PROVISIONAL
+    # pneumonia-cxr's accurate recipe (same image pipeline and model); benchmarks/recipe_search.py (README
+    # "Task recipes") compares it with fast on this task's held-out, acquisition-shifted site
+    "accurate": {"num-server-rounds": 8, "local-epochs": 2, "lr": 0.001, "normalize": "zscore",
+                 "robust-augment": "light"},
 }
 
 TASKS.add(
@@ -392,7 +395,10 @@ TASKS.add(
 
 PNEUMOTHORAX_CXR_RECIPES: dict[str, dict[str, ConfigValue]] = {
     "fast": {},
-    "accurate": {},  # PROVISIONAL
+    # pneumonia-cxr's accurate recipe (same image pipeline and model); benchmarks/recipe_search.py (README
+    # "Task recipes") compares it with fast on this task's held-out, acquisition-shifted site
+    "accurate": {"num-server-rounds": 8, "local-epochs": 2, "lr": 0.001, "normalize": "zscore",
+                 "robust-augment": "light"},
 }
 
 TASKS.add(
@@ -459,7 +465,9 @@ PNEUMOTHORAX_SEG_RECIPES: dict[str, dict[str, ConfigValue]] = {
     # the small region needs a higher lr than the Adam default to leave the all-background solution within a few
     # rounds (README used to say to set lr=0.003 by hand)
     "fast": {"lr": 0.003},
-    "accurate": {},  # PROVISIONAL
+    # lung-seg's accurate recipe (same U-Net and pipeline); benchmarks/recipe_search.py (README "Task recipes")
+    # compares it with fast on this task's held-out, acquisition-shifted site
+    "accurate": {"image-size": 128, "num-server-rounds": 10, "local-epochs": 4, "batch-size": 8, "lr": 0.003},
 }
 
 TASKS.add(
@@ -489,7 +497,10 @@ TASKS.add(
 
 NEC_AXR_RECIPES: dict[str, dict[str, ConfigValue]] = {
     "fast": {},
-    "accurate": {},  # PROVISIONAL
+    # pneumonia-cxr's accurate recipe (same image pipeline and model); benchmarks/recipe_search.py (README
+    # "Task recipes") compares it with fast on this task's held-out, acquisition-shifted site
+    "accurate": {"num-server-rounds": 8, "local-epochs": 2, "lr": 0.001, "normalize": "zscore",
+                 "robust-augment": "light"},
 }
 
 TASKS.add(
@@ -515,7 +526,10 @@ TASKS.add(
 
 NF_PHOTO_RECIPES: dict[str, dict[str, ConfigValue]] = {
     "fast": {},
-    "accurate": {},  # PROVISIONAL
+    # pneumonia-cxr's accurate recipe (same image pipeline and model); benchmarks/recipe_search.py (README
+    # "Task recipes") compares it with fast on this task's held-out, acquisition-shifted site
+    "accurate": {"num-server-rounds": 8, "local-epochs": 2, "lr": 0.001, "normalize": "zscore",
+                 "robust-augment": "light"},
 }
 
 TASKS.add(
