@@ -174,7 +174,7 @@ def build_model_card(data: RunData, *, generated: str | None = None) -> dict[str
                          "validated for clinical decisions; a hospital must validate it on its own images "
                          "('medfed evaluate') before any use."),
         "training": {
-            "federation": {"strategy": rc.get("strategy"), "rounds": len(data.rounds),
+            "federation": {"recipe": rc.get("recipe"), "strategy": rc.get("strategy"), "rounds": len(data.rounds),
                            "rounds-planned": rc.get("num-server-rounds"), "local-epochs": rc.get("local-epochs"),
                            "batch-size": rc.get("batch-size"), "optimizer": rc.get("optimizer"), "lr": rc.get("lr"),
                            "seed": rc.get("seed"),
@@ -191,6 +191,8 @@ def build_model_card(data: RunData, *, generated: str | None = None) -> dict[str
                           "normalize": cfg.get("normalize") or data.meta.get("normalize"),
                           "note": "medfed predict and evaluate apply exactly this pipeline (it is stored in model.pt)"},
         "evaluation": evaluation,
+        "calibration": data.summary.get("calibration") or {"status": "not recorded"},
+        "out-of-distribution-reference": data.summary.get("ood") or {"status": "not recorded"},
         "fairness": {"across-sites": fairness.get("sites"), "subgroups": fairness.get("subgroups")},
         "privacy": _privacy(data),
         "limitations": limitations(data),

@@ -580,6 +580,29 @@ def _float(v: object) -> float | None:
 # ---------------------------------------------------------------------------
 
 
+def _post_training_rows(card: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """What the federation fitted after the last round: the calibration and the OOD reference (summaries only)."""
+    cal = card.get("calibration") or {}
+    if cal.get("status") == "fitted":
+        bias = cal.get("bias")
+        cal_text = (f"{cal.get('method')}: temperature {fmt_metric(cal.get('temperature'))}"
+                    + (f", bias {', '.join(fmt_metric(b) for b in bias)}" if bias else "")
+                    + f"; pooled validation ECE {fmt_metric(cal.get('ece-before'))} -> "
+                      f"{fmt_metric(cal.get('ece-after'))}"
+                    + f", NLL {fmt_metric(cal.get('nll-before'))} -> {fmt_metric(cal.get('nll-after'))} "
+                    "(on the validation images it was fitted on); predict and evaluate apply it")
+    else:
+        cal_text = f"{cal.get('status') or 'not recorded'}" + (f": {cal['reason']}" if cal.get("reason") else "")
+    ood = card.get("out-of-distribution-reference") or {}
+    if ood.get("status") == "ready":
+        ood_text = (f"{ood.get('dims')}-dim features of {ood.get('num-train-images')} training images; inputs beyond "
+                    f"distance {fmt_metric(ood.get('threshold'))} (99% of {ood.get('num-val-images')} validation "
+                    "images stay below) are flagged by predict and evaluate")
+    else:
+        ood_text = f"{ood.get('status') or 'not recorded'}" + (f": {ood['reason']}" if ood.get("reason") else "")
+    return [("calibration", cal_text), ("out-of-distribution reference", ood_text)]
+
+
 def _card_section(card: Mapping[str, Any]) -> Section:
     m, tr = card["model"], card["training"]
     body = [kv_table([
@@ -595,7 +618,8 @@ def _card_section(card: Mapping[str, Any]) -> Section:
     fed = tr["federation"]
     body.append(kv_table([
         ("data", tr["data-source"]),
-        ("federation", f"{fed['strategy']}, {fed['rounds']} round(s), {fed['local-epochs']} local epoch(s), "
+        ("federation", f"recipe {fed.get('recipe') or 'n/a'}: {fed['strategy']}, {fed['rounds']} round(s), "
+                       f"{fed['local-epochs']} local epoch(s), "
                        f"batch {fed['batch-size']}, {fed['optimizer']} lr {fed['lr']}, seed {fed['seed']}"),
         ("training images", f"{tr['total-training-images']} at {sum(1 for s in tr['sites'] if s['role'] != 'holdout')} "
                             "training site(s)"),
@@ -618,6 +642,7 @@ def _card_section(card: Mapping[str, Any]) -> Section:
                                                                           "specificity@thr", "dice", "iou", "hd95")
                                if k in mm)])
     body.append(table(["set", "what", "images", "figures"], rows, caption=f"Evaluation (round {ev.get('round')})"))
+    body.append(kv_table(_post_training_rows(card), caption="Calibration and the out-of-distribution reference"))
     priv = card["privacy"]
     statement = (priv.get("dp-sgd") or {}).get("statement") or priv.get("statement") or ""
     if priv.get("central-dp"):
