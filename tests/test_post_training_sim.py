@@ -49,6 +49,10 @@ def test_a_simulation_ends_with_calibration_and_the_ood_reference(tmp_path: Path
     log = (run / "flower.log").read_text()
     assert "[medfed] summary: calibration (temperature-bias): temperature" in log
     assert "[medfed] summary: out-of-distribution reference" in log
+    card = json.loads((run / "model-card.json").read_text())  # the report's model card carries both summaries
+    assert card["calibration"] == summary["calibration"] and card["out-of-distribution-reference"] == ood
+    report = (run / "report.html").read_text()
+    assert "Calibration and the out-of-distribution reference" in report and f"{ood['dims']}-dim features" in report
 
     # the saved model predicts with both: calibrated probabilities and a distance per input
     images, _ = make_chest_phantoms(6, size=32, seed=5)
