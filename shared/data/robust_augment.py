@@ -33,13 +33,27 @@ and its own random draws (row ``i`` of each draw) only, as DP-SGD requires.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # pragma: no cover
-    from shared.data.preprocess import AugmentConfig
+
+class AugmentConfig(Protocol):
+    """The fields of :class:`shared.data.preprocess.AugmentConfig` these transforms read.
+
+    A protocol rather than an import: :mod:`shared.data.preprocess` calls this
+    module, so importing from it here would make the two modules import each
+    other.
+    """
+
+    robust_p: float
+    gamma: float
+    hist_shift: float
+    noise: float
+    blur: float
+    resolution_loss: float
+    elastic: float
 
 __all__ = [
     "ELASTIC_GRID",

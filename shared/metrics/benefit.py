@@ -150,7 +150,7 @@ def comparable_configs(federated: Mapping[str, Any], local: Mapping[str, Any]) -
     :data:`FEDERATION_ONLY_KEYS` are ignored: they are the federation's own.
     A key only one run records (another medfed version) is ignored too.
     """
-    from shared.config import RUN_KEYS  # config imports nothing heavy, but keep this module's import tiny
+    from shared.settings import RUN_KEYS  # lazy: keep this module's import tiny
 
     ignored = set(FEDERATION_ONLY_KEYS) | {k for k, s in RUN_KEYS.items() if s.section in ("strategy", "validation")}
     return sorted(k for k in set(federated) & set(local) if k not in ignored and federated[k] != local[k])
