@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,26 @@ def no_flower_gc(monkeypatch: pytest.MonkeyPatch) -> None:
     import flwr.app.message.arrayrecord as arrayrecord
 
     monkeypatch.setattr(arrayrecord, "gc", types.SimpleNamespace(collect=lambda *a: 0))
+
+
+_MEDFED_LOGGERS = ("shared", "server", "client", "simulation")  # as shared.logs.MEDFED_LOGGERS
+_LOGGERS_AT_START = {name: (lg.level, list(lg.handlers), lg.propagate)
+                     for name in _MEDFED_LOGGERS for lg in [logging.getLogger(name)]}
+
+
+@pytest.fixture(autouse=True)
+def _restore_medfed_loggers() -> Iterator[None]:
+    """Give every test medfed's loggers as they were before any test ran.
+
+    ``shared.logs.use_flower_handlers`` (called by the ServerApp/ClientApp
+    handlers, which some tests and module fixtures run in-process) sets the
+    ``shared``/``server``/``client``/``simulation`` loggers to INFO, attaches
+    Flower's handlers and stops propagation, so a later test's ``caplog``
+    would see none of their records.
+    """
+    yield
+    for name, (level, handlers, propagate) in _LOGGERS_AT_START.items():
+        lg = logging.getLogger(name)
+        lg.setLevel(level)
+        lg.handlers[:] = handlers
+        lg.propagate = propagate
