@@ -104,14 +104,15 @@ def measure_case(model_name: str, task_name: str, size: int, batch: int, batches
         for sl in slices:
             out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             for level in LEVELS:
-                def prepare(level: str = level) -> None:
+                def prepare(level: str = level, sl: slice = sl, gen: torch.Generator = gen,
+                            out: dict[str, tuple[torch.Tensor, torch.Tensor]] = out) -> None:
                     out[level] = objective.batch(images[sl], targets[sl], device=CPU, in_channels=in_ch,
                                                  augment=augs[level], generator=gen, normalize="fixed",
                                                  channels_last=engine.channels_last)
                 times[level].append(_time(prepare))
             x, y = out["strong"]
 
-            def train_step() -> None:
+            def train_step(x: torch.Tensor = x, y: torch.Tensor = y) -> None:
                 optimizer.zero_grad(set_to_none=True)
                 engine.step(x, y, objective, optimizer)
                 optimizer.step()

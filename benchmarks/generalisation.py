@@ -278,8 +278,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         budget = f"{c['model']} / {c['image-size']} / {c['num-server-rounds']} x {c['local-epochs']}"
         one = len(rs) == 1
         tests = [r["test"] for r in rs if "test" in r]
-        cell = (lambda key: _interval(tests[0], key) if one else _mean_sd([t.get(key) for t in tests])) if tests \
-            else (lambda key: "n/a")
+        cell = (lambda key, tests=tests, one=one: _interval(tests[0], key) if one
+                else _mean_sd([t.get(key) for t in tests])) if tests else (lambda key: "n/a")
         val = _interval(rs[0]["validation"], p) if one else _mean_sd([r["validation"][p] for r in rs])
         unseen = _interval(rs[0]["unseen-site"], p) if one else _mean_sd([r["unseen-site"][p] for r in rs])
         cells = [task, arm, budget, f"{p} {val}", f"{p} {unseen}", _mean_sd([r["gap"] for r in rs]),

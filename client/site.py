@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from typing import Any, TypeVar
 import torch
 
 from shared import protocol
+from shared.attacks import attack_for, poison
 from shared.config import (
     ConfigError,
     RunConfig,
@@ -24,7 +24,6 @@ from shared.config import (
     parse_node_config,
     parse_run_config,
 )
-from shared.attacks import attack_for, poison
 from shared.data.preprocess import AugmentConfig
 from shared.privacy.site_dp import DPRound, begin_round, open_ledger, state_root
 from shared.site_data import SiteData, load_site_data

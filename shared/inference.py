@@ -46,8 +46,8 @@ from torch import nn
 
 from shared.config import ConfigError, RunConfig, parse_recorded_run_config
 from shared.data.attributes import manifest_attributes
-from shared.data.preprocess import PreprocessConfig, content_box, model_spacing, normalize_batch, preprocess
 from shared.data.labels import task_labels
+from shared.data.preprocess import PreprocessConfig, content_box, model_spacing, normalize_batch, preprocess
 from shared.data.reading import make_reader
 from shared.data.sources import DataSourceError, discover, registered_suffixes
 from shared.errors import UserError
@@ -554,7 +554,7 @@ def predict_files(
     row_names = list(names) if names is not None else [Path(f).name for f in files]
     if len(row_names) != len(files):
         raise ValueError(f"names must give one name per file: {len(row_names)} names for {len(files)} files")
-    name_of = dict(zip(range(len(files)), row_names))
+    name_of = dict(zip(range(len(files)), row_names, strict=True))
     reader = make_reader(trained.run_config)
     if heatmap_dir is not None:
         heatmap_dir = Path(heatmap_dir)

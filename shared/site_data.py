@@ -56,7 +56,6 @@ from typing import Any
 
 import numpy as np
 
-from shared.settings import ConfigError, RunConfig, SiteConfig, for_site
 from shared.data.attributes import manifest_attributes
 from shared.data.cache import SiteCache, build_or_load
 from shared.data.labels import task_labels
@@ -70,6 +69,7 @@ from shared.data.sources import DataSourceError, ImageListing, ImageRecord, data
 from shared.data.splits import train_val_split
 from shared.data.usable import InputPolicy, bounded, usable_reader
 from shared.kinds import SEGMENTATION
+from shared.settings import ConfigError, RunConfig, SiteConfig, for_site
 from shared.tasks import TaskSpec
 
 logger = logging.getLogger(__name__)

@@ -39,10 +39,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.settings import TrainConfig
 from shared.data.preprocess import AugmentConfig, normalize_batch
 from shared.metrics.classification import ClassificationCounts
 from shared.metrics.segmentation import SegmentationCounts
+from shared.settings import TrainConfig
 
 logger = logging.getLogger(__name__)
 

@@ -363,7 +363,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], primary: str, *, audit: bo
     head.append("runs")
     body = []
     for r in rows:
-        def pm(k: str) -> str:
+        def pm(k: str, r: Mapping[str, Any] = r) -> str:
             std = fmt_metric(r[f"{k}-std"])
             return fmt_metric(r[f"{k}-mean"]) + ("" if std == NA else f" ± {std}")
         delta = fmt_metric(r["delta"], spec=".1e")

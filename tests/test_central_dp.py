@@ -14,7 +14,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.central_dp import central_dp_clipping_mod
-from server.central_dp import EPSILON_KEY, ClientFixedClipping, ServerFixedClipping, central_dp_summary
+from server.central_dp import EPSILON_KEY, central_dp_summary
 from server.federation import aggregate_train_metrics
 from server.strategies import build_strategy
 from shared.config import ConfigError, parse_run_config

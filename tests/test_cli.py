@@ -22,7 +22,7 @@ from simulation import cli
 from simulation.cli import main
 from simulation.commands.common import collect_overrides
 from simulation.commands.simulate import summary_lines
-from simulation.display import RunDisplay, format_line
+from simulation.display import RunDisplay
 from simulation.errors import SimulationError, SimulationPlanError
 from simulation.flower_output import read_console_line, strip_ansi
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from hostile_files import write_dicom, write_dicom_claiming
+
 from shared.config import ConfigError, SiteConfig, parse_node_config, parse_run_config
 from shared.data.phantoms import make_chest_phantoms
 from shared.data.seg_sources import discover_segmentation
@@ -285,7 +285,7 @@ def test_paths_are_not_followed_by_stat_before_containment(tmp_path: Path) -> No
 
 
 def test_segmentation_site_quarantines_outside_and_oversized_pairs(tmp_path: Path) -> None:
-    outside = _outside(tmp_path)
+    _outside(tmp_path)
     root = tmp_path / "seg"
     rows = ["image,mask,patient_id"]
     for i in range(8):

@@ -16,22 +16,22 @@ from shared.config import PATH_KEYS, TrainConfig, parse_run_config
 from shared.data.phantoms import make_chest_phantoms
 from shared.data.preprocess import preprocess
 from shared.inference import (
+    SEGMENTATION_COLUMNS,
     ModelFileError,
     NotSupportedError,
     TrainedModel,
     collect_inputs,
     collect_named_inputs,
-    output_stem,
     evaluate_dataset,
-    SEGMENTATION_COLUMNS,
     load_trained,
+    output_stem,
     predict_files,
     predict_masks,
 )
 from shared.models import build_model
+from shared.objectives import ClassificationObjective
 from shared.results import ModelCard, RunFolder
 from shared.tasks import get_task
-from shared.objectives import ClassificationObjective
 from shared.training import images_to_tensor, train_local
 from simulation.cli import main as cli_main
 
@@ -76,7 +76,7 @@ def labelled_pngs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Class folders NORMAL/ and PNEUMONIA/ of 64 px phantom PNGs (a set the model never saw)."""
     root = tmp_path_factory.mktemp("labelled")
     images, labels = make_chest_phantoms(40, size=64, seed=11)
-    for i, (im, y) in enumerate(zip(images, labels)):
+    for i, (im, y) in enumerate(zip(images, labels, strict=True)):
         folder = root / CLASSES[int(y)].upper()
         folder.mkdir(exist_ok=True)
         cv2.imwrite(str(folder / f"img{i:03d}.png"), im)
@@ -269,7 +269,7 @@ def test_predict_real_chest_xrays(run_dir: Path, tmp_path: Path) -> None:
     assert len(files) == 3
     rows = predict_files(load_trained(run_dir), files, heatmap_dir=tmp_path / "heat")
     assert [r["input"] for r in rows] == [p.name for p in files]
-    for r, p in zip(rows, files):
+    for r, p in zip(rows, files, strict=True):
         assert r["error"] == ""
         assert abs(r["prob-normal"] + r["prob-pneumonia"] - 1.0) < 1e-6
         src = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
@@ -414,7 +414,7 @@ def test_predict_masks_on_real_lung_xrays(seg_run: tuple[Path, np.ndarray, np.nd
     manifest.write_text("path\n" + "".join(f"{p}\n" for p in [*files, crop]))
     rows = predict_masks(load_trained(seg_run[0]), collect_inputs([manifest]), tmp_path / "masks")
     assert [r["input"] for r in rows] == [p.name for p in files] + ["crop.png"]
-    for r, p in zip(rows, [*files, crop]):
+    for r, p in zip(rows, [*files, crop], strict=True):
         assert r["error"] == ""
         mask = cv2.imread(str(tmp_path / "masks" / r["mask"]), cv2.IMREAD_UNCHANGED)
         assert mask.shape == cv2.imread(str(p), cv2.IMREAD_UNCHANGED).shape[:2]

@@ -22,12 +22,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from hostile_files import write_dicom, write_dicom_claiming, write_zero_png
 
 import shared.data.dicom as dicom_mod
 import shared.data.reading as reading_mod
 import shared.data_check as check_mod
 import shared.limits as limits_mod
-from hostile_files import write_dicom, write_dicom_claiming, write_zero_png
 from shared.config import SiteConfig, parse_run_config
 from shared.data.cache import build_or_load
 from shared.data.dicom import dicom_geometry, read_dicom

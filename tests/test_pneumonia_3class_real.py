@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from shared.config import SiteConfig, TrainConfig, parse_run_config
-from shared.site_data import load_site_data
 from shared.models import build_model
-from shared.tasks import get_task
 from shared.objectives import ClassificationObjective
 from shared.objectives.classification import evaluate_model
+from shared.site_data import load_site_data
+from shared.tasks import get_task
 from shared.training import images_to_tensor, train_local
 
 pytestmark = pytest.mark.realdata

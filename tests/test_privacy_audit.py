@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from shared.config import SiteConfig, TrainConfig, parse_run_config
 from shared.data.preprocess import normalize_batch
-from shared.site_data import load_site_data
 from shared.models import build_model
+from shared.objectives import ClassificationObjective
+from shared.objectives.segmentation import SegmentationObjective, evaluate_seg
 from shared.privacy.audit import (
     AuditError,
     attack_metrics,
@@ -24,9 +25,8 @@ from shared.privacy.audit import (
     tpr_at_fpr,
 )
 from shared.results import write_json
-from shared.objectives.segmentation import SegmentationObjective, evaluate_seg
+from shared.site_data import load_site_data
 from shared.tasks import get_task
-from shared.objectives import ClassificationObjective
 from shared.training import images_to_tensor, to_float01, train_local
 
 torch.set_num_threads(2)
@@ -161,7 +161,7 @@ def test_audit_detects_a_model_that_memorised_its_training_images(tmp_path: Path
     x = images_to_tensor(np.concatenate([d.train_images for d in data]))
     y = torch.from_numpy(np.concatenate([d.train_labels for d in data])).long()
     train_local(model, x, y, TrainConfig(local_epochs=10, batch_size=16, lr=3e-3), ClassificationObjective(2), seed=0, augment=None)
-    sizes = {s.site_id: (len(d.train_images), len(d.val_images)) for s, d in zip(sites, data)}
+    sizes = {s.site_id: (len(d.train_images), len(d.val_images)) for s, d in zip(sites, data, strict=True)}
     _make_run(tmp_path / "run", FLAT, model, sizes)
 
     assert run_site_count(tmp_path / "run") == 2

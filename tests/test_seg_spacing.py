@@ -13,10 +13,10 @@ from shared.config import SiteConfig, parse_run_config
 from shared.data.phantoms_tasks import make_lung_seg_phantoms
 from shared.data.preprocess import PreprocessConfig, content_box, model_spacing, preprocess
 from shared.data.seg_sources import SegRecord, discover_segmentation, model_spacings, parse_spacing, record_spacing
-from shared.site_data import load_site_data
 from shared.data.sources import DataSourceError
 from shared.metrics.federated import SiteEvaluation, pool_evaluations
 from shared.metrics.segmentation import SegmentationCounts, hd95
+from shared.site_data import load_site_data
 from shared.tasks import get_task
 
 

@@ -21,8 +21,8 @@ from scipy import ndimage
 
 from shared.config import TrainConfig
 from shared.data.preprocess import AugmentConfig
-from shared.metrics.segmentation import SegmentationCounts, dice_iou, hd95
 from shared.kinds import CLASSIFICATION, SEGMENTATION
+from shared.metrics.segmentation import SegmentationCounts, dice_iou, hd95
 from shared.models import build_model, model_kind, model_names
 from shared.objectives.segmentation import SegmentationObjective, augment_pair, evaluate_seg, seg_loss
 from shared.training import snapshot_params, train_local, weight_drift
@@ -151,7 +151,7 @@ def test_counts_merged_equal_pooled_exactly() -> None:
     pooled.update(preds, targets, spacings)
     cuts = [0, 3, 4, 17, len(preds)]  # sites of 3, 1, 13 and 13 images
     sites = []
-    for lo, hi in zip(cuts[:-1], cuts[1:]):
+    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
         c = SegmentationCounts.empty()
         c.update(preds[lo:hi], targets[lo:hi], spacings[lo:hi])
         sites.append(c)
@@ -165,7 +165,7 @@ def test_counts_merged_equal_pooled_exactly() -> None:
     assert reverse == pooled
     m = merged.metrics()
     assert m["num-examples"] == len(preds)
-    per_image = [dice_iou(p, t)[0] for p, t in zip(preds, targets)]
+    per_image = [dice_iou(p, t)[0] for p, t in zip(preds, targets, strict=True)]
     assert m["dice"] == pytest.approx(np.mean(per_image), abs=1e-9)  # mean over ALL images
     site_means = np.mean([c.metrics()["dice"] for c in sites])
     assert abs(m["dice"] - site_means) > 1e-6  # not the mean of site means

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from shared.config import SiteConfig, parse_run_config
-from shared.data.phantoms import make_chest_phantoms
 from shared.data.labels import class_mapping
-from shared.site_data import load_site_data
+from shared.data.phantoms import make_chest_phantoms
 from shared.data.sources import DataSourceError
+from shared.site_data import load_site_data
 from shared.tasks import get_task
 
 TASK = get_task("pneumonia-cxr")

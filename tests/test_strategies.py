@@ -8,7 +8,6 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     Bulyan,
@@ -24,12 +23,12 @@ from flwr.serverapp.strategy import (
     QFedAvg,
 )
 
-from shared.tasks import get_task
 from server.federation import aggregate_train_metrics, make_evaluate_aggregator
 from server.strategies import STRATEGIES, build_strategy
 from shared.config import STRATEGY_NAMES, parse_run_config
 from shared.metrics.classification import ClassificationCounts
 from shared.registry import UnknownNameError
+from shared.tasks import get_task
 
 
 def reply(arrays: dict[str, np.ndarray], metrics: dict, site: str, node_id: int = 1) -> Message:

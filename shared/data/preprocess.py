@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from shared.settings import ConfigError
 from shared.data.sources import ImageReadError
+from shared.settings import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

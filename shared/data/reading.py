@@ -12,10 +12,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from shared.settings import RunConfig, SiteConfig
 from shared.data.dicom import DicomOptions, read_dicom
 from shared.data.sources import read_raw
 from shared.data.usable import InputPolicy
+from shared.settings import RunConfig, SiteConfig
 
 __all__ = ["DICOM_SUFFIXES", "READER_VERSION", "cache_root", "input_policy", "make_reader", "resolve_path"]
 

@@ -221,7 +221,7 @@ class SegmentationCounts:
                 f"expected pred and target masks of equal shape (N, H, W), got {preds.shape} and {targets.shape}"
             )
         sp = _spacing_list(spacings, len(preds))
-        for p, t, s in zip(preds, targets, sp):
+        for p, t, s in zip(preds, targets, sp, strict=True):
             d, j = dice_iou(p, t)
             self.n_images += 1
             self.dice_sum += _quantize(d, SCORE_QUANTUM)

@@ -306,8 +306,8 @@ def audit_run(run_dir: Path, *, sites: int | None = None, fpr: float = DEFAULT_F
         For a folder that is not a finished simulation, or a site with no
         training or validation images.
     """
-    from shared.site_data import load_site_data
     from shared.inference import ModelFileError, load_trained
+    from shared.site_data import load_site_data
     from shared.tasks import get_task
 
     run_dir = Path(run_dir).expanduser()

@@ -14,16 +14,15 @@ The site decides every round, before it touches an image:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shared import protocol
-from shared.settings import DPConfig, RunConfig
 from shared.privacy.accounting import (
     PRIVACY_UNIT,
     default_delta,
@@ -32,6 +31,7 @@ from shared.privacy.accounting import (
     steps_in_round,
 )
 from shared.privacy.ledger import PrivacyLedger, ledger_path
+from shared.settings import DPConfig, RunConfig
 
 logger = logging.getLogger(__name__)
 
