@@ -114,7 +114,8 @@ class _Session:
         def check(keys: list[str], replies: list[Any]) -> list[Any]:
             verdicts = screen.calibration(keys, replies, temperatures, classes)
             if counts:
-                verdicts = [v if not v.accepted else e for v, e in zip(verdicts, screen.evaluate(keys, replies), strict=True)]
+                verdicts = [v if not v.accepted else e
+                            for v, e in zip(verdicts, screen.evaluate(keys, replies), strict=True)]
             return _same_size(verdicts, keys, replies, self.sizes) if self.sizes else verdicts
 
         result = self.loop.ask(protocol.CALIBRATE_MESSAGE, self.nodes, self.arrays, config, check)

@@ -318,7 +318,8 @@ RADIOGRAPH_AUGMENT = AugmentConfig()
 # so flips and larger rotations; colour jitter kept small.
 PHOTO_PREPROCESS = PreprocessConfig(resize="letterbox", equalize="none")
 PHOTO_AUGMENT = AugmentConfig(
-    rotation_deg=15.0, hflip=True, vflip=True, scale=0.1, translate=0.05, brightness=0.1, contrast=0.15, color_jitter=0.1
+    rotation_deg=15.0, hflip=True, vflip=True, scale=0.1, translate=0.05, brightness=0.1, contrast=0.15,
+    color_jitter=0.1,
 )
 
 

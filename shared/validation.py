@@ -421,7 +421,8 @@ def _check_records(reply: SiteReply, need_arrays: bool) -> Verdict | None:
     site = reply.site_id
     if reply.unexpected_records:
         return _no(site, Reason.UNEXPECTED_RECORD,
-                   f"reply carries records other than '{ARRAYS_KEY}'/'{METRICS_KEY}': {_names(reply.unexpected_records)}")
+                   f"reply carries records other than '{ARRAYS_KEY}'/'{METRICS_KEY}': "
+                   f"{_names(reply.unexpected_records)}")
     if need_arrays and reply.arrays is None:
         return _no(site, Reason.MISSING_RECORD, f"reply has no '{ARRAYS_KEY}' record")
     if reply.metrics is None:
@@ -1014,7 +1015,10 @@ class ReplyScreen:
 
     def calibration(self, keys: Sequence[Hashable], replies: Sequence[SiteReply], temperatures: int | None = None,
                     classes: int | None = None) -> list[Verdict]:
-        """Verdicts on calibration replies (:func:`check_calibration_reply`), bounded by the announced validation sizes."""
+        """Verdicts on calibration replies (:func:`check_calibration_reply`).
+
+        Bounded by the announced validation sizes.
+        """
         return self._bounded(keys, replies, lambda r, k: check_calibration_reply(
             r, self.policy, temperatures, classes, self.val_examples.get(k)))
 

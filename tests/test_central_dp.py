@@ -126,7 +126,8 @@ GLOBAL = {"w": np.zeros(3, dtype=np.float32), "n": np.array(0, dtype=np.int64)}
 
 def central(mode: str, z: float = 1e-6, num_sites: int = 3, min_sites: int = 3, **extra: object):  # noqa: ANN201
     notes: dict[int, dict] = {}
-    cfg = parse_run_config({"central-dp.mode": mode, "central-dp.noise-multiplier": z, "central-dp.num-sites": num_sites,
+    cfg = parse_run_config({"central-dp.mode": mode, "central-dp.noise-multiplier": z,
+                            "central-dp.num-sites": num_sites,
                             "central-dp.clipping-norm": 1.0, "min-sites": min_sites, **extra})
     strategy = build_strategy(cfg.strategy, cfg.train, train_metrics_aggr_fn=aggregate_train_metrics,
                               central_dp=cfg.central_dp,

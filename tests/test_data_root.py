@@ -74,7 +74,8 @@ def _manifest_site(tmp_path: Path, n: int = 24) -> Path:
 # ---------------------------------------------------------------------------
 
 
-def test_manifest_rows_and_symlinks_leading_out_are_not_listed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_manifest_rows_and_symlinks_leading_out_are_not_listed(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
     root = _manifest_site(tmp_path)
     with caplog.at_level(logging.DEBUG):
         listing = discover(root)
@@ -118,7 +119,8 @@ def test_everything_outside_says_how_to_allow_it(tmp_path: Path) -> None:
     outside = _outside(tmp_path)
     root = tmp_path / "site"
     root.mkdir()
-    (root / "manifest.csv").write_text(f"path,label\n../SECRETOUTSIDE/escape.png,NORMAL\n{outside / 'linked.png'},PNEUMONIA\n")
+    (root / "manifest.csv").write_text(f"path,label\n../SECRETOUTSIDE/escape.png,NORMAL\n"
+                                       f"{outside / 'linked.png'},PNEUMONIA\n")
     with pytest.raises(DataSourceError, match="outside-data-root: 2.*allow-outside-data-root=true"):
         discover(root)
 

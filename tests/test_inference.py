@@ -55,7 +55,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     images = np.stack([preprocess(im, pcfg) for im in images])
     torch.manual_seed(0)
     model = build_model(cfg.model, task.in_channels, task.num_classes)
-    train_local(model, images_to_tensor(images), torch.as_tensor(labels), TrainConfig(local_epochs=1), ClassificationObjective(task.num_classes), seed=0, augment=None)
+    train_local(model, images_to_tensor(images), torch.as_tensor(labels), TrainConfig(local_epochs=1),
+                ClassificationObjective(task.num_classes), seed=0, augment=None)
     aug = task.augment_for(cfg)
     meta = {
         "task": cfg.task, "model": cfg.model, "image-size": cfg.data.image_size,
@@ -102,7 +103,8 @@ def test_load_trained_from_folder_and_file(run_dir: Path) -> None:
         assert torch.equal(v, b.model.state_dict()[k])
 
 
-def test_predict_cli_pngs_dicom_broken_with_heatmaps(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_cli_pngs_dicom_broken_with_heatmaps(run_dir: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     inputs = tmp_path / "in"
     inputs.mkdir()
     images, _ = make_chest_phantoms(4, size=64, seed=5)
@@ -250,7 +252,8 @@ def test_same_file_names_in_different_folders_are_told_apart(run_dir: Path, tmp_
     assert output_stem("a/b/c.dcm") == "a__b__c" and output_stem("../x.png") == "x"
 
 
-def test_classifier_entry_points_point_segmentation_models_elsewhere(run_dir: Path, labelled_pngs: Path, tmp_path: Path) -> None:
+def test_classifier_entry_points_point_segmentation_models_elsewhere(run_dir: Path, labelled_pngs: Path,
+                                                                     tmp_path: Path) -> None:
     base = load_trained(run_dir)
     seg = TrainedModel(nn.Identity(), {**base.meta, "model": "unet"}, base.path, base.run_config, base.preprocess)
     with pytest.raises(NotSupportedError, match="use evaluate_segmentation"):

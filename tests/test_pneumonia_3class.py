@@ -218,7 +218,8 @@ def test_missing_or_conflicting_subtype_values_are_errors(tmp_path: Path) -> Non
     names = _write_images(tmp_path, 3)
     gap = _manifest(tmp_path, "path,label,subtype",
                     [f"{names[0]},NORMAL,", f"{names[1]},PNEUMONIA,", f"{names[2]},PNEUMONIA,fungal"])
-    with pytest.raises(DataSourceError, match=r"2 row\(s\) have no usable 'subtype' value.*'PNEUMONIA': 1.*'fungal': 1"):
+    with pytest.raises(DataSourceError,
+                       match=r"2 row\(s\) have no usable 'subtype' value.*'PNEUMONIA': 1.*'fungal': 1"):
         _lookup(TASK, gap)
     clash = _manifest(tmp_path, "path,label,subtype", [f"{names[0]},NORMAL,bacteria", f"{names[1]},PNEUMONIA,virus"])
     with pytest.raises(DataSourceError, match="label 'NORMAL' with subtype 'bacteria': 1"):

@@ -109,6 +109,7 @@ def test_planner_cli_table_and_target(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_planner_cli_rejects_impossible_input(capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["privacy", "plan", "--dataset-size", "0", "--batch-size", "64", "--rounds", "5", "--noise-multiplier", "1"])
+    rc = main(["privacy", "plan", "--dataset-size", "0", "--batch-size", "64", "--rounds", "5",
+               "--noise-multiplier", "1"])
     assert rc == 2
     assert "dataset size" in capsys.readouterr().err

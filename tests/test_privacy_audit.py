@@ -99,7 +99,8 @@ def test_classification_losses_are_per_example_cross_entropy() -> None:
     labels = rng.integers(0, 2, size=10)
     torch.manual_seed(0)
     model = build_model("small-cnn", 1, 2).eval()
-    losses = per_example_losses(model, images, labels, objective=ClassificationObjective(2), normalize="fixed", batch_size=4)
+    losses = per_example_losses(model, images, labels, objective=ClassificationObjective(2),
+                                normalize="fixed", batch_size=4)
     with torch.no_grad():
         x = normalize_batch(to_float01(images_to_tensor(images), 1, torch.device("cpu"), False), "fixed")
         expected = F.cross_entropy(model(x), torch.as_tensor(labels), reduction="none").numpy()
@@ -116,7 +117,8 @@ def test_segmentation_losses_average_to_evaluate_seg_loss() -> None:
     torch.manual_seed(0)
     model = build_model("unet", 1, 2).eval()
     losses = per_example_losses(model, images, masks, objective=SegmentationObjective(2), batch_size=4)
-    _, mean_loss = evaluate_seg(model, images_to_tensor(images), torch.from_numpy(masks), batch_size=3, precision="fp32")
+    _, mean_loss = evaluate_seg(model, images_to_tensor(images), torch.from_numpy(masks), batch_size=3,
+                                precision="fp32")
     assert losses.shape == (6,) and len(set(np.round(losses, 6))) > 1
     assert losses.mean() == pytest.approx(mean_loss, rel=1e-4)
 
@@ -160,7 +162,8 @@ def test_audit_detects_a_model_that_memorised_its_training_images(tmp_path: Path
     # overfit on both sites' training images (no augmentation): members get much lower loss
     x = images_to_tensor(np.concatenate([d.train_images for d in data]))
     y = torch.from_numpy(np.concatenate([d.train_labels for d in data])).long()
-    train_local(model, x, y, TrainConfig(local_epochs=10, batch_size=16, lr=3e-3), ClassificationObjective(2), seed=0, augment=None)
+    train_local(model, x, y, TrainConfig(local_epochs=10, batch_size=16, lr=3e-3), ClassificationObjective(2),
+                seed=0, augment=None)
     sizes = {s.site_id: (len(d.train_images), len(d.val_images)) for s, d in zip(sites, data, strict=True)}
     _make_run(tmp_path / "run", FLAT, model, sizes)
 

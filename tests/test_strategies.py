@@ -117,7 +117,8 @@ def test_fedavg_golden_weighted_average() -> None:
 
 def test_evaluate_aggregation_sums_counts_not_ratios() -> None:
     """A tiny site with accuracy 0 must not weigh as much as a large site with accuracy 1."""
-    big = ClassificationCounts.from_predictions(np.array([[0.9, 0.1]] * 90 + [[0.2, 0.8]] * 90), np.array([0] * 90 + [1] * 90))
+    big = ClassificationCounts.from_predictions(np.array([[0.9, 0.1]] * 90 + [[0.2, 0.8]] * 90),
+                                                np.array([0] * 90 + [1] * 90))
     small = ClassificationCounts.from_predictions(np.array([[0.1, 0.9], [0.8, 0.2]]), np.array([0, 1]))
     records = [
         RecordDict({"metrics": MetricRecord({"num-examples": 180, "eval-loss": 0.1, **big.to_flat()})}),

@@ -70,6 +70,9 @@ def make_reader(cfg: RunConfig) -> Callable[[Path], np.ndarray]:
 
 
 def cache_root(site: SiteConfig) -> Path:
-    """Where this site caches preprocessed images: node config ``cache-dir``, ``$MEDFED_CACHE_DIR`` or ``~/.cache/medfed``."""
+    """Where this site caches preprocessed images.
+
+    Node config ``cache-dir``, ``$MEDFED_CACHE_DIR`` or ``~/.cache/medfed``.
+    """
     root = site.cache_dir or os.environ.get("MEDFED_CACHE_DIR") or "~/.cache/medfed"
     return Path(root).expanduser()

@@ -466,7 +466,8 @@ class SubgroupCounts:
                 report.min_cell = _nonneg_int(flat[key], key)
                 continue
             if len(parts) < 2 or parts[0] not in SUBGROUP_COLUMNS:
-                raise ValueError(f"subgroup key {key!r}: expected {prefix}<column>/... with a column of {SUBGROUP_COLUMNS}")
+                raise ValueError(f"subgroup key {key!r}: expected {prefix}<column>/... with a column of "
+                                 f"{SUBGROUP_COLUMNS}")
             column = parts[0]
             if len(parts) == 2 and parts[1] in ("suppressed", "withheld"):
                 target = report.suppressed if parts[1] == "suppressed" else report.withheld
@@ -577,7 +578,8 @@ def per_image_segmentation_counts(
     preds = np.asarray(pred_masks)
     targets = np.asarray(target_masks)
     if preds.ndim != 3 or preds.shape != targets.shape:
-        raise ValueError(f"expected pred and target masks of equal shape (N, H, W), got {preds.shape} and {targets.shape}")
+        raise ValueError(f"expected pred and target masks of equal shape (N, H, W), got {preds.shape} "
+                         f"and {targets.shape}")
     n = len(preds)
     if spacings is None:
         per: list[Spacing | None] = [None] * n

@@ -71,7 +71,8 @@ def seg_loss(foreground_batch_dice: bool = False) -> nn.Module:
     return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
-def _geometry_theta(b: int, h: int, w: int, cfg: AugmentConfig, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+def _geometry_theta(b: int, h: int, w: int, cfg: AugmentConfig, generator: torch.Generator,
+                    device: torch.device) -> torch.Tensor:
     """Random affine matrices ``(B, 2, 3)`` (output -> input, ``[-1, 1]`` units), as augment_batch draws them."""
     r = torch.rand((b, _N_GEOM_DRAWS), generator=generator, device=generator.device, dtype=torch.float64)
     return affine_theta(r.to(device=device, dtype=torch.float32), cfg, h, w)

@@ -270,11 +270,15 @@ def _run_config(folder: RunFolder) -> RunConfig:
     try:
         return parse_recorded_run_config(folder.run_config())
     except ConfigError as exc:
-        raise AuditError(f"the run config in '{folder.config_path}' is not valid for this medfed version: {exc}") from None
+        raise AuditError(
+            f"the run config in '{folder.config_path}' is not valid for this medfed version: {exc}") from None
 
 
 def _check_counts(folder: RunFolder, site_id: str, n_train: int, n_val: int) -> None:
-    """Refuse to audit when the rebuilt site data has other sizes than the run reported (wrong --sites, changed data)."""
+    """Refuse to audit when the rebuilt site data has other sizes than the run reported.
+
+    (Wrong ``--sites``, changed data.)
+    """
     for r in reversed(folder.read_rounds()):
         for part, rebuilt in (("train-sites", n_train), ("evaluate-sites", n_val)):
             reported = r.get(part, {}).get(site_id, {}).get("num-examples")

@@ -41,7 +41,9 @@ REFUSAL_KIND = "dp-budget"
 
 
 def state_root(state_dir: str = "") -> Path:
-    """The site's persistent state folder: node config ``state-dir``, ``$MEDFED_STATE_DIR`` or ``~/.local/state/medfed``.
+    """The site's persistent state folder.
+
+    Node config ``state-dir``, ``$MEDFED_STATE_DIR`` or ``~/.local/state/medfed``.
 
     Unlike the image cache this folder must not be wiped: it holds the privacy ledger.
     """
@@ -134,7 +136,8 @@ class DPRound:
         }
 
 
-def open_ledger(cfg: RunConfig, site_id: str, state_dir: str, run_key: str, dataset_size: int) -> tuple[PrivacyLedger, SiteDPSettings]:
+def open_ledger(cfg: RunConfig, site_id: str, state_dir: str, run_key: str,
+                dataset_size: int) -> tuple[PrivacyLedger, SiteDPSettings]:
     """This site's ledger for the run, created on first use; settings pinned in its header."""
     settings = resolve_settings(cfg, dataset_size)
     path = ledger_path(state_root(state_dir), site_id, run_key)
