@@ -104,14 +104,15 @@ def measure_case(model_name: str, task_name: str, size: int, batch: int, batches
         for sl in slices:
             out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             for level in LEVELS:
-                def prepare(level: str = level) -> None:
+                def prepare(level: str = level, sl: slice = sl, gen: torch.Generator = gen,
+                            out: dict[str, tuple[torch.Tensor, torch.Tensor]] = out) -> None:
                     out[level] = objective.batch(images[sl], targets[sl], device=CPU, in_channels=in_ch,
                                                  augment=augs[level], generator=gen, normalize="fixed",
                                                  channels_last=engine.channels_last)
                 times[level].append(_time(prepare))
             x, y = out["strong"]
 
-            def train_step() -> None:
+            def train_step(x: torch.Tensor = x, y: torch.Tensor = y) -> None:
                 optimizer.zero_grad(set_to_none=True)
                 engine.step(x, y, objective, optimizer)
                 optimizer.step()
@@ -240,16 +241,16 @@ def main() -> None:
     models = None if args.skip_models else measure_seg_models(64, 8, max(args.repeats, 2))
 
     result = {"batch-size": args.batch_size, "batches": args.batches, "repeats": args.repeats,
-              "threads": args.threads, "levels": {lv: (dataclasses.asdict(a) if (a := _augment("lung-seg", lv)) else None)
-                                                   for lv in LEVELS},
+              "threads": args.threads,
+              "levels": {lv: (dataclasses.asdict(a) if (a := _augment("lung-seg", lv)) else None) for lv in LEVELS},
               "cases": rows, "segmentation-models-64px-batch-8": models}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(args.out)
 
-    print(f"\nbatch {args.batch_size}, {args.threads} threads, median of {args.batches} batches, best of {args.repeats}; "
-          "prep = objective.batch (augmentation included), step = forward+backward+optimizer (bf16)")
+    print(f"\nbatch {args.batch_size}, {args.threads} threads, median of {args.batches} batches, best of "
+          f"{args.repeats}; prep = objective.batch (augmentation included), step = forward+backward+optimizer (bf16)")
     head = f"{'model':<10}{'px':>5}{'step ms':>9}" + "".join(f"{'prep ' + lv:>12}" for lv in LEVELS)
     head += f"{'share strong':>14}" + ("" if args.skip_monai else f"{'MONAI loop':>14}")
     print(head)

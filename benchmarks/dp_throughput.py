@@ -93,7 +93,7 @@ def main() -> None:
     for model_name in args.models:
         runners = {lab: _runner(model_name, lab, images, y, args.batch_size, steps) for lab in labels_order}
         best: dict[str, float] = {}
-        for lab, run in runners.items():
+        for run in runners.values():
             run(2)  # warm-up: oneDNN kernel selection, Opacus hook set-up
         for _ in range(args.repeats):
             for lab, run in runners.items():

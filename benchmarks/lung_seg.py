@@ -50,7 +50,8 @@ def main() -> int:
               "dice-per-round": [r["evaluate"]["dice"] for r in rounds]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nlung-seg, {args.model} {args.image_size}px, {args.sites} sites x {args.rounds} rounds, {res.seconds:.0f} s")
+    print(f"\nlung-seg, {args.model} {args.image_size}px, {args.sites} sites x {args.rounds} rounds, "
+          f"{res.seconds:.0f} s")
     print(f"{'site':<10}{'images':>8}{'Dice':>8}{'IoU':>8}{'HD95 px':>9}")
     for name, m in [*sorted(summary["final-per-site"].items()), ("pooled", summary["final"])]:
         print(f"{name:<10}{int(m['num-examples']):>8}{m['dice']:>8.3f}{m['iou']:>8.3f}{m['hd95']:>9.2f}")

@@ -81,7 +81,7 @@ def run_setting(extra: dict, sites: int, rounds: int, phantoms: int) -> list[dic
             norms.append(_norm(st, g))
         out.append({"round": r, "num-examples": sizes, "norms": norms, "global-norm": _norm(g)})
         total = sum(sizes)
-        g = {k: sum(s[k].double() * n / total for s, n in zip(states, sizes)).to(g[k].dtype) for k in g}
+        g = {k: sum(s[k].double() * n / total for s, n in zip(states, sizes, strict=True)).to(g[k].dtype) for k in g}
         print(f"  round {r}: sizes {sizes} norms {[round(v, 3) for v in norms]}", flush=True)
     return out
 

@@ -42,7 +42,7 @@ def export_pngs(npz: Path, dest: Path) -> Path:
     rows = []
     for split in ("train", "val"):
         images, labels = data[f"{split}_images"], data[f"{split}_labels"].reshape(-1)
-        for i, (img, lab) in enumerate(zip(images, labels)):
+        for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
             name = f"{split}-{i:05d}.png"
             cv2.imwrite(str(dest / name), img)
             # no patient ids in MedMNIST: each image is its own group

@@ -149,12 +149,14 @@ def main() -> int:
     print(f"{'bare PyTorch loop, images/s (2 threads)':<52}{bare:>12.1f}")
     print(f"{'inside a round, images/s (median, 1 site at a time)':<52}{inside:>12.1f}")
     print(f"{'ratio inside / bare':<52}{inside / bare:>12.2f}")
-    print(f"{'inside a round, 2 sites at once (1 CPU each)':<52}{result['parallel-inside-round-images-per-s-median']:>12.1f}")
+    print(f"{'inside a round, 2 sites at once (1 CPU each)':<52}"
+          f"{result['parallel-inside-round-images-per-s-median']:>12.1f}")
     for label, rows in (("sequential", result["sequential-sites-rounds (cpus-per-site=2)"]),
                         ("parallel", result["parallel-sites-rounds (cpus-per-site=1)"])):
         for r in rows:
             print(f"{label + ' round ' + str(r['round']) + ': wall - slowest site (s)':<52}"
-                  f"{r['overhead-s']:>12.2f}   (wall {r['train-phase-s']:.2f} s, slowest {r['slowest-site-train-s']:.2f} s,"
+                  f"{r['overhead-s']:>12.2f}   (wall {r['train-phase-s']:.2f} s, "
+                  f"slowest {r['slowest-site-train-s']:.2f} s,"
                   f" sum {r['sum-site-train-s']:.2f} s)")
     print(f"\nJSON: {args.out}")
     return 0

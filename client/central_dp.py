@@ -51,5 +51,6 @@ def central_dp_clipping_mod(msg: Message, context: Context, call_next: ClientApp
     clipped = clip_update(_numpy(reply.content[protocol.ARRAYS]), ref, clipping_norm)
     # np.require keeps 0-d arrays 0-d (np.ascontiguousarray would make BatchNorm's counter shape (1,), which the
     # server's reply validation rejects as a shape mismatch)
-    reply.content[protocol.ARRAYS] = ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in clipped.items()})
+    reply.content[protocol.ARRAYS] = ArrayRecord(
+        {k: Array(np.require(v, requirements="C")) for k, v in clipped.items()})
     return reply

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from typing import Any, TypeVar
 import torch
 
 from shared import protocol
+from shared.attacks import attack_for, poison
 from shared.config import (
     ConfigError,
     RunConfig,
@@ -24,7 +24,6 @@ from shared.config import (
     parse_node_config,
     parse_run_config,
 )
-from shared.attacks import attack_for, poison
 from shared.data.preprocess import AugmentConfig
 from shared.privacy.site_dp import DPRound, begin_round, open_ledger, state_root
 from shared.site_data import SiteData, load_site_data
@@ -105,7 +104,8 @@ def _targets(t: Any) -> torch.Tensor:
     return torch.from_numpy(t).long() if t.ndim == 1 else torch.from_numpy(t)
 
 
-def site_runtime(run_config: Mapping[str, Any], node_config: Mapping[str, Any], node_id: int | None = None) -> SiteRuntime:
+def site_runtime(run_config: Mapping[str, Any], node_config: Mapping[str, Any],
+                 node_id: int | None = None) -> SiteRuntime:
     """Parse configs and load this site's data, once per process and run config."""
     key = (tuple(sorted(run_config.items())), tuple(sorted(node_config.items())))
     if key in _RUNTIMES:
@@ -149,7 +149,10 @@ def begin_dp_round(rt: SiteRuntime, server_round: int, run_key: str) -> DPRound:
 
 
 def check_policy(rt: SiteRuntime, training: bool) -> None:
-    """Refuse what this site's own policy forbids (:class:`PolicyRefusal`): the run's settings, or training at a holdout."""
+    """Refuse what this site's own policy forbids (:class:`PolicyRefusal`).
+
+    That is the run's settings, or training at a holdout.
+    """
     check_run(rt.policy, rt.cfg, rt.site.site_id)
     if training and rt.policy.holdout:
         raise PolicyRefusal(rt.site.site_id, "role", "this site is a holdout site: it evaluates, it never trains")
@@ -218,7 +221,8 @@ def train_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], server_r
         metrics[protocol.TRAIN_LOSS] = float("nan")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if state.keys() != state_dict.keys():  # e.g. Opacus's "_module." prefix must never reach the server
-        raise RuntimeError(f"trained weights have other keys than the global model: {sorted(set(state) ^ set(state_dict))[:5]}")
+        raise RuntimeError("trained weights have other keys than the global model: "
+                           f"{sorted(set(state) ^ set(state_dict))[:5]}")
     attack = attack_for(rt.cfg, rt.site)  # simulation-only research option: None at every real site
     if attack is not None:
         state = poison(attack, state_dict, state, rt.round_seed(server_round))
@@ -373,7 +377,8 @@ def calibrate_site(rt: SiteRuntime, state_dict: Mapping[str, torch.Tensor], conf
         raise ConfigError(f"calibration applies to classification tasks; task '{rt.task.name}' is {rt.task.kind}")
     c = rt.task.num_classes
     temperatures = _temperatures(config.get(protocol.CALIBRATION_TEMPERATURES))
-    derivatives_at = _calibration(protocol.CALIBRATION_DERIVATIVES_AT, config.get(protocol.CALIBRATION_DERIVATIVES_AT), c)
+    derivatives_at = _calibration(protocol.CALIBRATION_DERIVATIVES_AT,
+                                  config.get(protocol.CALIBRATION_DERIVATIVES_AT), c)
     score_at = _calibration(protocol.CALIBRATION_SCORE_AT, config.get(protocol.CALIBRATION_SCORE_AT), c)
     logits = _post_training_outputs(rt, state_dict, run_key, "val", "logits")
     return calibration_reply(logits, rt.val_t.numpy(), num_classes=c, temperatures=temperatures,

@@ -175,7 +175,8 @@ class ServerFixedClipping(_StrictCentralDP, DifferentialPrivacyServerSideFixedCl
             try:
                 m.content[key] = _to_record(clip_update(_to_numpy(m.content[key]), ref, self.clipping_norm))
             except (KeyError, ValueError) as e:
-                return f"site {(declared_site_id(m) or f'node-{m.metadata.src_node_id}')} sent an update that does not match the global model ({e})"
+                return (f"site {(declared_site_id(m) or f'node-{m.metadata.src_node_id}')} sent an update that does "
+                        f"not match the global model ({e})")
         return None
 
 
@@ -206,10 +207,11 @@ class ClientFixedClipping(_StrictCentralDP, DifferentialPrivacyClientSideFixedCl
             try:
                 norm = update_norm(_to_numpy(m.content[self.strategy.arrayrecord_key]), self._global)
             except (KeyError, ValueError) as e:
-                return f"site {(declared_site_id(m) or f'node-{m.metadata.src_node_id}')} sent an update that does not match the global model ({e})"
+                return (f"site {(declared_site_id(m) or f'node-{m.metadata.src_node_id}')} sent an update that does "
+                        f"not match the global model ({e})")
             if norm > limit:
-                return (f"site {(declared_site_id(m) or f'node-{m.metadata.src_node_id}')} sent an update of norm {norm:.4g} > clipping norm "
-                        f"{self.clipping_norm:g}: it did not clip (does its run config say "
+                return (f"site {(declared_site_id(m) or f'node-{m.metadata.src_node_id}')} sent an update of norm "
+                        f"{norm:.4g} > clipping norm {self.clipping_norm:g}: it did not clip (does its run config say "
                         "central-dp.mode='client-fixed'?)")
         return None
 

@@ -77,7 +77,8 @@ def restore_strategy(strategy: Strategy, tensors: dict[str, dict[str, np.ndarray
         elif kind == "value":
             setattr(obj, attr, info["value"])
         elif kind == "arrayrecord":
-            setattr(obj, attr, ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in tensors[key].items()}))
+            setattr(obj, attr,
+                    ArrayRecord({k: Array(np.require(v, requirements="C")) for k, v in tensors[key].items()}))
         elif kind == "dict":
             setattr(obj, attr, {k: np.array(v) for k, v in tensors[key].items()})
         elif kind == "list":

@@ -83,7 +83,8 @@ def _open_folder(cfg: RunConfig, task: TaskSpec) -> tuple[RunFolder, bool]:
         changed = sorted(k for k in now if k not in allowed and k in recorded and recorded[k] != now[k])
         if changed:
             raise ConfigError(f"run config 'resume-from': a resumed run keeps its own settings; only "
-                              f"num-server-rounds and round-timeout may change, got other values for {', '.join(changed)}")
+                              f"num-server-rounds and round-timeout may change, got other values for "
+                              f"{', '.join(changed)}")
         return folder, True
     folder = RunFolder.create(cfg.results_dir, cfg.run_name, tag=f"{cfg.task}-{cfg.model}-{cfg.strategy.name}",
                               columns=task.view.columns, primary=task.view.primary)

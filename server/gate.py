@@ -111,7 +111,8 @@ class SiteDirectory:
 
     def nodes(self, role: str | None = None) -> list[int]:
         """The known nodes (of one role), sorted by site."""
-        out = [n for n, s in self.sites.items() if s not in self.refused and (role is None or self.roles.get(s, TRAIN) == role)]
+        out = [n for n, s in self.sites.items()
+               if s not in self.refused and (role is None or self.roles.get(s, TRAIN) == role)]
         return sorted(out, key=lambda n: self.sites[n])
 
 
@@ -120,7 +121,8 @@ class GateResult:
     """What a batch of replies amounts to after the gate."""
 
     accepted: list[tuple[str, Message]]
-    failed: list[tuple[str, Message]]  # replies that are errors (site or SuperLink), with the node's site or "node-<id>"
+    # replies that are errors (site or SuperLink), with the node's site or "node-<id>"
+    failed: list[tuple[str, Message]]
     rejected: list[dict[str, Any]]  # {"site", "reason", "detail"} of replies the gate refused
     refusal: str | None = None  # the round may not proceed (fewer valid replies than min-sites)
     no_reply: list[str] = field(default_factory=list)  # sites (or "node-<id>") asked that sent nothing in time
@@ -185,7 +187,8 @@ class ReplyGate:
     def _decide(self, ok: list[tuple[str, Message]], failed: list[tuple[str, Message]], rejected: list[dict[str, Any]],
                 verdicts: list[Verdict], min_sites: int) -> GateResult:
         decision = filter_round(ok, verdicts, min_sites)
-        rejected = rejected + [{"site": v.site_id, "reason": str(v.reason), "detail": v.detail} for v in decision.rejected]
+        rejected = rejected + [{"site": v.site_id, "reason": str(v.reason),
+                                "detail": v.detail} for v in decision.rejected]
         for r in rejected:
             logger.warning(console_line("warning", f"reply of {r['site']} rejected ({r['reason']}): {r['detail']}"))
         return GateResult(decision.accepted, failed, rejected, None if decision.proceed else decision.refusal)

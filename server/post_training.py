@@ -114,7 +114,8 @@ class _Session:
         def check(keys: list[str], replies: list[Any]) -> list[Any]:
             verdicts = screen.calibration(keys, replies, temperatures, classes)
             if counts:
-                verdicts = [v if not v.accepted else e for v, e in zip(verdicts, screen.evaluate(keys, replies))]
+                verdicts = [v if not v.accepted else e
+                            for v, e in zip(verdicts, screen.evaluate(keys, replies), strict=True)]
             return _same_size(verdicts, keys, replies, self.sizes) if self.sizes else verdicts
 
         result = self.loop.ask(protocol.CALIBRATE_MESSAGE, self.nodes, self.arrays, config, check)
@@ -254,7 +255,7 @@ def _same_size(verdicts: list[Any], keys: list[str], replies: list[Any], sizes: 
     from shared.validation import Reason, Verdict
 
     out = []
-    for v, key, reply in zip(verdicts, keys, replies):
+    for v, key, reply in zip(verdicts, keys, replies, strict=True):
         n = (reply.metrics or {}).get(protocol.NUM_EXAMPLES)
         if v.accepted and n != sizes.get(key):
             v = Verdict(v.site_id, False, Reason.INCONSISTENT_COUNTS,

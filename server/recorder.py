@@ -106,7 +106,8 @@ class RoundRecorder:
                 self.sites[site][field] = bool(sizes[key])
         what = (f"holdout site, {train + val} images to test on (never trains)" if role == "holdout"
                 else f"{train} training and {val} validation images")
-        logger.info(console_line("site", f"{site}: {what}" + (f", {quarantined} files quarantined" if quarantined else "")))
+        logger.info(console_line(
+            "site", f"{site}: {what}" + (f", {quarantined} files quarantined" if quarantined else "")))
         if quarantined:
             logger.warning(console_line("warning", f"{site} quarantined {quarantined} file(s) it could not use "
                                                    "(the site's 'medfed data check' names the reasons)"))
@@ -178,7 +179,8 @@ class RoundRecorder:
                 self.on_policy_refusal(site, policy)
             else:
                 n_failed += 1
-                logger.warning(console_line("warning", f"round {server_round} {phase}: {site} failed: {m.error.reason}"))
+                logger.warning(console_line(
+                    "warning", f"round {server_round} {phase}: {site} failed: {m.error.reason}"))
         self._round[f"{phase}-failures"] = n_failed
         return refused
 

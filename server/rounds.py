@@ -171,7 +171,8 @@ class RoundLoop:
                                                f"{self.timeout:.0f} s (min-sites {min_sites})")
             return arrays
         t0 = time.perf_counter()
-        messages = list(self.strategy.configure_train(rnd, arrays, self._base_config(rnd), PinnedGrid(self.grid, nodes)))
+        messages = list(self.strategy.configure_train(rnd, arrays, self._base_config(rnd),
+                                                      PinnedGrid(self.grid, nodes)))
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
         result = self.gate.train(messages, replies, arrays)
         self.recorder.on_train(rnd, result, time.perf_counter() - t0)  # may raise FederationStopped
@@ -190,14 +191,16 @@ class RoundLoop:
         holdout = [n for n in self.gate.directory.nodes(HOLDOUT) if n in set(self.gate.directory.refresh(self.grid))]
         content = RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: self._base_config(rnd)})
         hold_msgs = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in holdout]
-        replies = list(self.grid.send_and_receive(messages + hold_msgs, timeout=self.timeout)) if messages or hold_msgs else []
+        replies = list(self.grid.send_and_receive(messages + hold_msgs,
+                                                  timeout=self.timeout)) if messages or hold_msgs else []
         holdout_sites = {self.gate.directory.site_of(n) for n in holdout}
         val_replies = [r for r in replies if self._site_of_reply(r, messages + hold_msgs) not in holdout_sites]
         hold_replies = [r for r in replies if self._site_of_reply(r, messages + hold_msgs) in holdout_sites]
         val = self.gate.evaluate(messages, val_replies) if messages else None
         hold = self.gate.evaluate(hold_msgs, hold_replies, min_sites=1) if hold_msgs else None
         if not messages:
-            self.recorder.refuse(rnd, "evaluate", f"only {len(nodes)} validation site(s) connected (min-sites {min_sites})")
+            self.recorder.refuse(rnd, "evaluate",
+                                 f"only {len(nodes)} validation site(s) connected (min-sites {min_sites})")
         self.recorder.on_evaluate(rnd, val, hold, time.perf_counter() - t0)
         if self.test_fn is not None:
             test = self.test_fn(rnd, arrays, self.recorder.round_threshold())

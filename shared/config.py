@@ -33,7 +33,6 @@ server can never make a hospital read or write a path of the server's choosing.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -42,25 +41,33 @@ from shared.limits import DEFAULT_MAX_PIXELS, MAX_PIXELS_LIMIT
 from shared.registry import did_you_mean
 from shared.settings import *  # noqa: F403 - the dataclasses and key table, re-exported
 from shared.settings import (
+    _SPECS,
     CENTRAL_DP_STRATEGIES,
     DEFAULT_EXPLAIN_SAMPLES,
-    INF,
     MAX_EXPLAIN_SAMPLES,
     NODE_KEYS,
+    PATH_KEYS,
     RECIPE_KEYS,
     REGISTRY_NAMES,
     RUN_KEYS,
     SITE_ROLES,
+    CentralDPConfig,
     ConfigError,
     ConfigValue,
+    DataConfig,
+    DPConfig,
+    FairnessConfig,
     KeySpec,
+    PartitionConfig,
     RunConfig,
     SiteConfig,
     StrategyConfig,
-    _SPECS,
+    TrainConfig,
+    ValidationConfig,
     flat_defaults,
     replace_keys,
 )
+
 
 def _model_names() -> list[str]:
     from shared.models import model_names  # imported lazily: torch is heavy

@@ -59,8 +59,8 @@ from shared.data.sources import (
 )
 from shared.data.splits import train_val_split
 from shared.data.usable import InputPolicy, bounded, quarantine_reason, read_usable
-from shared.limits import DEFAULT_MAX_PIXELS
 from shared.kinds import SEGMENTATION
+from shared.limits import DEFAULT_MAX_PIXELS
 from shared.tasks import TaskSpec, get_task
 
 logger = logging.getLogger(__name__)

@@ -46,8 +46,8 @@ from torch import nn
 
 from shared.config import ConfigError, RunConfig, parse_recorded_run_config
 from shared.data.attributes import manifest_attributes
-from shared.data.preprocess import PreprocessConfig, content_box, model_spacing, normalize_batch, preprocess
 from shared.data.labels import task_labels
+from shared.data.preprocess import PreprocessConfig, content_box, model_spacing, normalize_batch, preprocess
 from shared.data.reading import make_reader
 from shared.data.sources import DataSourceError, discover, registered_suffixes
 from shared.errors import UserError
@@ -235,7 +235,8 @@ def load_trained(path: Path) -> TrainedModel:
         cfg = parse_recorded_run_config({**card.run_config, "task": card.task, "model": card.model},
                                         drop_paths=True)
     except ConfigError as exc:
-        raise ModelFileError(f"'{file.name}': its recorded run-config is not valid for this medfed version: {exc}") from None
+        raise ModelFileError(
+            f"'{file.name}': its recorded run-config is not valid for this medfed version: {exc}") from None
     try:
         model, _ = build_network(card.model, card.in_channels, card.num_classes, dp=cfg.dp.enabled,
                                  image_size=card.image_size or None)
@@ -383,7 +384,8 @@ def _error_text(exc: BaseException) -> str:
     return f"{reason}: {msg}" if reason and not msg.startswith(str(reason)) else msg
 
 
-def _decode(path: Path, reader: Callable[[Path], np.ndarray], pcfg: PreprocessConfig) -> tuple[_Decoded, np.ndarray | None]:
+def _decode(path: Path, reader: Callable[[Path], np.ndarray],
+            pcfg: PreprocessConfig) -> tuple[_Decoded, np.ndarray | None]:
     try:
         raw = reader(path)
         img = preprocess(raw, pcfg)
@@ -544,7 +546,8 @@ def predict_files(
     binary = trained.num_classes == 2
     if threshold is not None:
         if not binary:
-            raise ValueError(f"threshold applies to binary models only; this model has {trained.num_classes} classes (argmax is used)")
+            raise ValueError(f"threshold applies to binary models only; this model has {trained.num_classes} classes "
+                             "(argmax is used)")
         if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
             raise ValueError(f"threshold must be a probability in [0, 1], got {threshold!r}")
     thr = model_threshold(trained) if threshold is None else float(threshold)
@@ -554,7 +557,7 @@ def predict_files(
     row_names = list(names) if names is not None else [Path(f).name for f in files]
     if len(row_names) != len(files):
         raise ValueError(f"names must give one name per file: {len(row_names)} names for {len(files)} files")
-    name_of = dict(zip(range(len(files)), row_names))
+    name_of = dict(zip(range(len(files)), row_names, strict=True))
     reader = make_reader(trained.run_config)
     if heatmap_dir is not None:
         heatmap_dir = Path(heatmap_dir)
@@ -705,7 +708,8 @@ def _foreground_probability(logits: np.ndarray) -> np.ndarray:
     return (1.0 - probs[:, 0]).numpy().astype(np.float32)
 
 
-def mask_at_input_size(prob: np.ndarray, shape: tuple[int, int], pcfg: PreprocessConfig, threshold: float = 0.5) -> np.ndarray:
+def mask_at_input_size(prob: np.ndarray, shape: tuple[int, int], pcfg: PreprocessConfig,
+                       threshold: float = 0.5) -> np.ndarray:
     """Undo :func:`preprocess`'s geometry for a model-resolution probability map.
 
     Parameters
@@ -807,7 +811,8 @@ def predict_masks(
         raise NotSupportedError(f"'{trained.model_name}' is a classifier: use predict_files")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
+    if threshold is not None and not (
+            isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
         raise ValueError(f"threshold must be a probability in [0, 1], got {threshold!r}")
     thr = 0.5 if threshold is None else float(threshold)
     files = list(files)
@@ -854,7 +859,8 @@ def predict_masks(
                 row["mask"] = f"{stem}_mask.png"
             else:
                 row["error"] = "could not write the mask file"
-            if overlay_dir is not None and cv2.imwrite(str(overlay_dir / f"{stem}_overlay.png"), _contour_overlay(raw, mask)):
+            if overlay_dir is not None and cv2.imwrite(str(overlay_dir / f"{stem}_overlay.png"),
+                                                       _contour_overlay(raw, mask)):
                 row["overlay"] = f"{stem}_overlay.png"
     logger.info("segmented %d file(s), %d unreadable", len(rows) - errors, errors)
     return rows
@@ -882,7 +888,8 @@ def write_rows_csv(rows: Sequence[Mapping[str, Any]], path: Path, cols: Sequence
         w = csv.writer(fh)
         w.writerow(cols)
         for r in rows:
-            w.writerow(["" if r.get(c) is None else (f"{r[c]:.6f}" if isinstance(r.get(c), float) else r.get(c, "")) for c in cols])
+            w.writerow(["" if r.get(c) is None else (f"{r[c]:.6f}" if isinstance(r.get(c), float) else r.get(c, ""))
+                        for c in cols])
     return path
 
 

@@ -136,4 +136,4 @@ stay in this machine's log.
 If this kit is lost or the key may have been copied, tell the coordinator:
 `medfed deploy revoke-site` makes the SuperLink refuse this key; you then get
 a new kit.
-"""
+"""  # noqa: E501 - a Markdown table row (the `node.key` line) cannot be wrapped

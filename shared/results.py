@@ -155,7 +155,8 @@ class ModelCard:
             raise ModelFileError(f"'{name}': meta lacks {missing} (found {sorted(map(str, meta))}): {_EXPECTED_MODEL}.")
         classes = meta["class-names"]
         if not isinstance(classes, (list, tuple)) or len(classes) != _int(meta, "num-classes", name):
-            raise ModelFileError(f"'{name}': meta 'class-names' {classes!r} does not list {meta['num-classes']} classes.")
+            raise ModelFileError(f"'{name}': meta 'class-names' {classes!r} does not list "
+                                 f"{meta['num-classes']} classes.")
         run_config = meta.get("run-config") or {}
         kind = meta.get("kind")
         if kind is None:  # files before card version 1: the registry entry says what the model outputs
@@ -561,7 +562,8 @@ class RunFolder:
                  *self.columns, "gap-to-pooled", "dp-epsilon", "dp-refused", "rejected"]]
         for r in self.rounds:
             holdout = r.get("holdout-sites", {})
-            gaps = {e["site"]: e.get("gap-to-pooled") for e in (r.get("fairness") or {}).get("sites", {}).get("sites", [])}
+            gaps = {e["site"]: e.get("gap-to-pooled")
+                    for e in (r.get("fairness") or {}).get("sites", {}).get("sites", [])}
             rejected = {x["site"]: x["reason"] for x in r.get("train-rejected", []) + r.get("evaluate-rejected", [])}
             sites = sorted(set(r.get("train-sites", {})) | set(r.get("evaluate-sites", {})) | set(holdout)
                            | set(r.get("dp-refusals", {})) | set(rejected))
@@ -627,7 +629,8 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ModelFileError(f"cannot read '{path.name}' as a torch file ({type(exc).__name__}: {first[:200]}): "
                              f"{_EXPECTED_MODEL}.") from None
     if not isinstance(obj, Mapping) or "state_dict" not in obj or "meta" not in obj:
-        found = f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
+        found = (f"a dict with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, Mapping)
+                 else f"a {type(obj).__name__}")
         hint = (
             " It looks like a bare state dict (initial weights?): pass it as run config 'init-weights' instead."
             if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())

@@ -56,7 +56,6 @@ from typing import Any
 
 import numpy as np
 
-from shared.settings import ConfigError, RunConfig, SiteConfig, for_site
 from shared.data.attributes import manifest_attributes
 from shared.data.cache import SiteCache, build_or_load
 from shared.data.labels import task_labels
@@ -70,6 +69,7 @@ from shared.data.sources import DataSourceError, ImageListing, ImageRecord, data
 from shared.data.splits import train_val_split
 from shared.data.usable import InputPolicy, bounded, usable_reader
 from shared.kinds import SEGMENTATION
+from shared.settings import ConfigError, RunConfig, SiteConfig, for_site
 from shared.tasks import TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,8 @@ def _cache_extra(cfg: RunConfig, policy: InputPolicy) -> dict[str, object]:
 
 
 def _split(images: np.ndarray, labels: np.ndarray, groups: np.ndarray | None, cfg: RunConfig, salt: int,
-           attributes: dict[str, np.ndarray] | None = None) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray] | None]:
+           attributes: dict[str, np.ndarray] | None = None,
+           ) -> tuple[tuple[np.ndarray, ...], dict[str, np.ndarray] | None]:
     """``(train images, train labels, val images, val labels)`` and the validation images' attributes."""
     tr, va = train_val_split(labels, cfg.data.val_fraction, seed=cfg.seed + salt, groups=groups)
     return (images[tr], labels[tr], images[va], labels[va]), _take(attributes, va)
@@ -167,7 +168,8 @@ def _take(attributes: dict[str, np.ndarray] | None, rows: np.ndarray) -> dict[st
     return {name: np.asarray(values)[np.asarray(rows, dtype=np.int64)] for name, values in attributes.items()}
 
 
-def _listing_attributes(records: Sequence[ImageRecord] | Sequence[SegRecord], rows: np.ndarray) -> dict[str, np.ndarray] | None:
+def _listing_attributes(records: Sequence[ImageRecord] | Sequence[SegRecord],
+                        rows: np.ndarray) -> dict[str, np.ndarray] | None:
     """Manifest attributes of the records at ``rows`` (patient ids of all records are kept out of them)."""
     return manifest_attributes([records[int(i)].extra for i in rows], (r.patient_id for r in records))
 
@@ -226,9 +228,10 @@ def _column_values(listing: ImageListing, column: str) -> np.ndarray:
     key = keys.get(column.strip().lower())
     if key is None:
         found = sorted(keys.values())
+        has = "the extra columns " + ", ".join(found) if found else "no manifest columns besides path/label/patient_id"
         raise DataSourceError(
             f"partition='natural' needs the manifest column '{column}' (the site of each image), but the dataset "
-            f"has {'the extra columns ' + ', '.join(found) if found else 'no manifest columns besides path/label/patient_id'}"
+            f"has {has}"
             f": add a '{column}' column, or set partition-column to the column that names the site."
         )
     return np.array([r.extra.get(key, "") for r in listing.records], dtype=object)

@@ -43,8 +43,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.settings import RunConfig, SiteConfig
 from shared.data.preprocess import normalize_batch
+from shared.settings import RunConfig, SiteConfig
 from shared.training import model_in_channels, predict_proba, to_float01
 
 logger = logging.getLogger(__name__)

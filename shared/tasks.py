@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from shared.settings import PATH_KEYS, RECIPE_KEYS, RECIPE_NAMES, ConfigValue, RunConfig
 from shared.data import phantoms, phantoms_pneumonia, phantoms_tasks
 from shared.data.preprocess import ROBUST_CHOICES, AugmentConfig, PreprocessConfig, robust_augment
 from shared.kinds import CLASSIFICATION, SEGMENTATION
@@ -38,6 +37,7 @@ from shared.metrics.federated import ThresholdRule
 from shared.metrics.presentation import MetricView, view_for
 from shared.registry import Registry
 from shared.results import ModelCard
+from shared.settings import PATH_KEYS, RECIPE_KEYS, RECIPE_NAMES, ConfigValue, RunConfig
 
 if TYPE_CHECKING:  # pragma: no cover - torch-heavy, imported lazily by objective()
     from torch import nn
@@ -318,7 +318,8 @@ RADIOGRAPH_AUGMENT = AugmentConfig()
 # so flips and larger rotations; colour jitter kept small.
 PHOTO_PREPROCESS = PreprocessConfig(resize="letterbox", equalize="none")
 PHOTO_AUGMENT = AugmentConfig(
-    rotation_deg=15.0, hflip=True, vflip=True, scale=0.1, translate=0.05, brightness=0.1, contrast=0.15, color_jitter=0.1
+    rotation_deg=15.0, hflip=True, vflip=True, scale=0.1, translate=0.05, brightness=0.1, contrast=0.15,
+    color_jitter=0.1,
 )
 
 

@@ -49,8 +49,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from shared.settings import PATH_KEYS, TRACKING_BACKENDS
 from shared.console import console_line
+from shared.settings import PATH_KEYS, TRACKING_BACKENDS
 
 logger = logging.getLogger(__name__)
 

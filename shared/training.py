@@ -39,10 +39,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared.settings import TrainConfig
 from shared.data.preprocess import AugmentConfig, normalize_batch
 from shared.metrics.classification import ClassificationCounts
 from shared.metrics.segmentation import SegmentationCounts
+from shared.settings import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,8 @@ def proximal_term(model: nn.Module, global_params: Mapping[str, torch.Tensor]) -
 def weight_drift(model: nn.Module, reference: Mapping[str, torch.Tensor]) -> float:
     """L2 distance between the model's trainable parameters and ``reference``."""
     with torch.no_grad():
-        return float(math.sqrt(sum(float((p - reference[n]).pow(2).sum()) for n, p in model.named_parameters() if n in reference)))
+        return float(math.sqrt(sum(float((p - reference[n]).pow(2).sum())
+                                   for n, p in model.named_parameters() if n in reference)))
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -287,7 +288,10 @@ class StepEngine(Protocol):
 
 
 class StandardSteps:
-    """Non-private training: shuffled epochs of ``cfg.batch_size``, bf16 autocast + channels_last, FedProx in the loss."""
+    """Non-private training.
+
+    Shuffled epochs of ``cfg.batch_size``, bf16 autocast + channels_last, FedProx in the loss.
+    """
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.precision = cfg.precision

@@ -421,7 +421,8 @@ def _check_records(reply: SiteReply, need_arrays: bool) -> Verdict | None:
     site = reply.site_id
     if reply.unexpected_records:
         return _no(site, Reason.UNEXPECTED_RECORD,
-                   f"reply carries records other than '{ARRAYS_KEY}'/'{METRICS_KEY}': {_names(reply.unexpected_records)}")
+                   f"reply carries records other than '{ARRAYS_KEY}'/'{METRICS_KEY}': "
+                   f"{_names(reply.unexpected_records)}")
     if need_arrays and reply.arrays is None:
         return _no(site, Reason.MISSING_RECORD, f"reply has no '{ARRAYS_KEY}' record")
     if reply.metrics is None:
@@ -483,7 +484,7 @@ def _check_arrays(reply: SiteReply, spec: Mapping[str, TensorSpec],
     if extra:
         return _no(site, Reason.EXTRA_KEY, f"unexpected tensor(s) {_names(extra)}"), math.nan
     if keys != list(spec):  # Bulyan, Multi-Krum, FedAvgM and q-FedAvg pair tensors by position, not by name
-        first = next(i for i, (a, b) in enumerate(zip(keys, spec)) if a != b)
+        first = next(i for i, (a, b) in enumerate(zip(keys, spec, strict=True)) if a != b)
         return _no(site, Reason.KEY_ORDER,
                    f"tensors are not in the model's order (position {first} holds {_safe_name(keys[first])})"), math.nan
     sq = 0.0
@@ -634,18 +635,18 @@ def screen_train_round(replies: Sequence[SiteReply], spec: Mapping[str, TensorSp
     _screen_metric_keys(replies, verdicts)
     valid = [i for i, v in enumerate(verdicts) if v is None]
     flags = norm_outliers([norms[i] for i in valid], policy.norm_z)
-    for i, flagged in zip(valid, flags):
+    for i, flagged in zip(valid, flags, strict=True):
         if flagged:
             verdicts[i] = _no(replies[i].site_id, Reason.NORM_OUTLIER,
                               f"update norm is a robust outlier among the round's {len(valid)} valid replies "
                               f"(modified z-score of its log norm above validation.norm-z={policy.norm_z:g})")
-    return [v or _ok(r.site_id) for v, r in zip(verdicts, replies)]
+    return [v or _ok(r.site_id) for v, r in zip(verdicts, replies, strict=True)]
 
 
 def _screen_metric_keys(replies: Sequence[SiteReply], verdicts: list[Verdict | None]) -> None:
     valid = [i for i, v in enumerate(verdicts) if v is None]
     odd = _metric_key_outliers([_metric_keys(replies[i].metrics) for i in valid])
-    for i, flagged in zip(valid, odd):
+    for i, flagged in zip(valid, odd, strict=True):
         if flagged:
             verdicts[i] = _no(replies[i].site_id, Reason.METRIC_KEYS_MISMATCH,
                               "metric keys differ from those of the round's other replies")
@@ -776,11 +777,11 @@ def screen_evaluate_round(replies: Sequence[SiteReply], policy: ValidationPolicy
     if len(sizes) != len(replies):
         raise ValueError(f"val_examples has {len(sizes)} entries for {len(replies)} replies")
     verdicts: list[Verdict | None] = []
-    for reply, size in zip(replies, sizes):
+    for reply, size in zip(replies, sizes, strict=True):
         v = check_evaluate_reply(reply, policy, size)
         verdicts.append(None if v.accepted else v)
     _screen_metric_keys(replies, verdicts)
-    return [v or _ok(r.site_id) for v, r in zip(verdicts, replies)]
+    return [v or _ok(r.site_id) for v, r in zip(verdicts, replies, strict=True)]
 
 
 # ---------------------------------------------------------------------------
@@ -990,7 +991,7 @@ class ReplyScreen:
         if len(keys) != len(replies):
             raise ValueError(f"{len(keys)} keys for {len(replies)} replies")
         verdicts = screen_train_round(replies, self.spec, global_arrays, self.policy)
-        for key, reply, verdict in zip(keys, replies, verdicts):
+        for key, reply, verdict in zip(keys, replies, verdicts, strict=True):
             size = claimed_val_examples(reply.metrics) if verdict.accepted else None
             if size is not None:
                 self.val_examples.setdefault(key, size)
@@ -1010,11 +1011,14 @@ class ReplyScreen:
     def _bounded(self, keys: Sequence[Hashable], replies: Sequence[SiteReply], check: Any) -> list[Verdict]:
         if len(keys) != len(replies):
             raise ValueError(f"{len(keys)} keys for {len(replies)} replies")
-        return [check(reply, key) for key, reply in zip(keys, replies)]
+        return [check(reply, key) for key, reply in zip(keys, replies, strict=True)]
 
     def calibration(self, keys: Sequence[Hashable], replies: Sequence[SiteReply], temperatures: int | None = None,
                     classes: int | None = None) -> list[Verdict]:
-        """Verdicts on calibration replies (:func:`check_calibration_reply`), bounded by the announced validation sizes."""
+        """Verdicts on calibration replies (:func:`check_calibration_reply`).
+
+        Bounded by the announced validation sizes.
+        """
         return self._bounded(keys, replies, lambda r, k: check_calibration_reply(
             r, self.policy, temperatures, classes, self.val_examples.get(k)))
 
@@ -1072,7 +1076,7 @@ def filter_round(items: Sequence[T], verdicts: Sequence[Verdict], min_sites: int
     """
     if len(items) != len(verdicts):
         raise ValueError(f"{len(verdicts)} verdicts for {len(items)} replies")
-    accepted = [x for x, v in zip(items, verdicts) if v.accepted]
+    accepted = [x for x, v in zip(items, verdicts, strict=True) if v.accepted]
     rejected = [v for v in verdicts if not v.accepted]
     if len(accepted) < min_sites:
         refusal = (f"only {len(accepted)} of {len(items)} replies passed validation, min-sites is {min_sites}"

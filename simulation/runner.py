@@ -309,7 +309,8 @@ def plan_simulation(
     ConfigError
         For a bad run config.
     SimulationPlanError
-        (a :class:`SimulationError` and a :class:`~shared.errors.UserError`) for a plan that cannot run (sites, min-sites, existing results folder).
+        (a :class:`SimulationError` and a :class:`~shared.errors.UserError`) for a plan that cannot run
+        (sites, min-sites, existing results folder).
     """
     if sites < 1:
         raise SimulationPlanError(f"--sites must be >= 1, got {sites}")

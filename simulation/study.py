@@ -314,7 +314,8 @@ def _planned(plan: StudyPlan, primary: str, eps: float, seed: int, simulate_fn: 
 # ---------------------------------------------------------------------------
 
 
-def summarize(outcomes: Sequence[RunOutcome], epsilons: Sequence[float], primary: str, *, audit: bool = True) -> list[dict[str, Any]]:
+def summarize(outcomes: Sequence[RunOutcome], epsilons: Sequence[float], primary: str, *,
+              audit: bool = True) -> list[dict[str, Any]]:
     """One row per target epsilon (in ``epsilons`` order): means and sample std over the seeds that finished.
 
     ``achieved-epsilon``, ``delta`` are the max over seeds (and sites);
@@ -363,12 +364,13 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], primary: str, *, audit: bo
     head.append("runs")
     body = []
     for r in rows:
-        def pm(k: str) -> str:
+        def pm(k: str, r: Mapping[str, Any] = r) -> str:
             std = fmt_metric(r[f"{k}-std"])
             return fmt_metric(r[f"{k}-mean"]) + ("" if std == NA else f" ± {std}")
         delta = fmt_metric(r["delta"], spec=".1e")
         rounds = fmt_metric(r["rounds"], spec="g")
-        cells = [r["epsilon-target"], fmt_metric(r["achieved-epsilon"], 2), delta, fmt_metric(r["noise-multiplier"]), rounds,
+        cells = [r["epsilon-target"], fmt_metric(r["achieved-epsilon"], 2), delta,
+                 fmt_metric(r["noise-multiplier"]), rounds,
                  pm(primary), pm("accuracy"), fmt_metric(r[f"worst-site-{primary}"])]
         if audit:
             cells += [fmt_metric(r["mia-auc"]), fmt_metric(r["mia-tpr@1%fpr"])]
@@ -392,7 +394,8 @@ def _epsilon_axis(ax: Any, rows: Sequence[Mapping[str, Any]], key: str, std_key:
 
     if finite:
         xs, rs = [x for x, _ in finite], [r for _, r in finite]
-        ax.errorbar(xs, [r[key] for r in rs], yerr=err(rs), marker="o", capsize=4, color=color, label=f"{label}, DP-SGD")
+        ax.errorbar(xs, [r[key] for r in rs], yerr=err(rs), marker="o", capsize=4, color=color,
+                    label=f"{label}, DP-SGD")
         if worst_key:
             ax.plot(xs, [r[worst_key] for r in rs], linestyle="--", marker="v", color=color, alpha=0.5,
                     label="worst site")

@@ -68,7 +68,8 @@ def _assert_same(a: CachedArrays, b: CachedArrays) -> None:
     assert a.skipped == b.skipped
 
 
-def test_second_load_is_identical_memmapped_and_does_not_read(cache: SiteCache, site: tuple[list[Path], list[int]]) -> None:
+def test_second_load_is_identical_memmapped_and_does_not_read(cache: SiteCache,
+                                                              site: tuple[list[Path], list[int]]) -> None:
     files, labels = site
     reader = CountingReader()
     progress: list[tuple[int, int]] = []
@@ -167,7 +168,8 @@ def _old_version(entry: Path) -> None:
 
 @pytest.mark.parametrize(
     "corrupt",
-    [_corrupt_truncate, _corrupt_garble_meta, _corrupt_flip_pixel, _corrupt_meta_shape, _corrupt_header, _remove_meta, _old_version],
+    [_corrupt_truncate, _corrupt_garble_meta, _corrupt_flip_pixel, _corrupt_meta_shape, _corrupt_header, _remove_meta,
+     _old_version],
 )
 def test_corrupt_entry_is_detected_deleted_and_rebuilt(
     corrupt, cache: SiteCache, site: tuple[list[Path], list[int]], tmp_path: Path, caplog: pytest.LogCaptureFixture

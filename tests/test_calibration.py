@@ -301,7 +301,7 @@ def labelled_pngs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("labelled")
     images, labels = make_chest_phantoms(60, size=32, seed=9)
-    for i, (im, y) in enumerate(zip(images, labels)):
+    for i, (im, y) in enumerate(zip(images, labels, strict=True)):
         folder = root / ("PNEUMONIA" if y else "NORMAL")
         folder.mkdir(exist_ok=True)
         cv2.imwrite(str(folder / f"img{i:03d}.png"), im)
@@ -332,7 +332,7 @@ def test_predict_divides_the_logits_by_t_and_keeps_the_argmax(calibrated_run: tu
     raw = apply_temperature(z, 1.0)
     assert (np.argmax(raw, 1) == np.argmax(apply_temperature(z, t), 1)).all()
     assert np.abs(raw[:, 1] - 0.5).mean() > np.abs(p1 - 0.5).mean()  # T > 1: less extreme
-    for r, p in zip(rows, p1):  # the predicted class uses the calibrated threshold
+    for r, p in zip(rows, p1, strict=True):  # the predicted class uses the calibrated threshold
         assert r["predicted"] == ("pneumonia" if p >= section["threshold"] else "normal")
 
 

@@ -14,7 +14,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, 
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.central_dp import central_dp_clipping_mod
-from server.central_dp import EPSILON_KEY, ClientFixedClipping, ServerFixedClipping, central_dp_summary
+from server.central_dp import EPSILON_KEY, central_dp_summary
 from server.federation import aggregate_train_metrics
 from server.strategies import build_strategy
 from shared.config import ConfigError, parse_run_config
@@ -126,7 +126,8 @@ GLOBAL = {"w": np.zeros(3, dtype=np.float32), "n": np.array(0, dtype=np.int64)}
 
 def central(mode: str, z: float = 1e-6, num_sites: int = 3, min_sites: int = 3, **extra: object):  # noqa: ANN201
     notes: dict[int, dict] = {}
-    cfg = parse_run_config({"central-dp.mode": mode, "central-dp.noise-multiplier": z, "central-dp.num-sites": num_sites,
+    cfg = parse_run_config({"central-dp.mode": mode, "central-dp.noise-multiplier": z,
+                            "central-dp.num-sites": num_sites,
                             "central-dp.clipping-norm": 1.0, "min-sites": min_sites, **extra})
     strategy = build_strategy(cfg.strategy, cfg.train, train_metrics_aggr_fn=aggregate_train_metrics,
                               central_dp=cfg.central_dp,

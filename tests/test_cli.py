@@ -22,7 +22,7 @@ from simulation import cli
 from simulation.cli import main
 from simulation.commands.common import collect_overrides
 from simulation.commands.simulate import summary_lines
-from simulation.display import RunDisplay, format_line
+from simulation.display import RunDisplay
 from simulation.errors import SimulationError, SimulationPlanError
 from simulation.flower_output import read_console_line, strip_ansi
 
@@ -76,7 +76,8 @@ def test_help_and_version_through_main_import_nothing_heavy() -> None:
     code = (
         "import json, sys\n"
         "from simulation.cli import main\n"
-        "codes = [main(['--help']), main(['simulate', '--help']), main(['study', 'privacy', '--help']), main(['--version'])]\n"
+        "codes = [main(['--help']), main(['simulate', '--help']), main(['study', 'privacy', '--help']), "
+        "main(['--version'])]\n"
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & set(json.loads(sys.argv[1])))\n"
         "print(json.dumps({'codes': codes, 'heavy': heavy}), file=sys.stderr)\n"
     )
@@ -90,7 +91,8 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--version"]) == 0
     out = capsys.readouterr().out.strip()
     assert out.startswith(f"medfed {importlib.metadata.version('medfed')} (")
-    assert f"Flower {importlib.metadata.version('flwr')}" in out and f"torch {importlib.metadata.version('torch')}" in out
+    assert f"Flower {importlib.metadata.version('flwr')}" in out
+    assert f"torch {importlib.metadata.version('torch')}" in out
     assert len(out.splitlines()) == 1
 
 
@@ -121,7 +123,8 @@ def fake_cli(monkeypatch: pytest.MonkeyPatch) -> None:
     (UserError("expected a folder,\n  got a file: pass the folder"), 2),
     (ConfigError("unknown run config key 'modle'. Did you mean 'model'?"), 2),
     (SimulationPlanError("min-sites is 4 but only 3 sites are simulated"), 2),
-    (SimulationError("the simulation did not finish (flwr exit code 1). Last lines:\nTraceback ...\nFull output: x"), 1),
+    (SimulationError("the simulation did not finish (flwr exit code 1). Last lines:\nTraceback ...\n"
+                     "Full output: x"), 1),
 ])
 def test_errors_are_mapped_in_one_place(fake_cli: None, capsys: pytest.CaptureFixture[str], exc: BaseException,
                                         code: int) -> None:
@@ -158,7 +161,8 @@ def test_keyerror_based_user_errors_are_not_quoted(fake_cli: None, capsys: pytes
      "medfed data check: argument --val-fraction: expected a number strictly between 0 and 1, got '1.5'"),
     (["predict", "--model", "m", "x", "--threshold", "1.5"],
      "medfed predict: argument --threshold: expected a number in [0, 1], got '1.5'"),
-    (["simulate", "--verbose", "--quiet"], "medfed simulate: argument --quiet/-q: not allowed with argument --verbose/-v"),
+    (["simulate", "--verbose", "--quiet"],
+     "medfed simulate: argument --quiet/-q: not allowed with argument --verbose/-v"),
     (["simulat"], "medfed: argument COMMAND: invalid choice: 'simulat'"),
     ([], "medfed: the following arguments are required: COMMAND"),
 ])
@@ -205,7 +209,8 @@ def test_fmt_metric_and_headline() -> None:
     # the task's view words the headline; the kind is the task's, never guessed from the metric names
     assert BINARY.headline({"auroc": 0.8431, "accuracy": 0.8, "sensitivity": None, "specificity": 0.96}) == (
         "AUROC 0.843, accuracy 0.800, sensitivity n/a, specificity 0.960")
-    assert MULTICLASS.headline({"auroc": 0.7, "accuracy": 0.5}).startswith("macro AUROC 0.700, accuracy 0.500, macro sensitivity n/a")
+    assert MULTICLASS.headline({"auroc": 0.7, "accuracy": 0.5}).startswith("macro AUROC 0.700, accuracy 0.500, "
+                                                                           "macro sensitivity n/a")
     assert SEGMENTATION_VIEW.headline({"dice": 0.81234, "iou": float("nan")}) == "Dice 0.812, IoU n/a, HD95 n/a px"
 
 

@@ -112,7 +112,8 @@ def test_fill_defaults_false_requires_every_key() -> None:
 
 
 def test_parse_overrides_flower_syntax() -> None:
-    got = parse_overrides("lr=0.1 model='resnet18' augment=false num-server-rounds=4 data-path=\"/a b/c\" task=pneumonia-cxr")
+    got = parse_overrides("lr=0.1 model='resnet18' augment=false num-server-rounds=4 data-path=\"/a b/c\" "
+                          "task=pneumonia-cxr")
     assert got == {"lr": 0.1, "model": "resnet18", "augment": False, "num-server-rounds": 4,
                    "data-path": "/a b/c", "task": "pneumonia-cxr"}
     with pytest.raises(ConfigError, match="key=value"):

@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from shared.data_check import DataCheckReport, check_dataset, format_report
 from shared.data.phantoms import make_chest_phantoms
+from shared.data_check import DataCheckReport, check_dataset, format_report
 from simulation.cli import main as cli_main
 
 REAL_CXR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cxr-pneumonia"

@@ -17,8 +17,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from hostile_files import write_dicom, write_dicom_claiming
+
 from shared.config import ConfigError, SiteConfig, parse_node_config, parse_run_config
 from shared.data.phantoms import make_chest_phantoms
 from shared.data.seg_sources import discover_segmentation
@@ -74,7 +74,8 @@ def _manifest_site(tmp_path: Path, n: int = 24) -> Path:
 # ---------------------------------------------------------------------------
 
 
-def test_manifest_rows_and_symlinks_leading_out_are_not_listed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_manifest_rows_and_symlinks_leading_out_are_not_listed(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
     root = _manifest_site(tmp_path)
     with caplog.at_level(logging.DEBUG):
         listing = discover(root)
@@ -118,7 +119,8 @@ def test_everything_outside_says_how_to_allow_it(tmp_path: Path) -> None:
     outside = _outside(tmp_path)
     root = tmp_path / "site"
     root.mkdir()
-    (root / "manifest.csv").write_text(f"path,label\n../SECRETOUTSIDE/escape.png,NORMAL\n{outside / 'linked.png'},PNEUMONIA\n")
+    (root / "manifest.csv").write_text(f"path,label\n../SECRETOUTSIDE/escape.png,NORMAL\n"
+                                       f"{outside / 'linked.png'},PNEUMONIA\n")
     with pytest.raises(DataSourceError, match="outside-data-root: 2.*allow-outside-data-root=true"):
         discover(root)
 
@@ -285,7 +287,7 @@ def test_paths_are_not_followed_by_stat_before_containment(tmp_path: Path) -> No
 
 
 def test_segmentation_site_quarantines_outside_and_oversized_pairs(tmp_path: Path) -> None:
-    outside = _outside(tmp_path)
+    _outside(tmp_path)
     root = tmp_path / "seg"
     rows = ["image,mask,patient_id"]
     for i in range(8):

@@ -53,7 +53,8 @@ def test_superlink_and_two_supernodes_run_two_rounds(tmp_path: Path) -> None:
 
     try:
         link = start("superlink", [str(BIN / "flower-superlink"), "--insecure", "--isolation", "subprocess",
-                                   "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)])
+                                   "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+                                   "--port", str(port)])
         wait_healthy(port, link, logs / "superlink.log")
         for name in ("hospital-a", "hospital-b"):
             node_cfg = f"data-path='{tmp_path / name}' site-id='{name}'"

@@ -54,9 +54,9 @@ def _pydicom_file(name: str) -> Path:
     return Path(p)
 
 
-def _reject(path: Path | str, options: DicomOptions = DicomOptions()) -> DicomRejected:
+def _reject(path: Path | str, options: DicomOptions | None = None) -> DicomRejected:
     with pytest.raises(DicomRejected) as info:
-        read_dicom(path, options)
+        read_dicom(path, DicomOptions() if options is None else options)
     assert info.value.reason in REJECT_REASONS
     return info.value
 

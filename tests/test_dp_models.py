@@ -157,7 +157,7 @@ def test_vit_token_embedding_per_sample_gradients_are_exact() -> None:
     gsm = GradSampleModule(model, loss_reduction="sum")
     F.cross_entropy(gsm(x), y, reduction="sum").backward()
     for i, grads in enumerate(expected):
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             assert p.grad_sample.shape == (3, *p.shape)
             torch.testing.assert_close(p.grad_sample[i], g, rtol=1e-4, atol=1e-7)
     assert float(model.tokens.pos_embed.grad_sample.abs().sum()) > 0

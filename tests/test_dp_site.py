@@ -30,7 +30,8 @@ def _global_state(run: dict) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
-def _rounds(run: dict, state_dir: Path, rounds: range, state: dict, restart_each: bool = False) -> tuple[list[float], dict]:
+def _rounds(run: dict, state_dir: Path, rounds: range, state: dict,
+            restart_each: bool = False) -> tuple[list[float], dict]:
     eps = []
     for r in rounds:
         if restart_each:

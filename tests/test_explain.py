@@ -11,13 +11,12 @@ from shared.config import TrainConfig, parse_run_config
 from shared.data.phantoms import make_chest_phantoms, render_chest_phantom
 from shared.data.preprocess import normalize_batch, preprocess
 from shared.explain import RESHAPE_TRANSFORMS, gradcam, overlay, target_layer
-from shared.metrics.classification import ClassificationCounts
 from shared.kinds import CLASSIFICATION
+from shared.metrics.classification import ClassificationCounts
 from shared.models import build_model, model_names
 from shared.objectives import ClassificationObjective
 from shared.tasks import get_task
 from shared.training import images_to_tensor, predict_proba, to_float01, train_local
-
 
 CLASSIFIERS = model_names(CLASSIFICATION)
 

@@ -94,7 +94,8 @@ def test_site_table_from_pooled_evaluations_uses_auroc_or_dice() -> None:
         y = rng.integers(0, 2, 200)
         logit = rng.normal(sep * y, 1.0)
         p1 = 1 / (1 + np.exp(-logit))
-        reports.append(SiteEvaluation(f"s{s}", ClassificationCounts.from_predictions(np.stack([1 - p1, p1], 1), y), 0.5))
+        reports.append(SiteEvaluation(f"s{s}", ClassificationCounts.from_predictions(np.stack([1 - p1, p1], 1), y),
+                                      0.5))
     ev = pool_evaluations(reports)
     out = across_sites_from_metrics(ev.pooled, ev.per_site, "auroc")
     assert out["metric"] == "auroc" and out["worst-site"] == "s1" and out["best-site"] == "s0"
@@ -203,7 +204,8 @@ def test_complementary_suppression_leaves_no_small_remainder() -> None:
                                         SubgroupSpec(columns=("age",)))
     assert sorted(c2.cells["age"]) == ["18-39"] and (c2.suppressed["age"], c2.withheld["age"]) == (2, 0)
     # min-cell 1: nothing suppressed
-    c3 = classification_subgroup_counts(_probs(rng, y, 1.0), y, {"age": ages}, SubgroupSpec(columns=("age",), min_cell=1))
+    c3 = classification_subgroup_counts(_probs(rng, y, 1.0), y, {"age": ages},
+                                        SubgroupSpec(columns=("age",), min_cell=1))
     assert len(c3.cells["age"]) == 5 and (c3.suppressed["age"], c3.withheld["age"]) == (0, 0)
 
 
@@ -225,7 +227,8 @@ def test_flat_scheme_round_trips_and_holds_only_plain_numbers() -> None:
             assert np.array_equal(back.cells[column][cell].histogram, c.histogram)
     assert sorted(back.cells["age"]) == ["18-39", "60-79", "unknown"]
     assert SubgroupCounts.from_flat({"num-examples": 3}) is None
-    for bad in ({f"{KEY_PREFIX}/name/x/bins": 3}, {f"{KEY_PREFIX}/sex/a b/bins": 3}, {f"{KEY_PREFIX}/sex/suppressed": -1},
+    for bad in ({f"{KEY_PREFIX}/name/x/bins": 3}, {f"{KEY_PREFIX}/sex/a b/bins": 3},
+                {f"{KEY_PREFIX}/sex/suppressed": -1},
                 {f"{KEY_PREFIX}/sex/F": 1}):
         with pytest.raises(ValueError, match="subgroup key"):
             SubgroupCounts.from_flat(bad)
@@ -276,7 +279,8 @@ def test_pooled_subgroup_metrics_equal_pooled_predictions_and_fairlearn() -> Non
         col = report["columns"][column]
         assert col["suppressed-cells"] == 0 and col["withheld-cells"] == 0
         for e in col["subgroups"]:
-            cell = {"age": {"18-39": "25", "40-59": "50", "60-79": "75"}}.get(column, {}).get(e["subgroup"], e["subgroup"])
+            cell = {"age": {"18-39": "25", "40-59": "50", "60-79": "75"}}.get(column, {}).get(
+                e["subgroup"], e["subgroup"])
             m = group == cell
             tp = int(((y_pred == 1) & (y == 1) & m).sum())
             fp = int(((y_pred == 1) & (y == 0) & m).sum())
@@ -353,7 +357,8 @@ def test_multiclass_gaps_are_one_vs_rest_macro_and_match_fairlearn_per_class() -
         assert [pc["value"] for pc in gaps[name]["per-class"]] == pytest.approx(want, abs=1e-12)
         assert gaps[name]["value"] == pytest.approx(np.mean(want), abs=1e-12)
     f = next(e for e in report["columns"]["sex"]["subgroups"] if e["subgroup"] == "F")
-    assert f["n"] == int((sex == "F").sum()) and f["accuracy"] == pytest.approx(((pred == y) & (sex == "F")).sum() / f["n"])
+    assert f["n"] == int((sex == "F").sum())
+    assert f["accuracy"] == pytest.approx(((pred == y) & (sex == "F")).sum() / f["n"])
     json.dumps(report, allow_nan=False)
 
 
@@ -389,7 +394,8 @@ def test_fairness_summary_bundles_sites_and_subgroups() -> None:
     flats, reports = [], []
     for i, s in enumerate(sites):
         sub = classification_subgroup_counts(s["probs"], s["y"], {"sex": s["sex"]}, SubgroupSpec())
-        flat = {"eval-loss": 0.4, **ClassificationCounts.from_predictions(s["probs"], s["y"]).to_flat(), **sub.to_flat()}
+        flat = {"eval-loss": 0.4, **ClassificationCounts.from_predictions(s["probs"], s["y"]).to_flat(),
+                **sub.to_flat()}
         flats.append(flat)
         reports.append(SiteEvaluation.from_flat(f"site-{i}", flat, ClassificationCounts.from_flat))
     ev = pool_evaluations(reports)

@@ -30,8 +30,8 @@ from shared.metrics.classification import ClassificationCounts
 from shared.metrics.fairness import subgroup_report
 from shared.metrics.subgroups import SubgroupSpec, classification_subgroup_counts, merge_subgroup_reports
 from shared.models import build_model
-from shared.tasks import get_task
 from shared.objectives import ClassificationObjective
+from shared.tasks import get_task
 from shared.training import images_to_tensor, predict_proba, train_local
 
 SEED, N_TRAIN, N_EVAL, DISPARITY = 1, 600, 1600, 0.8

@@ -21,7 +21,8 @@ RUN = {"phantom-count": 60, "image-size": 32, "local-epochs": 1, "batch-size": 1
 def test_norm_keys_cover_batchnorm_and_groupnorm() -> None:
     keys = norm_state_keys(build_model("small-cnn", 1, 2))
     assert keys and all(".1." in k for k in keys)  # each block's norm is its second layer
-    assert {k.rsplit(".", 1)[1] for k in keys} == {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+    assert {k.rsplit(".", 1)[1] for k in keys} == {"weight", "bias", "running_mean", "running_var",
+                                                   "num_batches_tracked"}
     assert norm_state_keys(build_model("attention-unet", 1, 2))  # GroupNorm layers
 
 
@@ -41,7 +42,8 @@ def test_fedbn_site_never_sends_its_normalisation_layers_and_keeps_them(tmp_path
     assert not torch.equal(local[sorted(k for k in norm if k.endswith("running_mean"))[0]],
                            global_state[sorted(k for k in norm if k.endswith("running_mean"))[0]])
     # the next round trains and evaluates with the site's own norms, whatever the server sends for them
-    poisoned = {k: (torch.full_like(v, 7.0) if k in norm and v.is_floating_point() else v) for k, v in global_state.items()}
+    poisoned = {k: (torch.full_like(v, 7.0) if k in norm and v.is_floating_point() else v)
+                for k, v in global_state.items()}
     with_local, _ = evaluate_site(rt, poisoned, 2, run_key="r")
     with_server, _ = evaluate_site(rt, global_state, 2, run_key="r")
     assert with_local == with_server  # the server's normalisation tensors are ignored at a FedBN site

@@ -1,4 +1,7 @@
-"""What real sites send passes the reply validator: medfed's own train/evaluate code, packed as the ClientApp packs it."""
+"""What real sites send passes the reply validator.
+
+medfed's own train/evaluate code, packed as the ClientApp packs it.
+"""
 
 from __future__ import annotations
 

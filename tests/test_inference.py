@@ -16,22 +16,22 @@ from shared.config import PATH_KEYS, TrainConfig, parse_run_config
 from shared.data.phantoms import make_chest_phantoms
 from shared.data.preprocess import preprocess
 from shared.inference import (
+    SEGMENTATION_COLUMNS,
     ModelFileError,
     NotSupportedError,
     TrainedModel,
     collect_inputs,
     collect_named_inputs,
-    output_stem,
     evaluate_dataset,
-    SEGMENTATION_COLUMNS,
     load_trained,
+    output_stem,
     predict_files,
     predict_masks,
 )
 from shared.models import build_model
+from shared.objectives import ClassificationObjective
 from shared.results import ModelCard, RunFolder
 from shared.tasks import get_task
-from shared.objectives import ClassificationObjective
 from shared.training import images_to_tensor, train_local
 from simulation.cli import main as cli_main
 
@@ -55,7 +55,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     images = np.stack([preprocess(im, pcfg) for im in images])
     torch.manual_seed(0)
     model = build_model(cfg.model, task.in_channels, task.num_classes)
-    train_local(model, images_to_tensor(images), torch.as_tensor(labels), TrainConfig(local_epochs=1), ClassificationObjective(task.num_classes), seed=0, augment=None)
+    train_local(model, images_to_tensor(images), torch.as_tensor(labels), TrainConfig(local_epochs=1),
+                ClassificationObjective(task.num_classes), seed=0, augment=None)
     aug = task.augment_for(cfg)
     meta = {
         "task": cfg.task, "model": cfg.model, "image-size": cfg.data.image_size,
@@ -76,7 +77,7 @@ def labelled_pngs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Class folders NORMAL/ and PNEUMONIA/ of 64 px phantom PNGs (a set the model never saw)."""
     root = tmp_path_factory.mktemp("labelled")
     images, labels = make_chest_phantoms(40, size=64, seed=11)
-    for i, (im, y) in enumerate(zip(images, labels)):
+    for i, (im, y) in enumerate(zip(images, labels, strict=True)):
         folder = root / CLASSES[int(y)].upper()
         folder.mkdir(exist_ok=True)
         cv2.imwrite(str(folder / f"img{i:03d}.png"), im)
@@ -102,7 +103,8 @@ def test_load_trained_from_folder_and_file(run_dir: Path) -> None:
         assert torch.equal(v, b.model.state_dict()[k])
 
 
-def test_predict_cli_pngs_dicom_broken_with_heatmaps(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_predict_cli_pngs_dicom_broken_with_heatmaps(run_dir: Path, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
     inputs = tmp_path / "in"
     inputs.mkdir()
     images, _ = make_chest_phantoms(4, size=64, seed=5)
@@ -250,7 +252,8 @@ def test_same_file_names_in_different_folders_are_told_apart(run_dir: Path, tmp_
     assert output_stem("a/b/c.dcm") == "a__b__c" and output_stem("../x.png") == "x"
 
 
-def test_classifier_entry_points_point_segmentation_models_elsewhere(run_dir: Path, labelled_pngs: Path, tmp_path: Path) -> None:
+def test_classifier_entry_points_point_segmentation_models_elsewhere(run_dir: Path, labelled_pngs: Path,
+                                                                     tmp_path: Path) -> None:
     base = load_trained(run_dir)
     seg = TrainedModel(nn.Identity(), {**base.meta, "model": "unet"}, base.path, base.run_config, base.preprocess)
     with pytest.raises(NotSupportedError, match="use evaluate_segmentation"):
@@ -269,7 +272,7 @@ def test_predict_real_chest_xrays(run_dir: Path, tmp_path: Path) -> None:
     assert len(files) == 3
     rows = predict_files(load_trained(run_dir), files, heatmap_dir=tmp_path / "heat")
     assert [r["input"] for r in rows] == [p.name for p in files]
-    for r, p in zip(rows, files):
+    for r, p in zip(rows, files, strict=True):
         assert r["error"] == ""
         assert abs(r["prob-normal"] + r["prob-pneumonia"] - 1.0) < 1e-6
         src = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
@@ -414,7 +417,7 @@ def test_predict_masks_on_real_lung_xrays(seg_run: tuple[Path, np.ndarray, np.nd
     manifest.write_text("path\n" + "".join(f"{p}\n" for p in [*files, crop]))
     rows = predict_masks(load_trained(seg_run[0]), collect_inputs([manifest]), tmp_path / "masks")
     assert [r["input"] for r in rows] == [p.name for p in files] + ["crop.png"]
-    for r, p in zip(rows, [*files, crop]):
+    for r, p in zip(rows, [*files, crop], strict=True):
         assert r["error"] == ""
         mask = cv2.imread(str(tmp_path / "masks" / r["mask"]), cv2.IMREAD_UNCHANGED)
         assert mask.shape == cv2.imread(str(p), cv2.IMREAD_UNCHANGED).shape[:2]

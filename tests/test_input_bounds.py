@@ -22,12 +22,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from hostile_files import write_dicom, write_dicom_claiming, write_zero_png
 
 import shared.data.dicom as dicom_mod
 import shared.data.reading as reading_mod
 import shared.data_check as check_mod
 import shared.limits as limits_mod
-from hostile_files import write_dicom, write_dicom_claiming, write_zero_png
 from shared.config import SiteConfig, parse_run_config
 from shared.data.cache import build_or_load
 from shared.data.dicom import dicom_geometry, read_dicom
@@ -101,7 +101,8 @@ def test_dicom_header_probe_reads_rows_columns_frames(tmp_path: Path, monkeypatc
     assert probe_image(path) == dicom_geometry(path)  # registered for .dcm
 
 
-def test_content_that_is_not_the_promised_format_is_not_decoded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_content_that_is_not_the_promised_format_is_not_decoded(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """OpenCV decodes by content: a WebP or a text file named .png must not reach it unscreened."""
     img = np.random.default_rng(1).integers(0, 256, (20, 20, 3), dtype=np.uint8)
     ok, webp = cv2.imencode(".webp", img)

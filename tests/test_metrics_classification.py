@@ -52,7 +52,7 @@ def _multiclass_scores(
 def _split(n: int, sizes: list[int]) -> list[slice]:
     assert sum(sizes) == n
     edges = np.cumsum([0, *sizes])
-    return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
 
 def _assert_metrics_equal(a: dict[str, float], b: dict[str, float]) -> None:

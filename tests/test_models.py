@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from shared.kinds import SEGMENTATION
 from shared.models import (
     MODELS,
     ModelWeightsError,
@@ -22,7 +23,6 @@ from shared.models import (
     model_kind,
     model_names,
 )
-from shared.kinds import SEGMENTATION
 from shared.registry import UnknownNameError
 
 torch.set_num_threads(2)

@@ -27,7 +27,8 @@ _UNPICKLERS = {("pickle", "load"), ("pickle", "loads"), ("pickle", "Unpickler"),
 
 
 def _python_files() -> list[Path]:
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "*.py"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
     files = [ROOT / line for line in out.splitlines() if line]
     assert len(files) > 50, "git ls-files found too few files: not a checkout?"
     assert Path(__file__).resolve() in {f.resolve() for f in files}

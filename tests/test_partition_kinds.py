@@ -12,14 +12,13 @@ import sys
 
 import numpy as np
 import pytest
+from test_partition import _check_cover, _labels, _patients
 
 from shared.config import PARTITION_KINDS as CONFIG_KINDS
 from shared.config import SIZE_SKEWS as CONFIG_SKEWS
 from shared.config import ConfigError, parse_run_config
 from shared.data.partition import PARTITION_KINDS, SIZE_SKEWS, PartitionError, partition_indices
 from shared.data.site_sizes import fill_to_targets, site_targets
-
-from test_partition import _check_cover, _labels, _patients
 
 SITE_NAMES = np.array(["hosp-c", "hosp-a", "hosp-d", "hosp-b"])
 

@@ -119,11 +119,11 @@ def test_other_entry_points_reject_bad_input() -> None:
 def test_determinism_and_subsets(name: str) -> None:
     make = CLASSIFICATION[name][0]
     a, b = make(16, size=40, seed=5), make(16, size=40, seed=5)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.tobytes() == y.tobytes()
     subset = np.array([13, 2, 2, 9, 0])
     sub = make(16, size=40, seed=5, indices=subset)
-    for full, part in zip(a, sub):
+    for full, part in zip(a, sub, strict=True):
         assert np.array_equal(part, full[subset])
     other = make(16, size=40, seed=6)
     assert not np.array_equal(a[0], other[0])
@@ -216,7 +216,7 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_thresholding_does_not_segment_the_lungs() -> None:
     images, masks = make_lung_seg_phantoms(40, size=64, seed=10)
-    best = [max(_dice(img < t, m) for t in range(8, 256, 8)) for img, m in zip(images, masks)]
+    best = [max(_dice(img < t, m) for t in range(8, 256, 8)) for img, m in zip(images, masks, strict=True)]
     assert float(np.mean(best)) < 0.9, f"an oracle global threshold reaches Dice {np.mean(best):.3f}"
 
 

@@ -12,7 +12,7 @@ import torch
 
 from server.recorder import progress_line
 from shared.config import PATH_KEYS, SiteConfig, TrainConfig, parse_run_config
-from shared.data_check import check_dataset
+from shared.data.labels import task_labels
 from shared.data.phantoms import make_chest_phantoms, render_chest_phantom
 from shared.data.phantoms_pneumonia import (
     PNEUMONIA_SUBTYPE_CLASSES,
@@ -21,18 +21,18 @@ from shared.data.phantoms_pneumonia import (
     render_pneumonia_subtype_phantom,
 )
 from shared.data.phantoms_tasks import apply_profile, site_profile
-from shared.data.labels import task_labels
-from shared.site_data import load_site_data
 from shared.data.sources import DataSourceError, discover
+from shared.data_check import check_dataset
 from shared.inference import evaluate_dataset, load_trained, predict_files
 from shared.metrics.classification import ClassificationCounts
 from shared.metrics.federated import SiteEvaluation, ThresholdRule, pool_evaluations
-from shared.models import build_model
-from shared.results import ModelCard, RunFolder
 from shared.metrics.presentation import MULTICLASS
-from shared.tasks import ARGMAX, CLASSIFICATION, TaskSpec, get_task
+from shared.models import build_model
 from shared.objectives import ClassificationObjective
 from shared.objectives.classification import evaluate_model
+from shared.results import ModelCard, RunFolder
+from shared.site_data import load_site_data
+from shared.tasks import ARGMAX, CLASSIFICATION, TaskSpec, get_task
 from shared.training import images_to_tensor, train_local
 
 TASK = get_task("pneumonia-cxr-3class")
@@ -218,7 +218,8 @@ def test_missing_or_conflicting_subtype_values_are_errors(tmp_path: Path) -> Non
     names = _write_images(tmp_path, 3)
     gap = _manifest(tmp_path, "path,label,subtype",
                     [f"{names[0]},NORMAL,", f"{names[1]},PNEUMONIA,", f"{names[2]},PNEUMONIA,fungal"])
-    with pytest.raises(DataSourceError, match=r"2 row\(s\) have no usable 'subtype' value.*'PNEUMONIA': 1.*'fungal': 1"):
+    with pytest.raises(DataSourceError,
+                       match=r"2 row\(s\) have no usable 'subtype' value.*'PNEUMONIA': 1.*'fungal': 1"):
         _lookup(TASK, gap)
     clash = _manifest(tmp_path, "path,label,subtype", [f"{names[0]},NORMAL,bacteria", f"{names[1]},PNEUMONIA,virus"])
     with pytest.raises(DataSourceError, match="label 'NORMAL' with subtype 'bacteria': 1"):
@@ -303,7 +304,7 @@ def test_predict_and_evaluate_three_class_model_with_subtype_manifest(
     images, labels, _ = make_pneumonia_subtype_phantoms(60, size=32, seed=21)
     spelled = {0: ("NORMAL", "normal"), 1: ("PNEUMONIA", "bacteria"), 2: ("PNEUMONIA", "virus")}
     rows = []
-    for i, (img, y) in enumerate(zip(images, labels)):
+    for i, (img, y) in enumerate(zip(images, labels, strict=True)):
         cv2.imwrite(str(tmp_path / f"x{i:02d}.png"), img)
         rows.append(f"x{i:02d}.png,{spelled[int(y)][0]},P{i},{spelled[int(y)][1]}")
     manifest = _manifest(tmp_path, "path,label,patient_id,subtype", rows)

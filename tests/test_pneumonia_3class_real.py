@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from shared.config import SiteConfig, TrainConfig, parse_run_config
-from shared.site_data import load_site_data
 from shared.models import build_model
-from shared.tasks import get_task
 from shared.objectives import ClassificationObjective
 from shared.objectives.classification import evaluate_model
+from shared.site_data import load_site_data
+from shared.tasks import get_task
 from shared.training import images_to_tensor, train_local
 
 pytestmark = pytest.mark.realdata
@@ -75,7 +75,8 @@ def test_three_class_pneumonia_learns_on_real_images(tmp_path: Path, shared_data
         model = build_model(TASK.default_model, TASK.in_channels, TASK.num_classes)
         train_cfg = TrainConfig(local_epochs=6, batch_size=32, lr=2e-3, precision="fp32")
         t0 = time.perf_counter()
-        train_local(model, images_to_tensor(data.train_images), torch.as_tensor(data.train_labels), train_cfg, ClassificationObjective(3), seed=0, augment=TASK.augment_for(cfg), device=torch.device("cpu"))
+        train_local(model, images_to_tensor(data.train_images), torch.as_tensor(data.train_labels), train_cfg,
+                    ClassificationObjective(3), seed=0, augment=TASK.augment_for(cfg), device=torch.device("cpu"))
         res = evaluate_model(model, images_to_tensor(data.val_images), torch.as_tensor(data.val_labels),
                              num_classes=3, precision="fp32", device=torch.device("cpu"))
         train_s = time.perf_counter() - t0

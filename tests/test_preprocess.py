@@ -250,7 +250,8 @@ def test_task_defaults() -> None:
     AUGMENT_DEFAULTS = {n: get_task(n).augment for n in TASKS.names()}
     assert set(TASK_DEFAULTS) == set(AUGMENT_DEFAULTS)
     cxr = TASK_DEFAULTS["pneumonia-cxr"]
-    assert (cxr.resize, cxr.equalize, cxr.clahe_clip, cxr.clahe_tiles, cxr.channels) == ("letterbox", "clahe", 2.0, 8, 1)
+    assert (cxr.resize, cxr.equalize, cxr.clahe_clip, cxr.clahe_tiles,
+            cxr.channels) == ("letterbox", "clahe", 2.0, 8, 1)
     photo = TASK_DEFAULTS["nf-photo"]
     assert photo.channels == 3 and photo.equalize == "none"
     for name in ("pneumonia-cxr", "pneumothorax-cxr", "lung-seg", "nec-axr"):
@@ -273,7 +274,8 @@ def test_module_is_light() -> None:
 def test_normalize_fixed() -> None:
     x = torch.tensor([0.0, 0.5, 1.0]).view(1, 1, 1, 3)
     torch.testing.assert_close(normalize_batch(x), torch.tensor([-2.0, 0.0, 2.0]).view(1, 1, 1, 3))
-    torch.testing.assert_close(normalize_batch(x, "fixed", mean=0.25, std=0.5), torch.tensor([-0.5, 0.5, 1.5]).view(1, 1, 1, 3))
+    torch.testing.assert_close(normalize_batch(x, "fixed", mean=0.25, std=0.5),
+                               torch.tensor([-0.5, 0.5, 1.5]).view(1, 1, 1, 3))
 
 
 def test_normalize_minmax_per_image() -> None:

@@ -54,7 +54,7 @@ def test_ledger_of_fifty_rounds_equals_single_shot_not_one_round() -> None:
 def test_plan_rows_are_cumulative_and_increasing() -> None:
     p = A.plan(dataset_size=N, batch_size=B, epochs_per_round=1, rounds=ROUNDS, delta=DELTA, noise_multiplier=SIGMA)
     eps = [r.epsilon for r in p.rows]
-    assert all(b > a for a, b in zip(eps, eps[1:]))
+    assert all(b > a for a, b in zip(eps, eps[1:], strict=False))
     assert p.rows[0].epsilon == pytest.approx(1.80, rel=0.01)
     assert p.final_epsilon == pytest.approx(8.03, rel=0.01)
     assert p.rows[-1].cumulative_steps == 1953
@@ -109,6 +109,7 @@ def test_planner_cli_table_and_target(capsys: pytest.CaptureFixture[str]) -> Non
 
 
 def test_planner_cli_rejects_impossible_input(capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["privacy", "plan", "--dataset-size", "0", "--batch-size", "64", "--rounds", "5", "--noise-multiplier", "1"])
+    rc = main(["privacy", "plan", "--dataset-size", "0", "--batch-size", "64", "--rounds", "5",
+               "--noise-multiplier", "1"])
     assert rc == 2
     assert "dataset size" in capsys.readouterr().err

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from shared.config import SiteConfig, TrainConfig, parse_run_config
 from shared.data.preprocess import normalize_batch
-from shared.site_data import load_site_data
 from shared.models import build_model
+from shared.objectives import ClassificationObjective
+from shared.objectives.segmentation import SegmentationObjective, evaluate_seg
 from shared.privacy.audit import (
     AuditError,
     attack_metrics,
@@ -24,9 +25,8 @@ from shared.privacy.audit import (
     tpr_at_fpr,
 )
 from shared.results import write_json
-from shared.objectives.segmentation import SegmentationObjective, evaluate_seg
+from shared.site_data import load_site_data
 from shared.tasks import get_task
-from shared.objectives import ClassificationObjective
 from shared.training import images_to_tensor, to_float01, train_local
 
 torch.set_num_threads(2)
@@ -99,7 +99,8 @@ def test_classification_losses_are_per_example_cross_entropy() -> None:
     labels = rng.integers(0, 2, size=10)
     torch.manual_seed(0)
     model = build_model("small-cnn", 1, 2).eval()
-    losses = per_example_losses(model, images, labels, objective=ClassificationObjective(2), normalize="fixed", batch_size=4)
+    losses = per_example_losses(model, images, labels, objective=ClassificationObjective(2),
+                                normalize="fixed", batch_size=4)
     with torch.no_grad():
         x = normalize_batch(to_float01(images_to_tensor(images), 1, torch.device("cpu"), False), "fixed")
         expected = F.cross_entropy(model(x), torch.as_tensor(labels), reduction="none").numpy()
@@ -116,7 +117,8 @@ def test_segmentation_losses_average_to_evaluate_seg_loss() -> None:
     torch.manual_seed(0)
     model = build_model("unet", 1, 2).eval()
     losses = per_example_losses(model, images, masks, objective=SegmentationObjective(2), batch_size=4)
-    _, mean_loss = evaluate_seg(model, images_to_tensor(images), torch.from_numpy(masks), batch_size=3, precision="fp32")
+    _, mean_loss = evaluate_seg(model, images_to_tensor(images), torch.from_numpy(masks), batch_size=3,
+                                precision="fp32")
     assert losses.shape == (6,) and len(set(np.round(losses, 6))) > 1
     assert losses.mean() == pytest.approx(mean_loss, rel=1e-4)
 
@@ -160,8 +162,9 @@ def test_audit_detects_a_model_that_memorised_its_training_images(tmp_path: Path
     # overfit on both sites' training images (no augmentation): members get much lower loss
     x = images_to_tensor(np.concatenate([d.train_images for d in data]))
     y = torch.from_numpy(np.concatenate([d.train_labels for d in data])).long()
-    train_local(model, x, y, TrainConfig(local_epochs=10, batch_size=16, lr=3e-3), ClassificationObjective(2), seed=0, augment=None)
-    sizes = {s.site_id: (len(d.train_images), len(d.val_images)) for s, d in zip(sites, data)}
+    train_local(model, x, y, TrainConfig(local_epochs=10, batch_size=16, lr=3e-3), ClassificationObjective(2),
+                seed=0, augment=None)
+    sizes = {s.site_id: (len(d.train_images), len(d.val_images)) for s, d in zip(sites, data, strict=True)}
     _make_run(tmp_path / "run", FLAT, model, sizes)
 
     assert run_site_count(tmp_path / "run") == 2

@@ -117,7 +117,8 @@ def screen_messages(screen: ReplyScreen, messages: list[Message],
     """The validation step of the server's reply gate (:mod:`server.gate`), on one batch of replies."""
     ok = [m for m in messages if not m.has_error()]
     keys = [m.metadata.src_node_id for m in ok]  # trusted: assigned by the SuperLink, not declared by the site
-    replies = [SiteReply.from_records(declared_site_id(m), m.content.array_records, m.content.metric_records) for m in ok]
+    replies = [SiteReply.from_records(declared_site_id(m), m.content.array_records,
+                                      m.content.metric_records) for m in ok]
     is_train = bool(ok) and ok[0].metadata.message_type.split(".")[0] == "train"
     verdicts = screen.train(keys, replies, global_arrays) if is_train else screen.evaluate(keys, replies)
     return filter_round(ok, verdicts, screen.policy.min_sites)

@@ -8,11 +8,11 @@ import cv2
 import numpy as np
 import pytest
 
-from shared.kinds import SEGMENTATION
 from shared.data.phantoms_tasks import make_pneumothorax_phantoms
 from shared.data.rle import rle_decode, rle_encode
 from shared.data.seg_sources import discover_segmentation, read_record_mask
 from shared.data.sources import DataSourceError
+from shared.kinds import SEGMENTATION
 
 
 def _siim_rle2mask(rle: str, width: int, height: int) -> np.ndarray:
@@ -66,7 +66,7 @@ def _siim_folder(root: Path, n: int = 6) -> tuple[np.ndarray, np.ndarray]:
     images, _, masks = make_pneumothorax_phantoms(n, size=48, seed=2)
     (root / "train").mkdir(parents=True)
     lines = ["ImageId, EncodedPixels"]
-    for i, (im, m) in enumerate(zip(images, masks)):
+    for i, (im, m) in enumerate(zip(images, masks, strict=True)):
         cv2.imwrite(str(root / "train" / f"img{i}.png"), im)
         if m.any() and i % 2 == 0:  # split the mask into two regions: rows are united
             top, bottom = m.copy(), m.copy()
@@ -129,8 +129,8 @@ def test_pneumothorax_seg_task_renders_phantom_masks() -> None:
 @pytest.mark.parametrize("cache", [False, True])
 def test_site_reads_images_with_rle_csv(tmp_path: Path, cache: bool) -> None:
     """A pneumothorax-seg site whose masks are a SIIM-ACR CSV: masks decoded at image size, then preprocessed."""
-    from shared.config import SiteConfig, parse_run_config
     import shared.site_data as site_module
+    from shared.config import SiteConfig, parse_run_config
     from shared.site_data import load_site_data
     from shared.tasks import get_task
 

@@ -548,8 +548,8 @@ def test_train_local_with_strong_augmentation_is_reproducible() -> None:
     for _ in range(2):
         torch.manual_seed(0)
         model = build_model("small-cnn", 1, 2)
-        result = train_local(model, images, labels, TrainConfig(batch_size=8, precision="fp32"), ClassificationObjective(2),
-                             seed=4, augment=_STRONG, device=_CPU)
+        result = train_local(model, images, labels, TrainConfig(batch_size=8, precision="fp32"),
+                             ClassificationObjective(2), seed=4, augment=_STRONG, device=_CPU)
         assert math.isfinite(result.loss)
         runs.append(_flat(model))
     assert torch.equal(runs[0], runs[1])

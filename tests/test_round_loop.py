@@ -156,7 +156,8 @@ def test_round_records_keep_site_data_and_counts_json_the_merged_counts(tmp_path
 
 
 def test_a_reply_claiming_another_site_is_rejected_as_impostor(tmp_path: Path) -> None:
-    sites = {1: Site("site-a", 1.0, 0), 2: Site("site-b", 1.0, 1), 3: Site("site-c", 1.0, 2), 4: Site("site-d", 99.0, 3)}
+    sites = {1: Site("site-a", 1.0, 0), 2: Site("site-b", 1.0, 1), 3: Site("site-c", 1.0, 2),
+             4: Site("site-d", 99.0, 3)}
     sites[4].declared = "site-a"  # joined as site-d, then writes site-a into its replies
     grid = FakeGrid(sites)
     loop, folder = _loop(tmp_path, grid)

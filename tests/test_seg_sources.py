@@ -12,7 +12,8 @@ from shared.data.seg_sources import MaskReadError, discover_segmentation, read_m
 from shared.data.sources import DataSourceError
 
 
-def write_pair(root: Path, name: str, size: tuple[int, int] = (40, 40), mask_size: tuple[int, int] | None = None) -> None:
+def write_pair(root: Path, name: str, size: tuple[int, int] = (40, 40),
+               mask_size: tuple[int, int] | None = None) -> None:
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)
     img = np.full(size, 90, np.uint8)

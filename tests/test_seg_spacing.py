@@ -13,10 +13,10 @@ from shared.config import SiteConfig, parse_run_config
 from shared.data.phantoms_tasks import make_lung_seg_phantoms
 from shared.data.preprocess import PreprocessConfig, content_box, model_spacing, preprocess
 from shared.data.seg_sources import SegRecord, discover_segmentation, model_spacings, parse_spacing, record_spacing
-from shared.site_data import load_site_data
 from shared.data.sources import DataSourceError
 from shared.metrics.federated import SiteEvaluation, pool_evaluations
 from shared.metrics.segmentation import SegmentationCounts, hd95
+from shared.site_data import load_site_data
 from shared.tasks import get_task
 
 
@@ -76,7 +76,8 @@ def test_parse_spacing_and_manifest_column(tmp_path: Path) -> None:
     for i in range(3):
         cv2.imwrite(str(tmp_path / f"i{i}.png"), images[i])
         cv2.imwrite(str(tmp_path / f"m{i}.png"), masks[i].astype(np.uint8) * 255)
-    (tmp_path / "manifest.csv").write_text("image,mask,spacing_mm\ni0.png,m0.png,0.5\ni1.png,m1.png,\ni2.png,m2.png,0.4x0.8\n")
+    (tmp_path / "manifest.csv").write_text("image,mask,spacing_mm\ni0.png,m0.png,0.5\ni1.png,m1.png,\n"
+                                           "i2.png,m2.png,0.4x0.8\n")
     recs = discover_segmentation(tmp_path).records
     assert [r.spacing for r in recs] == [(0.5, 0.5), None, (0.4, 0.8)]
     cfg = PreprocessConfig(size=64, resize="letterbox")

@@ -21,8 +21,8 @@ from scipy import ndimage
 
 from shared.config import TrainConfig
 from shared.data.preprocess import AugmentConfig
-from shared.metrics.segmentation import SegmentationCounts, dice_iou, hd95
 from shared.kinds import CLASSIFICATION, SEGMENTATION
+from shared.metrics.segmentation import SegmentationCounts, dice_iou, hd95
 from shared.models import build_model, model_kind, model_names
 from shared.objectives.segmentation import SegmentationObjective, augment_pair, evaluate_seg, seg_loss
 from shared.training import snapshot_params, train_local, weight_drift
@@ -111,7 +111,8 @@ def test_hd95_matches_monai(spacing: tuple[float, float] | None) -> None:
         warnings.simplefilter("ignore")
         for p, t in _pairs(seed=1):
             ours = hd95(p, t, spacing)
-            ref = float(compute_hausdorff_distance(_t(p), _t(t), include_background=True, percentile=95, spacing=spacing)[0, 0])
+            ref = float(compute_hausdorff_distance(_t(p), _t(t), include_background=True, percentile=95,
+                                                   spacing=spacing)[0, 0])
             if not p.any() or not t.any():
                 assert math.isnan(ours) and math.isnan(ref)
                 continue
@@ -151,7 +152,7 @@ def test_counts_merged_equal_pooled_exactly() -> None:
     pooled.update(preds, targets, spacings)
     cuts = [0, 3, 4, 17, len(preds)]  # sites of 3, 1, 13 and 13 images
     sites = []
-    for lo, hi in zip(cuts[:-1], cuts[1:]):
+    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
         c = SegmentationCounts.empty()
         c.update(preds[lo:hi], targets[lo:hi], spacings[lo:hi])
         sites.append(c)
@@ -165,7 +166,7 @@ def test_counts_merged_equal_pooled_exactly() -> None:
     assert reverse == pooled
     m = merged.metrics()
     assert m["num-examples"] == len(preds)
-    per_image = [dice_iou(p, t)[0] for p, t in zip(preds, targets)]
+    per_image = [dice_iou(p, t)[0] for p, t in zip(preds, targets, strict=True)]
     assert m["dice"] == pytest.approx(np.mean(per_image), abs=1e-9)  # mean over ALL images
     site_means = np.mean([c.metrics()["dice"] for c in sites])
     assert abs(m["dice"] - site_means) > 1e-6  # not the mean of site means
@@ -174,7 +175,8 @@ def test_counts_merged_equal_pooled_exactly() -> None:
 def test_counts_flat_round_trip_and_errors() -> None:
     rng = np.random.default_rng(5)
     c = SegmentationCounts.empty()
-    c.update(np.stack([_blobs(rng, (24, 24), "blob") for _ in range(4)]), np.stack([_blobs(rng, (24, 24), "blob") for _ in range(4)]), (1.0, 2.0))
+    c.update(np.stack([_blobs(rng, (24, 24), "blob") for _ in range(4)]),
+             np.stack([_blobs(rng, (24, 24), "blob") for _ in range(4)]), (1.0, 2.0))
     flat = c.to_flat()
     assert set(flat) == {"n-images", "dice-sum", "iou-sum", "hd95-sum", "hd95-n", "hd95-mm-sum", "hd95-mm-n"}
     assert all(type(v) in (int, float) for v in flat.values())
@@ -235,7 +237,8 @@ def test_augment_pair_keeps_image_and_mask_aligned() -> None:
     mask = torch.zeros((b, size, size), dtype=torch.uint8)
     x[:, :, 18:42, 22:46] = 0.9
     mask[:, 18:42, 22:46] = 1
-    cfg = AugmentConfig(rotation_deg=30.0, hflip=True, vflip=True, scale=0.2, translate=0.1, brightness=0.1, contrast=0.2)
+    cfg = AugmentConfig(rotation_deg=30.0, hflip=True, vflip=True, scale=0.2, translate=0.1,
+                        brightness=0.1, contrast=0.2)
     xa, ma = augment_pair(x, mask, cfg, torch.Generator().manual_seed(0))
     assert xa.shape == x.shape and ma.shape == mask.shape and ma.dtype == torch.uint8
     assert set(ma.unique().tolist()) <= {0, 1}

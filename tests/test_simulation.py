@@ -18,7 +18,8 @@ pytestmark = pytest.mark.integration
 
 def test_three_sites_two_rounds_write_complete_results(tmp_path: Path) -> None:
     res = simulate(
-        {"num-server-rounds": 2, "phantom-count": 240, "image-size": 32, "results-dir": str(tmp_path), "run-name": "sim"},
+        {"num-server-rounds": 2, "phantom-count": 240, "image-size": 32, "results-dir": str(tmp_path),
+         "run-name": "sim"},
         sites=3, echo=False, timeout=600,
     )
     run_dir = res.run_dir

@@ -42,7 +42,8 @@ def _manifest(root: Path, n_patients: int = 40, per_patient: int = 2) -> Path:
             name = f"p{p:03d}_{k}.png"
             cv2.imwrite(str(root / name), images[p])
             sex = "F" if labels[p] else "M"
-            rows.append(f"{name},{'PNEUMONIA' if labels[p] else 'NORMAL'},P{p:03d},{sex},{20 + p},{'AP' if k else 'PA'}")
+            rows.append(f"{name},{'PNEUMONIA' if labels[p] else 'NORMAL'},P{p:03d},{sex},{20 + p},"
+                        f"{'AP' if k else 'PA'}")
     (root / "manifest.csv").write_text("\n".join(rows) + "\n")
     return root / "manifest.csv"
 

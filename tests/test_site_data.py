@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from shared.config import SiteConfig, parse_run_config
-from shared.data.phantoms import make_chest_phantoms
 from shared.data.labels import class_mapping
-from shared.site_data import load_site_data
+from shared.data.phantoms import make_chest_phantoms
 from shared.data.sources import DataSourceError
+from shared.site_data import load_site_data
 from shared.tasks import get_task
 
 TASK = get_task("pneumonia-cxr")
@@ -80,7 +80,8 @@ def test_site_shift_gives_sites_different_acquisition() -> None:
     site0 = SiteConfig(site_id="s0", partition_id=0, num_partitions=2)
     site1 = SiteConfig(site_id="s1", partition_id=1, num_partitions=2)
     # site 0 is the reference profile: unchanged; site 1 differs from its unshifted self
-    assert np.array_equal(load_site_data(base, site0, TASK).train_images, load_site_data(shifted, site0, TASK).train_images)
+    assert np.array_equal(load_site_data(base, site0, TASK).train_images,
+                          load_site_data(shifted, site0, TASK).train_images)
     a, b = load_site_data(base, site1, TASK).train_images, load_site_data(shifted, site1, TASK).train_images
     assert a.shape == b.shape and not np.array_equal(a, b)
 

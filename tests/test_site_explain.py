@@ -51,7 +51,8 @@ def test_write_round_cams_writes_readable_pngs_and_an_index(tmp_path: Path) -> N
     model = build_model("small-cnn", 1, 2)
     x, y = _phantom_split()
     idx = sample_indices(y.numpy(), 5, seed=1, site_id="s")
-    written = write_round_cams(model, "small-cnn", x, y, idx, tmp_path / "round-001", class_names=("normal", "pneumonia"))
+    written = write_round_cams(model, "small-cnn", x, y, idx, tmp_path / "round-001",
+                               class_names=("normal", "pneumonia"))
     assert len(written) == 5
     assert sorted(p.name for p in (tmp_path / "round-001").glob("*.png")) == sorted(p.name for p in written)
     for path, i in zip(written, idx, strict=True):

@@ -8,7 +8,6 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (
     Bulyan,
@@ -24,12 +23,12 @@ from flwr.serverapp.strategy import (
     QFedAvg,
 )
 
-from shared.tasks import get_task
 from server.federation import aggregate_train_metrics, make_evaluate_aggregator
 from server.strategies import STRATEGIES, build_strategy
 from shared.config import STRATEGY_NAMES, parse_run_config
 from shared.metrics.classification import ClassificationCounts
 from shared.registry import UnknownNameError
+from shared.tasks import get_task
 
 
 def reply(arrays: dict[str, np.ndarray], metrics: dict, site: str, node_id: int = 1) -> Message:
@@ -118,7 +117,8 @@ def test_fedavg_golden_weighted_average() -> None:
 
 def test_evaluate_aggregation_sums_counts_not_ratios() -> None:
     """A tiny site with accuracy 0 must not weigh as much as a large site with accuracy 1."""
-    big = ClassificationCounts.from_predictions(np.array([[0.9, 0.1]] * 90 + [[0.2, 0.8]] * 90), np.array([0] * 90 + [1] * 90))
+    big = ClassificationCounts.from_predictions(np.array([[0.9, 0.1]] * 90 + [[0.2, 0.8]] * 90),
+                                                np.array([0] * 90 + [1] * 90))
     small = ClassificationCounts.from_predictions(np.array([[0.1, 0.9], [0.8, 0.2]]), np.array([0, 1]))
     records = [
         RecordDict({"metrics": MetricRecord({"num-examples": 180, "eval-loss": 0.1, **big.to_flat()})}),

@@ -79,7 +79,8 @@ def test_validate_plan_refuses_study_keys_and_bad_overrides(tmp_path: Path) -> N
 # ---------------------------------------------------------------------------
 
 
-def _write_fake_run(run_dir: Path, auroc: float, site_aurocs: list[float], eps_by_round: list[list[float]] | None) -> None:
+def _write_fake_run(run_dir: Path, auroc: float, site_aurocs: list[float],
+                    eps_by_round: list[list[float]] | None) -> None:
     run_dir.mkdir(parents=True)
     rounds = []
     for r, eps in enumerate(eps_by_round or [[]], 1):
@@ -87,7 +88,8 @@ def _write_fake_run(run_dir: Path, auroc: float, site_aurocs: list[float], eps_b
         for i in range(len(site_aurocs)):
             sites[f"site-{i}"] = {"num-examples": 40}
             if eps_by_round is not None:
-                sites[f"site-{i}"].update({"dp-epsilon": eps[i], "dp-delta": 1e-3 * (i + 1), "dp-noise-multiplier": 1.0 + i})
+                sites[f"site-{i}"].update({"dp-epsilon": eps[i], "dp-delta": 1e-3 * (i + 1),
+                                           "dp-noise-multiplier": 1.0 + i})
         rounds.append({"round": r, "train-sites": sites})
     write_json(run_dir / "metrics.json", {"rounds": rounds})
     write_json(run_dir / "summary.json", {

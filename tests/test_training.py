@@ -111,4 +111,5 @@ def test_non_finite_loss_stops_training_with_advice(data) -> None:
     with torch.no_grad():
         model.head.weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="lower 'lr'"):
-        train_local(model, x, y, TrainConfig(precision="fp32"), ClassificationObjective(2), seed=0, device=torch.device("cpu"))
+        train_local(model, x, y, TrainConfig(precision="fp32"), ClassificationObjective(2), seed=0,
+                    device=torch.device("cpu"))

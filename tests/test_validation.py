@@ -57,7 +57,8 @@ def reply(site: str, arrays: dict | None, metrics: dict | None = None, **kw: obj
     return SiteReply(site, arrays, dict(TRAIN_METRICS) if metrics is None else metrics, **kw)  # type: ignore[arg-type]
 
 
-def honest_round(n: int = 4, scales: tuple[float, ...] = (0.04, 0.05, 0.06, 0.08, 0.05, 0.07, 0.045)) -> list[SiteReply]:
+def honest_round(n: int = 4,
+                 scales: tuple[float, ...] = (0.04, 0.05, 0.06, 0.08, 0.05, 0.07, 0.045)) -> list[SiteReply]:
     return [reply(f"site-{i}", honest_arrays(i, scales[i])) for i in range(n)]
 
 
@@ -200,7 +201,8 @@ def drop(key: str) -> dict[str, np.ndarray]:
     [
         (corrupt("fc.weight", lambda a: np.where(np.arange(a.size).reshape(a.shape) == 5, np.nan, a).astype(a.dtype)),
          Reason.NON_FINITE, "'fc.weight'"),
-        (corrupt("conv.weight", lambda a: (a * np.float32(np.inf)).astype(a.dtype)), Reason.NON_FINITE, "'conv.weight'"),
+        (corrupt("conv.weight", lambda a: (a * np.float32(np.inf)).astype(a.dtype)), Reason.NON_FINITE,
+         "'conv.weight'"),
         (drop("fc.bias"), Reason.MISSING_KEY, "'fc.bias'"),
         ({**honest_arrays(4), "backdoor": np.zeros(3, np.float32)}, Reason.EXTRA_KEY, "'backdoor'"),
         (dict(reversed(list(honest_arrays(4).items()))), Reason.KEY_ORDER, "position 0 holds 'fc.bias'"),
@@ -214,7 +216,8 @@ def drop(key: str) -> dict[str, np.ndarray]:
         (corrupt("fc.bias", lambda a: Unreadable()), Reason.UNDECODABLE, "'fc.bias'"),
         (corrupt("fc.bias", lambda a: a.tolist()), Reason.UNDECODABLE, "'fc.bias'"),
     ],
-    ids=["nan", "inf", "missing-key", "extra-key", "reordered", "transposed", "extra-element", "float64", "int-as-float",
+    ids=["nan", "inf", "missing-key", "extra-key", "reordered", "transposed", "extra-element", "float64",
+         "int-as-float",
          "big-endian", "declared-shape", "declared-dtype", "unreadable", "plain-list"],
 )
 def test_array_rules(arrays: dict, reason: Reason, fragment: str) -> None:
@@ -236,7 +239,8 @@ def test_num_examples_rule(num_examples: object, policy: ValidationPolicy) -> No
     else:
         metrics["num-examples"] = num_examples
     v = with_bad(reply("bad", honest_arrays(4), metrics), policy)
-    # not a number at all (a string, a bool) is a bad metric; any number or list that is not a valid count is bad-num-examples
+    # not a number at all (a string, a bool) is a bad metric; any number or list that is not a valid count is
+    # bad-num-examples
     assert v.reason == (Reason.BAD_METRIC if isinstance(num_examples, (str, bool)) else Reason.BAD_NUM_EXAMPLES)
     assert "[1, " in v.detail or "number" in v.detail
     ok = dict(TRAIN_METRICS, **{"num-examples": policy.max_examples})

@@ -49,7 +49,8 @@ def _normalise_column(name: str) -> str:
     return re.sub(r"[\s\-]+", "_", str(name).strip().lower())
 
 
-def manifest_attributes(extras: Sequence[Mapping[str, str]], patient_ids: Iterable[str | None] = ()) -> dict[str, np.ndarray] | None:
+def manifest_attributes(extras: Sequence[Mapping[str, str]],
+                        patient_ids: Iterable[str | None] = ()) -> dict[str, np.ndarray] | None:
     """Attributes of some images from their manifest columns.
 
     Parameters

@@ -90,7 +90,8 @@ def task_labels(listing: ImageListing, task_classes: tuple[str, ...], label_colu
     keys = {k.strip().lower(): k for r in listing.records[:1] for k in r.extra}
     column = keys.get(label_column.lower())
     base = [listing.class_names[r.label] for r in listing.records]
-    values = [((r.extra.get(column) or "").strip() if column else "") or b for r, b in zip(listing.records, base)]
+    values = [((r.extra.get(column) or "").strip() if column else "") or b
+              for r, b in zip(listing.records, base, strict=True)]
     unknown = Counter(v for v in values if v.lower() not in lookup)
     spellings = sorted(set(task_classes) | set(aliases or {}))
     if unknown and column is None:
@@ -111,7 +112,8 @@ def task_labels(listing: ImageListing, task_classes: tuple[str, ...], label_colu
             f"'label' that already is one of the task's classes. Fill in '{label_column}' on those rows."
         )
     conflicts = Counter(
-        (b, v) for b, v in zip(base, values) if b.lower() in lookup and lookup[b.lower()] != lookup[v.lower()]
+        (b, v) for b, v in zip(base, values, strict=True)
+        if b.lower() in lookup and lookup[b.lower()] != lookup[v.lower()]
     )
     if conflicts:
         found = ", ".join(f"label '{b}' with {label_column} '{v}': {n}" for (b, v), n in sorted(conflicts.items()))

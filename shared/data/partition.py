@@ -175,7 +175,8 @@ def _check_args(
         raise PartitionError(f"alpha must be a finite number > 0 (smaller = more label skew), got {alpha!r}")
     if size_skew not in SIZE_SKEWS:
         raise PartitionError(
-            f"unknown size skew {size_skew!r}; valid: {', '.join(SIZE_SKEWS)}.{did_you_mean(str(size_skew), SIZE_SKEWS)}"
+            f"unknown size skew {size_skew!r}; valid: {', '.join(SIZE_SKEWS)}."
+            f"{did_you_mean(str(size_skew), SIZE_SKEWS)}"
         )
     skew = resolve_size_skew(kind, size_skew)
     if kind == "quantity" and skew == "none":
@@ -189,7 +190,8 @@ def _check_args(
             "cannot be applied on top: set size skew to 'auto' or 'none', or use another partition kind."
         )
     if not (_is_number(size_alpha) and size_alpha > 0):
-        raise PartitionError(f"size_alpha must be a finite number > 0 (smaller = more unequal sizes), got {size_alpha!r}")
+        raise PartitionError("size_alpha must be a finite number > 0 (smaller = more unequal sizes), "
+                             f"got {size_alpha!r}")
     if not (_is_number(size_exponent) and size_exponent >= 0):
         raise PartitionError(f"size_exponent must be a finite number >= 0 (0 = equal sizes), got {size_exponent!r}")
     if n == 0:
@@ -310,7 +312,8 @@ def _pathological_units(
         raise PartitionError(
             f"pathological partition: {k} sites x classes-per-site {per_site} = {k * per_site} class slots, but "
             f"the data has {n_classes} classes and each must be held by some site (or its images would be "
-            f"dropped): raise classes-per-site to {math.ceil(n_classes / k)}, or simulate {math.ceil(n_classes / per_site)} "
+            f"dropped): raise classes-per-site to {math.ceil(n_classes / k)}, "
+            f"or simulate {math.ceil(n_classes / per_site)} "
             "or more sites."
         )
     order = present[rng.permutation(n_classes)]

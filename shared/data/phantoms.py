@@ -794,7 +794,7 @@ def make_chest_phantoms(
     fades = _faded(idx, seed, _check_disparity(disparity))
     labels = _labels_of(idx.astype(np.uint64), seed, p)
     images = np.empty((idx.size, size, size), np.uint8)
-    for row, (i, y) in enumerate(zip(idx.tolist(), labels.tolist())):
+    for row, (i, y) in enumerate(zip(idx.tolist(), labels.tolist(), strict=True)):
         images[row] = _render(i, y, size, seed, float(fades[row]))[0]
     logger.debug("rendered %d chest phantoms (%d positive) at %d px", idx.size, int(labels.sum()), size)
     return images, labels

@@ -29,9 +29,9 @@ import cv2
 import numpy as np
 
 from shared.data.phantoms import (
+    _MIN_RENDER,
     MAX_SIZE,
     MIN_SIZE,
-    _MIN_RENDER,
     _Anatomy,
     _blob_shape,
     _check_indices,
@@ -307,7 +307,7 @@ def make_pneumonia_subtype_phantoms(
     labels = _labels_of(idx.astype(np.uint64), seed, p)
     images = np.empty((idx.size, size, size), np.uint8)
     masks = np.zeros((idx.size, size, size), bool)
-    for row, (i, y) in enumerate(zip(idx.tolist(), labels.tolist())):
+    for row, (i, y) in enumerate(zip(idx.tolist(), labels.tolist(), strict=True)):
         images[row], masks[row] = _render(i, y, size, seed)
     logger.debug("rendered %d 3-class chest phantoms (per class %s) at %d px",
                  idx.size, np.bincount(labels, minlength=3).tolist(), size)

@@ -82,7 +82,6 @@ from shared.data.phantoms import (
     _ramp,
     _ribs,
     _sample_anatomy,
-    _sample_in,
     _spine,
     _splitmix64,
     _stamp,
@@ -411,7 +410,7 @@ def make_pneumothorax_phantoms(
     labels = _task_labels(idx.astype(np.uint64), seed, p, _TASK_PTX)
     images = np.empty((idx.size, size, size), np.uint8)
     masks = np.zeros((idx.size, size, size), bool)
-    for row, (i, y) in enumerate(zip(idx.tolist(), labels.tolist())):
+    for row, (i, y) in enumerate(zip(idx.tolist(), labels.tolist(), strict=True)):
         images[row], masks[row], _ = _render_ptx(i, y, size, seed, conspicuous, float(fades[row]))
     logger.debug("rendered %d pneumothorax phantoms (%d positive) at %d px", idx.size, int(labels.sum()), size)
     return images, labels, masks
@@ -737,7 +736,7 @@ def make_nec_phantoms(
     labels = _task_labels(idx.astype(np.uint64), seed, p, _TASK_NEC)
     images = np.empty((idx.size, size, size), np.uint8)
     r = max(size, _MIN_RENDER)
-    for row, (i, y) in enumerate(zip(idx.tolist(), labels.tolist())):
+    for row, (i, y) in enumerate(zip(idx.tolist(), labels.tolist(), strict=True)):
         images[row] = _to_uint8(_compose_nec(r, i, y, seed), size)
     logger.debug("rendered %d NEC phantoms (%d surgical) at %d px", idx.size, int(labels.sum()), size)
     return images, labels
@@ -947,7 +946,7 @@ def make_nf_phantoms(
     labels = _task_labels(idx.astype(np.uint64), seed, p, _TASK_NF)
     images = np.empty((idx.size, size, size, 3), np.uint8)
     r = max(size, _MIN_RENDER)
-    for row, (i, y) in enumerate(zip(idx.tolist(), labels.tolist())):
+    for row, (i, y) in enumerate(zip(idx.tolist(), labels.tolist(), strict=True)):
         images[row] = _to_uint8(_compose_nf(r, i, y, seed), size)
     logger.debug("rendered %d NF phantoms (%d NF) at %d px", idx.size, int(labels.sum()), size)
     return images, labels

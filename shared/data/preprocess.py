@@ -43,8 +43,8 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from shared.settings import ConfigError
 from shared.data.sources import ImageReadError
+from shared.settings import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -103,8 +103,10 @@ def _check_choice(owner: str, key: str, value: object, allowed: tuple[str, ...])
     raise ConfigError(f"{owner} '{key}': got {value!r}; allowed values: {', '.join(allowed)}.{hint}")
 
 
-def _check_number(owner: str, key: str, value: object, kind: type, low: float, high: float, *, low_open: bool = False) -> None:
-    ok_type = not isinstance(value, bool) and (isinstance(value, int) if kind is int else isinstance(value, (int, float)))
+def _check_number(owner: str, key: str, value: object, kind: type, low: float, high: float, *,
+                  low_open: bool = False) -> None:
+    ok_type = not isinstance(value, bool) and (
+        isinstance(value, int) if kind is int else isinstance(value, (int, float)))
     lo = "(" if low_open else "["
     allowed = f"{'an integer' if kind is int else 'a number'} in {lo}{low:g}, {high:g}]"
     if not ok_type:
@@ -249,7 +251,8 @@ def _channels_last(image: np.ndarray) -> np.ndarray:
     elif image.ndim == 3 and image.shape[2] in (3, 4):
         out = image[:, :, :3]
     else:
-        raise UnusableImageError(f"unsupported image shape {image.shape}: expected (H, W) or (H, W, 1/3/4)", "unsupported-shape")
+        raise UnusableImageError(f"unsupported image shape {image.shape}: expected (H, W) or (H, W, 1/3/4)",
+                                 "unsupported-shape")
     if out.shape[0] < 1 or out.shape[1] < 1:
         raise UnusableImageError(f"empty image of shape {image.shape}", "empty-image")
     return out
@@ -707,5 +710,6 @@ def _color_jitter(x: torch.Tensor, u_sat: torch.Tensor, u_hue: torch.Tensor, amo
     a = (cos + (1.0 - cos) / 3.0).view(-1, 1)
     b_ = ((1.0 - cos) / 3.0 - sin / math.sqrt(3.0)).view(-1, 1)
     c_ = ((1.0 - cos) / 3.0 + sin / math.sqrt(3.0)).view(-1, 1)
-    m = torch.stack([torch.cat([a, b_, c_], 1), torch.cat([c_, a, b_], 1), torch.cat([b_, c_, a], 1)], dim=1)  # (B, 3, 3)
+    m = torch.stack([torch.cat([a, b_, c_], 1), torch.cat([c_, a, b_], 1), torch.cat([b_, c_, a], 1)],
+                    dim=1)  # (B, 3, 3)
     return torch.einsum("bij,bjhw->bihw", m.to(x.dtype), x)

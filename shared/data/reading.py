@@ -12,10 +12,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from shared.settings import RunConfig, SiteConfig
 from shared.data.dicom import DicomOptions, read_dicom
 from shared.data.sources import read_raw
 from shared.data.usable import InputPolicy
+from shared.settings import RunConfig, SiteConfig
 
 __all__ = ["DICOM_SUFFIXES", "READER_VERSION", "cache_root", "input_policy", "make_reader", "resolve_path"]
 
@@ -70,6 +70,9 @@ def make_reader(cfg: RunConfig) -> Callable[[Path], np.ndarray]:
 
 
 def cache_root(site: SiteConfig) -> Path:
-    """Where this site caches preprocessed images: node config ``cache-dir``, ``$MEDFED_CACHE_DIR`` or ``~/.cache/medfed``."""
+    """Where this site caches preprocessed images.
+
+    Node config ``cache-dir``, ``$MEDFED_CACHE_DIR`` or ``~/.cache/medfed``.
+    """
     root = site.cache_dir or os.environ.get("MEDFED_CACHE_DIR") or "~/.cache/medfed"
     return Path(root).expanduser()

@@ -92,6 +92,6 @@ def rle_decode(rle: str, height: int, width: int) -> np.ndarray:
             f"run-length mask runs to pixel {int(absolute[-1] + lengths[-1])} but the image has only "
             f"{height} x {width} = {out.size} pixels: is it the mask of another image size?"
         )
-    for s, n in zip(absolute.tolist(), lengths.tolist()):
+    for s, n in zip(absolute.tolist(), lengths.tolist(), strict=True):
         out[s : s + n] = True
     return out.reshape(width, height).T.copy()

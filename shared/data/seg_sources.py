@@ -115,7 +115,8 @@ def _manifest_pairs(manifest: Path, root: Path | None) -> tuple[list[SegRecord],
     with open(manifest, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
     if not rows:
-        raise DataSourceError(f"segmentation manifest '{manifest.name}' is empty: expected columns image,mask[,patient_id]")
+        raise DataSourceError(f"segmentation manifest '{manifest.name}' is empty: expected columns "
+                              "image,mask[,patient_id]")
     header = [h.strip().lower() for h in rows[0]]
     col_image = header.index("image") if "image" in header else header.index("path") if "path" in header else None
     col_mask = header.index("mask") if "mask" in header else None
@@ -209,7 +210,8 @@ def _rle_pairs(table: Path, root: Path | None) -> tuple[list[SegRecord], Counter
     suffixes = set(registered_suffixes())
     by_stem: dict[str, list[Path]] = {}
     for p in sorted(table.parent.rglob("*")):
-        if p.is_file() and p.suffix.lower() in suffixes and not any(part.startswith(".") for part in p.relative_to(table.parent).parts):
+        if p.is_file() and p.suffix.lower() in suffixes and not any(
+                part.startswith(".") for part in p.relative_to(table.parent).parts):
             by_stem.setdefault(p.stem, []).append(p)
     records: list[SegRecord] = []
     for image_id, rles in runs.items():

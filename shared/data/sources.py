@@ -356,7 +356,8 @@ def register_probe(suffixes: str | Iterable[str]) -> Callable[[ImageProbeFn], Im
 
 
 def _check_max_pixels(max_pixels: object) -> int:
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int | np.integer) or not 1 <= max_pixels <= MAX_PIXELS_LIMIT:
+    if (isinstance(max_pixels, bool) or not isinstance(max_pixels, int | np.integer)
+            or not 1 <= max_pixels <= MAX_PIXELS_LIMIT):
         raise ValueError(f"max_pixels must be an integer in [1, {MAX_PIXELS_LIMIT}], got {max_pixels!r}")
     return int(max_pixels)
 
@@ -744,7 +745,8 @@ def _finish(
     return ImageListing(tuple(records), class_names, MappingProxyType(dict(sorted(skipped.items()))), root)
 
 
-def _read_manifest(manifest: Path, class_names: tuple[str, ...] | None, root: Path, allow_outside: bool) -> ImageListing:
+def _read_manifest(manifest: Path, class_names: tuple[str, ...] | None, root: Path,
+                   allow_outside: bool) -> ImageListing:
     base = manifest.parent
     try:
         with manifest.open(newline="", encoding="utf-8-sig") as fh:

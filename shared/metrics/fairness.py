@@ -114,7 +114,8 @@ def jain_index(values: Sequence[float]) -> float:
     return float(np.sum(x)) ** 2 / (x.size * sq)
 
 
-def across_sites(values: Mapping[str, float], sizes: Mapping[str, int], pooled: float, *, metric: str) -> dict[str, Any]:
+def across_sites(values: Mapping[str, float], sizes: Mapping[str, int], pooled: float, *,
+                 metric: str) -> dict[str, Any]:
     """Fairness of one metric across sites.
 
     Parameters
@@ -232,7 +233,8 @@ def _multiclass_entry(counts: ClassificationCounts) -> dict[str, Any]:
         rates = _binary_rates(tp, fp, tn, fn)
         rates["auroc"] = _num(m[f"auroc-{k}"])
         per_class.append({"class": k, **{key: rates[key] for key in (
-            "n-positive", "sensitivity", "sensitivity-ci", "fpr", "fpr-ci", "positive-rate", "positive-rate-ci", "auroc")}})
+            "n-positive", "sensitivity", "sensitivity-ci", "fpr", "fpr-ci", "positive-rate", "positive-rate-ci",
+            "auroc")}})
     return {
         "n": counts.num_examples, "accuracy": _num(m["accuracy"]), "auroc": _num(m["auroc"]),
         "sensitivity": _num(m["sensitivity"]), "specificity": _num(m["specificity"]),
@@ -280,7 +282,8 @@ def _binary_gaps(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def _multiclass_gaps(entries: Sequence[dict[str, Any]], num_classes: int) -> dict[str, Any]:
     per_class = []
     for k in range(num_classes):
-        flat = [{"subgroup": e["subgroup"], "n": e["n"], **{key: v for key, v in e["per-class"][k].items() if key != "class"}}
+        flat = [{"subgroup": e["subgroup"], "n": e["n"],
+                 **{key: v for key, v in e["per-class"][k].items() if key != "class"}}
                 for e in entries]
         for f in flat:
             f["n-negative"] = f["n"] - f["n-positive"]
@@ -409,7 +412,8 @@ def fairness_csv_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def fairness_summary(pooled: Mapping[str, float], per_site: Mapping[str, Mapping[str, float]],
-                     subgroups: SubgroupCounts | None, *, metric: str, positive_class: int | None = 1) -> dict[str, Any]:
+                     subgroups: SubgroupCounts | None, *, metric: str,
+                     positive_class: int | None = 1) -> dict[str, Any]:
     """The ``fairness`` block of ``summary.json``: across sites and across subgroups.
 
     Parameters

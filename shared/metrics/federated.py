@@ -120,7 +120,8 @@ def pool_training(reports: Mapping[str, Mapping[str, float]]) -> dict[str, float
         raise ValueError("no site training reports to pool")
     n = sum(float(r[protocol.NUM_EXAMPLES]) for r in reports.values())
     return {
-        "train-loss": sum(float(r[protocol.TRAIN_LOSS]) * float(r[protocol.NUM_EXAMPLES]) for r in reports.values()) / n,
+        "train-loss": sum(float(r[protocol.TRAIN_LOSS]) * float(r[protocol.NUM_EXAMPLES])
+                          for r in reports.values()) / n,
         "num-examples": n,
         "num-sites": float(len(reports)),
         "max-train-seconds": max(float(r[protocol.TRAIN_SECONDS]) for r in reports.values()),

@@ -221,7 +221,7 @@ class SegmentationCounts:
                 f"expected pred and target masks of equal shape (N, H, W), got {preds.shape} and {targets.shape}"
             )
         sp = _spacing_list(spacings, len(preds))
-        for p, t, s in zip(preds, targets, sp):
+        for p, t, s in zip(preds, targets, sp, strict=True):
             d, j = dice_iou(p, t)
             self.n_images += 1
             self.dice_sum += _quantize(d, SCORE_QUANTUM)
@@ -255,7 +255,8 @@ class SegmentationCounts:
 
     def to_flat(self) -> dict[str, int | float]:
         """Flat kebab-case dict of plain ints/floats (JSON, Flower ``MetricRecord``)."""
-        return {f.name.replace("_", "-"): (int if f.type in (int, "int") else float)(getattr(self, f.name)) for f in fields(self)}
+        return {f.name.replace("_", "-"): (int if f.type in (int, "int") else float)(getattr(self, f.name))
+                for f in fields(self)}
 
     @classmethod
     def from_flat(cls, d: Mapping[str, object]) -> SegmentationCounts:
@@ -276,7 +277,8 @@ class SegmentationCounts:
             if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or (
                 is_int and float(v) != int(v)
             ):
-                raise ValueError(f"flat segmentation counts: {key!r} must be {'an integer' if is_int else 'a number'}, got {v!r}")
+                raise ValueError(f"flat segmentation counts: {key!r} must be "
+                                 f"{'an integer' if is_int else 'a number'}, got {v!r}")
             if not v >= 0:
                 raise ValueError(f"flat segmentation counts: {key!r} must be >= 0, got {v!r}")
             kwargs[f.name] = int(v) if is_int else float(v)

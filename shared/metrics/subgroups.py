@@ -201,7 +201,7 @@ def parse_age_bands(text: str) -> tuple[int, ...]:
         edges = tuple(int(p) for p in parts)
     except ValueError:
         edges = ()
-    if not edges or any(e < 0 for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+    if not edges or any(e < 0 for e in edges) or any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
         raise SubgroupError(
             f"age bands {text!r} are not valid: expected increasing whole years >= 0 separated by commas, "
             "e.g. '0,18,40,60,80' for 0-17, 18-39, 40-59, 60-79, 80+."
@@ -300,7 +300,7 @@ def parse_age_years(value: object) -> float | None:
 def age_band_labels(edges: Sequence[int]) -> tuple[str, ...]:
     """Labels of the bands: ``"0-17"``, ``"18-39"``, ..., ``"80+"`` (in order)."""
     e = list(edges)
-    return tuple(f"{a}-{b - 1}" if b - 1 > a else f"{a}" for a, b in zip(e, e[1:])) + (f"{e[-1]}+",)
+    return tuple(f"{a}-{b - 1}" if b - 1 > a else f"{a}" for a, b in zip(e, e[1:], strict=False)) + (f"{e[-1]}+",)
 
 
 def _age_cells(values: np.ndarray, edges: Sequence[int]) -> np.ndarray:
@@ -466,7 +466,8 @@ class SubgroupCounts:
                 report.min_cell = _nonneg_int(flat[key], key)
                 continue
             if len(parts) < 2 or parts[0] not in SUBGROUP_COLUMNS:
-                raise ValueError(f"subgroup key {key!r}: expected {prefix}<column>/... with a column of {SUBGROUP_COLUMNS}")
+                raise ValueError(f"subgroup key {key!r}: expected {prefix}<column>/... with a column of "
+                                 f"{SUBGROUP_COLUMNS}")
             column = parts[0]
             if len(parts) == 2 and parts[1] in ("suppressed", "withheld"):
                 target = report.suppressed if parts[1] == "suppressed" else report.withheld
@@ -523,7 +524,7 @@ def _build(cells: Mapping[str, np.ndarray], spec: SubgroupSpec,
     report = SubgroupCounts(min_cell=spec.min_cell)
     for column, labels in cells.items():
         values, sizes = np.unique(labels.astype(str), return_counts=True)
-        size_of = {str(v): int(s) for v, s in zip(values, sizes)}
+        size_of = {str(v): int(s) for v, s in zip(values, sizes, strict=True)}
         keep, small, withheld = _suppress(size_of, spec.min_cell)
         report.suppressed[column] = small
         report.withheld[column] = withheld
@@ -577,7 +578,8 @@ def per_image_segmentation_counts(
     preds = np.asarray(pred_masks)
     targets = np.asarray(target_masks)
     if preds.ndim != 3 or preds.shape != targets.shape:
-        raise ValueError(f"expected pred and target masks of equal shape (N, H, W), got {preds.shape} and {targets.shape}")
+        raise ValueError(f"expected pred and target masks of equal shape (N, H, W), got {preds.shape} "
+                         f"and {targets.shape}")
     n = len(preds)
     if spacings is None:
         per: list[Spacing | None] = [None] * n

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import math
+
 import torch
 import torch.nn.functional as F
 from opacus.grad_sample import register_grad_sampler

@@ -40,7 +40,6 @@ from torch import nn
 from torchvision.models import resnet18
 from torchvision.models.segmentation.fcn import FCNHead
 
-
 __all__ = ["FCN8s", "MIN_INPUT_SIZE", "SIZE_MULTIPLE", "attention_unet", "fcn", "unet"]
 
 CHANNELS: tuple[int, ...] = (16, 32, 64, 128, 256)

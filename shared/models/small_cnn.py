@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
 #: Smallest input side the four 2x2 max-pools can reduce to 1 x 1.
 MIN_INPUT_SIZE = 16
 

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from shared.settings import TrainConfig
 from shared.data.preprocess import AugmentConfig, augment_batch, normalize_batch
 from shared.kinds import CLASSIFICATION
 from shared.metrics.classification import ClassificationCounts
+from shared.settings import TrainConfig
 from shared.training import EvalResult, class_weights, predict_proba, to_float01
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -9,11 +9,10 @@ never per-image masks or scores.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,11 +20,11 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 
-from shared.settings import TrainConfig
 from shared.data.preprocess import AugmentConfig, affine_theta, augment_batch, normalize_batch
 from shared.data.robust_augment import draw_robust, elastic_offsets
 from shared.kinds import SEGMENTATION
 from shared.metrics.segmentation import SegmentationCounts
+from shared.settings import TrainConfig
 from shared.training import (
     EvalResult,
     autocast,
@@ -72,7 +71,8 @@ def seg_loss(foreground_batch_dice: bool = False) -> nn.Module:
     return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
-def _geometry_theta(b: int, h: int, w: int, cfg: AugmentConfig, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+def _geometry_theta(b: int, h: int, w: int, cfg: AugmentConfig, generator: torch.Generator,
+                    device: torch.device) -> torch.Tensor:
     """Random affine matrices ``(B, 2, 3)`` (output -> input, ``[-1, 1]`` units), as augment_batch draws them."""
     r = torch.rand((b, _N_GEOM_DRAWS), generator=generator, device=generator.device, dtype=torch.float64)
     return affine_theta(r.to(device=device, dtype=torch.float32), cfg, h, w)

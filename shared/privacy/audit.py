@@ -270,11 +270,15 @@ def _run_config(folder: RunFolder) -> RunConfig:
     try:
         return parse_recorded_run_config(folder.run_config())
     except ConfigError as exc:
-        raise AuditError(f"the run config in '{folder.config_path}' is not valid for this medfed version: {exc}") from None
+        raise AuditError(
+            f"the run config in '{folder.config_path}' is not valid for this medfed version: {exc}") from None
 
 
 def _check_counts(folder: RunFolder, site_id: str, n_train: int, n_val: int) -> None:
-    """Refuse to audit when the rebuilt site data has other sizes than the run reported (wrong --sites, changed data)."""
+    """Refuse to audit when the rebuilt site data has other sizes than the run reported.
+
+    (Wrong ``--sites``, changed data.)
+    """
     for r in reversed(folder.read_rounds()):
         for part, rebuilt in (("train-sites", n_train), ("evaluate-sites", n_val)):
             reported = r.get(part, {}).get(site_id, {}).get("num-examples")
@@ -306,8 +310,8 @@ def audit_run(run_dir: Path, *, sites: int | None = None, fpr: float = DEFAULT_F
         For a folder that is not a finished simulation, or a site with no
         training or validation images.
     """
-    from shared.site_data import load_site_data
     from shared.inference import ModelFileError, load_trained
+    from shared.site_data import load_site_data
     from shared.tasks import get_task
 
     run_dir = Path(run_dir).expanduser()

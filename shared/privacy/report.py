@@ -9,7 +9,8 @@ from typing import Any
 from shared.privacy.accounting import PRIVACY_UNIT, UNIT_NOTE
 
 
-def round_privacy(train_sites: Mapping[str, Mapping[str, Any]], previous: Mapping[str, float] | None = None) -> dict[str, Any]:
+def round_privacy(train_sites: Mapping[str, Mapping[str, Any]],
+                  previous: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Per-site cumulative epsilon after a round and the federation's guarantee.
 
     ``previous`` holds each site's epsilon from earlier rounds: a site that did

@@ -14,16 +14,15 @@ The site decides every round, before it touches an image:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from shared import protocol
-from shared.settings import DPConfig, RunConfig
 from shared.privacy.accounting import (
     PRIVACY_UNIT,
     default_delta,
@@ -32,6 +31,7 @@ from shared.privacy.accounting import (
     steps_in_round,
 )
 from shared.privacy.ledger import PrivacyLedger, ledger_path
+from shared.settings import DPConfig, RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,9 @@ REFUSAL_KIND = "dp-budget"
 
 
 def state_root(state_dir: str = "") -> Path:
-    """The site's persistent state folder: node config ``state-dir``, ``$MEDFED_STATE_DIR`` or ``~/.local/state/medfed``.
+    """The site's persistent state folder.
+
+    Node config ``state-dir``, ``$MEDFED_STATE_DIR`` or ``~/.local/state/medfed``.
 
     Unlike the image cache this folder must not be wiped: it holds the privacy ledger.
     """
@@ -134,7 +136,8 @@ class DPRound:
         }
 
 
-def open_ledger(cfg: RunConfig, site_id: str, state_dir: str, run_key: str, dataset_size: int) -> tuple[PrivacyLedger, SiteDPSettings]:
+def open_ledger(cfg: RunConfig, site_id: str, state_dir: str, run_key: str,
+                dataset_size: int) -> tuple[PrivacyLedger, SiteDPSettings]:
     """This site's ledger for the run, created on first use; settings pinned in its header."""
     settings = resolve_settings(cfg, dataset_size)
     path = ledger_path(state_root(state_dir), site_id, run_key)

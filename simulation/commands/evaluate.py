@@ -43,8 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     e.add_argument("--model", "-m", required=True, type=Path, metavar="RUN_DIR_OR_FILE",
                    help="a run's results folder (with model.pt) or a model.pt file")
-    e.add_argument("data", type=Path, metavar="DATA", help="class-folder tree, folder with manifest.csv, or a manifest .csv")
-    e.add_argument("--out", "-o", type=Path, default=Path("metrics.json"), help="metrics JSON file (default ./metrics.json)")
+    e.add_argument("data", type=Path, metavar="DATA",
+                   help="class-folder tree, folder with manifest.csv, or a manifest .csv")
+    e.add_argument("--out", "-o", type=Path, default=Path("metrics.json"),
+                   help="metrics JSON file (default ./metrics.json)")
     e.add_argument("--batch-size", type=positive_int, default=32, help="images per forward pass (default 32)")
     e.add_argument("--bootstrap", type=positive_int, default=1000, metavar="N",
                    help="bootstrap draws per 95%% interval (default 1000)")

@@ -69,7 +69,6 @@ def run(args: argparse.Namespace) -> int:
     """Run ``medfed predict``; 0 when every input was handled (unreadable files are rows, not errors)."""
     from shared.data.sources import DataSourceError
     from shared.inference import collect_named_inputs, load_trained
-
     from shared.kinds import SEGMENTATION
 
     trained = load_trained(args.model)

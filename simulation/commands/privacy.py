@@ -53,7 +53,8 @@ def run_plan(args: argparse.Namespace) -> int:
         print(json.dumps(p.to_dict(), indent=2))
         return 0
     print(f"N={p.dataset_size} images, batch {p.batch_size} (sampling rate {p.sample_rate:.5g}), "
-          f"{p.epochs_per_round} epoch(s)/round, {p.rounds} rounds, delta {p.delta:.3g}, {p.accountant.upper()} accountant")
+          f"{p.epochs_per_round} epoch(s)/round, {p.rounds} rounds, delta {p.delta:.3g}, "
+          f"{p.accountant.upper()} accountant")
     how = f"calibrated for epsilon {p.target_epsilon:g} over the whole plan" if p.target_epsilon else "given"
     print(f"noise multiplier {fmt_metric(p.noise_multiplier, 4)} ({how})")
     print(f"{'round':>6} {'steps':>7} {'total steps':>12} {'epsilon':>9}")

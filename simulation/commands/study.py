@@ -41,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         ),
     )
     p.add_argument("--epsilons", default=DEFAULT_EPSILONS,
-                   help=f"target epsilons per site for the whole run, comma-separated; 'inf' = no DP (default {DEFAULT_EPSILONS})")
+                   help=f"target epsilons per site for the whole run, comma-separated; 'inf' = no DP "
+                        f"(default {DEFAULT_EPSILONS})")
     p.add_argument("--seeds", default=DEFAULT_SEEDS, help=f"seeds repeated at each epsilon (default {DEFAULT_SEEDS})")
     add_simulation_options(p, run_config_help=(
         "run-config overrides passed to every run, as for 'medfed simulate'; repeatable"))
