@@ -154,6 +154,7 @@ def main() -> int:
     ap.add_argument("--split-seed", type=int, default=0)
     ap.add_argument("--settings", default=SETTINGS)
     ap.add_argument("--strategies", default=STRATEGIES)
+    ap.add_argument("--baselines", default="local,pooled", help="baselines of every setting ('local' alone: faster)")
     ap.add_argument("--run-config", default=RUN_CONFIG)
     ap.add_argument("--out", type=Path, default=OUT / "heterogeneity.json")
     args = ap.parse_args()
@@ -193,7 +194,7 @@ def main() -> int:
         run_config = (f"data-path='{data_dir / 'manifest.csv'}' test-path='{test_manifest}' {args.run_config}")
         command = ["study", "heterogeneity", "--settings", args.settings, "--strategies", args.strategies,
                    "--seeds", args.seeds, "--sites", str(args.sites), "--rounds", str(args.rounds),
-                   "--run-config", run_config, "--out", str(study_dir)]
+                   "--baselines", args.baselines, "--run-config", run_config, "--out", str(study_dir)]
         t0 = time.time()
         code = 1
         try:
