@@ -63,6 +63,9 @@ def test_superlink_and_two_supernodes_run_two_rounds(tmp_path: Path) -> None:
         run_config = to_run_config_arg({
             "num-server-rounds": 2, "results-dir": str(tmp_path / "results"), "run-name": "deploy",
             "image-size": 32, "min-sites": 2, "round-timeout": 300.0,
+            # post-training at real SuperNodes (a ClientApp start per message): the 2-message temperature grid
+            # and the OOD statistics; Newton's temperature-bias fit takes up to 16 messages
+            "calibration": "temperature",
         })
         run = subprocess.run(
             [str(BIN / "flwr"), "run", str(app_dir()), "test", "--stream", "--run-config", run_config],
@@ -89,6 +92,11 @@ def test_superlink_and_two_supernodes_run_two_rounds(tmp_path: Path) -> None:
     assert ckpt["meta"]["model"] == "small-cnn" and ckpt["state_dict"]
     # the streamed log shows one progress line per round
     assert "[round 2/2]" in output
+    # after the last round the real sites took part in the calibration and the OOD statistics
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["calibration"]["status"] == "fitted" and summary["calibration"]["sites"] == ["hospital-a",
+                                                                                                "hospital-b"]
+    assert summary["ood"]["status"] == "ready", summary["ood"]
     # no hospital path leaves a site: the folders' names must not appear in the server's outputs
     for f in ("metrics.json", "summary.json", "rounds.csv", "sites.csv"):
         assert str(tmp_path / "hospital-a") not in (run_dir / f).read_text()

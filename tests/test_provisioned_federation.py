@@ -121,6 +121,10 @@ class Harness:
         self.wait(f"{site} online", online, timeout)
 
     def flwr_run(self, app: Path, run_config: dict[str, Any], name: str) -> subprocess.Popen[bytes]:
+        # These tests are about who may join and what survives a lost site; the post-training phases
+        # (calibration, OOD statistics: a ClientApp start per message at each site) are covered by
+        # tests/test_deployment.py and the simulation tests, so they are off here unless a test asks.
+        run_config = {"calibration": "none", "ood-stats": False, **run_config}
         cmd = [str(BIN / "flwr"), "run", str(app), self.fed.name, "--stream", "--run-config",
                to_run_config_arg(run_config)]
         return self.start(name, cmd)
