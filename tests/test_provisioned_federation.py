@@ -124,7 +124,8 @@ class Harness:
         # These tests are about who may join and what survives a lost site; the post-training phases
         # (calibration, OOD statistics: a ClientApp start per message at each site) are covered by
         # tests/test_deployment.py and the simulation tests, so they are off here unless a test asks.
-        run_config = {"calibration": "none", "ood-stats": False, **run_config}
+        if Path(app).resolve() == Path(app_dir()).resolve():  # medfed's app (not the probe app)
+            run_config = {"calibration": "none", "ood-stats": False, **run_config}
         cmd = [str(BIN / "flwr"), "run", str(app), self.fed.name, "--stream", "--run-config",
                to_run_config_arg(run_config)]
         return self.start(name, cmd)
