@@ -123,3 +123,16 @@ def test_privacy_ledger_roundtrip(tmp_path: Path) -> None:
     led.record(1, (1.0, 0.1, 10), 0.5)
     again = PrivacyLedger.open(tmp_path / "l.json", {"accountant": "rdp"})
     assert again.history == [(1.0, 0.1, 10)] and again.last_epsilon == 0.5
+
+
+def test_a_resumed_run_may_plan_more_rounds_only_with_a_fixed_noise_multiplier(tmp_path: Path) -> None:
+    base = {"accountant": "rdp", "delta": 1e-5, "noise-multiplier": 1.0, "sample-rate": 0.1, "dataset-size": 100,
+            "batch-size": 10, "epochs-per-round": 1, "planned-rounds": 2, "max-grad-norm": 1.0, "unit": "image"}
+    fixed = tmp_path / "fixed.json"
+    PrivacyLedger.open(fixed, {**base, "target-epsilon": 0.0}).save()
+    longer = PrivacyLedger.open(fixed, {**base, "target-epsilon": 0.0, "planned-rounds": 3})  # resume-from, 3 rounds
+    assert longer.header["planned-rounds"] == 3
+    target = tmp_path / "target.json"
+    PrivacyLedger.open(target, {**base, "target-epsilon": 4.0}).save()
+    with pytest.raises(LedgerError, match="planned-rounds: saved 2, now 3"):  # the noise was calibrated to 2 rounds
+        PrivacyLedger.open(target, {**base, "target-epsilon": 4.0, "planned-rounds": 3})

@@ -91,6 +91,13 @@ class PrivacyLedger:
                 "you accept that this run's earlier privacy spend is no longer counted."
             ) from None
         changed = {k: (saved_header.get(k), v) for k, v in header.items() if saved_header.get(k) != v}
+        if set(changed) == {"planned-rounds"} and not header.get("target-epsilon"):
+            # A resumed run with more rounds (resume-from + num-server-rounds): with an explicit noise
+            # multiplier the planned length changes nothing already accounted; every further round is spent
+            # on top of the saved entries. With a target epsilon the noise was calibrated to the planned
+            # rounds, so a longer run would overspend it: that stays refused below.
+            saved_header = {**saved_header, "planned-rounds": header["planned-rounds"]}
+            changed = {}
         if changed:
             detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
             raise LedgerError(
