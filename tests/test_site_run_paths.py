@@ -89,6 +89,7 @@ def server_paths(tmp_path: Path) -> tuple[Path, dict[str, object]]:
     """A sentinel folder holding a valid dataset and init weights, and a run config pointing into it."""
     sentinel = tmp_path / "SERVER-CHOSEN"
     _phantom_folder(sentinel / "data", 16, seed=5)
+    _phantom_folder(sentinel / "test", 6, seed=6)  # a separate test set: a simulation leaves test-path's files out
     cfg = parse_run_config({"image-size": 32})
     model, _ = get_task(cfg.task).build_model(cfg)
     torch.save(model.state_dict(), sentinel / "init.pt")  # loadable: a site that read it would not fail
@@ -98,7 +99,7 @@ def server_paths(tmp_path: Path) -> tuple[Path, dict[str, object]]:
         "data-path": str(sentinel / "data"), "init-weights": str(sentinel / "init.pt"),
         "sim-explain-dir": str(sentinel / "explain"), "results-dir": str(sentinel / "results"),
         "resume-from": str(sentinel / "results"), "site-registry": str(sentinel / "sites.json"),
-        "test-path": str(sentinel / "data"),
+        "test-path": str(sentinel / "test"),
     }
     assert {k for k in run_config if k in PATH_KEYS} == set(PATH_KEYS)
     return sentinel, run_config
