@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -217,6 +218,24 @@ def test_benchmark_figures_intervals_and_gap_summary() -> None:
     fig = g.figures(metrics, "auroc")
     assert fig["specificity@thr"] == 0.9 and fig["specificity@0.5"] == 0.6
     assert fig["specificity@thr-ci"][0] < 0.9 < fig["specificity@thr-ci"][1]
-    rows = [{"task": "lung-seg", "arm": "fast", "gap": 0.10}, {"task": "lung-seg", "arm": "accurate", "gap": 0.02}]
-    assert g.gap_changes(rows) == ["lung-seg: accurate narrows the unseen-site gap: +0.100 (fast) -> +0.020 "
-                                   "(accurate), change -0.080"]
+    rows = [{"task": "lung-seg", "arm": "fast", "gap": 0.10, "primary": "dice", "unseen-site": {"dice": 0.6}},
+            {"task": "lung-seg", "arm": "accurate", "gap": 0.02, "primary": "dice", "unseen-site": {"dice": 0.9}},
+            {"task": "pneumonia-cxr", "arm": "fast", "gap": -0.006, "primary": "auroc", "unseen-site": {"auroc": .99}},
+            {"task": "pneumonia-cxr", "arm": "accurate", "gap": 0.008, "primary": "auroc",
+             "unseen-site": {"auroc": 0.98}}]
+    assert g.gap_changes(rows) == [
+        "lung-seg: accurate narrows the unseen-site gap: |gap| 0.100 (fast, +0.100) -> 0.020 (accurate, +0.020), "
+        "change -0.080; unseen-site dice 0.600 -> 0.900",
+        # the size of the gap counts, whichever site is the easier one
+        "pneumonia-cxr: accurate does not narrow the unseen-site gap: |gap| 0.006 (fast, -0.006) -> 0.008 "
+        "(accurate, +0.008), change +0.002; unseen-site auroc 0.990 -> 0.980"]
+
+
+def test_benchmark_reuses_finished_runs(tmp_path: Path) -> None:
+    g = _benchmark()
+    out = tmp_path / "generalisation.json"
+    assert g.previous_rows(out) == []  # nothing yet
+    out.write_text("{not json")
+    assert g.previous_rows(out) == []  # unreadable: start afresh
+    out.write_text(json.dumps({"rows": [{"task": "lung-seg", "arm": "fast", "seed": 0, "gap": 0.1}, {"junk": 1}]}))
+    assert g.previous_rows(out) == [{"task": "lung-seg", "arm": "fast", "seed": 0, "gap": 0.1}]
