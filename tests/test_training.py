@@ -15,7 +15,9 @@ from shared.objectives import ClassificationObjective
 from shared.objectives.classification import evaluate_model
 from shared.training import (
     class_weights,
+    cpu_has_native_bf16,
     images_to_tensor,
+    resolve_precision,
     snapshot_params,
     train_local,
     weight_drift,
@@ -81,6 +83,25 @@ def test_training_reduces_loss_and_reports_throughput(data) -> None:
         last = train_local(model, x, y, cfg, ClassificationObjective(2), seed=s, augment=None)
     assert last.loss < first.loss
     assert last.num_examples == len(x) and last.steps == 6 and last.images_per_second > 0
+
+
+XEON_AVX512 = "processor\t: 0\nflags\t\t: fpu sse sse2 avx2 avx512f avx512bw avx512_vnni\n"
+XEON_BF16 = XEON_AVX512.replace("avx512_vnni", "avx512_vnni avx512_bf16 amx_tile")
+ARM_BF16 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+def test_auto_precision_uses_bf16_only_where_the_cpu_computes_in_it(monkeypatch) -> None:
+    assert not cpu_has_native_bf16(XEON_AVX512)  # AVX-512 without BF16: bf16 is emulated (2.5x slower)
+    assert cpu_has_native_bf16(XEON_BF16) and cpu_has_native_bf16(ARM_BF16)
+    assert not cpu_has_native_bf16("")  # unreadable or unknown: fp32
+    cpu = torch.device("cpu")
+    import shared.training as training
+
+    for native, expected in ((False, None), (True, torch.bfloat16)):
+        monkeypatch.setattr(training, "_cpu_native_bf16", lambda native=native: native)
+        assert resolve_precision("auto", cpu) is expected
+        assert resolve_precision("bf16", cpu) is torch.bfloat16  # asked for explicitly: always
+        assert resolve_precision("fp32", cpu) is None
 
 
 def test_class_weights_inverse_frequency() -> None:
