@@ -26,9 +26,11 @@ $(STAMP): pyproject.toml
 demo: venv
 	$(BIN)/medfed simulate --sites 3 --rounds 3 --run-config "local-epochs=5"
 
-# Lint and import order first (ruff, configured in pyproject.toml), then every test.
+# Lint and import order first (ruff, configured in pyproject.toml), then every test, in TEST_WORKERS processes
+# (pytest-xdist; a test file stays in one process, so its module fixtures are built once). TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
 test: venv lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 lint: venv
 	$(BIN)/ruff check .
