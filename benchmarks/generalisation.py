@@ -333,16 +333,14 @@ def gap_changes(rows: Sequence[dict[str, Any]]) -> list[str]:
     """
     out = []
     for task in dict.fromkeys(r["task"] for r in rows):
-        def pick(arm: str, key: str, task: str = task) -> list[float]:
-            return [r[key] for r in rows if r["task"] == task and r["arm"] == arm and r.get(key) is not None]
-
-        gaps = {arm: pick(arm, "gap") for arm in ("fast", "accurate")}
-        if gaps["fast"] and gaps["accurate"]:
-            fast, acc = float(np.mean(gaps["fast"])), float(np.mean(gaps["accurate"]))
+        primary = next(r["primary"] for r in rows if r["task"] == task)
+        mine = {arm: [r for r in rows if r["task"] == task and r["arm"] == arm and r.get("gap") is not None]
+                for arm in ("fast", "accurate")}
+        if mine["fast"] and mine["accurate"]:
+            gap = {arm: float(np.mean([r["gap"] for r in rs])) for arm, rs in mine.items()}
+            unseen = {arm: float(np.mean([r["unseen-site"][primary] for r in rs])) for arm, rs in mine.items()}
+            fast, acc = gap["fast"], gap["accurate"]
             verb = "narrows" if abs(acc) < abs(fast) else "does not narrow"
-            primary = next(r["primary"] for r in rows if r["task"] == task)
-            unseen = {arm: float(np.mean([r["unseen-site"][primary] for r in rows if r["task"] == task
-                                          and r["arm"] == arm])) for arm in ("fast", "accurate")}
             out.append(f"{task}: accurate {verb} the unseen-site gap: |gap| {abs(fast):.3f} (fast, {fast:+.3f}) -> "
                        f"{abs(acc):.3f} (accurate, {acc:+.3f}), change {abs(acc) - abs(fast):+.3f}; unseen-site "
                        f"{primary} {unseen['fast']:.3f} -> {unseen['accurate']:.3f}")
