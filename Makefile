@@ -30,7 +30,7 @@ demo: venv
 # (pytest-xdist; a test file stays in one process, so its module fixtures are built once). TEST_WORKERS=0: serial.
 TEST_WORKERS ?= 2
 test: venv lint
-	$(BIN)/python -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+	$(BIN)/python -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ from shared.results import RunFolder
 from shared.tasks import get_task
 from shared.training import to_float01, train_local
 from shared.validation import ReplyScreen, ValidationPolicy, model_spec
+from tests.fake_grid import FakeGridBase
 
 #: Two simulated phantom sites at 32 px, 240 phantoms each, 40 % of them for validation.
 RUN: dict[str, Any] = {"image-size": 32, "phantom-count": 480, "val-fraction": 0.4, "seed": 0, "min-sites": 2,
@@ -126,23 +126,18 @@ class AppSite:
         return self.tamper(msg, reply) if self.tamper is not None and kind != "query" else reply
 
 
-class FakeGrid:
+class FakeGrid(FakeGridBase):
     """Delivers each message to the site behind its node id (a site returning None lost the message)."""
 
     def __init__(self, sites: dict[int, AppSite]) -> None:
+        super().__init__()
         self.sites = sites
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.sites)
 
-    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
-        replies = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid4())
-            reply = self.sites[msg.metadata.dst_node_id].handle(msg)
-            if reply is not None:
-                replies.append(reply)
-        return replies
+    def deliver(self, msg: Message) -> Message | None:
+        return self.sites[msg.metadata.dst_node_id].handle(msg)
 
 
 def make_loop(tmp_path: Path, grid: FakeGrid, run: dict[str, Any] | None = None) -> RoundLoop:

@@ -8,18 +8,19 @@ and recorder without Flower processes.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
-from uuid import uuid4
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
+import server.rounds as rounds_module
 from server.federation import aggregate_train_metrics, make_evaluate_aggregator
 from server.gate import ReplyGate, SiteDirectory
 from server.recorder import RoundRecorder
-from server.rounds import RoundLoop
+from server.rounds import RoundLoop, exchange
 from server.strategies import build_strategy
 from shared import protocol
 from shared.config import parse_run_config
@@ -28,6 +29,7 @@ from shared.results import RunFolder
 from shared.site_policy import PolicyRefusal
 from shared.tasks import get_task
 from shared.validation import ReplyScreen, ValidationPolicy, model_spec
+from tests.fake_grid import FakeGridBase
 
 pytestmark = pytest.mark.usefixtures("server_identity", "no_flower_gc")
 
@@ -79,26 +81,21 @@ class Site:
         return Message(content=content, reply_to=msg)
 
 
-class FakeGrid:
+class FakeGrid(FakeGridBase):
     """Delivers each message to the site behind its node id; a site returning None lost the message."""
 
     def __init__(self, sites: dict[int, Site]) -> None:
+        super().__init__()
         self.sites = sites
         self.sent: list[tuple[str, int]] = []
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.sites)
 
-    def send_and_receive(self, messages, *, timeout=None):  # noqa: ANN001, ANN201
-        replies = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid4())
-            kind = msg.metadata.message_type.split(".")[0]
-            self.sent.append((kind, msg.metadata.dst_node_id))
-            reply = getattr(self.sites[msg.metadata.dst_node_id], kind)(msg)
-            if reply is not None:
-                replies.append(reply)
-        return replies
+    def deliver(self, msg: Message) -> Message | None:
+        kind = msg.metadata.message_type.split(".")[0]
+        self.sent.append((kind, msg.metadata.dst_node_id))
+        return getattr(self.sites[msg.metadata.dst_node_id], kind)(msg)
 
 
 def _loop(tmp_path: Path, grid: FakeGrid, *, min_sites: int = 3, rounds: int = 1, timeout: float = 0.3,
@@ -356,3 +353,73 @@ def test_a_lost_node_is_recorded_under_its_site_whether_the_superlink_answers_fo
     assert set(third["train-sites"]) == {"site-a", "site-b", "site-c"} and "train-no-reply" not in third
     assert [kind for kind, node in grid.sent if node == 3].count("query") == 1  # never roll-called again
     assert set(second["evaluate-sites"]) == {"site-a", "site-b", "site-c"}
+
+
+class _Clock:
+    """A virtual clock for ``server.rounds.time``: ``sleep`` advances it and is recorded."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class _LateGrid(FakeGridBase):
+    """Replies become visible ``delay`` virtual seconds after the push (None: the message is lost)."""
+
+    def __init__(self, delays: dict[int, float | None], clock: _Clock) -> None:
+        super().__init__()
+        self.delays, self.clock = delays, clock
+        self._due: dict[str, float] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.delays)
+
+    def deliver(self, msg: Message) -> Message | None:
+        delay = self.delays[msg.metadata.dst_node_id]
+        if delay is None:
+            return None
+        self._due[msg.metadata.message_id] = self.clock.now + delay
+        return Message(content=RecordDict({}), reply_to=msg)
+
+    def pull_messages(self, message_ids):  # noqa: ANN001, ANN201
+        return super().pull_messages([i for i in message_ids if self._due.get(i, math.inf) <= self.clock.now])
+
+
+def _messages(nodes: list[int]) -> list[Message]:
+    return [Message(content=RecordDict({}), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
+    c = _Clock()
+    monkeypatch.setattr(rounds_module, "time", c)
+    return c
+
+
+def test_exchange_polls_soon_then_backs_off_to_flowers_interval(clock: _Clock) -> None:
+    grid = _LateGrid({1: 0.0, 2: 0.3}, clock)
+    replies = exchange(grid, _messages([1, 2]), timeout=300.0)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(grid._due)
+    # waits 0.05, 0.075, 0.1125, 0.169 (sum 0.41 >= 0.3): the reply due at 0.3 s is in on the 5th pull,
+    # where Flower's send_and_receive would have slept 3 s
+    assert clock.sleeps == pytest.approx([0.05, 0.075, 0.1125, 0.16875])
+
+    slow = _LateGrid({1: 60.0}, clock)
+    clock.sleeps.clear()
+    assert len(exchange(slow, _messages([1]), timeout=300.0)) == 1
+    assert max(clock.sleeps) == rounds_module.MAX_POLL_S  # a long round is polled every 3 s, as Flower does
+    assert len(clock.sleeps) < 60 / rounds_module.MAX_POLL_S + 12
+
+
+def test_exchange_gives_up_at_the_timeout_with_the_replies_it_has(clock: _Clock) -> None:
+    grid = _LateGrid({1: 0.0, 2: None}, clock)
+    replies = exchange(grid, _messages([1, 2]), timeout=10.0)
+    assert len(replies) == 1 and clock.now == pytest.approx(10.0)  # the last wait is cut to the deadline
+    assert exchange(grid, [], timeout=5.0) == [] and clock.now == pytest.approx(10.0)  # nothing sent: no wait

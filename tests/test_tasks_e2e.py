@@ -26,7 +26,11 @@ LOCAL_EPOCHS = {"pneumothorax-cxr": 8}
 # Per-task run-config overrides: the 3-class phantoms learn on fewer images at a higher rate
 # (keeps the run well under the 90 s budget of an integration test); pneumothorax-seg (region ~5 %
 # of the image, absent in half) needs the higher rate too: at lr 0.001 it still predicts empty masks.
-OVERRIDES = {"pneumonia-cxr-3class": {"phantom-count": 900, "lr": 0.003}, "pneumothorax-seg": {"lr": 0.003}}
+# Lung-seg and pneumonia-cxr clear their bars by far on 600 phantoms (Dice 0.946, AUROC 0.837 with
+# these settings, seed 0); the other tasks need the 1200 (at 600: nf-photo AUROC 0.58, pneumothorax-cxr
+# 0.60, pneumothorax-seg Dice 0.48, nec-axr 0.72).
+OVERRIDES = {"pneumonia-cxr-3class": {"phantom-count": 900, "lr": 0.003}, "pneumothorax-seg": {"lr": 0.003},
+             "lung-seg": {"phantom-count": 600}, "pneumonia-cxr": {"phantom-count": 600}}
 # Tasks that do not clear the bar in this budget yet.
 NOT_YET: set[str] = set()
 
