@@ -239,3 +239,25 @@ def test_benchmark_reuses_finished_runs(tmp_path: Path) -> None:
     assert g.previous_rows(out) == []  # unreadable: start afresh
     out.write_text(json.dumps({"rows": [{"task": "lung-seg", "arm": "fast", "seed": 0, "gap": 0.1}, {"junk": 1}]}))
     assert g.previous_rows(out) == [{"task": "lung-seg", "arm": "fast", "seed": 0, "gap": 0.1}]
+
+
+def test_benchmark_runs_the_extra_models_only_at_their_seeds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = _benchmark()
+    ran: list[tuple[str, int]] = []
+
+    def fake_run(arm, data, *, seed, **_):  # noqa: ANN001, ANN202
+        ran.append((arm.name, seed))
+        return {"task": arm.task, "arm": arm.name, "seed": seed, "primary": "dice", "gap": 0.0,
+                "validation": {"dice": 0.9}, "unseen-site": {"dice": 0.9}, "wall-seconds": 1.0,
+                "config": {"model": "unet", "image-size": 64, "num-server-rounds": 1, "local-epochs": 1}}
+
+    source = tmp_path / "manifest.csv"
+    source.write_text("path,label\n")
+    monkeypatch.setattr(g, "DATASETS", {"lung-seg": source})
+    monkeypatch.setattr(g, "run_arm", fake_run)
+    monkeypatch.setattr(g, "_model_registered", lambda name: True)
+    assert g.main(["--tasks", "lung-seg", "--seeds", "0,1,2", "--extra-seeds", "0",
+                   "--out", str(tmp_path / "out.json")]) == 0
+    assert sorted(ran) == sorted([("fast", 0), ("fast", 1), ("fast", 2), ("accurate", 0), ("accurate", 1),
+                                  ("accurate", 2), ("accurate + fcn", 0)])
+    assert json.loads((tmp_path / "out.json").read_text())["settings"]["extra-seeds"] == [0]
