@@ -17,6 +17,13 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+# Several test processes (pytest-xdist, ``make test``) share the cores: each process and the Flower/Ray
+# processes it starts use cores / processes threads, not all cores each (torch's default), which left
+# 2 processes x 2 threads fighting over 2 cores (the planted-disparity training: 69 s alone, 226 s so).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+if _WORKERS > 1:
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 # Site caches of this test session go to a fresh folder (inherited by Flower's processes).
 os.environ.setdefault("MEDFED_CACHE_DIR", tempfile.mkdtemp(prefix="medfed-test-cache-"))
 

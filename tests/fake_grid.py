@@ -34,5 +34,6 @@ class FakeGridBase:
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
-        """The replies that arrived for ``message_ids`` (each is handed out once)."""
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+        """The replies that arrived for ``message_ids``, in the order they arrived (each is handed out once)."""
+        wanted = set(message_ids)
+        return [self._replies.pop(i) for i in list(self._replies) if i in wanted]

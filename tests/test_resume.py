@@ -44,6 +44,7 @@ def test_resumed_dp_run_neither_double_counts_nor_skips_epsilon(tmp_path: Path) 
                     sites=2, timeout=900).run_dir
     part = simulate({**dp, "num-server-rounds": 2, "results-dir": str(tmp_path), "run-name": "part"},
                     sites=2, timeout=900).run_dir
+    _refuses_changed_settings(part)  # (checked here, on a run this test makes anyway: one simulation less)
     simulate({"resume-from": str(part), "num-server-rounds": 3}, sites=2, timeout=900)
 
     def epsilons(run: Path) -> list[dict[str, float]]:
@@ -55,16 +56,21 @@ def test_resumed_dp_run_neither_double_counts_nor_skips_epsilon(tmp_path: Path) 
         json.loads((full / "summary.json").read_text())["privacy"]["epsilon"]
 
 
-def test_resume_refuses_changed_settings_and_a_run_without_checkpoint(tmp_path: Path) -> None:
+def _refuses_changed_settings(run: Path) -> None:
+    """A checkpointed 2-site run resumes only with its own settings and site count."""
+    from simulation.errors import SimulationPlanError
+    from simulation.runner import plan_simulation
+
+    with pytest.raises(SimulationPlanError, match="only num-server-rounds, round-timeout may change.*lr"):
+        plan_simulation({"resume-from": str(run), "lr": 0.5}, sites=2)
+    with pytest.raises(SimulationPlanError, match="simulated 2 sites, not 3"):
+        plan_simulation({"resume-from": str(run)}, sites=3)
+
+
+def test_resume_refuses_a_folder_without_a_run(tmp_path: Path) -> None:
     from simulation.errors import SimulationPlanError
     from simulation.runner import plan_simulation
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(SimulationPlanError, match="has no config.json"):
         plan_simulation({"resume-from": str(tmp_path / "empty")}, sites=2)
-    run = simulate({**BASE, "num-server-rounds": 1, "results-dir": str(tmp_path), "run-name": "one"},
-                   sites=2, timeout=900).run_dir
-    with pytest.raises(SimulationPlanError, match="only num-server-rounds, round-timeout may change.*lr"):
-        plan_simulation({"resume-from": str(run), "lr": 0.5}, sites=2)
-    with pytest.raises(SimulationPlanError, match="simulated 2 sites, not 3"):
-        plan_simulation({"resume-from": str(run)}, sites=3)

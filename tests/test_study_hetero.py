@@ -287,7 +287,7 @@ def test_interrupted_study_writes_partial_outputs(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------
-# A real tiny study: 2 settings x 2 strategies x 1 seed + both baselines
+# A real tiny study: 2 settings x 1 strategy (FedBN: the one with site-local state) x 1 seed + both baselines
 # ---------------------------------------------------------------------------
 
 
@@ -295,7 +295,7 @@ def test_interrupted_study_writes_partial_outputs(tmp_path: Path) -> None:
 def test_tiny_heterogeneity_study_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "study"
     code = cli_main([
-        "study", "heterogeneity", "--settings", "iid;shift=site-shift=true", "--strategies", "fedavg,fedbn",
+        "study", "heterogeneity", "--settings", "iid;shift=site-shift=true", "--strategies", "fedbn",
         "--seeds", "0", "--sites", "3", "--rounds", "1",
         "--run-config", "phantom-count=120 image-size=32 model='small-cnn' batch-size=16 min-train-images=0 "
                         "min-val-images=0",
@@ -303,13 +303,13 @@ def test_tiny_heterogeneity_study_end_to_end(tmp_path: Path, capsys: pytest.Capt
     ])
     printed = capsys.readouterr().out
     assert code == 0, printed
-    assert printed.count("started") == 8 and "| setting | arm |" in printed
+    assert printed.count("started") == 6 and "| setting | arm |" in printed
     assert "[round 1/1] local-only" in printed and "[round 1/1] pooled" in printed
 
     study = json.loads((out / "study.json").read_text())
     assert study["complete"] is True and all(r["status"] == "ok" for r in study["runs"])
     runs = {(r["setting"], r["arm"]): Path(r["run-dir"]) for r in study["runs"]}
-    assert set(runs) == {(s, a) for s in ("iid", "shift") for a in ("local-only", "pooled", "fedavg", "fedbn")}
+    assert set(runs) == {(s, a) for s in ("iid", "shift") for a in ("local-only", "pooled", "fedbn")}
     for (setting, arm), run_dir in runs.items():
         folder = RunFolder(run_dir)
         cfg = folder.run_config()
@@ -319,7 +319,7 @@ def test_tiny_heterogeneity_study_end_to_end(tmp_path: Path, capsys: pytest.Capt
         assert set(folder.read_summary()["final-per-site"]) == {"site-0", "site-1", "site-2"}
     for setting in ("iid", "shift"):  # benefit = the federated run's per-site AUROC minus the local-only one's
         local = RunFolder(runs[(setting, "local-only")]).read_summary()["final-per-site"]
-        for arm in ("fedavg", "fedbn"):
+        for arm in ("fedbn",):
             fed = RunFolder(runs[(setting, arm)]).read_summary()["final-per-site"]
             saved = RunFolder(runs[(setting, arm)]).read_benefit()["validation"]["sites"]
             for site in fed:
@@ -327,7 +327,7 @@ def test_tiny_heterogeneity_study_end_to_end(tmp_path: Path, capsys: pytest.Capt
                     assert saved[site]["benefit"] == pytest.approx(fed[site]["auroc"] - local[site]["auroc"])
     with open(out / "study.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 8
+    assert len(rows) == 6
     for r in rows:
         assert r["seeds-ok"] == "1" and 0.0 <= float(r["site-mean-auroc-mean"]) <= 1.0
         assert (r["auroc-mean"] == "") is (r["arm"] == "local-only")  # no single local model: no pooled figure
