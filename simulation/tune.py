@@ -50,8 +50,6 @@ import io
 import json
 import math
 import os
-import signal
-import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -100,37 +98,6 @@ Log = Callable[[str], None]
 
 class TuneError(UserError):
     """A study cannot run as asked (bad objective, another study in the folder, a busy study)."""
-
-
-class _InterruptWatch:
-    """Ctrl-C (SIGINT) while a study runs: raises ``KeyboardInterrupt`` as usual and remembers that it came.
-
-    Code on the way can swallow a ``KeyboardInterrupt`` (a finaliser running
-    when the signal arrives, a library that clears errors): a suite run once
-    saw a study go on after its Ctrl-C. Remembered, the interrupt still stops
-    the study when the running trial returns; that trial is recorded as
-    interrupted and runs again on resume. Python's own handler is replaced only
-    in the main thread, and only when it is the one installed (an ignored
-    SIGINT stays ignored); it is restored on exit.
-    """
-
-    def __init__(self) -> None:
-        self.fired = False
-        self._previous: Any = None
-
-    def __enter__(self) -> _InterruptWatch:
-        if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.fired = True
-        raise KeyboardInterrupt
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 class _Pruned(Exception):
@@ -488,13 +455,8 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
 
-def _run_trial(study: Any, plan: TunePlan, primary: str, num_rounds: int, simulate_fn: Callable[..., Any],
-               interrupt: _InterruptWatch | None = None) -> int:
-    """Ask Optuna for a trial, run its simulation, tell Optuna how it went; return the trial's number.
-
-    A Ctrl-C noticed by ``interrupt`` during the trial counts as an interrupt
-    even when its ``KeyboardInterrupt`` never arrived here.
-    """
+def _run_trial(study: Any, plan: TunePlan, primary: str, num_rounds: int, simulate_fn: Callable[..., Any]) -> int:
+    """Ask Optuna for a trial, run its simulation, tell Optuna how it went; return the trial's number."""
     from optuna.trial import TrialState
 
     trial = study.ask()
@@ -511,12 +473,8 @@ def _run_trial(study: Any, plan: TunePlan, primary: str, num_rounds: int, simula
     overrides = {**plan.base, **params, "run-name": run_name, "results-dir": str(plan.trials_dir)}
     t0 = time.time()
     try:
-        try:
-            simulate_fn(overrides, sites=plan.sites, cpus_per_site=plan.cpus_per_site, on_line=watcher.feed,
-                        timeout=plan.trial_timeout, ray_address=plan.ray_address or None)
-        finally:
-            if interrupt is not None and interrupt.fired:
-                raise KeyboardInterrupt  # also when the interrupt's own exception was lost on the way
+        simulate_fn(overrides, sites=plan.sites, cpus_per_site=plan.cpus_per_site, on_line=watcher.feed,
+                    timeout=plan.trial_timeout, ray_address=plan.ray_address or None)
     except _Pruned as exc:
         trial.set_user_attr("seconds", time.time() - t0)
         trial.set_user_attr("pruned-at", exc.step)
@@ -701,7 +659,7 @@ def run_tune(plan: TunePlan, *, simulate_fn: Callable[..., Any] | None = None, l
     num_rounds = parse_run_config(dict(plan.base)).num_server_rounds
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
-    with _Lock(plan.out_dir), _InterruptWatch() as interrupt:
+    with _Lock(plan.out_dir):
         study, resumed = _open_study(plan, log)
         if not resumed and plan.baseline:
             _enqueue_baseline(study, plan, log)
@@ -714,7 +672,7 @@ def run_tune(plan: TunePlan, *, simulate_fn: Callable[..., Any] | None = None, l
                 if plan.timeout is not None and time.time() - t_start >= plan.timeout:
                     log(f"--timeout {plan.timeout:g} s reached: no further trial starts ({done} of {plan.trials} done)")
                     break
-                number = _run_trial(study, plan, primary, num_rounds, simulate_fn, interrupt)
+                number = _run_trial(study, plan, primary, num_rounds, simulate_fn)
                 done = _counted(study)
                 result = _write_outputs(study, plan, label, primary, plots=False)
                 last = next(o for o in result.outcomes if o.number == number)

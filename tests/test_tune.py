@@ -12,7 +12,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -235,27 +234,6 @@ def test_an_interrupted_trial_runs_again_first_when_resumed(tmp_path: Path) -> N
     assert fake.calls[0]["lr"] == interrupted  # the interrupted values first
     assert len(fake.calls) == 3 and result.count("complete") + result.count("pruned") == 5
     assert result.count("failed") == 1  # the interrupted one stays in the record, not counted
-
-
-def test_a_ctrl_c_swallowed_on_the_way_still_stops_the_study(tmp_path: Path) -> None:
-    """A real SIGINT whose KeyboardInterrupt some code inside the trial swallows: the study stops anyway."""
-    inner = FakeSimulate()
-    seen = []
-
-    def swallowing(overrides: dict[str, Any], **kw: Any) -> Any:
-        if len(inner.calls) == 2:  # the 3rd trial: Ctrl-C arrives and is swallowed (as by a finaliser)
-            try:
-                signal.raise_signal(signal.SIGINT)
-            except KeyboardInterrupt:
-                seen.append("swallowed")
-        return inner(overrides, **kw)
-
-    with pytest.raises(KeyboardInterrupt):
-        run_tune(plan(tmp_path, trials=5), simulate_fn=swallowing, log=lambda _: None)
-    assert seen == ["swallowed"] and len(inner.calls) == 3  # the 3rd trial ran to its end, no 4th started
-    table = rows(tmp_path / "study" / "trials.csv")
-    assert [(r["state"], r["error"]) for r in table] == [("complete", ""), ("complete", ""), ("failed", "interrupted")]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's handler is back
 
 
 def test_a_trial_left_running_by_a_crash_is_failed_and_retried(tmp_path: Path) -> None:

@@ -40,6 +40,15 @@ def _rows(out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def _ctrl_c_live() -> None:
+    """In the child before exec: SIGINT handled as in a terminal (Python installs its KeyboardInterrupt handler).
+
+    A shell's background job (``make test &``, ``nohup``) starts with SIGINT ignored, and an ignored
+    signal stays ignored across exec: ``medfed tune`` would then never see the test's Ctrl-C.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
@@ -61,7 +70,7 @@ def test_tune_prunes_beats_the_base_config_and_resumes_after_an_interrupt(tmp_pa
     out = tmp_path / "study"
     # -- run 1: interrupted (SIGINT, as Ctrl-C) while the 2nd trial trains -------------------------------------
     proc = subprocess.Popen(_command(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
-                            cwd=str(tmp_path))
+                            cwd=str(tmp_path), preexec_fn=_ctrl_c_live)  # noqa: PLW1509 - only resets a signal
     assert proc.stdout is not None
     first_lines: list[str] = []
     try:
