@@ -229,6 +229,12 @@ def test_benchmark_figures_intervals_and_gap_summary() -> None:
         # the size of the gap counts, whichever site is the easier one
         "pneumonia-cxr: accurate does not narrow the unseen-site gap: |gap| 0.006 (fast, -0.006) -> 0.008 "
         "(accurate, +0.008), change +0.002; unseen-site auroc 0.990 -> 0.980"]
+    # over seeds the size is the mean |gap|: gaps of opposite sign must not cancel into "no gap"
+    seeds = [{"task": "lung-seg", "arm": arm, "gap": gap, "primary": "dice", "unseen-site": {"dice": 0.9}}
+             for arm, gap in (("fast", 0.02), ("fast", 0.02), ("accurate", 0.05), ("accurate", -0.05))]
+    assert g.gap_changes(seeds) == [
+        "lung-seg: accurate does not narrow the unseen-site gap: |gap| 0.020 (fast, +0.020) -> 0.050 (accurate, "
+        "+0.000), change +0.030; unseen-site dice 0.900 -> 0.900"]
 
 
 def test_benchmark_reuses_finished_runs(tmp_path: Path) -> None:
