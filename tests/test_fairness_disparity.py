@@ -8,15 +8,18 @@ key scheme, are merged and reported exactly as in a federation; the
 equal-opportunity difference (sensitivity gap) between the sex subgroups must
 exceed 0.1 when planted and stay below 0.05 otherwise.
 
-Figures on the development machine (seed 1, 1200 training and 2400 held-out
-phantoms at 64 px, 8 epochs, fp32, pooled Youden threshold): without
-disparity AUROC 0.867 (F 0.859, M 0.876), sensitivity F 0.728 / M 0.749 (600
-/ 633 positives), gap 0.021; planted: AUROC 0.711 (F 0.578, M 0.835),
-sensitivity F 0.255 / M 0.703, gap 0.448. With ~600 positives per group the
-sampling SD of a sensitivity difference is about 0.025, which is why the
-held-out set is this large (the un-planted bound is not loosened); 600
-training phantoms were too few: in fp32 one of the two models stayed near
-chance (AUROC 0.59), which the weak-model guard below reports.
+Figures (seed 1, 1200 training and 2400 held-out phantoms at 64 px, 8
+epochs at lr 1e-3, fp32, pooled Youden threshold, 1 thread) on a 2-core AMD
+EPYC (AVX2): without disparity AUROC 0.854 (F 0.849, M 0.859), gap 0.029;
+planted: AUROC 0.709 (F 0.586, M 0.826), gap 0.434. At lr 2e-3 (used until
+2026-12-02) the AVX-512 Xeon gave 0.867 / 0.021 and 0.711 / 0.448, but the
+EPYC's float rounding left both models weak (AUROC 0.737 and 0.618, planted
+M 0.668): the weak-model guard failed there, so the rate was lowered.
+With ~600 positives per group the sampling SD of a sensitivity difference
+is about 0.025, which is why the held-out set is this large (the un-planted
+bound is not loosened); 600 training phantoms were too few: in fp32 one of
+the two models stayed near chance (AUROC 0.59), which the weak-model guard
+below reports.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ def _train_and_predict(train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndar
     torch.manual_seed(0)
     model = build_model("small-cnn", 1, 2)
     train_local(model, images_to_tensor(train_x), torch.as_tensor(train_y),
-                TrainConfig(local_epochs=8, lr=2e-3), ClassificationObjective(2), seed=0, augment=None)
+                TrainConfig(local_epochs=8, lr=1e-3), ClassificationObjective(2), seed=0, augment=None)
     probs = predict_proba(model, images_to_tensor(eval_x), precision="fp32", device=torch.device("cpu"))
     return probs.numpy().astype(np.float64)
 
